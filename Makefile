@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: GPL-2.0
+# Top-level entry points. `make help` lists them.
+
+KDIR ?= $(shell tools/kdir.sh)
+SHELL := /bin/bash
+
+.PHONY: all module deps kernel check test host-test kselftest demo bench clean help
+
+all: module
+
+help:
+	@echo "make deps      - install everything on a fresh Debian 12 (root, idempotent)"
+	@echo "make kernel    - build (or reuse) the cached test kernel"
+	@echo "make module    - build dm-qcow2.ko against it"
+	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
+	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
+	@echo "make host-test - cargo tests of the format logic only"
+	@echo "make kselftest [T=name] - kselftests in the VM only"
+
+deps:
+	tools/setup.sh
+
+kernel:
+	tools/build-kernel.sh
+
+module: kernel
+	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 modules
+
+host-test:
+	tools/check.sh host
+
+kselftest: module
+	tools/check.sh kselftest $(T)
+
+check test: module
+	tools/check.sh all
+
+demo: module
+	tools/demo.sh
+
+clean:
+	-$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 clean
+	rm -f rust/bindings_generated.rs

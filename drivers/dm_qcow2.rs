@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! dm-qcow2: a device-mapper target exposing a chain of qcow2 images.
+//!
+//! Table line: `0 <len_sectors> qcow2 <fd_base> ... <fd_top>`. The target is
+//! bio-based: `map` queues bios, a work item of the table's own workqueue
+//! resolves them through the chain's metadata and starts direct I/O on the
+//! image files, and the bio completes when its last piece does. See
+//! Documentation/admin-guide/device-mapper/dm-qcow2.rst.
+
+use kernel::prelude::*;
+
+// Abstractions with users still to come (the write path).
+#[allow(dead_code)]
+#[path = "../rust/mod.rs"]
+mod kx;
+pub mod qcow2_format;
+mod target;
+
+module! {
+    type: DmQcow2,
+    name: "dm_qcow2",
+    author: "dm-qcow2 developers",
+    description: "qcow2 image chain target for device-mapper (Rust)",
+    license: "GPL",
+}
+
+struct DmQcow2 {
+    _reg: kx::dm::Registration<target::Qcow2>,
+}
+
+impl kernel::Module for DmQcow2 {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let reg = kx::dm::Registration::new()?;
+        pr_info!("dm-qcow2 (Rust) registered\n");
+        Ok(Self { _reg: reg })
+    }
+}

@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Owned bios.
+//!
+//! C header: [`include/linux/bio.h`](srctree/include/linux/bio.h)
+//!
+//! A [`Bio`] is one completion reference of a bio a target received in `map`.
+//! Every reference ends exactly once: explicitly with [`Bio::end`], or, if it
+//! is dropped, with an I/O error (a forgotten bio must never hang its
+//! submitter). [`Bio::split_ref`] makes another reference so that several
+//! pieces can complete independently; the bio completes when the last ends.
+
+use super::bindings;
+use core::mem::ManuallyDrop;
+use core::ptr::NonNull;
+use kernel::error::{code::EINVAL, to_result, Error, Result};
+
+/// What a bio asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Op {
+    /// Read data.
+    Read,
+    /// Write data.
+    Write,
+    /// Flush (an empty bio with REQ_PREFLUSH arrives as `Write`).
+    Flush,
+    /// Discard a range.
+    Discard,
+    /// Write zeroes to a range.
+    WriteZeroes,
+    /// Anything else.
+    Other(u32),
+}
+
+const REQ_OP_MASK: u32 = (1 << bindings::REQ_OP_BITS) - 1;
+
+/// One completion reference of a bio (see the module docs).
+pub(crate) struct Bio(NonNull<bindings::bio>);
+
+// SAFETY: A bio may be ended from any thread and in any context; the data
+// pages it points to are not tied to the submitting thread.
+unsafe impl Send for Bio {}
+// SAFETY: The `&self` methods only read immutable bio fields or copy into
+// byte ranges of the data pages (callers give each piece its own range).
+unsafe impl Sync for Bio {}
+
+impl Bio {
+    /// Takes over the completion of `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be a valid bio whose completion the caller owns (one reference,
+    /// as handed to a target's `map`), and it must stay valid until ended.
+    pub(crate) unsafe fn from_raw(ptr: *mut bindings::bio) -> Self {
+        // SAFETY: The caller guarantees `ptr` is valid, hence non-null.
+        Self(unsafe { NonNull::new_unchecked(ptr) })
+    }
+
+    /// The raw bio, for the other abstractions in this crate.
+    pub(crate) fn as_raw(&self) -> *mut bindings::bio {
+        self.0.as_ptr()
+    }
+
+    fn raw(&self) -> &bindings::bio {
+        // SAFETY: The bio is valid while we hold a completion reference.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// The operation.
+    pub(crate) fn op(&self) -> Op {
+        match self.raw().bi_opf & REQ_OP_MASK {
+            bindings::req_op_REQ_OP_READ => Op::Read,
+            bindings::req_op_REQ_OP_WRITE => Op::Write,
+            bindings::req_op_REQ_OP_FLUSH => Op::Flush,
+            bindings::req_op_REQ_OP_DISCARD => Op::Discard,
+            bindings::req_op_REQ_OP_WRITE_ZEROES => Op::WriteZeroes,
+            op => Op::Other(op),
+        }
+    }
+
+    /// Whether the caller asked for a cache flush before this bio (REQ_PREFLUSH).
+    pub(crate) fn is_preflush(&self) -> bool {
+        self.raw().bi_opf & (1 << bindings::req_flag_bits___REQ_PREFLUSH) != 0
+    }
+
+    /// Whether this bio must be durable when it completes (REQ_FUA).
+    pub(crate) fn is_fua(&self) -> bool {
+        self.raw().bi_opf & (1 << bindings::req_flag_bits___REQ_FUA) != 0
+    }
+
+    /// First sector (relative to the target: device-mapper already remapped it).
+    pub(crate) fn sector(&self) -> u64 {
+        self.raw().bi_iter.bi_sector
+    }
+
+    /// Remaining size in bytes.
+    pub(crate) fn size(&self) -> u32 {
+        self.raw().bi_iter.bi_size
+    }
+
+    /// Fills `[off, off + len)` of the data with zeroes.
+    pub(crate) fn zero(&self, off: u32, len: u32) -> Result {
+        // SAFETY: The bio is valid; the shim checks the range against `bi_size`.
+        to_result(unsafe { bindings::dmq_bio_zero(self.as_raw(), off, len) })
+    }
+
+    /// Copies `src` into the data at `off`.
+    pub(crate) fn copy_from(&self, off: u32, src: &[u8]) -> Result {
+        let len = u32::try_from(src.len()).map_err(|_| EINVAL)?;
+        // SAFETY: The bio is valid, `src` is readable for `len` bytes and the
+        // shim checks the range against `bi_size`.
+        to_result(unsafe { bindings::dmq_bio_copy_from(self.as_raw(), off, src.as_ptr().cast(), len) })
+    }
+
+    /// Copies the data at `off` into `dst`.
+    pub(crate) fn copy_to(&self, off: u32, dst: &mut [u8]) -> Result {
+        let len = u32::try_from(dst.len()).map_err(|_| EINVAL)?;
+        // SAFETY: The bio is valid, `dst` is writable for `len` bytes and the
+        // shim checks the range against `bi_size`.
+        to_result(unsafe { bindings::dmq_bio_copy_to(self.as_raw(), off, dst.as_mut_ptr().cast(), len) })
+    }
+
+    /// Makes another completion reference of the same bio.
+    pub(crate) fn split_ref(&self) -> Bio {
+        // SAFETY: The bio is valid and we hold a reference, so it cannot complete
+        // while the count is raised.
+        unsafe { bindings::dmq_bio_inc_remaining(self.as_raw()) };
+        Bio(self.0)
+    }
+
+    /// Ends this reference. An error is recorded in the bio; success leaves an
+    /// error recorded by another reference in place.
+    pub(crate) fn end(self, res: Result) {
+        let this = ManuallyDrop::new(self);
+        if let Err(e) = res {
+            this.set_error(e);
+        }
+        // SAFETY: We own this completion reference and give it up here, once.
+        unsafe { bindings::bio_endio(this.as_raw()) };
+    }
+
+    fn set_error(&self, e: Error) {
+        // SAFETY: `errno_to_blk_status` is a pure lookup.
+        let sts = unsafe { bindings::errno_to_blk_status(e.to_errno()) };
+        // SAFETY: The bio is valid. Racing writers all store an error status,
+        // which is what the C targets do as well.
+        unsafe { core::ptr::write_volatile(&raw mut (*self.as_raw()).bi_status, sts) };
+    }
+}
+
+impl Drop for Bio {
+    fn drop(&mut self) {
+        self.set_error(kernel::error::code::EIO);
+        // SAFETY: We own this completion reference and give it up here, once.
+        unsafe { bindings::bio_endio(self.as_raw()) };
+    }
+}
+
+/// A FIFO of owned bios linked through `bi_next`, like `struct bio_list`.
+pub(crate) struct BioList {
+    head: Option<Bio>,
+    tail: *mut bindings::bio,
+}
+
+// SAFETY: The list owns its bios, which are `Send`.
+unsafe impl Send for BioList {}
+
+impl BioList {
+    /// An empty list.
+    pub(crate) const fn new() -> Self {
+        Self { head: None, tail: core::ptr::null_mut() }
+    }
+
+    /// Whether the list is empty.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Appends `bio`.
+    pub(crate) fn push(&mut self, bio: Bio) {
+        let bio = ManuallyDrop::new(bio);
+        let raw = bio.as_raw();
+        // SAFETY: We own `raw`; `bi_next` is free for the owner's use while the
+        // bio is not submitted anywhere.
+        unsafe { (*raw).bi_next = core::ptr::null_mut() };
+        if self.head.is_none() {
+            self.head = Some(ManuallyDrop::into_inner(bio));
+        } else {
+            // SAFETY: `tail` is the last bio of the list, which we own.
+            unsafe { (*self.tail).bi_next = raw };
+        }
+        self.tail = raw;
+    }
+
+    /// Removes the first bio.
+    pub(crate) fn pop(&mut self) -> Option<Bio> {
+        let head = self.head.take()?;
+        let raw = head.as_raw();
+        // SAFETY: We own `raw`; its `bi_next` is the next bio of the list or null.
+        let next = unsafe { (*raw).bi_next };
+        // SAFETY: As above; clear our link before handing the bio out.
+        unsafe { (*raw).bi_next = core::ptr::null_mut() };
+        if next.is_null() {
+            self.tail = core::ptr::null_mut();
+        } else {
+            // SAFETY: `next` is a bio of the list whose reference the list owns.
+            self.head = Some(unsafe { Bio::from_raw(next) });
+        }
+        Some(head)
+    }
+
+    /// Takes all bios, leaving this list empty.
+    pub(crate) fn take(&mut self) -> BioList {
+        core::mem::replace(self, BioList::new())
+    }
+}
+
+impl Drop for BioList {
+    fn drop(&mut self) {
+        // Each popped bio ends with an error when dropped.
+        while self.pop().is_some() {}
+    }
+}

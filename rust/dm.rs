@@ -1,0 +1,423 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Device-mapper targets.
+//!
+//! C header: [`include/linux/device-mapper.h`](srctree/include/linux/device-mapper.h)
+//!
+//! A target implements [`Target`]; [`Registration`] registers its
+//! `struct target_type` with device-mapper for as long as it lives. The
+//! constructor returns the per-table state, which device-mapper keeps in
+//! `ti->private` until the destructor drops it. Device-mapper calls `map`
+//! concurrently from many CPUs, so the state is shared as `&T` (`T: Sync`).
+
+use super::bindings;
+use super::bio::Bio;
+use core::fmt;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use kernel::error::{Error, Result};
+use kernel::ffi::{c_char, c_int, c_uint};
+use kernel::prelude::*;
+use kernel::str::CStr;
+
+/// Target feature flags (`DM_TARGET_*`).
+pub(crate) mod features {
+    /// Only one target of this type in a table.
+    pub(crate) const SINGLETON: u64 = super::bindings::DM_TARGET_SINGLETON as u64;
+}
+
+/// A failed constructor: the error code and the message for `ti->error`.
+pub(crate) struct CtrError {
+    /// Returned to device-mapper (and printed by it with the message).
+    pub(crate) err: Error,
+    /// Stored in `ti->error`.
+    pub(crate) msg: &'static CStr,
+}
+
+impl CtrError {
+    /// A constructor error with a fixed message.
+    pub(crate) const fn new(err: Error, msg: &'static CStr) -> Self {
+        Self { err, msg }
+    }
+}
+
+/// Which status `dmsetup status`/`dmsetup table` asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum StatusType {
+    /// `dmsetup status`.
+    Info,
+    /// `dmsetup table`.
+    Table,
+    /// Integrity measurement (IMA).
+    Ima,
+}
+
+/// The target being constructed: what the constructor may read and set.
+pub(crate) struct TargetCtr<'a> {
+    ti: NonNull<bindings::dm_target>,
+    _p: PhantomData<&'a mut bindings::dm_target>,
+}
+
+impl TargetCtr<'_> {
+    fn ti(&self) -> &bindings::dm_target {
+        // SAFETY: `ti` is valid for the duration of the constructor call, which
+        // outlives `self`, and nothing else touches it during the call.
+        unsafe { self.ti.as_ref() }
+    }
+
+    fn ti_mut(&mut self) -> &mut bindings::dm_target {
+        // SAFETY: As in `ti`; `&mut self` makes the access exclusive.
+        unsafe { self.ti.as_mut() }
+    }
+
+    /// First sector of the target in the device.
+    pub(crate) fn begin(&self) -> u64 {
+        self.ti().begin
+    }
+
+    /// Length of the target in sectors.
+    pub(crate) fn len(&self) -> u64 {
+        self.ti().len
+    }
+
+    /// Whether the table is being loaded read-write.
+    pub(crate) fn table_writable(&self) -> bool {
+        // SAFETY: The target and its table are valid while it is constructed.
+        unsafe { bindings::dmq_table_writable(self.ti.as_ptr()) }
+    }
+
+    /// Number of empty flush bios device-mapper sends to `map`.
+    pub(crate) fn set_num_flush_bios(&mut self, n: u32) {
+        self.ti_mut().num_flush_bios = n;
+    }
+
+    /// Number of discard bios device-mapper sends to `map`.
+    pub(crate) fn set_num_discard_bios(&mut self, n: u32) {
+        self.ti_mut().num_discard_bios = n;
+    }
+
+    /// Number of write-zeroes bios device-mapper sends to `map`.
+    pub(crate) fn set_num_write_zeroes_bios(&mut self, n: u32) {
+        self.ti_mut().num_write_zeroes_bios = n;
+    }
+
+    /// Receive flushes even though there is no underlying block device.
+    pub(crate) fn set_flush_supported(&mut self, v: bool) {
+        self.ti_mut().set_flush_supported(v);
+    }
+
+    /// Receive discards even though there is no underlying block device.
+    pub(crate) fn set_discards_supported(&mut self, v: bool) {
+        self.ti_mut().set_discards_supported(v);
+    }
+}
+
+/// Queue limits a target may adjust in `io_hints`.
+pub(crate) struct QueueLimits<'a>(&'a mut bindings::queue_limits);
+
+impl QueueLimits<'_> {
+    /// Smallest addressable unit, in bytes.
+    pub(crate) fn set_logical_block_size(&mut self, v: u32) {
+        self.0.logical_block_size = v;
+    }
+
+    /// Smallest unit written without read-modify-write, in bytes.
+    pub(crate) fn set_physical_block_size(&mut self, v: u32) {
+        self.0.physical_block_size = v;
+    }
+
+    /// Smallest I/O size without a penalty, in bytes.
+    pub(crate) fn set_io_min(&mut self, v: u32) {
+        self.0.io_min = v;
+    }
+
+    /// Preferred I/O size, in bytes.
+    pub(crate) fn set_io_opt(&mut self, v: u32) {
+        self.0.io_opt = v;
+    }
+
+    /// Discard granularity in bytes and largest discard in sectors.
+    pub(crate) fn set_discard(&mut self, granularity: u32, max_sectors: u32) {
+        self.0.discard_granularity = granularity;
+        self.0.max_hw_discard_sectors = max_sectors;
+        self.0.max_discard_sectors = max_sectors;
+    }
+}
+
+/// Text output of `status` and `message` (device-mapper's `DMEMIT` buffer).
+///
+/// Output that does not fit is cut off, as with `DMEMIT`; the buffer always
+/// stays NUL-terminated.
+pub(crate) struct Emit<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl Emit<'_> {
+    /// Whether anything was written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+}
+
+impl fmt::Write for Emit<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Keep one byte for the terminating NUL.
+        let room = self.buf.len().saturating_sub(self.pos + 1);
+        let n = s.len().min(room);
+        if let Some(dst) = self.buf.get_mut(self.pos..self.pos + n) {
+            dst.copy_from_slice(&s.as_bytes()[..n]);
+            self.pos += n;
+        }
+        if let Some(nul) = self.buf.get_mut(self.pos) {
+            *nul = 0;
+        }
+        Ok(())
+    }
+}
+
+/// A device-mapper target type.
+pub(crate) trait Target: Sized + Send + Sync + 'static {
+    /// The target name in table lines.
+    const NAME: &'static CStr;
+    /// Target version reported to userspace.
+    const VERSION: [u32; 3];
+    /// `features` bits of `struct target_type`.
+    const FEATURES: u64 = 0;
+
+    /// Builds the per-table state from the table line arguments.
+    fn ctr(ti: &mut TargetCtr<'_>, args: &[&CStr]) -> Result<KBox<Self>, CtrError>;
+
+    /// Takes a bio. The target owns it from now on and must end it.
+    fn map(&self, bio: Bio);
+
+    /// Writes the status line.
+    fn status(&self, _kind: StatusType, _out: &mut Emit<'_>) {}
+
+    /// Handles `dmsetup message`; text written to `out` is returned to the caller.
+    fn message(&self, _args: &[&CStr], _out: &mut Emit<'_>) -> Result {
+        Err(kernel::error::code::EINVAL)
+    }
+
+    /// Before suspend: stop background work.
+    fn presuspend(&self) {}
+    /// After suspend: all bios have ended; write everything back.
+    fn postsuspend(&self) {}
+    /// Before resume: may refuse the resume.
+    fn preresume(&self) -> Result {
+        Ok(())
+    }
+    /// After resume.
+    fn resume(&self) {}
+    /// Adjusts the queue limits of the mapped device.
+    fn io_hints(&self, _limits: &mut QueueLimits<'_>) {}
+}
+
+/// Largest argument list we accept (table line or message).
+const MAX_ARGS: usize = 4096;
+
+/// Collects `argv` into borrowed C strings.
+///
+/// # Safety
+///
+/// `argv` must point to `argc` valid NUL-terminated strings that outlive `'a`.
+unsafe fn collect_args<'a>(argc: c_uint, argv: *mut *mut c_char) -> Result<KVec<&'a CStr>> {
+    let argc = argc as usize;
+    if argc > MAX_ARGS {
+        return Err(kernel::error::code::E2BIG);
+    }
+    let mut args = KVec::with_capacity(argc, GFP_KERNEL)?;
+    for i in 0..argc {
+        // SAFETY: `i < argc` and the caller guarantees `argv` has `argc` entries.
+        let p = unsafe { *argv.add(i) };
+        // SAFETY: The caller guarantees each entry is a valid C string living for `'a`.
+        let s = unsafe { CStr::from_char_ptr(p) };
+        args.push(s, GFP_KERNEL)?;
+    }
+    Ok(args)
+}
+
+struct Vtable<T: Target>(PhantomData<T>);
+
+impl<T: Target> Vtable<T> {
+    /// # Safety
+    ///
+    /// `ti` must be a target whose constructor succeeded and has not been destroyed.
+    unsafe fn private<'a>(ti: *mut bindings::dm_target) -> &'a T {
+        // SAFETY: The constructor stored a `KBox<T>` in `ti->private` and only the
+        // destructor takes it back, after every other callback has returned.
+        unsafe { &*((*ti).private as *const T) }
+    }
+
+    unsafe extern "C" fn ctr(
+        ti: *mut bindings::dm_target,
+        argc: c_uint,
+        argv: *mut *mut c_char,
+    ) -> c_int {
+        // SAFETY: device-mapper passes `argc` valid strings that outlive this call.
+        let args = match unsafe { collect_args(argc, argv) } {
+            Ok(a) => a,
+            Err(e) => return e.to_errno(),
+        };
+        let mut ctx = TargetCtr {
+            // SAFETY: device-mapper passes a valid, non-null target.
+            ti: unsafe { NonNull::new_unchecked(ti) },
+            _p: PhantomData,
+        };
+        match T::ctr(&mut ctx, &args) {
+            Ok(state) => {
+                // SAFETY: `ti` is valid and exclusively ours during the constructor.
+                unsafe { (*ti).private = KBox::into_raw(state).cast() };
+                0
+            }
+            Err(e) => {
+                // SAFETY: As above; device-mapper only reads `error` (never frees it)
+                // and the message is `'static`.
+                unsafe { (*ti).error = e.msg.as_char_ptr() as *mut c_char };
+                e.err.to_errno()
+            }
+        }
+    }
+
+    unsafe extern "C" fn dtr(ti: *mut bindings::dm_target) {
+        // SAFETY: The constructor succeeded, so `private` holds the `KBox<T>` it
+        // leaked; device-mapper calls the destructor once, after all other callbacks.
+        drop(unsafe { KBox::from_raw((*ti).private as *mut T) });
+    }
+
+    unsafe extern "C" fn map(ti: *mut bindings::dm_target, bio: *mut bindings::bio) -> c_int {
+        // SAFETY: `map` runs only on a constructed target.
+        let t = unsafe { Self::private(ti) };
+        // SAFETY: device-mapper hands us the bio; with DM_MAPIO_SUBMITTED we own
+        // its completion, which `Bio` guarantees to perform exactly once.
+        t.map(unsafe { Bio::from_raw(bio) });
+        bindings::DM_MAPIO_SUBMITTED as c_int
+    }
+
+    unsafe extern "C" fn status(
+        ti: *mut bindings::dm_target,
+        kind: bindings::status_type_t,
+        _flags: c_uint,
+        result: *mut c_char,
+        maxlen: c_uint,
+    ) {
+        let kind = match kind {
+            bindings::status_type_t_STATUSTYPE_INFO => StatusType::Info,
+            bindings::status_type_t_STATUSTYPE_TABLE => StatusType::Table,
+            _ => StatusType::Ima,
+        };
+        // SAFETY: `result` has room for `maxlen` bytes for the duration of the call.
+        let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen as usize) };
+        let mut out = Emit { buf, pos: 0 };
+        let _ = fmt::Write::write_str(&mut out, "");
+        // SAFETY: `status` runs only on a constructed target.
+        unsafe { Self::private(ti) }.status(kind, &mut out);
+    }
+
+    unsafe extern "C" fn message(
+        ti: *mut bindings::dm_target,
+        argc: c_uint,
+        argv: *mut *mut c_char,
+        result: *mut c_char,
+        maxlen: c_uint,
+    ) -> c_int {
+        // SAFETY: device-mapper passes `argc` valid strings that outlive this call.
+        let args = match unsafe { collect_args(argc, argv) } {
+            Ok(a) => a,
+            Err(e) => return e.to_errno(),
+        };
+        // SAFETY: `result` has room for `maxlen` bytes for the duration of the call.
+        let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen as usize) };
+        let mut out = Emit { buf, pos: 0 };
+        let _ = fmt::Write::write_str(&mut out, "");
+        // SAFETY: `message` runs only on a constructed target.
+        match unsafe { Self::private(ti) }.message(&args, &mut out) {
+            // 1 tells device-mapper that `result` holds output for userspace.
+            Ok(()) if !out.is_empty() => 1,
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    unsafe extern "C" fn presuspend(ti: *mut bindings::dm_target) {
+        // SAFETY: Runs only on a constructed target.
+        unsafe { Self::private(ti) }.presuspend();
+    }
+
+    unsafe extern "C" fn postsuspend(ti: *mut bindings::dm_target) {
+        // SAFETY: Runs only on a constructed target.
+        unsafe { Self::private(ti) }.postsuspend();
+    }
+
+    unsafe extern "C" fn preresume(ti: *mut bindings::dm_target) -> c_int {
+        // SAFETY: Runs only on a constructed target.
+        match unsafe { Self::private(ti) }.preresume() {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    unsafe extern "C" fn resume(ti: *mut bindings::dm_target) {
+        // SAFETY: Runs only on a constructed target.
+        unsafe { Self::private(ti) }.resume();
+    }
+
+    unsafe extern "C" fn io_hints(ti: *mut bindings::dm_target, limits: *mut bindings::queue_limits) {
+        // SAFETY: `limits` is valid and exclusively ours for the duration of the call.
+        let mut l = QueueLimits(unsafe { &mut *limits });
+        // SAFETY: Runs only on a constructed target.
+        unsafe { Self::private(ti) }.io_hints(&mut l);
+    }
+}
+
+/// A registered target type; unregistered on drop.
+pub(crate) struct Registration<T: Target> {
+    tt: Pin<KBox<bindings::target_type>>,
+    _p: PhantomData<T>,
+}
+
+// SAFETY: The registration only holds the `target_type`, which device-mapper
+// accesses under its own locking; moving or sharing the handle is fine.
+unsafe impl<T: Target> Send for Registration<T> {}
+// SAFETY: As above: `&Registration` gives no access to anything.
+unsafe impl<T: Target> Sync for Registration<T> {}
+
+impl<T: Target> Registration<T> {
+    /// Registers `T` with device-mapper.
+    pub(crate) fn new() -> Result<Self> {
+        let tt = bindings::target_type {
+            features: T::FEATURES,
+            name: T::NAME.as_char_ptr(),
+            // SAFETY: Returns THIS_MODULE, valid for the module's lifetime.
+            module: unsafe { bindings::dmq_this_module() },
+            version: T::VERSION,
+            ctr: Some(Vtable::<T>::ctr),
+            dtr: Some(Vtable::<T>::dtr),
+            map: Some(Vtable::<T>::map),
+            status: Some(Vtable::<T>::status),
+            message: Some(Vtable::<T>::message),
+            presuspend: Some(Vtable::<T>::presuspend),
+            postsuspend: Some(Vtable::<T>::postsuspend),
+            preresume: Some(Vtable::<T>::preresume),
+            resume: Some(Vtable::<T>::resume),
+            io_hints: Some(Vtable::<T>::io_hints),
+            ..Default::default()
+        };
+        let mut tt = KBox::pin(tt, GFP_KERNEL)?;
+        // SAFETY: `tt` is fully initialised and pinned on the heap; it stays
+        // registered (and in place) until `drop` unregisters it.
+        let ret = unsafe { bindings::dm_register_target(tt.as_mut().get_unchecked_mut()) };
+        if ret < 0 {
+            return Err(Error::from_errno(ret));
+        }
+        Ok(Self { tt, _p: PhantomData })
+    }
+}
+
+impl<T: Target> Drop for Registration<T> {
+    fn drop(&mut self) {
+        // SAFETY: `tt` was registered in `new`; module unload guarantees no table
+        // still uses it.
+        unsafe { bindings::dm_unregister_target(self.tt.as_mut().get_unchecked_mut()) };
+    }
+}

@@ -1,0 +1,15 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Safe abstractions dm-qcow2 needs that the kernel crate (6.12) lacks:
+//! device-mapper targets, owned bios, files from fds with direct I/O, a
+//! workqueue of our own and raw-deflate decompression.
+//!
+//! All `unsafe` of the module lives here; `drivers/` builds on these types.
+
+pub(crate) mod bindings;
+pub(crate) mod bio;
+pub(crate) mod dm;
+pub(crate) mod file;
+pub(crate) mod task;
+pub(crate) mod wq;
+pub(crate) mod zlib;

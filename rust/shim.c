@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: GPL-2.0
+/* C shim of dm-qcow2; see shim.h. */
+
+#include <linux/bio.h>
+#include <linux/device-mapper.h>
+#include <linux/blkdev.h>
+#include <linux/fs.h>
+#include <linux/module.h>
+#include <linux/sched/mm.h>
+#include <linux/uio.h>
+#include <linux/workqueue.h>
+#include "shim.h"
+
+static bool kernel_sets_dirty_bit;
+module_param(kernel_sets_dirty_bit, bool, 0444);
+MODULE_PARM_DESC(kernel_sets_dirty_bit,
+		 "Set the qcow2 dirty bit on resume and clear it on suspend");
+
+bool dmq_kernel_sets_dirty_bit(void)
+{
+	return READ_ONCE(kernel_sets_dirty_bit);
+}
+
+void dmq_bio_inc_remaining(struct bio *bio)
+{
+	bio_inc_remaining(bio);
+}
+
+/* Position @it on [off, off + len) of @bio; false when out of range. */
+static bool dmq_bio_range(struct bio *bio, u32 off, u32 len, struct bvec_iter *it)
+{
+	*it = bio->bi_iter;
+	if (off > it->bi_size || len > it->bi_size - off)
+		return false;
+	bio_advance_iter(bio, it, off);
+	it->bi_size = len;
+	return true;
+}
+
+int dmq_bio_zero(struct bio *bio, u32 off, u32 len)
+{
+	struct bvec_iter it, pos;
+	struct bio_vec bv;
+
+	if (!dmq_bio_range(bio, off, len, &it))
+		return -EINVAL;
+	__bio_for_each_segment(bv, bio, pos, it)
+		memzero_bvec(&bv);
+	return 0;
+}
+
+int dmq_bio_copy_from(struct bio *bio, u32 off, const void *src, u32 len)
+{
+	struct bvec_iter it, pos;
+	struct bio_vec bv;
+
+	if (!dmq_bio_range(bio, off, len, &it))
+		return -EINVAL;
+	__bio_for_each_segment(bv, bio, pos, it) {
+		memcpy_to_bvec(&bv, src);
+		src += bv.bv_len;
+	}
+	return 0;
+}
+
+int dmq_bio_copy_to(struct bio *bio, u32 off, void *dst, u32 len)
+{
+	struct bvec_iter it, pos;
+	struct bio_vec bv;
+
+	if (!dmq_bio_range(bio, off, len, &it))
+		return -EINVAL;
+	__bio_for_each_segment(bv, bio, pos, it) {
+		memcpy_from_bvec(dst, &bv);
+		dst += bv.bv_len;
+	}
+	return 0;
+}
+
+loff_t dmq_file_size(struct file *file)
+{
+	return i_size_read(file_inode(file));
+}
+
+unsigned int dmq_file_logical_block_size(struct file *file)
+{
+	struct block_device *bdev = file_inode(file)->i_sb->s_bdev;
+
+	return bdev ? bdev_logical_block_size(bdev) : SECTOR_SIZE;
+}
+
+unsigned int dmq_file_fs_block_size(struct file *file)
+{
+	return file_inode(file)->i_sb->s_blocksize;
+}
+
+bool dmq_file_is_reg(struct file *file)
+{
+	return S_ISREG(file_inode(file)->i_mode);
+}
+
+bool dmq_file_readable(struct file *file)
+{
+	return file->f_mode & FMODE_READ;
+}
+
+bool dmq_file_writable(struct file *file)
+{
+	return file->f_mode & FMODE_WRITE;
+}
+
+bool dmq_table_writable(struct dm_target *ti)
+{
+	return dm_table_get_mode(ti->table) & BLK_OPEN_WRITE;
+}
+
+ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
+			u32 off, u32 len, loff_t pos, bool write,
+			void (*done)(struct kiocb *iocb, long ret))
+{
+	struct bvec_iter it, cnt;
+	struct bio_vec bv;
+	struct iov_iter iter;
+	unsigned int nr = 0;
+
+	if (!dmq_bio_range(bio, off, len, &it))
+		return -EINVAL;
+	/* Clones share bi_io_vec but have no bi_vcnt: count what we span. */
+	__bio_for_each_bvec(bv, bio, cnt, it)
+		nr++;
+	iov_iter_bvec(&iter, write ? ITER_SOURCE : ITER_DEST,
+		      __bvec_iter_bvec(bio->bi_io_vec, it), nr,
+		      len + it.bi_bvec_done);
+	iov_iter_advance(&iter, it.bi_bvec_done);
+
+	init_sync_kiocb(iocb, file);
+	iocb->ki_pos = pos;
+	iocb->ki_flags |= IOCB_DIRECT;
+	iocb->ki_complete = done;
+	if (write) {
+		kiocb_start_write(iocb);
+		return file->f_op->write_iter(iocb, &iter);
+	}
+	return file->f_op->read_iter(iocb, &iter);
+}
+
+void dmq_kiocb_end_write(struct kiocb *iocb)
+{
+	kiocb_end_write(iocb);
+}
+
+struct workqueue_struct *dmq_alloc_workqueue(const char *name)
+{
+	return alloc_workqueue("%s", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, name);
+}
+
+struct module *dmq_this_module(void)
+{
+	return THIS_MODULE;
+}
+
+unsigned int dmq_noio_save(void)
+{
+	return memalloc_noio_save();
+}
+
+void dmq_noio_restore(unsigned int flags)
+{
+	memalloc_noio_restore(flags);
+}

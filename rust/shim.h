@@ -1,0 +1,61 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * C shim of dm-qcow2: wrappers for static inline kernel functions and a few
+ * bio/kiocb loops that are clearer in C. Each is called from one safe Rust
+ * abstraction in rust/; drivers/ never calls these directly.
+ */
+#ifndef DMQ_SHIM_H
+#define DMQ_SHIM_H
+
+#include <linux/types.h>
+
+struct bio;
+struct file;
+struct kiocb;
+struct workqueue_struct;
+struct module;
+struct dm_target;
+
+/* Whether the table of @ti is being loaded read-write. */
+bool dmq_table_writable(struct dm_target *ti);
+
+/* THIS_MODULE of dm-qcow2, for target registration. */
+struct module *dmq_this_module(void);
+
+/* Module parameter kernel_sets_dirty_bit. */
+bool dmq_kernel_sets_dirty_bit(void);
+
+/* bio helpers: byte ranges are relative to the bio's current position. */
+void dmq_bio_inc_remaining(struct bio *bio);
+int dmq_bio_zero(struct bio *bio, u32 off, u32 len);
+int dmq_bio_copy_from(struct bio *bio, u32 off, const void *src, u32 len);
+int dmq_bio_copy_to(struct bio *bio, u32 off, void *dst, u32 len);
+
+/* File helpers. */
+loff_t dmq_file_size(struct file *file);
+unsigned int dmq_file_logical_block_size(struct file *file);
+unsigned int dmq_file_fs_block_size(struct file *file);
+bool dmq_file_is_reg(struct file *file);
+bool dmq_file_readable(struct file *file);
+bool dmq_file_writable(struct file *file);
+
+/*
+ * Direct I/O between [off, off + len) of @bio and @file at @pos. Returns
+ * -EIOCBQUEUED when @done will be called, otherwise the result (bytes or a
+ * negative errno) and @done is not called.
+ */
+ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
+			u32 off, u32 len, loff_t pos, bool write,
+			void (*done)(struct kiocb *iocb, long ret));
+
+/* Allocation scope for the I/O path: no allocation may recurse into I/O. */
+unsigned int dmq_noio_save(void);
+void dmq_noio_restore(unsigned int flags);
+
+/* Pairs with the kiocb_start_write() of a write by dmq_file_rw_bio(). */
+void dmq_kiocb_end_write(struct kiocb *iocb);
+
+/* Own workqueue (alloc_workqueue is variadic and printf-checked). */
+struct workqueue_struct *dmq_alloc_workqueue(const char *name);
+
+#endif /* DMQ_SHIM_H */

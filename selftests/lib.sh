@@ -1,0 +1,471 @@
+# SPDX-License-Identifier: GPL-2.0
+# shellcheck shell=bash
+#
+# Common helpers for the dm-qcow2 selftests. Source it from a test script,
+# define case_<name> functions, list them in DMQ_CASES, then dmq_main "$@".
+#
+# Environment:
+#   DMQ_MODULE        path of dm-qcow2.ko to insmod if the qcow2 target is
+#                     not registered and `modprobe dm-qcow2` fails
+#   KTAP_HELPERS      path of the kernel's ktap_helpers.sh
+#   KDIR              kernel tree (ktap_helpers.sh is looked up under it)
+#   TMPDIR            where the scratch tmpfs is mounted (default /tmp)
+#   DMQ_TMPFS_SIZE    size= of the scratch tmpfs (default 2g; a limit only)
+#   DMQ_NO_TMPFS=1    use a plain directory under TMPDIR (must do O_DIRECT)
+#   DMQ_KEEP=1        keep the scratch files of failed cases (and the tmpfs)
+#   DMQ_NO_DMESG_CLEAR=1  do not `dmesg -C`; only use the per-case marker
+#   DMQ_VERBOSE=1     trace the commands the cases run
+#   QEMU_IMG, QEMU_IO, DMSETUP, PYTHON  override the tools
+#   DMQ_LIB_OVERRIDES a file sourced at the end (host/run.sh uses it)
+
+DMQ_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-python3}
+QEMU_IMG=${QEMU_IMG:-qemu-img}
+QEMU_IO=${QEMU_IO:-qemu-io}
+DMSETUP=${DMSETUP:-dmsetup}
+DMQ_KMSG=${DMQ_KMSG:-/dev/kmsg}
+export QEMU_IMG QEMU_IO DMSETUP
+DMQ_PREFIX="dmqst$$-"
+DMQ_SCRATCH=
+DMQ_MOUNTED=0
+DMQ_CASE=
+DMQ_CASE_DIR=
+DMQ_MARK=
+DMQ_HELPER_FAIL=90	# dmq_open.py's own failure status
+# Lines that fail any case when they show up in dmesg.
+DMQ_DMESG_BAD='BUG:|Oops|WARNING:|panic|KASAN|UBSAN|Call Trace|general protection|list_(add|del) corruption|refcount_t:|kernel BUG'
+
+# ---------------------------------------------------------------- KTAP
+
+_dmq_ktap_fallback() {
+	KTAP_TESTNO=1
+	KTAP_CNT_PASS=0
+	KTAP_CNT_FAIL=0
+	KTAP_CNT_SKIP=0
+	KSFT_PASS=0
+	KSFT_FAIL=1
+	KSFT_XFAIL=2
+	KSFT_XPASS=3
+	KSFT_SKIP=4
+	KSFT_NUM_TESTS=0
+
+	ktap_print_header() { echo "TAP version 13"; }
+	ktap_print_msg() { echo "# $*"; }
+	ktap_set_plan() {
+		KSFT_NUM_TESTS="$1"
+		echo "1..$KSFT_NUM_TESTS"
+	}
+	ktap_skip_all() { echo "1..0 # SKIP $*"; }
+	__ktap_test() {
+		local result="$1" description="$2" directive="${3:-}"
+		local directive_str=
+		[ -n "$directive" ] && directive_str="# $directive"
+		echo "$result $KTAP_TESTNO $description${directive_str:+ $directive_str}"
+		KTAP_TESTNO=$((KTAP_TESTNO + 1))
+	}
+	ktap_test_pass() {
+		__ktap_test "ok" "$1"
+		KTAP_CNT_PASS=$((KTAP_CNT_PASS + 1))
+	}
+	ktap_test_skip() {
+		__ktap_test "ok" "$1" "SKIP"
+		KTAP_CNT_SKIP=$((KTAP_CNT_SKIP + 1))
+	}
+	ktap_test_fail() {
+		__ktap_test "not ok" "$1"
+		KTAP_CNT_FAIL=$((KTAP_CNT_FAIL + 1))
+	}
+	ktap_test_result() {
+		local description="$1"
+		shift
+		if "$@"; then
+			ktap_test_pass "$description"
+		else
+			ktap_test_fail "$description"
+		fi
+	}
+	ktap_exit_fail_msg() {
+		echo "Bail out! $*"
+		ktap_print_totals
+		exit "$KSFT_FAIL"
+	}
+	ktap_print_totals() {
+		echo "# Totals: pass:$KTAP_CNT_PASS fail:$KTAP_CNT_FAIL xfail:0 xpass:0 skip:$KTAP_CNT_SKIP error:0"
+	}
+	ktap_finished() {
+		ktap_print_totals
+		if [ $((KTAP_CNT_PASS + KTAP_CNT_SKIP)) -eq "$KSFT_NUM_TESTS" ]; then
+			exit "$KSFT_PASS"
+		else
+			exit "$KSFT_FAIL"
+		fi
+	}
+}
+
+_dmq_load_ktap() {
+	local f
+	for f in "${KTAP_HELPERS:-}" \
+		"${KDIR:+$KDIR/tools/testing/selftests/kselftest/ktap_helpers.sh}" \
+		"$DMQ_DIR/../kselftest/ktap_helpers.sh"; do
+		if [ -n "$f" ] && [ -r "$f" ]; then
+			# shellcheck source=/dev/null
+			. "$f"
+			DMQ_KTAP_SRC=$f
+			return 0
+		fi
+	done
+	_dmq_ktap_fallback
+	DMQ_KTAP_SRC=builtin
+}
+_dmq_load_ktap
+
+# --------------------------------------------------------- case helpers
+# These run inside a case (a subshell): dmq_fail/dmq_skip end the case.
+
+dmq_log() { echo "$*"; }
+
+dmq_fail() {
+	echo "FAIL: $*"
+	exit "$KSFT_FAIL"
+}
+
+dmq_skip() {
+	echo "SKIP: $*"
+	exit "$KSFT_SKIP"
+}
+
+# dmq_run CMD...: run CMD, end the case with its output if it fails.
+dmq_run() {
+	local out rc
+	[ "${DMQ_VERBOSE:-0}" = 1 ] && echo "+ $*"
+	out=$("$@" 2>&1)
+	rc=$?
+	if [ "$rc" -ne 0 ]; then
+		[ -n "$out" ] && printf '%s\n' "$out"
+		dmq_fail "command failed (rc=$rc): $*"
+	fi
+	return 0
+}
+
+# dmq_size TEXT: bytes for "2M+512" style sizes (k/M/G, + and -).
+dmq_size() {
+	local e=$1
+	e=${e//[kK]/*1024}
+	e=${e//M/*1048576}
+	e=${e//G/*1073741824}
+	echo $((e))
+}
+
+# dmq_img_create FILE SIZE [qemu-img create -o options] [BACKING]
+#   dmq_img_create base.qcow2 64M cluster_size=64k
+#   dmq_img_create top.qcow2 128M cluster_size=64k base.qcow2
+dmq_img_create() {
+	local file=$1 size=$2 opts=${3:-} backing=${4:-}
+	local args=(create -q -f qcow2)
+	[ -n "$opts" ] && args+=(-o "$opts")
+	[ -n "$backing" ] && args+=(-b "$backing" -F qcow2)
+	dmq_run "$QEMU_IMG" "${args[@]}" "$file" "$(dmq_size "$size")"
+}
+
+# dmq_write IMG SPEC...: see dmq_img.py (KIND:OFF:LEN[:SEED]).
+dmq_write() {
+	local img=$1
+	shift
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" write "$img" "$@"
+}
+
+# dmq_write_raw FILE SPEC...: deterministic data into a raw file
+# (only t/r/P kinds; z/zu are holes anyway in a fresh sparse file).
+dmq_write_raw() {
+	local img=$1
+	shift
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" write -f raw "$img" "$@"
+}
+
+dmq_patch() {
+	local img=$1
+	shift
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" patch "$img" "$@"
+}
+
+dmq_header() { "$PYTHON" "$DMQ_DIR/dmq_img.py" header "$1" "$2"; }
+
+dmq_check_images() {
+	local img out
+	for img in "$@"; do
+		out=$("$QEMU_IMG" check -q -f qcow2 "$img" 2>&1) ||
+			{ printf '%s\n' "$out"; dmq_fail "qemu-img check $img"; }
+	done
+}
+
+# ------------------------------------------------------------- devices
+
+dmq_full_name() { echo "${DMQ_PREFIX}$1"; }
+
+# dmq_create NAME [dmq_open.py options] SPEC...: returns dmsetup's status
+# (or 90 if the helper itself failed). NAME gets the per-run prefix.
+dmq_create() {
+	local name
+	name=$(dmq_full_name "$1")
+	shift
+	"$PYTHON" "$DMQ_DIR/dmq_open.py" "$name" "$@"
+}
+
+dmq_dev_exists() {
+	"$DMSETUP" info "$(dmq_full_name "$1")" >/dev/null 2>&1
+}
+
+# dmq_dev NAME: print the block device node of NAME.
+dmq_dev() {
+	local full minor i
+	full=$(dmq_full_name "$1")
+	for i in 1 2 3 4 5 6 7 8 9 10; do
+		if [ -b "/dev/mapper/$full" ]; then
+			echo "/dev/mapper/$full"
+			return 0
+		fi
+		[ "$i" = 2 ] && "$DMSETUP" mknodes "$full" >/dev/null 2>&1
+		minor=$("$DMSETUP" info -c --noheadings -o minor "$full" 2>/dev/null | tr -d ' ')
+		if [ -n "$minor" ] && [ -b "/dev/dm-$minor" ]; then
+			echo "/dev/dm-$minor"
+			return 0
+		fi
+		sleep 0.5
+	done
+	return 1
+}
+
+dmq_remove() {
+	local full
+	full=$(dmq_full_name "$1")
+	"$DMSETUP" remove --retry "$full" >/dev/null 2>&1 ||
+		"$DMSETUP" remove --retry "$full"
+}
+
+# Remove every device this run created (all carry DMQ_PREFIX).
+dmq_remove_all() {
+	local n
+	"$DMSETUP" ls 2>/dev/null | while read -r n _; do
+		case "$n" in
+		"$DMQ_PREFIX"*)
+			echo "# removing leftover device $n"
+			"$DMSETUP" remove --retry "$n" >/dev/null 2>&1 ||
+				"$DMSETUP" remove --force "$n" >/dev/null 2>&1
+			;;
+		esac
+	done
+}
+
+# --------------------------------------------------------------- dmesg
+
+dmq_dmesg_begin() {
+	DMQ_MARK="dmq-selftest[$$]: begin case $1 $(date +%s%N)"
+	if [ "${DMQ_NO_DMESG_CLEAR:-0}" != 1 ]; then
+		dmesg -C >/dev/null 2>&1
+	fi
+	echo "$DMQ_MARK" >"$DMQ_KMSG" 2>/dev/null
+}
+
+# Kernel messages since the current case began.
+dmq_dmesg_case() {
+	dmesg 2>/dev/null | awk -v m="$DMQ_MARK" '
+		m != "" && index($0, m) { n = 0; split("", L); next }
+		{ L[++n] = $0 }
+		END { for (i = 1; i <= n; i++) print L[i] }'
+}
+
+# dmq_expect_dmesg MSG ERRNO: a "qcow2: MSG (ERRNO)" line was logged.
+dmq_expect_dmesg() {
+	local msg=$1 err=$2 lines hit
+	lines=$(dmq_dmesg_case)
+	hit=$(printf '%s\n' "$lines" | grep -F -- "qcow2: $msg" | grep -F -- "($err)")
+	if [ -z "$hit" ]; then
+		echo "kernel log of this case:"
+		printf '%s\n' "$lines" | sed 's/^/  /'
+		dmq_fail "no dmesg line with 'qcow2: $msg' and '($err)'"
+	fi
+	echo "dmesg: $hit"
+}
+
+# dmq_expect_ctr_error NAME MSG ERRNO [dmq_open.py args...]
+dmq_expect_ctr_error() {
+	local name=$1 msg=$2 err=$3 rc
+	shift 3
+	dmq_create "$name" "$@"
+	rc=$?
+	if [ "$rc" -eq "$DMQ_HELPER_FAIL" ]; then
+		dmq_fail "dmq_open.py failed before running dmsetup"
+	fi
+	if [ "$rc" -eq 0 ]; then
+		dmq_remove "$name"
+		dmq_fail "dmsetup create succeeded; expected '$msg ($err)'"
+	fi
+	if dmq_dev_exists "$name"; then
+		"$DMSETUP" info "$(dmq_full_name "$name")"
+		dmq_fail "device left behind after a failed create"
+	fi
+	dmq_expect_dmesg "$msg" "$err"
+}
+
+# --------------------------------------------------------------- setup
+
+_dmq_skip_all() {
+	ktap_skip_all "$*"
+	exit "$KSFT_SKIP"
+}
+
+_dmq_cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM HUP
+	dmq_remove_all
+	if [ "$DMQ_MOUNTED" = 1 ]; then
+		if [ "${DMQ_KEEP:-0}" = 1 ] && [ "${DMQ_FAILED:-0}" = 1 ]; then
+			echo "# keeping scratch tmpfs $DMQ_SCRATCH"
+		else
+			umount "$DMQ_SCRATCH" 2>/dev/null || umount -l "$DMQ_SCRATCH"
+			rmdir "$DMQ_SCRATCH" 2>/dev/null
+		fi
+	elif [ -n "$DMQ_SCRATCH" ] && [ -d "$DMQ_SCRATCH" ]; then
+		if [ "${DMQ_KEEP:-0}" != 1 ] || [ "${DMQ_FAILED:-0}" != 1 ]; then
+			rm -rf "$DMQ_SCRATCH"
+		fi
+	fi
+	exit "$rc"
+}
+
+_dmq_odirect_ok() {
+	"$PYTHON" - "$1" <<-'EOF' >/dev/null 2>&1
+		import os, sys
+		p = os.path.join(sys.argv[1], ".odirect")
+		fd = os.open(p, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600)
+		os.close(fd)
+		os.unlink(p)
+	EOF
+}
+
+_dmq_check_module() {
+	if "$DMSETUP" targets 2>/dev/null | grep -q '^qcow2'; then
+		return 0
+	fi
+	modprobe dm-qcow2 >/dev/null 2>&1
+	if ! "$DMSETUP" targets 2>/dev/null | grep -q '^qcow2' &&
+		[ -n "${DMQ_MODULE:-}" ]; then
+		if [ ! -r "$DMQ_MODULE" ]; then
+			ktap_print_msg "DMQ_MODULE=$DMQ_MODULE is not readable"
+		elif ! insmod "$DMQ_MODULE"; then
+			ktap_print_msg "insmod $DMQ_MODULE failed"
+		fi
+	fi
+	"$DMSETUP" targets 2>/dev/null | grep -q '^qcow2'
+}
+
+# dmq_init: KTAP header, prerequisites, module, scratch tmpfs, trap.
+dmq_init() {
+	local t
+	ktap_print_header
+	ktap_print_msg "ktap helpers: $DMQ_KTAP_SRC"
+	[ "$(id -u)" = 0 ] || _dmq_skip_all "must run as root"
+	for t in "$QEMU_IMG" "$QEMU_IO" "$DMSETUP" "$PYTHON" sha256sum dd \
+		blockdev dmesg awk cmp; do
+		command -v "$t" >/dev/null 2>&1 || _dmq_skip_all "$t not found"
+	done
+	"$DMSETUP" version >/dev/null 2>&1 ||
+		_dmq_skip_all "device-mapper is not available (dmsetup version failed)"
+	_dmq_check_module ||
+		_dmq_skip_all "dm target qcow2 not registered (modprobe dm-qcow2 failed; set DMQ_MODULE=/path/to/dm-qcow2.ko)"
+	ktap_print_msg "$("$DMSETUP" targets | grep '^qcow2')"
+
+	trap _dmq_cleanup EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	trap 'exit 129' HUP
+	DMQ_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/dmq-selftest.XXXXXX") ||
+		_dmq_skip_all "mktemp failed"
+	if [ "${DMQ_NO_TMPFS:-0}" != 1 ]; then
+		if mount -t tmpfs -o "size=${DMQ_TMPFS_SIZE:-2g},mode=0700" \
+			dmq-selftest "$DMQ_SCRATCH"; then
+			DMQ_MOUNTED=1
+		else
+			ktap_print_msg "could not mount a tmpfs on $DMQ_SCRATCH"
+		fi
+	fi
+	_dmq_odirect_ok "$DMQ_SCRATCH" ||
+		_dmq_skip_all "O_DIRECT does not work in $DMQ_SCRATCH"
+}
+
+# dmq_run_case NAME: run case_NAME in a subshell in its own directory,
+# check dmesg, print the KTAP result line.
+dmq_run_case() {
+	local name=$1 rc bad
+	DMQ_CASE=$name
+	DMQ_CASE_DIR="$DMQ_SCRATCH/$name"
+	rm -rf "$DMQ_CASE_DIR"
+	mkdir -p "$DMQ_CASE_DIR"
+	dmq_dmesg_begin "$name"
+	(
+		cd "$DMQ_CASE_DIR" || exit "$KSFT_FAIL"
+		"case_$name"
+	) 2>&1 | sed -u 's/^/# /'
+	rc=${PIPESTATUS[0]}
+	dmq_remove_all
+	bad=$(dmq_dmesg_case | grep -E -- "$DMQ_DMESG_BAD")
+	if [ -n "$bad" ]; then
+		ktap_print_msg "kernel log has warnings/oopses:"
+		dmq_dmesg_case | sed 's/^/#   /'
+		rc=$KSFT_FAIL
+	elif [ "$rc" -ne 0 ] && [ "$rc" -ne "$KSFT_SKIP" ]; then
+		ktap_print_msg "kernel log of this case:"
+		dmq_dmesg_case | tail -n 40 | sed 's/^/#   /'
+	fi
+	if [ "$rc" -eq 0 ]; then
+		ktap_test_pass "$name"
+	elif [ "$rc" -eq "$KSFT_SKIP" ]; then
+		ktap_test_skip "$name"
+	else
+		DMQ_FAILED=1
+		ktap_test_fail "$name"
+	fi
+	if [ "$rc" -eq 0 ] || [ "${DMQ_KEEP:-0}" != 1 ]; then
+		rm -rf "$DMQ_CASE_DIR"
+	else
+		ktap_print_msg "kept $DMQ_CASE_DIR"
+	fi
+}
+
+# dmq_main "$@": runs the cases named on the command line (all of
+# DMQ_CASES when none; "-l" lists them), then exits with the kselftest code.
+# Also takes the names from KSELFTEST_<SCRIPT>_ARGS through the runner.
+dmq_main() {
+	local want=("$@") c n found
+	if [ "${want[0]:-}" = "-l" ] || [ "${want[0]:-}" = "--list" ]; then
+		printf '%s\n' "${DMQ_CASES[@]}"
+		exit 0
+	fi
+	if [ "${want[0]:-}" = "-h" ] || [ "${want[0]:-}" = "--help" ]; then
+		echo "usage: $0 [-l] [CASE...]"
+		exit 0
+	fi
+	[ ${#want[@]} -eq 0 ] && want=("${DMQ_CASES[@]}")
+	for c in "${want[@]}"; do
+		found=0
+		for n in "${DMQ_CASES[@]}"; do
+			[ "$n" = "$c" ] && found=1
+		done
+		if [ "$found" != 1 ]; then
+			echo "unknown case '$c'; cases: ${DMQ_CASES[*]}" >&2
+			exit "$KSFT_FAIL"
+		fi
+	done
+	dmq_init
+	ktap_set_plan "${#want[@]}"
+	for c in "${want[@]}"; do
+		dmq_run_case "$c"
+	done
+	ktap_finished
+}
+
+# Host-side testing of these scripts (host/run.sh) swaps in fakes here.
+if [ -n "${DMQ_LIB_OVERRIDES:-}" ]; then
+	# shellcheck source=/dev/null
+	. "$DMQ_LIB_OVERRIDES"
+fi

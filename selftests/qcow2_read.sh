@@ -1,0 +1,321 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# dm-qcow2 read path: build images with qemu-img/qemu-io, map them
+# read-only, and compare the device with `qemu-img convert -O raw` of the
+# top image: sha256 of the whole device (O_DIRECT 1 MiB reads, and
+# buffered reads for small devices), then O_DIRECT and buffered reads of
+# ranges around cluster boundaries and seeded random ranges.
+#
+# usage: qcow2_read.sh [-l] [CASE...]
+
+set -u -o pipefail
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+BUFFERED_MAX=$((64 << 20))	# also hash buffered reads up to this size
+EXTRA_RANGES=()			# OFF:LEN ranges a case wants checked too
+
+# check_map CLUSTER [--length SECTORS] SPEC...: map SPEC... (base first)
+# read-only and compare the device with the raw conversion of the top.
+check_map() {
+	local cluster=$1 len_args=() raw dev want got size bytes top
+	shift
+	if [ "${1:-}" = "--length" ]; then
+		len_args=(--length "$2")
+		shift 2
+	fi
+	top=${!#}
+	raw="expected-$(basename "$top").raw"
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$top" "$raw"
+	if [ ${#len_args[@]} -gt 0 ]; then
+		dmq_run truncate -s $((len_args[1] * 512)) "$raw"
+	fi
+	size=$(stat -c %s "$raw")
+
+	dmq_create v "${len_args[@]}" "$@" ||
+		dmq_fail "dmsetup create failed for $*"
+	dev=$(dmq_dev v) || dmq_fail "no device node"
+	bytes=$(blockdev --getsize64 "$dev") || dmq_fail "blockdev $dev"
+	[ "$bytes" = "$size" ] || dmq_fail "device has $bytes bytes, expected $size"
+
+	want=$(sha256sum <"$raw" | cut -d' ' -f1)
+	got=$(dd if="$dev" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1) ||
+		dmq_fail "O_DIRECT read of $dev failed"
+	if [ "$got" != "$want" ]; then
+		dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" cmp "$dev" "$raw" \
+			--cluster "$cluster" --random 0 --range "0:$size" || true
+		dmq_fail "sha256 of $dev (O_DIRECT, bs=1M) differs from $raw"
+	fi
+	if [ "$size" -le "$BUFFERED_MAX" ]; then
+		got=$(sha256sum <"$dev" | cut -d' ' -f1) ||
+			dmq_fail "buffered read of $dev failed"
+		[ "$got" = "$want" ] ||
+			dmq_fail "sha256 of $dev (buffered) differs from $raw"
+	fi
+	local range_args=() r
+	for r in "${EXTRA_RANGES[@]}"; do
+		range_args+=(--range "$r")
+	done
+	"$PYTHON" "$DMQ_DIR/dmq_img.py" cmp -v "$dev" "$raw" \
+		--cluster "$cluster" "${range_args[@]}" ||
+		dmq_fail "range reads of $dev differ from $raw"
+	echo "ok: $* ($size bytes, sha256 $want)"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	rm -f "$raw"
+}
+
+# compressed_count IMG: number of compressed clusters per qemu-img map
+compressed_count() {
+	"$QEMU_IMG" map -f qcow2 --output=json "$1" |
+		"$PYTHON" -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if e.get("compressed")))'
+}
+
+# mk_raw_mix FILE SIZE: raw file with text, random, pattern and hole ranges
+mk_raw_mix() {
+	local f=$1 size=$2
+	dmq_run truncate -s "$(dmq_size "$size")" "$f"
+	shift 2
+	dmq_write_raw "$f" "$@"
+}
+
+# ------------------------------------------------------------ cluster size
+
+case_cluster_4k() {
+	dmq_img_create base.qcow2 16M cluster_size=4k
+	dmq_write base.qcow2 t:0:64k r:1M+512:9k P0x11:2M-4k:8k \
+		t:5M+100:3000 r:8M:1M t:16M-6k:6k
+	dmq_img_create top.qcow2 16M cluster_size=4k base.qcow2
+	dmq_write top.qcow2 r:4k:4k t:8k+512:7k P0x22:1M+4k:1k zu:8M+64k:8k \
+		z:8M+256k+512:1k t:12M:2M+2k r:16M-512:512
+	EXTRA_RANGES=(2M-4k:8k 8M+60k:16k)
+	check_map 4k base.qcow2
+	check_map 4k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+case_cluster_64k() {
+	dmq_img_create a.qcow2 32M cluster_size=64k
+	dmq_write a.qcow2 t:0:64k t:192k+512:100k r:1M-3k:70k P0x5a:20M+1:1 \
+		t:4M:256k z:4M:128k zu:4M+192k:64k r:31M:1M t:8M+64k-1:2
+	EXTRA_RANGES=(4M-4k:320k 1M-4k:8k)
+	check_map 64k a.qcow2
+	dmq_check_images a.qcow2
+}
+
+case_cluster_2m() {
+	dmq_img_create base.qcow2 32M cluster_size=2M
+	dmq_write base.qcow2 t:0:2M r:2M-4k:8k t:7M+512:3M \
+		P0x5a:20M+4097:10000 r:32M-512:512
+	dmq_img_create top.qcow2 32M cluster_size=2M base.qcow2
+	dmq_write top.qcow2 r:1M:64k zu:4M:2M t:9M:4k P0x77:30M:2M
+	EXTRA_RANGES=(4M-4k:2M+8k 2M-64k:128k)
+	check_map 2M base.qcow2
+	check_map 2M base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# ---------------------------------------------------------------- versions
+
+case_v2_64k() {
+	dmq_img_create a.qcow2 32M cluster_size=64k,compat=0.10
+	[ "$(dmq_header a.qcow2 version)" = 2 ] || dmq_fail "not a v2 image"
+	dmq_write a.qcow2 t:0:64k r:100k:200k P0x42:10M+3:5 t:31M+512:512k \
+		z:100k+64k:64k
+	check_map 64k a.qcow2
+	dmq_check_images a.qcow2
+}
+
+case_v2_chain() {
+	dmq_img_create base.qcow2 16M cluster_size=64k,compat=0.10
+	dmq_write base.qcow2 t:0:8M
+	dmq_img_create top.qcow2 16M cluster_size=64k,compat=0.10 base.qcow2
+	[ "$(dmq_header top.qcow2 version)" = 2 ] || dmq_fail "not a v2 image"
+	dmq_write top.qcow2 r:64k:64k z:1M:128k t:3M+1k:2k P0x99:15M:1M
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+case_v3_on_v2() {
+	dmq_img_create base.qcow2 16M cluster_size=64k,compat=0.10
+	dmq_write base.qcow2 t:0:4M
+	dmq_img_create top.qcow2 16M cluster_size=64k,compat=1.1 base.qcow2
+	dmq_write top.qcow2 z:0:64k r:2M+512:1k zu:3M:64k
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# -------------------------------------------------------------- extended L2
+
+case_extl2_64k() {
+	local o=cluster_size=64k,extended_l2=on
+	dmq_img_create base.qcow2 16M "$o"
+	dmq_write base.qcow2 t:0:1M r:3M:512k P0x44:8M+60k:8k r:10M+3k:1k
+	dmq_img_create top.qcow2 16M "$o" base.qcow2
+	dmq_write top.qcow2 r:2k:2k t:64k+6k:4k P0x55:128k+100:1000 \
+		r:1M-1k:2k z:3M+4k:4k zu:3M+64k:2k t:8M+62k:4k r:12M+30k:3k \
+		zu:3M+128k:64k t:10M+2k:1k
+	EXTRA_RANGES=(8M+56k:16k 10M:64k 12M+28k:8k)
+	check_map 64k base.qcow2
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+case_extl2_2m() {
+	local o=cluster_size=2M,extended_l2=on
+	dmq_img_create base.qcow2 16M "$o"
+	dmq_write base.qcow2 t:0:4M P0x21:9M+100:1000
+	dmq_img_create top.qcow2 16M "$o" base.qcow2
+	dmq_write top.qcow2 r:64k:64k t:2M+100k:200k z:1M:128k \
+		P0x66:6M-32k:64k r:10M+1:1000 zu:3M:64k
+	EXTRA_RANGES=(9M:128k 2M+64k:256k 6M-64k:128k)
+	check_map 2M base.qcow2
+	check_map 2M base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# ---------------------------------------------------------------- compressed
+
+# compressed_case CLUSTER RAWSIZE [extra -o options]
+compressed_case() {
+	local cluster=$1 size=$2 opts=${3:-} n
+	mk_raw_mix src.raw "$size" t:0:3M r:3M+512:1M P0x11:5M:1M \
+		t:6M+3k:1M+5k "r:$size-1M+512:1M-512"
+	dmq_run "$QEMU_IMG" convert -c -f raw -O qcow2 \
+		-o "cluster_size=$cluster${opts:+,$opts}" src.raw a.qcow2
+	n=$(compressed_count a.qcow2) || dmq_fail "qemu-img map"
+	[ "$n" -gt 0 ] || dmq_fail "no compressed clusters in a.qcow2"
+	echo "a.qcow2: $n compressed extents"
+	dmq_run "$QEMU_IMG" compare -f raw -F qcow2 src.raw a.qcow2
+	check_map "$cluster" a.qcow2
+	dmq_check_images a.qcow2
+}
+
+case_compressed_64k() {
+	compressed_case 64k 16M
+}
+
+case_compressed_4k() {
+	compressed_case 4k 8M
+}
+
+case_compressed_2m() {
+	compressed_case 2M 16M
+}
+
+case_compressed_extl2() {
+	compressed_case 64k 8M extended_l2=on
+}
+
+case_compressed_overlay() {
+	local n
+	mk_raw_mix src.raw 16M t:0:3M r:3M+512:1M P0x11:5M:1M t:8M:2M
+	dmq_run "$QEMU_IMG" convert -c -f raw -O qcow2 -o cluster_size=64k \
+		src.raw base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 r:128k+512:3k t:1M:64k ct:4M:128k cr:11M:64k \
+		z:8M+64k:64k P0x3c:9M+100:200 ct:12M:64k
+	n=$(compressed_count top.qcow2) || dmq_fail "qemu-img map"
+	[ "$n" -gt 0 ] || dmq_fail "no compressed clusters in top.qcow2"
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# ------------------------------------------------------------- zero clusters
+
+case_zero_clusters() {
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 P0xaa:0:8M t:8M:1M
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	# zero over lower data (aligned, unmapped, unaligned), zero over the
+	# top's own data (zero flag with a host offset), beyond lower data
+	dmq_write top.qcow2 z:0:64k zu:1M:256k z:2M+4k:8k z:8M+64k:128k \
+		r:4M:192k z:4M:64k zu:4M+64k:64k r:12M:64k z:12M+32k:64k
+	EXTRA_RANGES=(4M-4k:200k 2M:64k 12M:128k)
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+case_zero_extl2() {
+	local o=cluster_size=64k,extended_l2=on
+	dmq_img_create base.qcow2 8M "$o"
+	dmq_write base.qcow2 P0xcc:0:4M t:4M:2M
+	dmq_img_create top.qcow2 8M "$o" base.qcow2
+	# per-subcluster (2k) zero bits over lower data, mixed with data
+	dmq_write top.qcow2 z:0:2k z:64k+4k:8k zu:128k:64k r:192k:2k \
+		z:192k+2k:2k z:4M+30k:10k r:6M:3k zu:4M+64k:6k z:5M+1k:3k \
+		r:5M+128k:64k zu:5M+128k+4k:4k
+	EXTRA_RANGES=(4M+28k:16k 5M:8k 5M+128k:64k)
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# -------------------------------------------------------------------- chains
+
+case_chain3() {
+	local o=cluster_size=64k
+	dmq_img_create base.qcow2 64M "$o"
+	dmq_write base.qcow2 t:0:1M P0x11:10M:5M r:63M:1M t:30M+513:100k
+	dmq_img_create mid.qcow2 96M "$o" base.qcow2
+	dmq_write mid.qcow2 r:512k:65k z:10M+64k:64k t:62M:4M P0x22:90M:2M \
+		ct:40M:256k
+	dmq_img_create top.qcow2 128M "$o" mid.qcow2
+	dmq_write top.qcow2 t:64k:4k zu:10M:64k r:95M+3k:2M P0x33:127M:1M \
+		z:63M+128k:64k t:70M:64k
+	EXTRA_RANGES=(64M-4k:8k 64M-64k:128k 96M-4k:8k 96M-512:1k 10M-4k:200k)
+	check_map 64k base.qcow2 mid.qcow2
+	check_map 64k base.qcow2 mid.qcow2 top.qcow2
+	dmq_check_images base.qcow2 mid.qcow2 top.qcow2
+}
+
+# virtual sizes that are not a multiple of the cluster size
+case_odd_size() {
+	dmq_img_create base.qcow2 5M+1536 cluster_size=64k
+	dmq_write base.qcow2 r:0:3k t:5M-10k:10k+1536
+	dmq_img_create top.qcow2 7M+512 cluster_size=64k base.qcow2
+	dmq_write top.qcow2 r:5M:4k P0x71:7M-1k:1k+512
+	EXTRA_RANGES=(5M-4k:5k+512 5M:4k)
+	check_map 64k base.qcow2
+	check_map 64k base.qcow2 top.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# a table shorter than the top's virtual size
+case_short_table() {
+	dmq_img_create a.qcow2 32M cluster_size=64k
+	dmq_write a.qcow2 t:0:1M t:9M:2M
+	check_map 64k --length $(((10 << 20) / 512 + 1)) a.qcow2
+	dmq_check_images a.qcow2
+}
+
+case_refcount64_4k() {
+	dmq_img_create a.qcow2 8M cluster_size=4k,refcount_bits=64
+	[ "$(dmq_header a.qcow2 refcount_order)" = 6 ] || dmq_fail "refcount_order"
+	dmq_write a.qcow2 t:0:1M r:3M+512:5k
+	check_map 4k a.qcow2
+	dmq_check_images a.qcow2
+}
+
+DMQ_CASES=(
+	cluster_4k
+	cluster_64k
+	cluster_2m
+	v2_64k
+	v2_chain
+	v3_on_v2
+	extl2_64k
+	extl2_2m
+	compressed_64k
+	compressed_4k
+	compressed_2m
+	compressed_extl2
+	compressed_overlay
+	zero_clusters
+	zero_extl2
+	chain3
+	odd_size
+	short_table
+	refcount64_4k
+)
+
+dmq_main "$@"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run a command inside a virtme-ng VM booted from the cached test kernel.
+# The host's root file system is visible read-only (with writable overlays on
+# /tmp, /var, ...). Exit status is the command's.
+#   tools/vm.sh 'cmd args'        DMQ_KVM=1 to try KVM (TCG by default:
+#                                 QEMU cannot start KVM guests on our runners)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+KDIR=$(dmq_kdir)
+[ -f "$KDIR/arch/x86/boot/bzImage" ] || die "no kernel at $KDIR: run 'make kernel'"
+opts=(--disable-kvm)
+[ "${DMQ_KVM:-0}" = 1 ] && opts=()
+# The console can lose output at exit: callers that need results write them
+# to a host directory made writable with DMQ_VM_RWDIR.
+[ -n "${DMQ_VM_RWDIR:-}" ] && opts+=(--rwdir "$DMQ_VM_RWDIR")
+exec vng "${opts[@]}" -r "$KDIR/arch/x86/boot/bzImage" \
+	--memory "${DMQ_VM_MEM:-3G}" --cpus "${DMQ_VM_CPUS:-2}" \
+	--exec "$*" </dev/null
