@@ -24,7 +24,7 @@ kernel:
 	tools/build-kernel.sh
 
 module: kernel
-	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 modules
+	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 CLIPPY=1 modules
 
 host-test:
 	tools/check.sh host

@@ -461,7 +461,7 @@ impl dm::Target for Qcow2 {
                 if let Some(d) = self.inner.deltas.get(id) {
                     let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
                     let p = d.file.path(&mut buf)?;
-                    let _ = write!(out, "{}\n", core::str::from_utf8(p).unwrap_or("?"));
+                    let _ = writeln!(out, "{}", core::str::from_utf8(p).unwrap_or("?"));
                 }
                 Ok(())
             }

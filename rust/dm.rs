@@ -249,6 +249,9 @@ impl<T: Target> Vtable<T> {
         unsafe { &*((*ti).private as *const T) }
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and arguments.
     unsafe extern "C" fn ctr(
         ti: *mut bindings::dm_target,
         argc: c_uint,
@@ -279,12 +282,18 @@ impl<T: Target> Vtable<T> {
         }
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn dtr(ti: *mut bindings::dm_target) {
         // SAFETY: The constructor succeeded, so `private` holds the `KBox<T>` it
         // leaked; device-mapper calls the destructor once, after all other callbacks.
         drop(unsafe { KBox::from_raw((*ti).private as *mut T) });
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and arguments.
     unsafe extern "C" fn map(ti: *mut bindings::dm_target, bio: *mut bindings::bio) -> c_int {
         // SAFETY: `map` runs only on a constructed target.
         let t = unsafe { Self::private(ti) };
@@ -294,6 +303,9 @@ impl<T: Target> Vtable<T> {
         bindings::DM_MAPIO_SUBMITTED as c_int
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and arguments.
     unsafe extern "C" fn status(
         ti: *mut bindings::dm_target,
         kind: bindings::status_type_t,
@@ -314,6 +326,9 @@ impl<T: Target> Vtable<T> {
         unsafe { Self::private(ti) }.status(kind, &mut out);
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and arguments.
     unsafe extern "C" fn message(
         ti: *mut bindings::dm_target,
         argc: c_uint,
@@ -339,16 +354,25 @@ impl<T: Target> Vtable<T> {
         }
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn presuspend(ti: *mut bindings::dm_target) {
         // SAFETY: Runs only on a constructed target.
         unsafe { Self::private(ti) }.presuspend();
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn postsuspend(ti: *mut bindings::dm_target) {
         // SAFETY: Runs only on a constructed target.
         unsafe { Self::private(ti) }.postsuspend();
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn preresume(ti: *mut bindings::dm_target) -> c_int {
         // SAFETY: Runs only on a constructed target.
         match unsafe { Self::private(ti) }.preresume() {
@@ -357,11 +381,17 @@ impl<T: Target> Vtable<T> {
         }
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn resume(ti: *mut bindings::dm_target) {
         // SAFETY: Runs only on a constructed target.
         unsafe { Self::private(ti) }.resume();
     }
 
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and arguments.
     unsafe extern "C" fn io_hints(ti: *mut bindings::dm_target, limits: *mut bindings::queue_limits) {
         // SAFETY: `limits` is valid and exclusively ours for the duration of the call.
         let mut l = QueueLimits(unsafe { &mut *limits });

@@ -202,6 +202,9 @@ struct BioIo {
     write: bool,
 }
 
+/// # Safety
+///
+/// `iocb` must be the `iocb` of a `BioIo` leaked by `submit_bio_io`, once.
 unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c_long) {
     // SAFETY: `iocb` is the first field of a `BioIo` leaked by `submit_bio_io`,
     // and each I/O completes once.

@@ -37,9 +37,9 @@ impl Inflater {
     pub(crate) fn inflate_raw(&mut self, src: &[u8], dst: &mut [u8]) -> Result {
         let s = &mut *self.strm;
         s.next_in = src.as_ptr();
-        s.avail_in = src.len().try_into().map_err(|_| EINVAL)?;
+        s.avail_in = src.len();
         s.next_out = dst.as_mut_ptr();
-        s.avail_out = dst.len().try_into().map_err(|_| EINVAL)?;
+        s.avail_out = dst.len();
         // SAFETY: The stream has its workspace; negative window bits select raw
         // deflate. `next_in`/`next_out` point to buffers valid for the call.
         let r = unsafe { bindings::zlib_inflateInit2(s, -(bindings::MAX_WBITS as i32)) };
@@ -55,7 +55,7 @@ impl Inflater {
         s.next_out = core::ptr::null_mut();
         match r {
             x if x == bindings::Z_STREAM_END as i32 && full => Ok(()),
-            x if x == bindings::Z_BUF_ERROR as i32 && full => Ok(()),
+            x if x == bindings::Z_BUF_ERROR && full => Ok(()),
             x if x == bindings::Z_OK as i32 && full => Ok(()),
             _ => Err(EIO),
         }
