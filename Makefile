@@ -4,7 +4,7 @@
 KDIR ?= $(shell tools/kdir.sh)
 SHELL := /bin/bash
 
-.PHONY: all module deps kernel check test host-test kselftest demo bench clean help
+.PHONY: all module deps kernel check test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -16,6 +16,7 @@ help:
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make host-test - cargo tests of the format logic only"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
+	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"
 
 deps:
 	tools/setup.sh
@@ -37,6 +38,13 @@ check test: module
 
 demo: module
 	tools/demo.sh
+
+bench: module
+	tools/bench.sh
+
+# The rublk peer for make bench (a userspace ublk qcow2 server from crates.io).
+bench-deps:
+	command -v rublk >/dev/null || [ -x $$HOME/.cargo/bin/rublk ] || cargo install --locked rublk
 
 clean:
 	-$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 clean

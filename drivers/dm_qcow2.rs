@@ -14,6 +14,7 @@ use kernel::prelude::*;
 #[allow(dead_code)]
 #[path = "../rust/mod.rs"]
 mod kx;
+mod meta;
 pub mod qcow2_format;
 mod target;
 

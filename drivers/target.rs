@@ -1,31 +1,33 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The `qcow2` target: constructor checks, the bio queue and the read path.
+//! The `qcow2` target: constructor checks, the bio queue, reads and writes.
 
 use crate::kx::bio::{Bio, BioList, Op};
 use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr};
-use crate::kx::file::{File, IoBuf, DIO_ALIGN};
+use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
+use crate::meta::{corrupt, DeltaMd};
 use crate::qcow2_format::{self as fmt, Cluster, FormatError, Header, RunKind};
 use core::fmt::Write;
 use kernel::error::code::*;
 use kernel::prelude::*;
-use kernel::rbtree::RBTree;
 use kernel::str::CStr;
 use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
 
-/// Metadata pages cached per delta before the oldest-keyed ones are dropped.
-const MAX_CACHED_PAGES: usize = 4096;
-/// Size of a cached metadata page.
-const MD_PAGE: u64 = 4096;
 /// Smallest cluster size with extended L2 entries (QEMU's limit): keeps every
 /// subcluster a whole number of sectors.
 const MIN_EXTL2_CLUSTER_BITS: u32 = 14;
 const SECTOR: u64 = 512;
+/// qcow2 compatible feature bit 0: refcounts may be updated lazily.
+const COMPAT_LAZY_REFCOUNTS: u64 = 1;
+/// Header offsets of the v3 feature words.
+const HDR_INCOMPAT: usize = 72;
+const HDR_AUTOCLEAR: usize = 88;
 
 fn ctr_err(err: Error, msg: &'static CStr) -> CtrError {
     CtrError::new(err, msg)
@@ -43,11 +45,10 @@ fn fmt_err(e: FormatError) -> CtrError {
     }
 }
 
-/// One image of the chain: its file, header and L1 table (read-only here).
+/// One image of the chain: its file and header (metadata lives in `DeltaMd`).
 struct Delta {
     file: File,
     hdr: Header,
-    l1: KVVec<u64>,
 }
 
 impl Delta {
@@ -75,6 +76,7 @@ impl Delta {
         let n = file
             .read_at(&mut buf, 0)
             .map_err(|e| ctr_err(e, c_str!("Cannot read image header")))?;
+        // Only what was read: a truncated header must fail as such.
         let hdr = Header::parse(buf.get(..n).unwrap_or(&[])).map_err(fmt_err)?;
         if u64::from(hdr.cluster_bits) < u64::from(kernel::bindings::PAGE_SHIFT) {
             return Err(ctr_err(eopnotsupp(), c_str!("Cluster size below PAGE_SIZE")));
@@ -82,72 +84,35 @@ impl Delta {
         if hdr.extended_l2() && hdr.cluster_bits < MIN_EXTL2_CLUSTER_BITS {
             return Err(ctr_err(eopnotsupp(), c_str!("Extended L2 needs clusters of 16K or more")));
         }
+        // O_DIRECT cannot address less than the host's logical block.
+        if hdr.subcluster_size() < u64::from(file.logical_block_size()) {
+            return Err(ctr_err(
+                eopnotsupp(),
+                c_str!("Subclusters smaller than the host's logical block size"),
+            ));
+        }
         if file.size() > hdr.max_file_size() {
             return Err(ctr_err(EFBIG, c_str!("File larger than its refcount table describes")));
         }
-        let l1 = Self::load_l1(&file, &hdr).map_err(|e| ctr_err(e, c_str!("Cannot read L1 table")))?;
-        Ok(Self { file, hdr, l1 })
-    }
-
-    fn load_l1(file: &File, hdr: &Header) -> Result<KVVec<u64>> {
-        let n = hdr.l1_size as usize;
-        let mut l1 = KVVec::with_capacity(n, GFP_KERNEL)?;
-        // Read in bounded chunks: the L1 table may be up to 32 MiB.
-        const CHUNK: usize = 256 * 1024;
-        let mut buf = IoBuf::new(CHUNK.min(n * 8).max(DIO_ALIGN))?;
-        let mut pos = hdr.l1_table_offset;
-        while l1.len() < n {
-            let want = ((n - l1.len()) * 8).next_multiple_of(DIO_ALIGN).min(buf.len());
-            let chunk = buf.get_mut(..want).ok_or(EINVAL)?;
-            let got = file.read_at(chunk, pos)?;
-            // Past the end of the file the table reads as zeroes (unallocated).
-            chunk.get_mut(got..).unwrap_or(&mut []).fill(0);
-            for e in chunk.chunks_exact(8) {
-                if l1.len() == n {
-                    break;
-                }
-                let mut b = [0u8; 8];
-                b.copy_from_slice(e);
-                l1.push(u64::from_be_bytes(b), GFP_KERNEL)?;
-            }
-            pos += want as u64;
+        // Lazy refcounts left dirty by a crash are stale: allocating from them
+        // could hand out clusters in use.
+        if is_top
+            && writable
+            && hdr.incompatible_features & fmt::incompat::DIRTY != 0
+            && hdr.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+        {
+            return Err(ctr_err(EINVAL, c_str!("Image is dirty: repair it with qemu-img check -r all")));
         }
-        Ok(l1)
-    }
-}
-
-/// Per-delta cache of metadata pages (L2 tables), keyed by file offset.
-struct MdCache {
-    pages: RBTree<u64, IoBuf>,
-    count: usize,
-}
-
-impl MdCache {
-    fn new() -> Self {
-        Self { pages: RBTree::new(), count: 0 }
-    }
-
-    fn page(&mut self, file: &File, off: u64) -> Result<&IoBuf> {
-        if self.pages.get(&off).is_none() {
-            if self.count >= MAX_CACHED_PAGES {
-                if let Some(c) = self.pages.cursor_front() {
-                    drop(c.remove_current());
-                    self.count -= 1;
-                }
-            }
-            let mut buf = IoBuf::new(MD_PAGE as usize)?;
-            let got = file.read_at(&mut buf, off)?;
-            buf.get_mut(got..).unwrap_or(&mut []).fill(0);
-            self.pages.try_create_and_insert(off, buf, GFP_KERNEL)?;
-            self.count += 1;
-        }
-        self.pages.get(&off).ok_or(EIO)
+        Ok(Self { file, hdr })
     }
 }
 
 /// State only the worker touches.
 struct WorkerState {
-    caches: KVec<MdCache>,
+    /// Index == img_id.
+    md: KVec<DeltaMd>,
+    /// A cluster-sized buffer for copy-on-write (taken while in use).
+    cow: Option<IoBuf>,
     inflater: Inflater,
     zin: IoBuf,
     zout: IoBuf,
@@ -160,6 +125,10 @@ struct WorkerState {
 pub(crate) struct Inner {
     /// Base first: index == img_id.
     deltas: KVec<Delta>,
+    /// The table was loaded read-write: the top delta takes writes.
+    writable: bool,
+    /// Asynchronous data I/O in flight.
+    inflight: Arc<IoCounter>,
     #[pin]
     pending: SpinLock<BioList>,
     #[pin]
@@ -194,6 +163,8 @@ impl Inner {
     fn process(&self, st: &mut WorkerState, bio: Bio) {
         let res = match bio.op() {
             Op::Read => self.read_bio(st, &bio),
+            Op::Write | Op::Flush if self.writable => self.write_bio(st, &bio),
+            Op::Discard | Op::WriteZeroes if self.writable => self.zero_bio(st, &bio),
             _ => Err(EIO),
         };
         bio.end(res);
@@ -220,35 +191,12 @@ impl Inner {
     /// The L2 entry of `vaddr` in delta `d`.
     fn cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result<Cluster> {
         let delta = self.deltas.get(d).ok_or(EIO)?;
-        let hdr = &delta.hdr;
-        let raw = *usize::try_from(hdr.l1_index(vaddr))
-            .ok()
-            .and_then(|i| delta.l1.get(i))
-            .ok_or(EIO)?;
-        let Some(l1e) = fmt::decode_l1(hdr, raw).map_err(|e| self.corrupt(d, e))? else {
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let Some(l1e) = md.l1_entry(&delta.hdr, vaddr)? else {
             return Ok(Cluster::Unallocated);
         };
-        let off = hdr
-            .l2_index(vaddr)
-            .checked_mul(hdr.l2_entry_bytes())
-            .and_then(|o| o.checked_add(l1e.l2_offset))
-            .ok_or(EIO)?;
-        let cache = st.caches.get_mut(d).ok_or(EIO)?;
-        let page = cache.page(&delta.file, off & !(MD_PAGE - 1))?;
-        let at = (off & (MD_PAGE - 1)) as usize;
-        let word = |i: usize| -> Result<u64> {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(page.get(at + i * 8..at + i * 8 + 8).ok_or(EIO)?);
-            Ok(u64::from_be_bytes(b))
-        };
-        let raw = word(0)?;
-        let bitmap = if hdr.extended_l2() { word(1)? } else { 0 };
-        fmt::decode_l2(hdr, raw, bitmap).map_err(|e| self.corrupt(d, e))
-    }
-
-    fn corrupt(&self, d: usize, e: FormatError) -> Error {
-        pr_err!("dm-qcow2: image {}: {}\n", d, e.msg());
-        Error::from_errno(-e.errno())
+        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
+        fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))
     }
 
     /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
@@ -287,7 +235,7 @@ impl Inner {
                 RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
                 RunKind::Data { host } => {
                     let f = &self.deltas.get(d).ok_or(EIO)?.file;
-                    f.submit_bio_io(bio.split_ref(), off, rl32, host, false);
+                    f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
                 }
                 RunKind::Compressed { host, len: clen } => {
                     let hdr = &self.deltas.get(d).ok_or(EIO)?.hdr;
@@ -314,8 +262,8 @@ impl Inner {
         let end = host.checked_add(clen).ok_or(EIO)?.next_multiple_of(a);
         let span = usize::try_from(end - start).map_err(|_| EIO)?;
         let zin = st.zin.get_mut(..span).ok_or(EIO)?;
-        let got = delta.file.read_at(zin, start)?;
-        zin.get_mut(got..).unwrap_or(&mut []).fill(0);
+        // The last compressed cluster may end before its rounded-up span.
+        delta.file.read_full(zin, start)?;
         let skip = (host - start) as usize;
         let src = zin.get(skip..skip + clen as usize).ok_or(EIO)?;
         let cs = delta.hdr.cluster_size() as usize;
@@ -329,6 +277,256 @@ impl Inner {
     }
 }
 
+/// Write path.
+impl Inner {
+    fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let top = self.deltas.get(self.top()).ok_or(EIO)?;
+        if bio.is_preflush() || bio.op() == Op::Flush {
+            // Everything acknowledged so far is in the file: make it durable.
+            top.file.fsync()?;
+        }
+        let size = u64::from(bio.size());
+        if size == 0 {
+            return Ok(());
+        }
+        let fua = bio.is_fua();
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let cs = top.hdr.cluster_size();
+        let mut done = 0u64;
+        let mut synced = false;
+        while done < size {
+            let len = (cs - vaddr % cs).min(size - done);
+            synced |= self.write_piece(st, Src::Bio(bio, done as u32), vaddr, len, fua)?;
+            vaddr += len;
+            done += len;
+        }
+        if fua && synced {
+            top.file.fsync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `[vaddr, vaddr + len)` (inside one cluster) from the bio at
+    /// `boff`. Returns whether it was written synchronously (copy-on-write),
+    /// as opposed to an in-place write still in flight.
+    fn write_piece(&self, st: &mut WorkerState, src: Src<'_>, vaddr: u64, len: u64, fua: bool) -> Result<bool> {
+        let d = self.top();
+        let delta = self.deltas.get(d).ok_or(EIO)?;
+        let hdr = &delta.hdr;
+        let off = hdr.offset_in_cluster(vaddr);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr)?;
+        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
+        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+
+        // Clusters (or subclusters) of our own are overwritten in place.
+        let in_place = match c {
+            Cluster::Normal { host, copied: true } => Some(host),
+            Cluster::Extended { host: Some(h), copied: true, alloc, .. }
+                if subclusters_set(hdr, alloc, off, len) =>
+            {
+                Some(h)
+            }
+            _ => None,
+        };
+        if let Some(h) = in_place {
+            match src {
+                Src::Bio(bio, boff) => {
+                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
+                    return Ok(false);
+                }
+                Src::Zero => {
+                    let zero = IoBuf::new(len as usize)?;
+                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, h + off)?;
+                    return Ok(true);
+                }
+            }
+        }
+
+        // Copy-on-write: a cluster of our own holding what reads showed
+        // so far, with the new data over it.
+        // A host cluster shared with an internal snapshot (no COPIED bit) is
+        // copied, not reused, and loses our reference once we point elsewhere.
+        let own = raw & fmt::L2E_COPIED != 0;
+        let (host, fresh) = match c {
+            Cluster::ZeroPrealloc { host } if own => (host, false),
+            Cluster::Extended { host: Some(h), .. } if own => (h, false),
+            _ => (md.alloc_cluster(&delta.file, hdr)?, true),
+        };
+        let shared = match c {
+            Cluster::Normal { host, copied: false } | Cluster::ZeroPrealloc { host } if !own => Some(host),
+            Cluster::Extended { host: Some(h), copied: false, .. } => Some(h),
+            _ => None,
+        };
+        let mut cow = st.cow.take().ok_or(EIO)?;
+        let res = self.fill_cow(st, &mut cow, src, vaddr, len);
+        let res = res.and_then(|()| {
+            let buf = cow.get(..hdr.cluster_size() as usize).ok_or(EIO)?;
+            delta.file.write_full(buf, host)
+        });
+        st.cow = Some(cow);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let res = res.and_then(|()| {
+            // Data is on disk: now make it reachable.
+            let (nraw, nbitmap) = if hdr.extended_l2() {
+                (host | fmt::L2E_COPIED, u64::from(u32::MAX))
+            } else {
+                (fmt::encode_l2_normal(host, true), 0)
+            };
+            md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
+        });
+        if let Err(e) = res {
+            if fresh {
+                let _ = md.free_range(&delta.file, hdr, host, hdr.cluster_size());
+            }
+            return Err(e);
+        }
+        if let Cluster::Compressed { host: chost, len: clen } = c {
+            // Free the clusters the compressed data occupied, as QEMU counts them.
+            let start = chost & !(SECTOR - 1);
+            let _ = md.free_range(&delta.file, hdr, start, clen + (chost - start));
+        }
+        if let Some(old) = shared {
+            let _ = md.free_range(&delta.file, hdr, old, hdr.cluster_size());
+        }
+        Ok(true)
+    }
+
+    /// Fills `cow` with the whole cluster of `vaddr`: what reads return
+    /// outside the write, the bio's data inside it.
+    fn fill_cow(&self, st: &mut WorkerState, cow: &mut [u8], src: Src<'_>, vaddr: u64, len: u64) -> Result {
+        let hdr = &self.deltas.get(self.top()).ok_or(EIO)?.hdr;
+        let cs = hdr.cluster_size();
+        let off = hdr.offset_in_cluster(vaddr);
+        let base = vaddr - off;
+        let (head, rest) = cow.split_at_mut(off as usize);
+        let (mid, tail) = rest.split_at_mut(len as usize);
+        self.read_into(st, base, head)?;
+        match src {
+            Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
+            Src::Zero => mid.fill(0),
+        }
+        let tail_len = (cs - off - len) as usize;
+        self.read_into(st, vaddr + len, tail.get_mut(..tail_len).ok_or(EIO)?)
+    }
+
+    /// Reads what the device shows at `[vaddr, vaddr + buf.len())` (inside
+    /// one cluster) into `buf`, synchronously.
+    fn read_into(&self, st: &mut WorkerState, vaddr: u64, buf: &mut [u8]) -> Result {
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let (d, kind, rl) = self.resolve(st, self.top(), vaddr + pos, len - pos)?;
+            let dst = buf.get_mut(pos as usize..(pos + rl) as usize).ok_or(EIO)?;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => dst.fill(0),
+                RunKind::Data { host } => self.deltas.get(d).ok_or(EIO)?.file.read_full(dst, host)?,
+                RunKind::Compressed { host, len: clen } => {
+                    let hdr = &self.deltas.get(d).ok_or(EIO)?.hdr;
+                    self.inflate(st, d, host, clen)?;
+                    let in_cl = hdr.offset_in_cluster(vaddr + pos) as usize;
+                    dst.copy_from_slice(st.zout.get(in_cl..in_cl + rl as usize).ok_or(EIO)?);
+                }
+            }
+            pos += rl;
+        }
+        Ok(())
+    }
+}
+
+/// Where written data comes from.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    /// The bio's data, from this byte offset.
+    Bio(&'a Bio, u32),
+    /// Zeroes.
+    Zero,
+}
+
+/// Discard and write-zeroes.
+impl Inner {
+    fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let top = self.deltas.get(self.top()).ok_or(EIO)?;
+        let discard = bio.op() == Op::Discard;
+        let unmap = discard || !bio.is_nounmap();
+        let size = u64::from(bio.size());
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let end = vaddr.checked_add(size).ok_or(EIO)?;
+        let cs = top.hdr.cluster_size();
+        while vaddr < end {
+            let len = (cs - vaddr % cs).min(end - vaddr);
+            if len == cs && top.hdr.version >= 3 {
+                self.zero_cluster(st, vaddr, unmap)?;
+            } else if !discard {
+                // Partial clusters (and v2 images, which have no zero flag)
+                // get zeroes written.
+                self.write_piece(st, Src::Zero, vaddr, len, false)?;
+            } else if len == cs {
+                // v2 discard: zero what the device shows (lower data must
+                // not reappear), keeping the cluster.
+                self.write_piece(st, Src::Zero, vaddr, len, false)?;
+            }
+            // A partial-cluster discard is a hint we may ignore.
+            vaddr += len;
+        }
+        Ok(())
+    }
+
+    /// Makes the whole cluster of `vaddr` read as zeroes with the zero flag
+    /// (v3), freeing its host cluster if `unmap` (else keeping it preallocated).
+    fn zero_cluster(&self, st: &mut WorkerState, vaddr: u64, unmap: bool) -> Result {
+        let d = self.top();
+        let delta = self.deltas.get(d).ok_or(EIO)?;
+        let hdr = &delta.hdr;
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr)?;
+        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
+        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        // Our reference to the host cluster, if any; only one we own outright
+        // (COPIED) may stay as preallocation.
+        let own = raw & fmt::L2E_COPIED != 0;
+        let referenced = match c {
+            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => Some(host),
+            Cluster::Extended { host: Some(h), .. } => Some(h),
+            _ => None,
+        };
+        let keep = if unmap || !own { None } else { referenced };
+        let (nraw, nbitmap) = if hdr.extended_l2() {
+            // All subclusters zero; the host offset may stay as preallocation.
+            (keep.map_or(0, |h| h | fmt::L2E_COPIED), u64::from(u32::MAX) << 32)
+        } else {
+            (fmt::encode_l2_zero(keep, keep.is_some()), 0)
+        };
+        md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)?;
+        // The entry no longer points there: now the space may go.
+        if keep.is_none() {
+            if let Some(h) = referenced {
+                // An overlapping read or write may still be in flight to the
+                // old host cluster: it must land before the cluster can be
+                // handed out again.
+                self.inflight.wait_idle();
+                let _ = md.free_range(&delta.file, hdr, h, hdr.cluster_size());
+            }
+        }
+        if let Cluster::Compressed { host: chost, len: clen } = c {
+            let start = chost & !(SECTOR - 1);
+            let _ = md.free_range(&delta.file, hdr, start, clen + (chost - start));
+        }
+        Ok(())
+    }
+}
+
+/// Whether every subcluster touched by `[off, off + len)` has its bit in `bits`.
+fn subclusters_set(hdr: &Header, bits: u32, off: u64, len: u64) -> bool {
+    let scs = hdr.subcluster_size();
+    if len == 0 || scs == 0 {
+        return true;
+    }
+    let first = off / scs;
+    let last = (off + len - 1) / scs;
+    (first..=last).all(|i| i < 32 && bits & (1 << i) != 0)
+}
+
 /// Per-table state kept in `ti->private`.
 pub(crate) struct Qcow2 {
     // Dropped first: destroying the queue waits for the worker, which holds
@@ -338,6 +536,54 @@ pub(crate) struct Qcow2 {
 }
 
 impl Qcow2 {
+    fn queue(&self, bio: Bio) {
+        self.inner.pending.lock().push(bio);
+        // Already queued: the running or pending pass will see the bio.
+        let _ = self.wq.enqueue(self.inner.clone());
+    }
+
+    /// Rewrites the top's header: autoclear bits cleared (we do not keep
+    /// what they vouch for, e.g. bitmaps, up to date) and the dirty bit set
+    /// or cleared if asked. v2 headers have neither.
+    fn update_header(&self, dirty: Option<bool>) -> Result {
+        let top = self.inner.deltas.last().ok_or(EIO)?;
+        if top.hdr.version < 3 {
+            return Ok(());
+        }
+        let mut page = IoBuf::new(DIO_ALIGN)?;
+        top.file.read_full(&mut page, 0)?;
+        let word = |p: &IoBuf, at: usize| -> Result<u64> {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(p.get(at..at + 8).ok_or(EIO)?);
+            Ok(u64::from_be_bytes(b))
+        };
+        let mut incompat = word(&page, HDR_INCOMPAT)?;
+        match dirty {
+            Some(true) => incompat |= fmt::incompat::DIRTY,
+            Some(false) => incompat &= !fmt::incompat::DIRTY,
+            None => {}
+        }
+        if incompat == word(&page, HDR_INCOMPAT)? && word(&page, HDR_AUTOCLEAR)? == 0 {
+            return Ok(());
+        }
+        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8).ok_or(EIO)?.copy_from_slice(&incompat.to_be_bytes());
+        page.get_mut(HDR_AUTOCLEAR..HDR_AUTOCLEAR + 8).ok_or(EIO)?.fill(0);
+        top.file.write_full(&page, 0)?;
+        top.file.fsync()
+    }
+
+    /// Makes everything written durable (read-only tables have nothing to do).
+    fn sync(&self) {
+        if !self.inner.writable {
+            return;
+        }
+        if let Some(top) = self.inner.deltas.last() {
+            if let Err(e) = top.file.fsync() {
+                pr_err!("dm-qcow2: fsync of the top image failed: {:?}\n", e);
+            }
+        }
+    }
+
     fn check_chain(deltas: &[Delta], len_sectors: u64) -> Result<(), CtrError> {
         let base = deltas.first().ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
         if base.hdr.has_backing_file() {
@@ -382,17 +628,17 @@ impl dm::Target for Qcow2 {
             deltas.push(d, GFP_KERNEL).map_err(oom)?;
         }
         Self::check_chain(&deltas, ti.len())?;
-        if writable {
-            return Err(ctr_err(eopnotsupp(), c_str!("Writable tables are not supported yet")));
-        }
 
         let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
-        let mut caches = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
-        for _ in 0..deltas.len() {
-            caches.push(MdCache::new(), GFP_KERNEL).map_err(oom)?;
+        let mut md = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
+        for (i, d) in deltas.iter().enumerate() {
+            let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len())
+                .map_err(|e| ctr_err(e, c_str!("Cannot read image metadata")))?;
+            md.push(m, GFP_KERNEL).map_err(oom)?;
         }
         let st = WorkerState {
-            caches,
+            md,
+            cow: Some(IoBuf::new(cs).map_err(oom)?),
             inflater: Inflater::new().map_err(oom)?,
             // A compressed cluster spans at most two clusters of input, plus
             // alignment slack on both ends.
@@ -400,9 +646,12 @@ impl dm::Target for Qcow2 {
             zout: IoBuf::new(cs).map_err(oom)?,
             zkey: None,
         };
+        let inflight = IoCounter::new().map_err(oom)?;
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 deltas,
+                writable,
+                inflight,
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),
@@ -414,16 +663,18 @@ impl dm::Target for Qcow2 {
 
         ti.set_num_flush_bios(1);
         ti.set_flush_supported(true);
+        if writable {
+            ti.set_num_discard_bios(1);
+            ti.set_discards_supported(true);
+            ti.set_num_write_zeroes_bios(1);
+        }
         KBox::new(Self { wq, inner }, GFP_KERNEL).map_err(oom)
     }
 
     fn map(&self, bio: Bio) {
         match bio.op() {
-            Op::Read if bio.size() > 0 => {
-                self.inner.pending.lock().push(bio);
-                // Already queued: the running or pending pass will see the bio.
-                let _ = self.wq.enqueue(self.inner.clone());
-            }
+            Op::Read if bio.size() > 0 => self.queue(bio),
+            Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => self.queue(bio),
             // Read-only table: an empty flush has nothing to make durable.
             _ if bio.size() == 0 => bio.end(Ok(())),
             _ => bio.end(Err(EIO)),
@@ -476,6 +727,22 @@ impl dm::Target for Qcow2 {
 
     fn postsuspend(&self) {
         self.wq.flush();
+        self.sync();
+        if self.inner.writable && param::kernel_sets_dirty_bit() {
+            if let Err(e) = self.update_header(Some(false)) {
+                pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);
+            }
+        }
+    }
+
+    fn preresume(&self) -> Result {
+        if !self.inner.writable {
+            return Ok(());
+        }
+        let dirty = param::kernel_sets_dirty_bit().then_some(true);
+        self.update_header(dirty).inspect_err(|e| {
+            pr_err!("dm-qcow2: cannot update the image header: {:?}\n", e);
+        })
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
@@ -487,11 +754,29 @@ impl dm::Target for Qcow2 {
             .max()
             .unwrap_or(SECTOR as u32)
             .clamp(SECTOR as u32, DIO_ALIGN as u32);
+        let dma = self
+            .inner
+            .deltas
+            .iter()
+            .map(|d| d.file.dma_alignment())
+            .max()
+            .unwrap_or(0)
+            .max(lbs - 1);
         limits.set_logical_block_size(lbs);
+        limits.set_dma_alignment(dma);
         limits.set_physical_block_size(lbs);
         limits.set_io_min(lbs);
         if let Some(top) = self.inner.deltas.last() {
-            limits.set_io_opt(top.hdr.cluster_size() as u32);
+            let cs = top.hdr.cluster_size() as u32;
+            limits.set_io_opt(cs);
+            if self.inner.writable {
+                // Whole clusters are deallocated; we split bios ourselves.
+                limits.set_discard(cs, u32::MAX >> 9);
+                limits.set_max_write_zeroes(u32::MAX >> 9);
+            } else {
+                limits.set_discard(0, 0);
+                limits.set_max_write_zeroes(0);
+            }
         }
     }
 }
@@ -501,5 +786,6 @@ impl Drop for Qcow2 {
         // Bios cannot be pending at destruction (device-mapper waits for them),
         // but make sure the worker is idle before the chain goes away.
         self.wq.flush();
+        self.sync();
     }
 }

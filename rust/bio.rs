@@ -13,7 +13,10 @@
 use super::bindings;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use kernel::error::{code::EINVAL, to_result, Error, Result};
+use kernel::error::{
+    code::{EINVAL, ENOMEM, ENOSPC},
+    to_result, Error, Result,
+};
 
 /// What a bio asks for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -33,16 +36,16 @@ pub(crate) enum Op {
 }
 
 const REQ_OP_MASK: u32 = (1 << bindings::REQ_OP_BITS) - 1;
+/// `BLK_STS_IOERR` (a `__force` cast in C, so bindgen skips it).
+const BLK_STS_IOERR: bindings::blk_status_t = 10;
 
 /// One completion reference of a bio (see the module docs).
 pub(crate) struct Bio(NonNull<bindings::bio>);
 
 // SAFETY: A bio may be ended from any thread and in any context; the data
-// pages it points to are not tied to the submitting thread.
+// pages it points to are not tied to the submitting thread. (Not `Sync`:
+// `split_ref` sets a non-atomic flag.)
 unsafe impl Send for Bio {}
-// SAFETY: The `&self` methods only read immutable bio fields or copy into
-// byte ranges of the data pages (callers give each piece its own range).
-unsafe impl Sync for Bio {}
 
 impl Bio {
     /// Takes over the completion of `ptr`.
@@ -61,14 +64,21 @@ impl Bio {
         self.0.as_ptr()
     }
 
-    fn raw(&self) -> &bindings::bio {
-        // SAFETY: The bio is valid while we hold a completion reference.
-        unsafe { self.0.as_ref() }
+    fn opf(&self) -> u32 {
+        // SAFETY: The bio is valid while we hold a completion reference; other
+        // references change other fields (`__bi_remaining`, `bi_status`), so
+        // read just this one, which nobody changes while we own the bio.
+        unsafe { (&raw const (*self.as_raw()).bi_opf).read() }
+    }
+
+    fn iter(&self) -> bindings::bvec_iter {
+        // SAFETY: As in `opf`: `bi_iter` does not change while the bio is ours.
+        unsafe { (&raw const (*self.as_raw()).bi_iter).read() }
     }
 
     /// The operation.
     pub(crate) fn op(&self) -> Op {
-        match self.raw().bi_opf & REQ_OP_MASK {
+        match self.opf() & REQ_OP_MASK {
             bindings::req_op_REQ_OP_READ => Op::Read,
             bindings::req_op_REQ_OP_WRITE => Op::Write,
             bindings::req_op_REQ_OP_FLUSH => Op::Flush,
@@ -80,22 +90,27 @@ impl Bio {
 
     /// Whether the caller asked for a cache flush before this bio (REQ_PREFLUSH).
     pub(crate) fn is_preflush(&self) -> bool {
-        self.raw().bi_opf & (1 << bindings::req_flag_bits___REQ_PREFLUSH) != 0
+        self.opf() & (1 << bindings::req_flag_bits___REQ_PREFLUSH) != 0
     }
 
     /// Whether this bio must be durable when it completes (REQ_FUA).
     pub(crate) fn is_fua(&self) -> bool {
-        self.raw().bi_opf & (1 << bindings::req_flag_bits___REQ_FUA) != 0
+        self.opf() & (1 << bindings::req_flag_bits___REQ_FUA) != 0
+    }
+
+    /// Whether a write-zeroes bio asks to keep the space allocated (REQ_NOUNMAP).
+    pub(crate) fn is_nounmap(&self) -> bool {
+        self.opf() & (1 << bindings::req_flag_bits___REQ_NOUNMAP) != 0
     }
 
     /// First sector (relative to the target: device-mapper already remapped it).
     pub(crate) fn sector(&self) -> u64 {
-        self.raw().bi_iter.bi_sector
+        self.iter().bi_sector
     }
 
     /// Remaining size in bytes.
     pub(crate) fn size(&self) -> u32 {
-        self.raw().bi_iter.bi_size
+        self.iter().bi_size
     }
 
     /// Fills `[off, off + len)` of the data with zeroes.
@@ -140,8 +155,15 @@ impl Bio {
     }
 
     fn set_error(&self, e: Error) {
-        // SAFETY: `errno_to_blk_status` is a pure lookup.
-        let sts = unsafe { bindings::errno_to_blk_status(e.to_errno()) };
+        // Only statuses that mean something to the submitter: others (e.g.
+        // -EREMCHG, device-mapper's internal requeue) become plain I/O errors.
+        let errno = e.to_errno();
+        let sts = if [ENOSPC, super::task::code::eopnotsupp(), ENOMEM].iter().any(|c| c.to_errno() == errno) {
+            // SAFETY: `errno_to_blk_status` is a pure lookup.
+            unsafe { bindings::errno_to_blk_status(errno) }
+        } else {
+            BLK_STS_IOERR
+        };
         // SAFETY: The bio is valid. Racing writers all store an error status,
         // which is what the C targets do as well.
         unsafe { core::ptr::write_volatile(&raw mut (*self.as_raw()).bi_status, sts) };

@@ -15,7 +15,7 @@ use super::bio::Bio;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
-use kernel::error::{Error, Result};
+use kernel::error::{code::ENOMEM, Error, Result};
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -136,11 +136,20 @@ impl QueueLimits<'_> {
         self.0.io_opt = v;
     }
 
+    /// DMA alignment mask of data buffers (e.g. 511).
+    pub(crate) fn set_dma_alignment(&mut self, mask: u32) {
+        self.0.dma_alignment = mask;
+    }
+
+    /// Largest write-zeroes bio, in sectors.
+    pub(crate) fn set_max_write_zeroes(&mut self, sectors: u32) {
+        self.0.max_write_zeroes_sectors = sectors;
+    }
+
     /// Discard granularity in bytes and largest discard in sectors.
     pub(crate) fn set_discard(&mut self, granularity: u32, max_sectors: u32) {
         self.0.discard_granularity = granularity;
         self.0.max_hw_discard_sectors = max_sectors;
-        self.0.max_discard_sectors = max_sectors;
     }
 }
 
@@ -151,17 +160,13 @@ impl QueueLimits<'_> {
 pub(crate) struct Emit<'a> {
     buf: &'a mut [u8],
     pos: usize,
-}
-
-impl Emit<'_> {
-    /// Whether anything was written.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.pos == 0
-    }
+    /// Something was written, even if none of it fit.
+    attempted: bool,
 }
 
 impl fmt::Write for Emit<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.attempted |= !s.is_empty();
         // Keep one byte for the terminating NUL.
         let room = self.buf.len().saturating_sub(self.pos + 1);
         let n = s.len().min(room);
@@ -320,8 +325,10 @@ impl<T: Target> Vtable<T> {
         };
         // SAFETY: `result` has room for `maxlen` bytes for the duration of the call.
         let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen as usize) };
-        let mut out = Emit { buf, pos: 0 };
-        let _ = fmt::Write::write_str(&mut out, "");
+        if let Some(b) = buf.first_mut() {
+            *b = 0;
+        }
+        let mut out = Emit { buf, pos: 0, attempted: false };
         // SAFETY: `status` runs only on a constructed target.
         unsafe { Self::private(ti) }.status(kind, &mut out);
     }
@@ -341,14 +348,25 @@ impl<T: Target> Vtable<T> {
             Ok(a) => a,
             Err(e) => return e.to_errno(),
         };
-        // SAFETY: `result` has room for `maxlen` bytes for the duration of the call.
-        let buf = unsafe { core::slice::from_raw_parts_mut(result.cast::<u8>(), maxlen as usize) };
-        let mut out = Emit { buf, pos: 0 };
-        let _ = fmt::Write::write_str(&mut out, "");
+        // The arguments live inside the result buffer (dm-ioctl splits the
+        // message in place there), so output goes to a buffer of its own and
+        // is copied over once the arguments are no longer used.
+        let Ok(mut own) = KVec::from_elem(0u8, maxlen as usize, GFP_KERNEL) else {
+            return ENOMEM.to_errno();
+        };
+        let mut out = Emit { buf: &mut own, pos: 0, attempted: false };
         // SAFETY: `message` runs only on a constructed target.
-        match unsafe { Self::private(ti) }.message(&args, &mut out) {
-            // 1 tells device-mapper that `result` holds output for userspace.
-            Ok(()) if !out.is_empty() => 1,
+        let r = unsafe { Self::private(ti) }.message(&args, &mut out);
+        let (n, wrote) = (out.pos, out.attempted);
+        drop(args);
+        match r {
+            Ok(()) if wrote => {
+                // SAFETY: `result` has room for `maxlen` bytes, `n < maxlen` (Emit
+                // keeps room for the NUL) and no argument borrows it any more.
+                unsafe { core::ptr::copy_nonoverlapping(own.as_ptr(), result.cast::<u8>(), n + 1) };
+                // 1 tells device-mapper that `result` holds output for userspace.
+                1
+            }
             Ok(()) => 0,
             Err(e) => e.to_errno(),
         }
@@ -387,6 +405,19 @@ impl<T: Target> Vtable<T> {
     unsafe extern "C" fn resume(ti: *mut bindings::dm_target) {
         // SAFETY: Runs only on a constructed target.
         unsafe { Self::private(ti) }.resume();
+    }
+
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
+    unsafe extern "C" fn iterate_devices(
+        _ti: *mut bindings::dm_target,
+        _fn: bindings::iterate_devices_callout_fn,
+        _data: *mut kernel::ffi::c_void,
+    ) -> c_int {
+        // Targets of this kind sit on files, not block devices: there is
+        // nothing to iterate (and so nothing that lacks a capability).
+        0
     }
 
     /// # Safety
@@ -431,6 +462,7 @@ impl<T: Target> Registration<T> {
             preresume: Some(Vtable::<T>::preresume),
             resume: Some(Vtable::<T>::resume),
             io_hints: Some(Vtable::<T>::io_hints),
+            iterate_devices: Some(Vtable::<T>::iterate_devices),
             ..Default::default()
         };
         let mut tt = KBox::pin(tt, GFP_KERNEL)?;

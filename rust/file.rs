@@ -5,7 +5,10 @@
 //! C header: [`include/linux/fs.h`](srctree/include/linux/fs.h)
 
 use super::bindings;
-use super::bio::Bio;
+use super::bio::{Bio, Op};
+use core::mem::ManuallyDrop;
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use kernel::sync::Arc;
 use core::ptr::NonNull;
 use kernel::error::{code::*, to_result, Error, Result};
 use kernel::prelude::*;
@@ -22,6 +25,25 @@ unsafe impl Sync for File {}
 /// Alignment of every buffer and offset of our direct I/O (covers any
 /// logical block size up to a page).
 pub(crate) const DIO_ALIGN: usize = 4096;
+
+/// Counts asynchronous I/Os in flight, so that a caller can wait for all of
+/// them (e.g. before a cluster they may target is freed and reused).
+pub(crate) struct IoCounter(AtomicUsize);
+
+impl IoCounter {
+    /// A counter at zero.
+    pub(crate) fn new() -> Result<Arc<Self>> {
+        Ok(Arc::new(Self(AtomicUsize::new(0)), GFP_KERNEL)?)
+    }
+
+    /// Sleeps until no I/O counted here is in flight. For rare paths only: it
+    /// polls.
+    pub(crate) fn wait_idle(&self) {
+        while self.0.load(Ordering::Acquire) != 0 {
+            super::task::sleep_ms(1);
+        }
+    }
+}
 
 /// A zeroed, page-aligned buffer for direct I/O.
 pub(crate) struct IoBuf(KVVec<u8>);
@@ -103,10 +125,30 @@ impl File {
         unsafe { bindings::dmq_file_logical_block_size(self.as_raw()) }
     }
 
+    /// DMA alignment mask of the device under the file system (511 if none).
+    pub(crate) fn dma_alignment(&self) -> u32 {
+        // SAFETY: The file is valid while we hold a reference.
+        unsafe { bindings::dmq_file_dma_alignment(self.as_raw()) }
+    }
+
     /// Block size of the file system.
     pub(crate) fn fs_block_size(&self) -> u32 {
         // SAFETY: The file is valid while we hold a reference.
         unsafe { bindings::dmq_file_fs_block_size(self.as_raw()) }
+    }
+
+    /// Fills `buf` from `pos`, synchronously. What lies past the end of the
+    /// file reads as zeroes; a short read before it is an error. `buf` and
+    /// `pos` must suit direct I/O.
+    pub(crate) fn read_full(&self, buf: &mut [u8], pos: u64) -> Result {
+        let got = self.read_at(buf, pos)?;
+        if got < buf.len() {
+            if pos.saturating_add(got as u64) < self.size() {
+                return Err(EIO);
+            }
+            buf.get_mut(got..).unwrap_or(&mut []).fill(0);
+        }
+        Ok(())
     }
 
     /// Reads into `buf` at `pos`, synchronously. Returns the bytes read
@@ -119,6 +161,21 @@ impl File {
             return Err(Error::from_errno(r as i32));
         }
         Ok(r as usize)
+    }
+
+    /// Writes all of `buf` at `pos`, synchronously. `buf` and `pos` must
+    /// suit direct I/O.
+    pub(crate) fn write_full(&self, buf: &[u8], pos: u64) -> Result {
+        let mut ipos = i64::try_from(pos).map_err(|_| EINVAL)?;
+        // SAFETY: The file is valid and `buf` is readable for its length.
+        let r = unsafe { bindings::kernel_write(self.as_raw(), buf.as_ptr().cast(), buf.len(), &mut ipos) };
+        if r < 0 {
+            return Err(Error::from_errno(r as i32));
+        }
+        if r as usize != buf.len() {
+            return Err(EIO);
+        }
+        Ok(())
     }
 
     /// Flushes the file's data and metadata to stable storage.
@@ -141,31 +198,47 @@ impl File {
     }
 
     /// Starts direct I/O between bytes `[off, off + len)` of `bio` and the
-    /// file at `pos`, ending `bio` (one reference) with the result. Reads that
-    /// hit the end of the file are completed with zeroes, as for a hole.
-    pub(crate) fn submit_bio_io(&self, bio: Bio, off: u32, len: u32, pos: u64, write: bool) {
+    /// file at `pos`, in the bio's direction, ending `bio` (one reference)
+    /// with the result. Reads that hit the end of the file complete with
+    /// zeroes, as for a hole; other short transfers fail with EIO. With
+    /// `dsync` a write is durable when it completes. The I/O is counted in
+    /// `inflight` until it completes.
+    pub(crate) fn submit_bio_io(
+        &self,
+        bio: Bio,
+        off: u32,
+        len: u32,
+        pos: u64,
+        dsync: bool,
+        inflight: &Arc<IoCounter>,
+    ) {
         let Ok(ipos) = i64::try_from(pos) else {
             return bio.end(Err(EINVAL));
         };
-        let io = match KBox::new(
+        let io = KBox::new(
             BioIo {
                 // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
                 // initialises it before use.
                 iocb: unsafe { core::mem::zeroed() },
-                bio,
+                refs: AtomicU32::new(2),
+                bio: ManuallyDrop::new(bio),
+                file_size: self.size(),
+                pos,
                 off,
                 len,
-                write,
+                started: false,
+                inflight: inflight.clone(),
             },
             GFP_KERNEL,
-        ) {
-            Ok(io) => io,
-            Err(_) => return,
-        };
+        );
+        // On failure the box's contents, and so the bio, are dropped: it ends with EIO.
+        let Ok(io) = io else { return };
+        inflight.0.fetch_add(1, Ordering::AcqRel);
         let io = KBox::into_raw(io);
-        // SAFETY: `io` is a valid leaked box; `iocb` is its first field (repr(C)),
-        // so the completion can find the box again. The bio range is checked by
-        // the shim. The box stays alive until `bio_io_done` reclaims it.
+        // SAFETY: `io` is a valid leaked box holding two references: one for the
+        // completion, one for us. `iocb` is its first field (repr(C)), so the
+        // completion finds the box again. The shim checks the bio range, the
+        // file's mode and its direct I/O support.
         let r = unsafe {
             bindings::dmq_file_rw_bio(
                 &raw mut (*io).iocb,
@@ -174,15 +247,19 @@ impl File {
                 off,
                 len,
                 ipos,
-                write,
+                dsync,
+                &raw mut (*io).started,
                 Some(bio_io_done),
             )
         };
         if r != -(bindings::EIOCBQUEUED as isize) {
-            // SAFETY: The I/O did not queue, so the completion will not run and
-            // we still own `io`.
+            // SAFETY: The I/O did not queue, so the completion has not run and will
+            // not; run it now with the result. It drops its reference.
             unsafe { bio_io_done(&raw mut (*io).iocb, r as _) };
         }
+        // SAFETY: Our reference: the file system may still have used the kiocb
+        // until its `->read_iter`/`->write_iter` returned, so only now let go.
+        unsafe { BioIo::put(io) };
     }
 }
 
@@ -193,37 +270,78 @@ impl Drop for File {
     }
 }
 
+/// One direct I/O on behalf of a bio. Freed when both the submitter and the
+/// completion have dropped their reference: the completion may run (in
+/// interrupt context) before the file system's `->read_iter` returns, and
+/// the file system may still touch the kiocb until then.
 #[repr(C)]
 struct BioIo {
     iocb: bindings::kiocb,
-    bio: Bio,
+    refs: AtomicU32,
+    /// Ended by the completion, exactly once.
+    bio: ManuallyDrop<Bio>,
+    file_size: u64,
+    pos: u64,
     off: u32,
     len: u32,
-    write: bool,
+    started: bool,
+    inflight: Arc<IoCounter>,
+}
+
+impl BioIo {
+    /// Drops one reference and frees the I/O with the last one.
+    ///
+    /// # Safety
+    ///
+    /// `io` must be a live `BioIo` leaked by `submit_bio_io`, and the caller
+    /// must own one of its references.
+    unsafe fn put(io: *mut BioIo) {
+        // SAFETY: The caller owns a reference, so `io` is alive.
+        if unsafe { (*io).refs.fetch_sub(1, Ordering::AcqRel) } == 1 {
+            // SAFETY: That was the last reference: nobody else uses `io`, and it
+            // came from `KBox::into_raw`. The bio was ended by the completion.
+            drop(unsafe { KBox::from_raw(io) });
+        }
+    }
 }
 
 /// # Safety
 ///
-/// `iocb` must be the `iocb` of a `BioIo` leaked by `submit_bio_io`, once.
+/// `iocb` must be the `iocb` of a live `BioIo` leaked by `submit_bio_io`, and
+/// this must be its one completion (it owns the completion's reference).
 unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c_long) {
-    // SAFETY: `iocb` is the first field of a `BioIo` leaked by `submit_bio_io`,
-    // and each I/O completes once.
-    let io = unsafe { KBox::from_raw(iocb.cast::<BioIo>()) };
-    let mut io = KBox::into_inner(io);
-    if io.write {
-        // SAFETY: The shim started a write on this kiocb; end it once.
-        unsafe { bindings::dmq_kiocb_end_write(&mut io.iocb) };
-    }
+    let io = iocb.cast::<BioIo>();
+    // SAFETY: `io` is alive (we own a reference). The completion is the only
+    // user of these fields besides the submitter, which only reads `refs` and
+    // `started` after the shim returned; the bio is taken exactly once, here.
+    let (bio, write) = unsafe {
+        let write = op_is_write((*io).bio.op());
+        if write && (*io).started {
+            bindings::dmq_kiocb_end_write(iocb);
+        }
+        (ManuallyDrop::take(&mut (*io).bio), write)
+    };
+    // SAFETY: As above; plain fields only read.
+    let (pos, off, len, file_size) = unsafe { ((*io).pos, (*io).off, (*io).len, (*io).file_size) };
     let res = if ret < 0 {
         Err(Error::from_errno(ret as i32))
-    } else if ret as u64 >= u64::from(io.len) {
+    } else if ret as u64 >= u64::from(len) {
         Ok(())
-    } else if io.write {
-        Err(EIO)
-    } else {
-        // Short read: past the end of the file reads as zeroes.
+    } else if !write && pos + ret as u64 >= file_size {
+        // Short read at the end of the file: the rest reads as zeroes.
         let got = ret as u32;
-        io.bio.zero(io.off + got, io.len - got)
+        bio.zero(off + got, len - got)
+    } else {
+        Err(EIO)
     };
-    io.bio.end(res);
+    bio.end(res);
+    // SAFETY: As above: `io` is alive until our `put` below.
+    let inflight: &Arc<IoCounter> = unsafe { &(*io).inflight };
+    inflight.0.fetch_sub(1, Ordering::AcqRel);
+    // SAFETY: The completion's reference, given up last thing.
+    unsafe { BioIo::put(io) };
+}
+
+fn op_is_write(op: Op) -> bool {
+    !matches!(op, Op::Read)
 }

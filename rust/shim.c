@@ -5,6 +5,7 @@
 #include <linux/device-mapper.h>
 #include <linux/blkdev.h>
 #include <linux/fs.h>
+#include <linux/ioprio.h>
 #include <linux/module.h>
 #include <linux/sched/mm.h>
 #include <linux/uio.h>
@@ -15,6 +16,16 @@ static bool kernel_sets_dirty_bit;
 module_param(kernel_sets_dirty_bit, bool, 0444);
 MODULE_PARM_DESC(kernel_sets_dirty_bit,
 		 "Set the qcow2 dirty bit on resume and clear it on suspend");
+
+static unsigned int md_cache_pages = 4096;
+module_param(md_cache_pages, uint, 0644);
+MODULE_PARM_DESC(md_cache_pages,
+		 "Metadata pages (4 KiB) cached per image before clean ones are dropped");
+
+unsigned int dmq_md_cache_pages(void)
+{
+	return READ_ONCE(md_cache_pages);
+}
 
 bool dmq_kernel_sets_dirty_bit(void)
 {
@@ -37,12 +48,18 @@ static bool dmq_bio_range(struct bio *bio, u32 off, u32 len, struct bvec_iter *i
 	return true;
 }
 
+/* Only a read bio's pages are ours to fill (a write's may be read-only). */
+static bool dmq_bio_fillable(struct bio *bio)
+{
+	return bio_has_data(bio) && bio_op(bio) == REQ_OP_READ;
+}
+
 int dmq_bio_zero(struct bio *bio, u32 off, u32 len)
 {
 	struct bvec_iter it, pos;
 	struct bio_vec bv;
 
-	if (!dmq_bio_range(bio, off, len, &it))
+	if (!dmq_bio_fillable(bio) || !dmq_bio_range(bio, off, len, &it))
 		return -EINVAL;
 	__bio_for_each_segment(bv, bio, pos, it)
 		memzero_bvec(&bv);
@@ -54,7 +71,7 @@ int dmq_bio_copy_from(struct bio *bio, u32 off, const void *src, u32 len)
 	struct bvec_iter it, pos;
 	struct bio_vec bv;
 
-	if (!dmq_bio_range(bio, off, len, &it))
+	if (!dmq_bio_fillable(bio) || !dmq_bio_range(bio, off, len, &it))
 		return -EINVAL;
 	__bio_for_each_segment(bv, bio, pos, it) {
 		memcpy_to_bvec(&bv, src);
@@ -68,7 +85,7 @@ int dmq_bio_copy_to(struct bio *bio, u32 off, void *dst, u32 len)
 	struct bvec_iter it, pos;
 	struct bio_vec bv;
 
-	if (!dmq_bio_range(bio, off, len, &it))
+	if (!bio_has_data(bio) || !dmq_bio_range(bio, off, len, &it))
 		return -EINVAL;
 	__bio_for_each_segment(bv, bio, pos, it) {
 		memcpy_from_bvec(dst, &bv);
@@ -87,6 +104,13 @@ unsigned int dmq_file_logical_block_size(struct file *file)
 	struct block_device *bdev = file_inode(file)->i_sb->s_bdev;
 
 	return bdev ? bdev_logical_block_size(bdev) : SECTOR_SIZE;
+}
+
+unsigned int dmq_file_dma_alignment(struct file *file)
+{
+	struct block_device *bdev = file_inode(file)->i_sb->s_bdev;
+
+	return bdev ? bdev_dma_alignment(bdev) : SECTOR_SIZE - 1;
 }
 
 unsigned int dmq_file_fs_block_size(struct file *file)
@@ -115,16 +139,25 @@ bool dmq_table_writable(struct dm_target *ti)
 }
 
 ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
-			u32 off, u32 len, loff_t pos, bool write,
+			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
 			void (*done)(struct kiocb *iocb, long ret))
 {
+	bool write = op_is_write(bio_op(bio));
 	struct bvec_iter it, cnt;
 	struct bio_vec bv;
 	struct iov_iter iter;
 	unsigned int nr = 0;
 
-	if (!dmq_bio_range(bio, off, len, &it))
+	*started = false;
+	if (!bio_has_data(bio) || !dmq_bio_range(bio, off, len, &it))
 		return -EINVAL;
+	if (!(file->f_mode & FMODE_CAN_ODIRECT))
+		return -EINVAL;
+	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
+		    !file->f_op->write_iter
+		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
+		    !file->f_op->read_iter)
+		return -EBADF;
 	/* Clones share bi_io_vec but have no bi_vcnt: count what we span. */
 	__bio_for_each_bvec(bv, bio, cnt, it)
 		nr++;
@@ -133,10 +166,14 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 		      len + it.bi_bvec_done);
 	iov_iter_advance(&iter, it.bi_bvec_done);
 
-	init_sync_kiocb(iocb, file);
+	memset(iocb, 0, sizeof(*iocb));
+	iocb->ki_filp = file;
 	iocb->ki_pos = pos;
-	iocb->ki_flags |= IOCB_DIRECT;
+	/* Not the file's own flags: no IOCB_APPEND or DSYNC surprises. */
+	iocb->ki_flags = IOCB_DIRECT | (write && dsync ? IOCB_DSYNC : 0);
+	iocb->ki_ioprio = get_current_ioprio();
 	iocb->ki_complete = done;
+	*started = true;
 	if (write) {
 		kiocb_start_write(iocb);
 		return file->f_op->write_iter(iocb, &iter);

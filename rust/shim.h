@@ -24,6 +24,8 @@ struct module *dmq_this_module(void);
 
 /* Module parameter kernel_sets_dirty_bit. */
 bool dmq_kernel_sets_dirty_bit(void);
+/* Module parameter md_cache_pages. */
+unsigned int dmq_md_cache_pages(void);
 
 /* bio helpers: byte ranges are relative to the bio's current position. */
 void dmq_bio_inc_remaining(struct bio *bio);
@@ -35,17 +37,21 @@ int dmq_bio_copy_to(struct bio *bio, u32 off, void *dst, u32 len);
 loff_t dmq_file_size(struct file *file);
 unsigned int dmq_file_logical_block_size(struct file *file);
 unsigned int dmq_file_fs_block_size(struct file *file);
+unsigned int dmq_file_dma_alignment(struct file *file);
 bool dmq_file_is_reg(struct file *file);
 bool dmq_file_readable(struct file *file);
 bool dmq_file_writable(struct file *file);
 
 /*
- * Direct I/O between [off, off + len) of @bio and @file at @pos. Returns
- * -EIOCBQUEUED when @done will be called, otherwise the result (bytes or a
- * negative errno) and @done is not called.
+ * Direct I/O between [off, off + len) of @bio and @file at @pos, in the bio's
+ * direction. Returns -EIOCBQUEUED when @done will be called (possibly before
+ * this returns, from interrupt context), otherwise the result (bytes or a
+ * negative errno) and @done is not called. *@started tells whether the I/O
+ * was started (a started write must be ended with dmq_kiocb_end_write()).
+ * @dsync makes a write durable before it completes (REQ_FUA).
  */
 ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
-			u32 off, u32 len, loff_t pos, bool write,
+			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
 			void (*done)(struct kiocb *iocb, long ret));
 
 /* Allocation scope for the I/O path: no allocation may recurse into I/O. */

@@ -6,18 +6,19 @@
 //! [`include/linux/capability.h`](srctree/include/linux/capability.h)
 
 use super::bindings;
+use core::marker::PhantomData;
 use kernel::error::Error;
 
 /// While alive, allocations of the current task do not recurse into I/O
 /// (`memalloc_noio_save`), as the I/O path of a block device requires.
-pub(crate) struct NoIo(u32);
+pub(crate) struct NoIo(u32, PhantomData<*mut ()>);
 
 impl NoIo {
     /// Enters the scope.
     pub(crate) fn enter() -> Self {
         // SAFETY: Saves and sets a flag of the current task; `drop` restores it
-        // on the same task (the guard is neither `Send` nor leaked by users).
-        Self(unsafe { bindings::dmq_noio_save() })
+        // on the same task (the guard is not `Send`).
+        Self(unsafe { bindings::dmq_noio_save() }, PhantomData)
     }
 }
 
@@ -26,6 +27,13 @@ impl Drop for NoIo {
         // SAFETY: Restores what `enter` saved, on the same task.
         unsafe { bindings::dmq_noio_restore(self.0) };
     }
+}
+
+/// Sleeps for at least `ms` milliseconds.
+pub(crate) fn sleep_ms(ms: u32) {
+    // SAFETY: `msleep` may be called from any sleepable context, which is
+    // what callers of this function are.
+    unsafe { bindings::msleep(ms) };
 }
 
 /// Whether the current task has CAP_SYS_ADMIN.

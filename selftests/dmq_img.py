@@ -257,6 +257,15 @@ def _direct_read(fd, off, length):
         buf.close()
 
 
+def _first_diff(a, b):
+    step = 4096
+    for base in range(0, len(a), step):
+        if a[base:base + step] != b[base:base + step]:
+            return next(i for i in range(base, min(base + step, len(a)))
+                        if a[i] != b[i])
+    return len(a)
+
+
 def cmp_ranges(size, cluster, extra, nrandom, seed):
     """The ranges to compare: (offset, length, direct?)."""
     import random
@@ -338,7 +347,7 @@ def cmd_cmp(args):
                     print("cmp: %s read %d+%d: short read (%d bytes)" %
                           (mode, off, length, len(got)))
                     continue
-                first = next(i for i in range(length) if got[i] != want[i])
+                first = _first_diff(got, want)
                 print("cmp: %s read %d+%d differs at byte %d (device offset "
                       "%d, cluster %d + %d): got %s want %s" %
                       (mode, off, length, first, off + first,

@@ -19,7 +19,10 @@
 #   DMQ_LIB_OVERRIDES a file sourced at the end (host/run.sh uses it)
 
 DMQ_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then
+	# the distribution's python starts faster than a pyenv shim
+	if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
+fi
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 QEMU_IO=${QEMU_IO:-qemu-io}
 DMSETUP=${DMSETUP:-dmsetup}
@@ -37,6 +40,7 @@ DMQ_DMESG_BAD='BUG:|Oops|WARNING:|panic|KASAN|UBSAN|Call Trace|general protectio
 
 # ---------------------------------------------------------------- KTAP
 
+# shellcheck disable=SC2034	# the same globals as ktap_helpers.sh
 _dmq_ktap_fallback() {
 	KTAP_TESTNO=1
 	KTAP_CNT_PASS=0
@@ -343,20 +347,24 @@ _dmq_odirect_ok() {
 	EOF
 }
 
+# (no "dmsetup targets | grep -q": with pipefail, SIGPIPE fails it)
+_dmq_target_registered() {
+	local t
+	t=$("$DMSETUP" targets 2>/dev/null)
+	grep -q '^qcow2[[:space:]]' <<<"$t"
+}
+
 _dmq_check_module() {
-	if "$DMSETUP" targets 2>/dev/null | grep -q '^qcow2'; then
-		return 0
-	fi
+	_dmq_target_registered && return 0
 	modprobe dm-qcow2 >/dev/null 2>&1
-	if ! "$DMSETUP" targets 2>/dev/null | grep -q '^qcow2' &&
-		[ -n "${DMQ_MODULE:-}" ]; then
+	if ! _dmq_target_registered && [ -n "${DMQ_MODULE:-}" ]; then
 		if [ ! -r "$DMQ_MODULE" ]; then
 			ktap_print_msg "DMQ_MODULE=$DMQ_MODULE is not readable"
 		elif ! insmod "$DMQ_MODULE"; then
 			ktap_print_msg "insmod $DMQ_MODULE failed"
 		fi
 	fi
-	"$DMSETUP" targets 2>/dev/null | grep -q '^qcow2'
+	_dmq_target_registered
 }
 
 # dmq_init: KTAP header, prerequisites, module, scratch tmpfs, trap.
@@ -373,7 +381,7 @@ dmq_init() {
 		_dmq_skip_all "device-mapper is not available (dmsetup version failed)"
 	_dmq_check_module ||
 		_dmq_skip_all "dm target qcow2 not registered (modprobe dm-qcow2 failed; set DMQ_MODULE=/path/to/dm-qcow2.ko)"
-	ktap_print_msg "$("$DMSETUP" targets | grep '^qcow2')"
+	ktap_print_msg "target: $("$DMSETUP" targets 2>/dev/null | grep '^qcow2')"
 
 	trap _dmq_cleanup EXIT
 	trap 'exit 130' INT
@@ -397,8 +405,8 @@ dmq_init() {
 # check dmesg, print the KTAP result line.
 dmq_run_case() {
 	local name=$1 rc bad
-	DMQ_CASE=$name
-	DMQ_CASE_DIR="$DMQ_SCRATCH/$name"
+	export DMQ_CASE=$name
+	export DMQ_CASE_DIR="$DMQ_SCRATCH/$name"
 	rm -rf "$DMQ_CASE_DIR"
 	mkdir -p "$DMQ_CASE_DIR"
 	dmq_dmesg_begin "$name"
@@ -435,6 +443,7 @@ dmq_run_case() {
 # dmq_main "$@": runs the cases named on the command line (all of
 # DMQ_CASES when none; "-l" lists them), then exits with the kselftest code.
 # Also takes the names from KSELFTEST_<SCRIPT>_ARGS through the runner.
+# shellcheck disable=SC2153	# DMQ_CASES comes from the test script
 dmq_main() {
 	local want=("$@") c n found
 	if [ "${want[0]:-}" = "-l" ] || [ "${want[0]:-}" = "--list" ]; then

@@ -271,17 +271,80 @@ case_lower_delta_larger_mid() {
 
 # ------------------------------------------------------- writable tables
 
-case_writable_not_supported() {
-	mk_valid a.qcow2
-	dmq_expect_ctr_error bad "Writable tables are not supported yet" \
-		-EOPNOTSUPP --rw a.qcow2
+# mapped_rw_ok NAME BYTES TOP: the device is writable; a 4k O_DIRECT write
+# at 1 MiB lands in TOP (read back with qemu-io), which stays consistent
+mapped_rw_ok() {
+	local name=$1 bytes=$2 top=$3 dev got out
+	dev=$(dmq_dev "$name") || dmq_fail "no device node for $name"
+	got=$(blockdev --getsize64 "$dev") || dmq_fail "blockdev --getsize64 $dev"
+	[ "$got" = "$bytes" ] || dmq_fail "device size $got, expected $bytes"
+	got=$(blockdev --getro "$dev") || dmq_fail "blockdev --getro $dev"
+	[ "$got" = 0 ] || dmq_fail "$dev is read-only (getro=$got)"
+	"$PYTHON" -c 'import sys; sys.stdout.buffer.write(b"\x6b" * 4096)' >w.bin ||
+		dmq_fail "python"
+	dmq_run dd if=w.bin of="$dev" bs=4k seek=256 count=1 oflag=direct \
+		conv=notrunc,fsync status=none
+	dmq_remove "$name" || dmq_fail "dmsetup remove failed"
+	! dmq_dev_exists "$name" || dmq_fail "device still there after remove"
+	dmq_check_images "$top"
+	out=$("$QEMU_IO" -f qcow2 -c "read -q -P 0x6b 1M 4k" "$top" 2>&1) ||
+		{ printf '%s\n' "$out"; dmq_fail "qemu-io read of $top failed"; }
+	[ -z "$out" ] || { printf '%s\n' "$out"; dmq_fail "$top: the write is not there"; }
 }
 
-case_writable_chain_not_supported() {
+case_writable_single() {
+	mk_valid a.qcow2
+	dmq_create ok --rw a.qcow2 || dmq_fail "valid writable table refused"
+	mapped_rw_ok ok $((16 * MIB)) a.qcow2
+}
+
+case_writable_chain() {
+	local sum
 	mk_valid base.qcow2
 	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
-	dmq_expect_ctr_error bad "Writable tables are not supported yet" \
-		-EOPNOTSUPP --rw base.qcow2 top.qcow2
+	sum=$(sha256sum <base.qcow2)
+	dmq_create ok --rw base.qcow2 top.qcow2 ||
+		dmq_fail "valid writable chain refused"
+	mapped_rw_ok ok $((16 * MIB)) top.qcow2
+	[ "$(sha256sum <base.qcow2)" = "$sum" ] || dmq_fail "base.qcow2 changed"
+	dmq_check_images base.qcow2
+}
+
+# internal snapshots in the top: refused for writing, fine read-only
+case_writable_snapshot_cow() {
+	local dev out
+	mk_valid base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 P0x33:64k:4k
+	dmq_run "$QEMU_IMG" snapshot -c s1 top.qcow2
+	[ "$(dmq_header top.qcow2 nb_snapshots)" = 1 ] || dmq_fail "no snapshot in top.qcow2"
+	dmq_run "$QEMU_IMG" convert -O raw -l snapshot.name=s1 top.qcow2 snap0.raw
+	dmq_create ok --rw base.qcow2 top.qcow2 ||
+		dmq_fail "writable table of a top with snapshots refused"
+	dev=$(dmq_dev ok) || dmq_fail "no device node"
+	# Overwrite the cluster the snapshot shares (data COW) and a fresh one.
+	"$PYTHON" -c 'import sys; sys.stdout.buffer.write(b"\x6b" * 4096)' >w.bin || dmq_fail "python"
+	dmq_run dd if=w.bin of="$dev" bs=4k seek=16 count=1 oflag=direct conv=notrunc,fsync status=none
+	dmq_run dd if=w.bin of="$dev" bs=4k seek=256 count=1 oflag=direct conv=notrunc,fsync status=none
+	dmq_remove ok || dmq_fail "dmsetup remove failed"
+	dmq_check_images top.qcow2
+	for off in 64k 1M; do
+		out=$("$QEMU_IO" -f qcow2 -c "read -q -P 0x6b $off 4k" top.qcow2 2>&1) ||
+			{ printf '%s\n' "$out"; dmq_fail "qemu-io read of top.qcow2 failed"; }
+		[ -z "$out" ] || { printf '%s\n' "$out"; dmq_fail "the write at $off is not there"; }
+	done
+	dmq_run "$QEMU_IMG" convert -O raw -l snapshot.name=s1 top.qcow2 snap1.raw
+	cmp snap0.raw snap1.raw || dmq_fail "the snapshot changed"
+}
+
+# only the top matters: a lower delta with internal snapshots is fine
+case_writable_snapshot_base() {
+	mk_valid base.qcow2
+	dmq_run "$QEMU_IMG" snapshot -c s1 base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_create ok --rw base.qcow2 top.qcow2 ||
+		dmq_fail "writable table over a base with snapshots refused"
+	mapped_rw_ok ok $((16 * MIB)) top.qcow2
 }
 
 DMQ_CASES=(
@@ -320,8 +383,10 @@ DMQ_CASES=(
 	top_smaller_than_table
 	lower_delta_larger
 	lower_delta_larger_mid
-	writable_not_supported
-	writable_chain_not_supported
+	writable_single
+	writable_chain
+	writable_snapshot_cow
+	writable_snapshot_base
 )
 
 dmq_main "$@"

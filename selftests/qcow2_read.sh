@@ -43,8 +43,8 @@ check_map() {
 	got=$(dd if="$dev" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1) ||
 		dmq_fail "O_DIRECT read of $dev failed"
 	if [ "$got" != "$want" ]; then
-		dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" cmp "$dev" "$raw" \
-			--cluster "$cluster" --random 0 --range "0:$size" || true
+		"$PYTHON" "$DMQ_DIR/dmq_img.py" cmp "$dev" "$raw" \
+			--cluster "$cluster" --random 0 --range "0:$size"
 		dmq_fail "sha256 of $dev (O_DIRECT, bs=1M) differs from $raw"
 	fi
 	if [ "$size" -le "$BUFFERED_MAX" ]; then
@@ -65,10 +65,23 @@ check_map() {
 	rm -f "$raw"
 }
 
-# compressed_count IMG: number of compressed clusters per qemu-img map
-compressed_count() {
+# map_count IMG EXPR: number of `qemu-img map` extents e for which the
+# python expression EXPR holds (guards that a fixture has what it claims)
+map_count() {
 	"$QEMU_IMG" map -f qcow2 --output=json "$1" |
-		"$PYTHON" -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if e.get("compressed")))'
+		"$PYTHON" -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if eval(sys.argv[1])))' "$2"
+}
+
+# need_extents IMG WHAT EXPR: fail unless some extent matches EXPR
+need_extents() {
+	local n
+	n=$(map_count "$1" "$3") || dmq_fail "qemu-img map $1"
+	[ "$n" -gt 0 ] || dmq_fail "fixture: $1 has no $2"
+	echo "$1: $n extents with $2"
+}
+
+compressed_count() {
+	map_count "$1" 'e.get("compressed")'
 }
 
 # mk_raw_mix FILE SIZE: raw file with text, random, pattern and hole ranges
@@ -155,6 +168,8 @@ case_extl2_64k() {
 	dmq_write top.qcow2 r:2k:2k t:64k+6k:4k P0x55:128k+100:1000 \
 		r:1M-1k:2k z:3M+4k:4k zu:3M+64k:2k t:8M+62k:4k r:12M+30k:3k \
 		zu:3M+128k:64k t:10M+2k:1k
+	need_extents top.qcow2 "partial subcluster data" \
+		'e["depth"] == 0 and e["data"] and e["length"] < 65536'
 	EXTRA_RANGES=(8M+56k:16k 10M:64k 12M+28k:8k)
 	check_map 64k base.qcow2
 	check_map 64k base.qcow2 top.qcow2
@@ -231,6 +246,10 @@ case_zero_clusters() {
 	# top's own data (zero flag with a host offset), beyond lower data
 	dmq_write top.qcow2 z:0:64k zu:1M:256k z:2M+4k:8k z:8M+64k:128k \
 		r:4M:192k z:4M:64k zu:4M+64k:64k r:12M:64k z:12M+32k:64k
+	need_extents top.qcow2 "zero clusters" \
+		'e["depth"] == 0 and e["zero"] and "offset" not in e'
+	need_extents top.qcow2 "zero clusters keeping their host offset" \
+		'e["depth"] == 0 and e["zero"] and "offset" in e'
 	EXTRA_RANGES=(4M-4k:200k 2M:64k 12M:128k)
 	check_map 64k base.qcow2 top.qcow2
 	dmq_check_images base.qcow2 top.qcow2
@@ -245,6 +264,10 @@ case_zero_extl2() {
 	dmq_write top.qcow2 z:0:2k z:64k+4k:8k zu:128k:64k r:192k:2k \
 		z:192k+2k:2k z:4M+30k:10k r:6M:3k zu:4M+64k:6k z:5M+1k:3k \
 		r:5M+128k:64k zu:5M+128k+4k:4k
+	need_extents top.qcow2 "zero subclusters" \
+		'e["depth"] == 0 and e["zero"] and e["length"] < 65536'
+	need_extents top.qcow2 "zero subclusters in allocated clusters" \
+		'e["depth"] == 0 and e["zero"] and "offset" in e'
 	EXTRA_RANGES=(4M+28k:16k 5M:8k 5M+128k:64k)
 	check_map 64k base.qcow2 top.qcow2
 	dmq_check_images base.qcow2 top.qcow2

@@ -49,10 +49,11 @@ kselftests() {
 			fail=$((fail + 1)); continue
 		fi
 		local p f s x
-		p=$(sed -E 's/.*pass:([0-9]+).*/\1/' <<<"$tot")
-		f=$(sed -E 's/.*fail:([0-9]+).*/\1/' <<<"$tot")
-		x=$(sed -nE 's/.*error:([0-9]+).*/\1/p' <<<"$tot")
-		s=$(sed -nE 's/.*skip:([0-9]+).*/\1/p' <<<"$tot")
+		# " pass:" and " fail:" with the space: not "xpass:"/"xfail:".
+		p=$(sed -E 's/.* pass:([0-9]+).*/\1/' <<<"$tot")
+		f=$(sed -E 's/.* fail:([0-9]+).*/\1/' <<<"$tot")
+		x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
+		s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
 		pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
 	done
 	rm -rf "$out"

@@ -14,6 +14,9 @@ opts=(--disable-kvm)
 # The console can lose output at exit: callers that need results write them
 # to a host directory made writable with DMQ_VM_RWDIR.
 [ -n "${DMQ_VM_RWDIR:-}" ] && opts+=(--rwdir "$DMQ_VM_RWDIR")
-exec vng "${opts[@]}" -r "$KDIR/arch/x86/boot/bzImage" \
+# QEMU opens our stdout and stderr as file chardevs with O_TRUNC, which would wipe a
+# log file we are redirected to: hand it a pipe instead.
+vng "${opts[@]}" -r "$KDIR/arch/x86/boot/bzImage" \
 	--memory "${DMQ_VM_MEM:-3G}" --cpus "${DMQ_VM_CPUS:-2}" \
-	--exec "$*" </dev/null
+	--exec "$*" </dev/null 2>&1 | cat
+exit "${PIPESTATUS[0]}"

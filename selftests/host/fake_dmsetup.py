@@ -5,7 +5,8 @@
 It models the dm-qcow2 constructor checks the selftests expect, logs
 "qcow2: <message> (<errno>)" lines to $FAKE_STATE/kmsg like the kernel
 would, and "maps" a valid table as a regular file $FAKE_STATE/devs/NAME
-holding `qemu-img convert -O raw` of the top image. It only tests the
+holding `qemu-img convert -O raw` of the top image; a writable one is
+converted back into the top image when removed. It only tests the
 selftest scripts, never the target.
 """
 import fcntl
@@ -20,6 +21,7 @@ import dmq_img  # noqa: E402
 STATE = os.environ["FAKE_STATE"]
 DEVS = os.path.join(STATE, "devs")
 KMSG = os.path.join(STATE, "kmsg")
+RW = os.path.join(STATE, "rw")  # NAME: top image of a writable "device"
 
 
 class CtrError(Exception):
@@ -110,9 +112,6 @@ def create(name, readonly, table):
                                "-EBADSLT")
         if length * 512 > hdrs[-1]["size"]:
             raise CtrError("Top image smaller than the table", "-EBADSLT")
-        if not readonly:
-            raise CtrError("Writable tables are not supported yet",
-                           "-EOPNOTSUPP")
     except CtrError as e:
         klog("device-mapper: table: 253:0: qcow2: %s (%s)" % (e.msg, e.err))
         klog("device-mapper: ioctl: error adding target to table")
@@ -125,6 +124,10 @@ def create(name, readonly, table):
     subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
                     top, dev], check=True)
     os.truncate(dev, length * 512)
+    if not readonly:  # written back into the top at remove
+        os.makedirs(RW, exist_ok=True)
+        with open(os.path.join(RW, name), "w") as f:
+            f.write(top)
     corrupt = os.environ.get("FAKE_CORRUPT")
     if corrupt:  # flip a byte at this offset to check that tests notice
         with open(dev, "r+b") as f:
@@ -170,6 +173,13 @@ def main(argv):
                   file=sys.stderr)
             return 1
         if cmd == "remove":
+            rw = os.path.join(RW, name[-1])
+            if os.path.exists(rw):
+                with open(rw) as f:
+                    top = f.read()
+                subprocess.run(["qemu-img", "convert", "-n", "-f", "raw",
+                                "-O", "qcow2", path, top], check=True)
+                os.unlink(rw)
             os.unlink(path)
         else:
             print("Name: %s\nState: ACTIVE (READ-ONLY)" % name[-1])

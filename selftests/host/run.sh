@@ -7,7 +7,7 @@
 # data, KTAP plumbing), not the target. Needs root (tmpfs mount), qemu-img,
 # qemu-io, python3.
 #
-# usage: host/run.sh [qcow2_read.sh|qcow2_ctr_errors.sh [CASE...]]
+# usage: host/run.sh [qcow2_read.sh|qcow2_ctr_errors.sh|qcow2_write.sh [CASE...]]
 # FAKE_CORRUPT=OFFSET flips a device byte; FAKE_WARN=1 logs a WARNING:
 # both must make the cases fail.
 set -u
@@ -26,7 +26,8 @@ cat >"$FAKE_STATE/bin/blockdev" <<'EOS'
 #!/bin/sh
 case "$1" in
 --getsize64) stat -c %s "$2" ;;
---getro) echo 1 ;;
+--getro) if [ -e "$FAKE_STATE/rw/$(basename "$2")" ]; then echo 0; else echo 1; fi ;;
+--flushbufs) exit 0 ;;
 *) exit 1 ;;
 esac
 EOS
@@ -38,7 +39,7 @@ rc=0
 if [ $# -gt 0 ]; then
 	"$here/../$1" "${@:2}" || rc=$?
 else
-	for t in qcow2_ctr_errors.sh qcow2_read.sh; do
+	for t in qcow2_ctr_errors.sh qcow2_read.sh qcow2_write.sh; do
 		"$here/../$t" || rc=$?
 	done
 fi

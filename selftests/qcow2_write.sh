@@ -1,0 +1,452 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# dm-qcow2 write path: build a base with qemu-img/qemu-io (text, random,
+# pattern, compressed and zero ranges) under an empty overlay (or use a
+# single image), map it writable and run fio random writes of 512 B to
+# 192 KiB with crc32c verify, two jobs on the two halves of the device.
+# Then read the whole device, remove it and check that:
+#   - `qemu-img check` of the top finds no errors and no leaks;
+#   - `qemu-img convert -O raw` of the top equals what the device returned;
+#   - outside the ranges fio wrote (its write_iolog), the device still
+#     returns what the chain held before (copy-on-write padding);
+#   - the lower images are byte-for-byte unchanged and check clean.
+# Plus in-place overwrites, buffered I/O, fsync/O_SYNC (FLUSH/FUA) and an
+# ext4 file system written, then mounted read-only from a new table.
+#
+# usage: qcow2_write.sh [-l] [CASE...]
+# DMQ_FIO_IO=SIZE overrides the bytes each fio job writes (default 10M).
+
+set -u -o pipefail
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+FIO=${FIO:-fio}
+DEV_SIZE=32M			# virtual size of the images the cases write
+FIO_IO=${DMQ_FIO_IO:-10M}	# written by each of the two fio jobs
+FIO_SEED=1			# --randseed of the first job (cases change it)
+DEV=				# the mapped device (map_rw)
+
+need() {
+	local t
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
+	done
+}
+
+# base_specs CLUSTER: dmq_write specs for a DEV_SIZE base: aligned and
+# unaligned text/random/pattern ranges, compressed clusters (ct/cr), zeroes
+# over data (qemu-io write -z: zero clusters where aligned), a range across
+# the middle of the device (where the second fio job starts), data at the end
+base_specs() {
+	local cs c1 c2
+	cs=$(dmq_size "$1")
+	c1=$((cs > 65536 ? cs : 65536))
+	c2=$((2 * c1))
+	echo "t:0:1M r:1M+512:300k P0x5a:3M+3k:5k ct:4M:$c2 r:8M:3M z:9M:1M" \
+		"z:10M+4k:8k t:12M+100:1M r:16M-2k:4k cr:20M:$c1 t:24M+7:3M" \
+		"P0xa5:30M:2M"
+}
+
+# mk_base IMG OPTS CLUSTER: DEV_SIZE image with the base_specs data
+mk_base() {
+	dmq_img_create "$1" "$DEV_SIZE" "$2"
+	# shellcheck disable=SC2046	# the specs are words
+	dmq_write "$1" $(base_specs "$3")
+}
+
+# map_rw SPEC...: writable table "v" (base first); its node in DEV
+map_rw() {
+	dmq_create v --rw "$@" || dmq_fail "dmsetup create --rw failed for $*"
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	[ "$(blockdev --getro "$DEV")" = 0 ] || dmq_fail "$DEV is read-only"
+}
+
+# fio_write DEV [fio options]: two randwrite jobs with crc32c verify, one
+# per half of DEV (most of each half, FIO_IO bytes each; fio's random map
+# keeps a job's writes from overlapping). write_iolog goes to j0/j1.iolog.
+fio_write() {
+	local dev=$1 half size rc bad
+	shift
+	half=$(($(blockdev --getsize64 "$dev") / 2))
+	size=$((half - half / 16))
+	local args=(--output=fio.log --filename="$dev" --direct=1
+		--ioengine=libaio --rw=randwrite --bsrange=512-192k --iodepth=8
+		--size="$size" --io_size="$FIO_IO" --verify=crc32c
+		--verify_fatal=1 --randrepeat=1 "$@"
+		--name=j0 --offset=0 --randseed="$FIO_SEED" --write_iolog=j0.iolog
+		--name=j1 --offset="$half" --randseed=$((FIO_SEED + 1000))
+		--write_iolog=j1.iolog)
+	rm -f j0.iolog j1.iolog
+	echo "+ $FIO ${args[*]}"
+	"$FIO" "${args[@]}"
+	rc=$?
+	bad=$(grep -Ei 'verify|bad magic|bad header|crc32c|err= *[1-9]|error' fio.log)
+	if [ "$rc" -ne 0 ] || [ -n "$bad" ]; then
+		cat fio.log
+		dmq_fail "fio failed (rc=$rc)"
+	fi
+	case " $* " in
+	*" --verify_only "*) ;;
+	*) grep -q 'write: IOPS=' fio.log ||
+		{ cat fio.log; dmq_fail "fio did not write"; } ;;
+	esac
+	grep -q 'read: IOPS=' fio.log || { cat fio.log; dmq_fail "fio did not verify"; }
+	grep -E '^ *(write|read): IOPS' fio.log | sed 's/^ */fio: /'
+}
+
+# check_unwritten BEFORE AFTER IOLOG...: AFTER equals BEFORE outside the
+# ranges the iologs wrote
+check_unwritten() {
+	"$PYTHON" - "$@" <<-'EOF'
+		import sys
+		before, after, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
+		iv = []
+		for log in logs:
+		    for line in open(log):
+		        w = line.split()
+		        # v2: FILE write OFF LEN; v3: TIME FILE write OFF LEN
+		        for i in (1, 2):
+		            if len(w) == i + 3 and w[i] == "write":
+		                iv.append((int(w[i + 1]), int(w[i + 2])))
+		if not iv:
+		    sys.exit("check_unwritten: no writes in " + " ".join(logs))
+		iv.sort()
+		a = memoryview(open(before, "rb").read())
+		b = memoryview(open(after, "rb").read())
+		if len(a) != len(b):
+		    sys.exit("check_unwritten: %s has %d bytes, %s %d" %
+		             (before, len(a), after, len(b)))
+		def cmp(lo, hi):
+		    if lo >= hi or a[lo:hi] == b[lo:hi]:
+		        return 0
+		    step = 512
+		    for s in range(lo, hi, step):
+		        e = min(s + step, hi)
+		        if a[s:e] != b[s:e]:
+		            off = next(i for i in range(s, e) if a[i] != b[i])
+		            near = [x for x in iv if x[0] - (1 << 21) < off < sum(x) + (1 << 21)]
+		            print("unwritten byte %d (0x%x) changed: was 0x%02x, now "
+		                  "0x%02x; writes nearby (off, len): %s" %
+		                  (off, off, a[off], b[off], near[:8]))
+		            return 1
+		pos = bad = written = 0
+		for off, ln in iv:
+		    bad |= cmp(pos, off)
+		    written += max(0, off + ln - max(pos, off))
+		    pos = max(pos, off + ln)
+		bad |= cmp(pos, len(a))
+		if not bad:
+		    print("%d writes, %d bytes written, the other %d bytes unchanged"
+		          % (len(iv), written, len(a) - written))
+		sys.exit(bad)
+	EOF
+}
+
+# lower_sums IMG...: remember the lower images' sha256 (lower.sha256)
+lower_sums() {
+	sha256sum "$@" >lower.sha256 || dmq_fail "sha256sum $*"
+}
+
+# check_lower: lower images unchanged and clean
+check_lower() {
+	local imgs
+	[ -s lower.sha256 ] || return 0
+	sha256sum -c --quiet lower.sha256 || dmq_fail "a lower image changed"
+	imgs=$(awk '{print $2}' lower.sha256)
+	# shellcheck disable=SC2086
+	dmq_check_images $imgs
+	echo "lower images unchanged: ${imgs//$'\n'/ }"
+}
+
+# check_top TOP: no errors, no leaks
+check_top() {
+	local out rc
+	out=$("$QEMU_IMG" check -f qcow2 "$1" 2>&1)
+	rc=$?
+	if [ "$rc" -ne 0 ]; then
+		printf '%s\n' "$out"
+		dmq_fail "qemu-img check $1: rc=$rc (2: corruptions, 3: leaks)"
+	fi
+	printf '%s\n' "$out" | grep -E 'allocated|No errors' | sed "s|^|$1: |"
+}
+
+# finish DEV TOP BEFORE: read DEV, remove it, check TOP against the data
+# and BEFORE (the chain's content before the writes) outside fio's writes
+finish() {
+	local dev=$1 top=$2 before=$3
+	dmq_run dd if="$dev" of=dev.raw bs=1M iflag=direct status=none
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top "$top"
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$top" top.raw
+	if ! cmp dev.raw top.raw; then
+		cmp -l dev.raw top.raw | head -n 8
+		echo "cmp -l: $(cmp -l dev.raw top.raw | wc -l) bytes differ"
+		dmq_fail "qemu-img convert of $top differs from the device's data"
+	fi
+	check_unwritten "$before" dev.raw j0.iolog j1.iolog ||
+		dmq_fail "data outside fio's writes changed"
+	check_lower
+	rm -f top.raw
+}
+
+# write_case OPTS CLUSTER chain|single [fio options]: base_specs data in
+# base.qcow2 under an empty top.qcow2 (chain), or in a.qcow2 alone (single)
+write_case() {
+	local opts=$1 cluster=$2 kind=$3 imgs
+	shift 3
+	need "$FIO"
+	if [ "$kind" = chain ]; then
+		mk_base base.qcow2 "$opts" "$cluster"
+		dmq_img_create top.qcow2 "$DEV_SIZE" "$opts" base.qcow2
+		dmq_check_images base.qcow2
+		lower_sums base.qcow2
+		imgs=(base.qcow2 top.qcow2)
+	else
+		mk_base a.qcow2 "$opts" "$cluster"
+		: >lower.sha256
+		imgs=(a.qcow2)
+	fi
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "${imgs[-1]}" before.raw
+	map_rw "${imgs[@]}"
+	fio_write "$DEV" "$@"
+	finish "$DEV" "${imgs[-1]}" before.raw
+}
+
+# --------------------------------------------------------- configurations
+
+case_cluster_4k() {
+	FIO_SEED=41
+	write_case cluster_size=4k 4k chain
+}
+
+case_cluster_64k() {
+	FIO_SEED=61
+	write_case cluster_size=64k 64k chain
+}
+
+case_cluster_2m() {
+	FIO_SEED=21
+	write_case cluster_size=2M 2M chain
+}
+
+case_v2_64k() {
+	FIO_SEED=22
+	write_case cluster_size=64k,compat=0.10 64k chain
+	[ "$(dmq_header top.qcow2 version)" = 2 ] || dmq_fail "not a v2 image"
+}
+
+case_v2_single() {
+	FIO_SEED=23
+	write_case cluster_size=64k,compat=0.10 64k single
+	[ "$(dmq_header a.qcow2 version)" = 2 ] || dmq_fail "not a v2 image"
+}
+
+case_extl2_64k() {
+	FIO_SEED=64
+	write_case cluster_size=64k,extended_l2=on 64k chain
+}
+
+case_extl2_1m() {
+	FIO_SEED=65
+	write_case cluster_size=1M,extended_l2=on 1M chain
+}
+
+case_extl2_single() {
+	FIO_SEED=66
+	write_case cluster_size=64k,extended_l2=on 64k single
+}
+
+case_refcount1() {
+	FIO_SEED=1
+	write_case cluster_size=64k,refcount_bits=1 64k chain
+	[ "$(dmq_header top.qcow2 refcount_order)" = 0 ] || dmq_fail "refcount_order"
+}
+
+# 4k clusters: the writes need new refcount blocks (2048 clusters each)
+case_refcount16_single() {
+	FIO_SEED=16
+	write_case cluster_size=4k,refcount_bits=16 4k single
+	[ "$(dmq_header a.qcow2 refcount_order)" = 4 ] || dmq_fail "refcount_order"
+}
+
+# 4k clusters, 64-bit refcounts: a refcount block covers 2 MiB
+case_refcount64() {
+	FIO_SEED=64
+	write_case cluster_size=4k,refcount_bits=64 4k chain
+	[ "$(dmq_header top.qcow2 refcount_order)" = 6 ] || dmq_fail "refcount_order"
+}
+
+# base < mid < top in size; writes reach the top only
+case_chain3() {
+	local o=cluster_size=64k
+	need "$FIO"
+	FIO_SEED=3
+	dmq_img_create base.qcow2 20M "$o"
+	dmq_write base.qcow2 t:0:2M r:5M+512:1M ct:8M:128k z:8M+64k:64k \
+		P0x11:19M:1M
+	dmq_img_create mid.qcow2 28M "$o" base.qcow2
+	dmq_write mid.qcow2 r:1M:64k t:18M+3k:4M z:5M+64k:128k cr:12M:64k \
+		P0x22:27M+512:512k
+	dmq_img_create top.qcow2 "$DEV_SIZE" "$o" mid.qcow2
+	dmq_check_images base.qcow2 mid.qcow2
+	lower_sums base.qcow2 mid.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 before.raw
+	map_rw base.qcow2 mid.qcow2 top.qcow2
+	fio_write "$DEV"
+	finish "$DEV" top.qcow2 before.raw
+}
+
+# an empty overlay over a base made by `qemu-img convert -c`
+case_compressed_base() {
+	local n
+	need "$FIO"
+	FIO_SEED=5
+	dmq_run truncate -s "$DEV_SIZE" src.raw
+	dmq_write_raw src.raw t:0:3M r:3M+512:1M P0x11:5M:1M t:8M:6M \
+		r:16M-5k:10k t:20M+3:8M P0x3c:31M:1M
+	dmq_run "$QEMU_IMG" convert -c -f raw -O qcow2 -o cluster_size=64k \
+		src.raw base.qcow2
+	n=$("$QEMU_IMG" map -f qcow2 --output=json base.qcow2 |
+		"$PYTHON" -c 'import json,sys; print(sum(1 for e in json.load(sys.stdin) if e.get("compressed")))') ||
+		dmq_fail "qemu-img map"
+	[ "$n" -gt 0 ] || dmq_fail "no compressed clusters in base.qcow2"
+	echo "base.qcow2: $n compressed extents"
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=64k base.qcow2
+	lower_sums base.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 before.raw
+	map_rw base.qcow2 top.qcow2
+	fio_write "$DEV"
+	finish "$DEV" top.qcow2 before.raw
+}
+
+# allocated clusters of a qcow2 image (qemu-img check --output=json)
+allocated_clusters() {
+	"$QEMU_IMG" check -f qcow2 --output=json "$1" |
+		"$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["allocated-clusters"])'
+}
+
+# a fresh image without a backing file; the second pass repeats the same
+# writes (same seeds), so it overwrites clusters the image owns, in place:
+# nothing new may be allocated
+case_single_inplace() {
+	local n1 n2
+	need "$FIO"
+	FIO_SEED=7
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	: >lower.sha256
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 before.raw
+	map_rw a.qcow2
+	fio_write "$DEV"
+	finish "$DEV" a.qcow2 before.raw
+	n1=$(allocated_clusters a.qcow2) || dmq_fail "qemu-img check --output=json"
+	mv dev.raw before.raw
+	echo "pass 2: overwrite in place ($n1 clusters allocated)"
+	map_rw a.qcow2
+	fio_write "$DEV"
+	finish "$DEV" a.qcow2 before.raw
+	n2=$(allocated_clusters a.qcow2) || dmq_fail "qemu-img check --output=json"
+	[ "$n2" = "$n1" ] ||
+		dmq_fail "overwrites allocated clusters: $n1 before, $n2 after"
+}
+
+# buffered writes (page cache, writeback); then drop the cache and verify
+# again with O_DIRECT (fio --verify_only) so the data comes from the target
+case_buffered() {
+	need "$FIO"
+	FIO_SEED=9
+	mk_base base.qcow2 cluster_size=64k 64k
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=64k base.qcow2
+	lower_sums base.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 before.raw
+	map_rw base.qcow2 top.qcow2
+	fio_write "$DEV" --direct=0 --fsync_on_close=1
+	dmq_run blockdev --flushbufs "$DEV"
+	echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
+	{ cp j0.iolog j0.iolog.w && cp j1.iolog j1.iolog.w; } || dmq_fail "cp"
+	echo "verify again with O_DIRECT after dropping the page cache"
+	fio_write "$DEV" --direct=1 --verify_only
+	{ mv j0.iolog.w j0.iolog && mv j1.iolog.w j1.iolog; } || dmq_fail "mv"
+	finish "$DEV" top.qcow2 before.raw
+}
+
+# every write with a REQ_PREFLUSH after it (fdatasync)
+case_flush_fsync() {
+	FIO_SEED=11
+	FIO_IO=${DMQ_FIO_IO:-4M}
+	write_case cluster_size=64k 64k chain --fsync=1
+}
+
+# O_DIRECT|O_SYNC: FUA writes
+case_fua_osync() {
+	FIO_SEED=12
+	FIO_IO=${DMQ_FIO_IO:-4M}
+	write_case cluster_size=64k 64k chain --sync=1
+}
+
+# ext4 on the writable device, files with their sha256; then a read-only
+# table over the same images must mount and give the same files back
+case_ext4() {
+	local i mnt=$DMQ_CASE_DIR/mnt
+	need mkfs.ext4 mount umount fsck.ext4
+	grep -qw ext4 /proc/filesystems || modprobe ext4 2>/dev/null
+	grep -qw ext4 /proc/filesystems || dmq_skip "no ext4 in this kernel"
+	mk_base base.qcow2 cluster_size=64k 64k
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=64k base.qcow2
+	lower_sums base.qcow2
+	mkdir -p "$mnt" files
+	for i in 1 2 3; do
+		dmq_run dd if=/dev/urandom of="files/f$i" bs=1M count=$i status=none
+	done
+	dmq_run dd if=/dev/urandom of=files/odd bs=4097 count=3 status=none
+	seq 1 20000 >files/text
+	(cd files && sha256sum -- *) >files.sha256 || dmq_fail "sha256sum"
+	trap 'umount "$DMQ_CASE_DIR/mnt" 2>/dev/null' EXIT
+	map_rw base.qcow2 top.qcow2
+	# no discard (not supported yet), no lazy init thread after mount
+	dmq_run mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$DEV"
+	dmq_run mount -t ext4 "$DEV" "$mnt"
+	dmq_run cp -r files "$mnt/"
+	dmq_run mkdir "$mnt/d"
+	dmq_run cp files/f2 "$mnt/d/f2"
+	dmq_run sync -f "$mnt"
+	dmq_run umount "$mnt"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	check_lower
+
+	dmq_create v base.qcow2 top.qcow2 >/dev/null || dmq_fail "read-only table refused"
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	dmq_run fsck.ext4 -fn "$DEV"
+	dmq_run mount -t ext4 -o ro "$DEV" "$mnt"
+	(cd "$mnt/files" && sha256sum -c --quiet "$DMQ_CASE_DIR/files.sha256") ||
+		dmq_fail "files differ after the remount"
+	cmp files/f2 "$mnt/d/f2" || dmq_fail "d/f2 differs"
+	echo "ext4: $(wc -l <files.sha256) files verified after a read-only remount"
+	dmq_run umount "$mnt"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+}
+
+DMQ_CASES=(
+	cluster_4k
+	cluster_64k
+	cluster_2m
+	v2_64k
+	v2_single
+	extl2_64k
+	extl2_1m
+	extl2_single
+	refcount1
+	refcount16_single
+	refcount64
+	chain3
+	compressed_base
+	single_inplace
+	buffered
+	flush_fsync
+	fua_osync
+	ext4
+)
+
+dmq_main "$@"

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0
+"""Benchmarks inside the VM: fio on a tmpfs, dm-qcow2 beside a raw file
+(O_DIRECT) and beside the userspace peers serving the same qcow2 image
+(qemu-nbd + nbd.ko, rublk + ublk_drv when present). Prints a table of IOPS
+and MB/s with ratios to raw and to each peer. No assertions: numbers only.
+
+usage: bench-guest.py ROOT OUTDIR
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT, OUT = sys.argv[1], sys.argv[2]
+WORK = "/tmp/dmq-bench"
+SIZE = int(os.environ.get("DMQ_BENCH_SIZE_MB", "512"))
+RUNTIME = int(os.environ.get("DMQ_BENCH_RUNTIME", "8"))
+CLUSTER = os.environ.get("DMQ_BENCH_CLUSTER", "64k")
+
+JOBS = [
+    # name, rw, bs, on a fully allocated image?
+    ("4k-randread", "randread", "4k", True),
+    ("4k-randwrite", "randwrite", "4k", True),
+    ("1M-read", "read", "1M", True),
+    ("1M-write", "write", "1M", True),
+    ("4k-first-write", "randwrite", "4k", False),
+    ("64k-first-write", "randwrite", "64k", False),
+]
+
+
+def sh(cmd, check=True, **kw):
+    return subprocess.run(cmd, shell=True, check=check, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def fio(dev, rw, bs):
+    r = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
+           f"--iodepth=32 --rw={rw} --bs={bs} --runtime={RUNTIME} --time_based "
+           f"--size={SIZE}M --randrepeat=0 --norandommap --group_reporting "
+           f"--output-format=json", check=False)
+    if r.returncode != 0:
+        log(f"fio failed on {dev}: {r.stdout[-500:]}")
+        return None
+    j = json.loads(r.stdout[r.stdout.index("{"):])
+    job = j["jobs"][0]
+    side = job["read"] if "read" in rw else job["write"]
+    return side["iops"], side["bw_bytes"] / 1e6
+
+
+def make_image(path, allocated):
+    sh(f"rm -f {path}")
+    sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {path} {SIZE}M")
+    if allocated:
+        sh(f"qemu-io -f qcow2 -c 'write -P 0x5a 0 {SIZE}M' {path}")
+
+
+def make_raw(path):
+    sh(f"rm -f {path}; dd if=/dev/zero of={path} bs=1M count={SIZE} status=none")
+
+
+class Peer:
+    """A way to serve an image as a block device."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def up(self, img):
+        raise NotImplementedError
+
+    def down(self):
+        pass
+
+
+class Raw(Peer):
+    def up(self, img):
+        return img  # fio on the file itself
+
+
+class DmQcow2(Peer):
+    def up(self, img):
+        sh(f"{ROOT}/selftests/dmq_open.py --rw bench {img}")
+        return "/dev/mapper/bench"
+
+    def down(self):
+        sh("dmsetup remove bench", check=False)
+
+
+class QemuNbd(Peer):
+    def up(self, img):
+        sh("modprobe nbd nbds_max=2")
+        sh(f"qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native {img}")
+        for _ in range(50):
+            if os.path.exists("/sys/block/nbd0/pid"):
+                break
+            time.sleep(0.1)
+        return "/dev/nbd0"
+
+    def down(self):
+        sh("qemu-nbd -d /dev/nbd0", check=False)
+        time.sleep(0.5)
+
+
+class Rublk(Peer):
+    def __init__(self, name, exe):
+        super().__init__(name)
+        self.exe = exe
+
+    def up(self, img):
+        sh("modprobe ublk_drv")
+        sh(f"{self.exe} add qcow2 --file {img}")
+        for _ in range(100):
+            if os.path.exists("/dev/ublkb0"):
+                break
+            time.sleep(0.1)
+        return "/dev/ublkb0"
+
+    def down(self):
+        sh(f"{self.exe} del -a", check=False)
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    sh(f"mountpoint -q {WORK} || mount -t tmpfs -o size={SIZE * 3 + 256}M tmpfs {WORK}")
+    sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {ROOT}/dm-qcow2.ko")
+    peers = [Raw("raw"), DmQcow2("dm-qcow2"), QemuNbd("qemu-nbd")]
+    rublk = shutil.which("rublk") or "/root/.cargo/bin/rublk"
+    if os.access(rublk, os.X_OK):
+        peers.append(Rublk("rublk", rublk))
+    else:
+        log("rublk not installed: skipping that peer (make bench-deps)")
+
+    results = {}
+    for name, rw, bs, allocated in JOBS:
+        for p in peers:
+            img = f"{WORK}/img"
+            if isinstance(p, Raw):
+                make_raw(img)
+            else:
+                make_image(img, allocated)
+            try:
+                dev = p.up(img)
+                results[(name, p.name)] = fio(dev, rw, bs)
+            except subprocess.CalledProcessError as e:
+                log(f"{p.name}: {e.cmd}: {e.stdout[-300:] if e.stdout else ''}")
+                results[(name, p.name)] = None
+            finally:
+                p.down()
+            r = results[(name, p.name)]
+            log(f"{name:16} {p.name:10} " + (f"{r[0]:10.0f} IOPS {r[1]:9.1f} MB/s" if r else "failed"))
+
+    names = [p.name for p in peers]
+    lines = [f"fio: libaio, iodepth 32, {RUNTIME}s per job, {SIZE} MiB, "
+             f"cluster {CLUSTER}, tmpfs in a TCG VM (2 vCPUs)", ""]
+    hdr = f"{'job':16} " + " ".join(f"{n:>20}" for n in names)
+    hdr += "  " + " ".join(f"{'dm/' + n:>12}" for n in names if n != "dm-qcow2")
+    lines += [hdr]
+    for name, *_ in JOBS:
+        row = f"{name:16} "
+        for n in names:
+            r = results.get((name, n))
+            row += f"{(f'{r[0]:.0f}/{r[1]:.1f}MB' if r else '-'):>20} "
+        dm = results.get((name, "dm-qcow2"))
+        for n in names:
+            if n == "dm-qcow2":
+                continue
+            r = results.get((name, n))
+            row += f" {(f'{dm[0] / r[0]:.2f}x' if dm and r and r[0] else '-'):>12}"
+        lines.append(row)
+    lines.append("")
+    lines.append("cells: IOPS/MB/s; ratios: dm-qcow2 IOPS divided by the column's IOPS")
+    text = "\n".join(lines)
+    print(text)
+    with open(f"{OUT}/bench.txt", "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

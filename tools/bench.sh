@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# make bench: fio in the VM on tmpfs, dm-qcow2 beside a raw file and the
+# userspace peers (qemu-nbd, rublk). Prints the table; asserts nothing.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+out=$(mktemp -d /tmp/dmq-bench-out.XXXXXX)
+DMQ_VM_RWDIR=$out "$DMQ_ROOT/tools/vm.sh" \
+	"python3 $DMQ_ROOT/tools/bench-guest.py $DMQ_ROOT $out > $out/log 2>&1" || true
+cat "$out/log"
+[ -s "$out/bench.txt" ] || die "benchmark produced no table"
+cp "$out/bench.txt" "$DMQ_ROOT/bench-last.txt"
+echo "(table saved in bench-last.txt)"
