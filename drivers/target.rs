@@ -746,22 +746,10 @@ impl dm::Target for Qcow2 {
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
-        let lbs = self
-            .inner
-            .deltas
-            .iter()
-            .map(|d| d.file.logical_block_size())
-            .max()
-            .unwrap_or(SECTOR as u32)
-            .clamp(SECTOR as u32, DIO_ALIGN as u32);
-        let dma = self
-            .inner
-            .deltas
-            .iter()
-            .map(|d| d.file.dma_alignment())
-            .max()
-            .unwrap_or(0)
-            .max(lbs - 1);
+        // The strictest of the devices under the image files.
+        let strictest = |f: fn(&File) -> u32| self.inner.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
+        let lbs = strictest(File::logical_block_size).clamp(SECTOR as u32, DIO_ALIGN as u32);
+        let dma = strictest(File::dma_alignment).max(lbs - 1);
         limits.set_logical_block_size(lbs);
         limits.set_dma_alignment(dma);
         limits.set_physical_block_size(lbs);

@@ -428,6 +428,93 @@ case_ext4() {
 	check_top top.qcow2
 }
 
+# ---------------------------------------------- discard and write-zeroes
+
+# expect_bytes DEV OFF LEN BYTE: the device reads LEN bytes of BYTE at OFF
+expect_bytes() {
+	"$PYTHON" - "$@" <<-'EOF' || dmq_fail "unexpected data at $2+$3"
+	import os, sys
+	dev, off, ln, val = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
+	fd = os.open(dev, os.O_RDONLY)
+	os.lseek(fd, off, 0)
+	b = os.read(fd, ln)
+	if b != bytes([val]) * ln:
+	    i = next((i for i, x in enumerate(b) if x != val), len(b))
+	    print("at %#x: %r, expected %#x" % (off + i, b[i:i + 8], val))
+	    sys.exit(1)
+	EOF
+}
+
+# discard_case OPTS: lower data everywhere, some clusters owned by the top;
+# discards and write-zeroes must make both read as zeroes (the C target lets
+# lower data show through), free the top's clusters, leave no leaks.
+discard_case() {
+	local opts=$1 cl=65536
+	need blkdiscard
+	dmq_img_create base.qcow2 16M "$opts"
+	dmq_write base.qcow2 P0xaa:0:16M
+	dmq_img_create top.qcow2 16M "$opts" base.qcow2
+	dmq_write top.qcow2 P0x5c:1M:1M
+	lower_sums base.qcow2
+	map_rw base.qcow2 top.qcow2
+	# whole clusters: owned by the top (1M..), lower only (4M..)
+	dmq_run blkdiscard -o $((1024 * 1024)) -l $((4 * cl)) "$DEV"
+	dmq_run blkdiscard -o $((4 * 1024 * 1024)) -l $((2 * cl)) "$DEV"
+	# write-zeroes, keeping the allocation, and an unaligned one
+	dmq_run blkdiscard -z -o $((1536 * 1024)) -l "$cl" "$DEV"
+	dmq_run blkdiscard -z -o $((6 * 1024 * 1024 + 4096)) -l 12288 "$DEV"
+	expect_bytes "$DEV" $((1024 * 1024)) $((4 * cl)) 0
+	expect_bytes "$DEV" $((4 * 1024 * 1024)) $((2 * cl)) 0
+	expect_bytes "$DEV" $((1536 * 1024)) "$cl" 0
+	expect_bytes "$DEV" $((6 * 1024 * 1024 + 4096)) 12288 0
+	expect_bytes "$DEV" $((6 * 1024 * 1024)) 4096 0xaa
+	expect_bytes "$DEV" $((1024 * 1024 + 4 * cl)) "$cl" 0x5c
+	expect_bytes "$DEV" 0 "$cl" 0xaa
+	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 top.raw
+	cmp dev.raw top.raw || dmq_fail "qemu-img convert differs from the device"
+	check_lower
+}
+
+case_discard_v3() { discard_case cluster_size=64k; }
+case_discard_v2() { discard_case cluster_size=64k,compat=0.10; }
+case_discard_extl2() { discard_case cluster_size=64k,extended_l2=on; }
+
+# ------------------------------------------------- refcount table growth
+
+# 4K clusters with 64-bit refcounts: one refcount-table cluster covers
+# 1 GiB. A metadata-preallocated image just under 2 GiB, snapshotted, gets
+# copy-on-write allocations past what its table describes: the table must
+# move and grow, the snapshot must stay intact, no errors, no leaks.
+case_refcount_growth() {
+	local before after
+	need "$FIO"
+	dmq_run "$QEMU_IMG" create -q -f qcow2 \
+		-o cluster_size=4k,refcount_bits=64,preallocation=metadata top.qcow2 1990M
+	dmq_write top.qcow2 P0x11:0:4M
+	dmq_run "$QEMU_IMG" snapshot -c s1 top.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw -l snapshot.name=s1 top.qcow2 snap0.raw
+	before=$(dmq_header top.qcow2 refcount_table_offset)
+	map_rw top.qcow2
+	"$FIO" --output=fio.log --name=g --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randwrite --bsrange=4k-256k --iodepth=8 \
+		--size=1900M --io_size=96M --verify=crc32c --verify_fatal=1 \
+		--randrepeat=1 || { cat fio.log; dmq_fail "fio failed"; }
+	sha256sum <"$DEV" >dev.sha
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	after=$(dmq_header top.qcow2 refcount_table_offset)
+	echo "refcount table: $before -> $after"
+	[ "$before" != "$after" ] || dmq_fail "the refcount table did not move"
+	check_top top.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw top.qcow2 top.raw
+	sha256sum <top.raw | cmp - dev.sha || dmq_fail "qemu-img convert differs from the device"
+	rm -f top.raw
+	dmq_run "$QEMU_IMG" convert -O raw -l snapshot.name=s1 top.qcow2 snap1.raw
+	cmp snap0.raw snap1.raw || dmq_fail "the snapshot changed"
+}
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -447,6 +534,10 @@ DMQ_CASES=(
 	flush_fsync
 	fua_osync
 	ext4
+	discard_v3
+	discard_v2
+	discard_extl2
+	refcount_growth
 )
 
 dmq_main "$@"

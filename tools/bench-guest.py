@@ -55,6 +55,17 @@ def fio(dev, rw, bs):
     return side["iops"], side["bw_bytes"] / 1e6
 
 
+def load_module(name, args=""):
+    """modprobe, else insmod the copy bench.sh put in OUT (the VM's
+    /lib/modules lacks the test kernel's modules, and the kernel cache
+    directory is not visible in the VM)."""
+    if sh(f"grep -q '^{name} ' /proc/modules", check=False).returncode == 0:
+        return
+    if sh(f"modprobe {name} {args}", check=False).returncode == 0:
+        return
+    sh(f"insmod {OUT}/{name}.ko {args}")
+
+
 def make_image(path, allocated):
     sh(f"rm -f {path}")
     sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {path} {SIZE}M")
@@ -95,7 +106,7 @@ class DmQcow2(Peer):
 
 class QemuNbd(Peer):
     def up(self, img):
-        sh("modprobe nbd nbds_max=2")
+        load_module("nbd", "nbds_max=2")
         sh(f"qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native {img}")
         for _ in range(50):
             if os.path.exists("/sys/block/nbd0/pid"):
@@ -114,7 +125,7 @@ class Rublk(Peer):
         self.exe = exe
 
     def up(self, img):
-        sh("modprobe ublk_drv")
+        load_module("ublk_drv")
         sh(f"{self.exe} add qcow2 --file {img}")
         for _ in range(100):
             if os.path.exists("/dev/ublkb0"):

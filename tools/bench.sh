@@ -4,6 +4,8 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 out=$(mktemp -d /tmp/dmq-bench-out.XXXXXX)
+KDIR=$(dmq_kdir)
+cp "$KDIR/drivers/block/nbd.ko" "$KDIR/drivers/block/ublk_drv.ko" "$out/"
 DMQ_VM_RWDIR=$out "$DMQ_ROOT/tools/vm.sh" \
 	"python3 $DMQ_ROOT/tools/bench-guest.py $DMQ_ROOT $out > $out/log 2>&1" || true
 cat "$out/log"
