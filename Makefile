@@ -3,6 +3,9 @@
 
 KDIR ?= $(shell tools/kdir.sh)
 SHELL := /bin/bash
+# rustup's tools (rustc, bindgen, clippy-driver) for the kernel's Rust build,
+# also when the caller's PATH lacks them (CI).
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all module deps kernel check test host-test kselftest demo bench bench-deps clean help
 

@@ -14,6 +14,9 @@ opts=(--disable-kvm)
 # The console can lose output at exit: callers that need results write them
 # to a host directory made writable with DMQ_VM_RWDIR.
 [ -n "${DMQ_VM_RWDIR:-}" ] && opts+=(--rwdir "$DMQ_VM_RWDIR")
+# The guest sees the host's root, but with tmpfs over /var/tmp, /var/cache
+# and others: mount the repository itself so it is there wherever it lives.
+opts+=(--rodir "$DMQ_ROOT")
 # QEMU opens our stdout and stderr as file chardevs with O_TRUNC, which would wipe a
 # log file we are redirected to: hand it a pipe instead.
 vng "${opts[@]}" -r "$KDIR/arch/x86/boot/bzImage" \
