@@ -66,6 +66,14 @@ def load_module(name, args=""):
     sh(f"insmod {OUT}/{name}.ko {args}")
 
 
+def wait_for(path, seconds=10):
+    """Waits for a device node or sysfs file a server creates."""
+    for _ in range(seconds * 10):
+        if os.path.exists(path):
+            return
+        time.sleep(0.1)
+
+
 def make_image(path, allocated):
     sh(f"rm -f {path}")
     sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {path} {SIZE}M")
@@ -108,10 +116,7 @@ class QemuNbd(Peer):
     def up(self, img):
         load_module("nbd", "nbds_max=2")
         sh(f"qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native {img}")
-        for _ in range(50):
-            if os.path.exists("/sys/block/nbd0/pid"):
-                break
-            time.sleep(0.1)
+        wait_for("/sys/block/nbd0/pid")
         return "/dev/nbd0"
 
     def down(self):
@@ -127,10 +132,7 @@ class Rublk(Peer):
     def up(self, img):
         load_module("ublk_drv")
         sh(f"{self.exe} add qcow2 --file {img}")
-        for _ in range(100):
-            if os.path.exists("/dev/ublkb0"):
-                break
-            time.sleep(0.1)
+        wait_for("/dev/ublkb0")
         return "/dev/ublkb0"
 
     def down(self):
