@@ -19,9 +19,6 @@ use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
 
-/// Smallest cluster size with extended L2 entries (QEMU's limit): keeps every
-/// subcluster a whole number of sectors.
-const MIN_EXTL2_CLUSTER_BITS: u32 = 14;
 const SECTOR: u64 = 512;
 /// qcow2 compatible feature bit 0: refcounts may be updated lazily.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1;
@@ -80,9 +77,6 @@ impl Delta {
         let hdr = Header::parse(buf.get(..n).unwrap_or(&[])).map_err(fmt_err)?;
         if u64::from(hdr.cluster_bits) < u64::from(kernel::bindings::PAGE_SHIFT) {
             return Err(ctr_err(eopnotsupp(), c_str!("Cluster size below PAGE_SIZE")));
-        }
-        if hdr.extended_l2() && hdr.cluster_bits < MIN_EXTL2_CLUSTER_BITS {
-            return Err(ctr_err(eopnotsupp(), c_str!("Extended L2 needs clusters of 16K or more")));
         }
         // O_DIRECT cannot address less than the host's logical block.
         if hdr.subcluster_size() < u64::from(file.logical_block_size()) {
@@ -238,16 +232,28 @@ impl Inner {
                     f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
                 }
                 RunKind::Compressed { host, len: clen } => {
-                    let hdr = &self.deltas.get(d).ok_or(EIO)?.hdr;
-                    self.inflate(st, d, host, clen)?;
-                    let in_cl = hdr.offset_in_cluster(vaddr + pos) as usize;
-                    let src = st.zout.get(in_cl..in_cl + rl as usize).ok_or(EIO)?;
-                    bio.copy_from(off, src)?;
+                    bio.copy_from(off, self.inflated(st, d, host, clen, vaddr + pos, rl)?)?;
                 }
             }
             pos += rl;
         }
         Ok(())
+    }
+
+    /// `[vaddr, vaddr + len)` (inside one cluster) of the compressed cluster
+    /// of delta `d` at `host`, inflated.
+    fn inflated<'a>(
+        &self,
+        st: &'a mut WorkerState,
+        d: usize,
+        host: u64,
+        clen: u64,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<&'a [u8]> {
+        self.inflate(st, d, host, clen)?;
+        let at = self.deltas.get(d).ok_or(EIO)?.hdr.offset_in_cluster(vaddr) as usize;
+        st.zout.get(at..at + len as usize).ok_or(EIO)
     }
 
     /// Makes `st.zout` hold the inflated compressed cluster at `host`.
@@ -422,10 +428,7 @@ impl Inner {
                 RunKind::Zero | RunKind::Unallocated => dst.fill(0),
                 RunKind::Data { host } => self.deltas.get(d).ok_or(EIO)?.file.read_full(dst, host)?,
                 RunKind::Compressed { host, len: clen } => {
-                    let hdr = &self.deltas.get(d).ok_or(EIO)?.hdr;
-                    self.inflate(st, d, host, clen)?;
-                    let in_cl = hdr.offset_in_cluster(vaddr + pos) as usize;
-                    dst.copy_from_slice(st.zout.get(in_cl..in_cl + rl as usize).ok_or(EIO)?);
+                    dst.copy_from_slice(self.inflated(st, d, host, clen, vaddr + pos, rl)?);
                 }
             }
             pos += rl;
