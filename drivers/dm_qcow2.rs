@@ -14,6 +14,8 @@ use kernel::prelude::*;
 #[allow(dead_code)]
 #[path = "../rust/mod.rs"]
 mod kx;
+mod io;
+mod merge;
 mod meta;
 pub mod qcow2_format;
 mod target;

@@ -154,6 +154,54 @@ impl DeltaMd {
         })
     }
 
+    /// The delta's img_id changed (a merge unlinked one below it).
+    pub(crate) fn set_img(&mut self, img: usize) {
+        self.img = img;
+    }
+
+    /// Loads the refcount table if it is not loaded yet (the delta is about
+    /// to be written to, e.g. as the target of a merge).
+    pub(crate) fn load_refcounts(&mut self, file: &File, hdr: &Header) -> Result {
+        if self.rt.is_empty() {
+            let n = u64::from(hdr.refcount_table_clusters) * hdr.cluster_size() / 8;
+            self.rt = read_table(file, hdr.refcount_table_offset, usize::try_from(n).map_err(|_| EFBIG)?)?;
+            self.rt_off = hdr.refcount_table_offset;
+            self.rt_clusters = u64::from(hdr.refcount_table_clusters);
+        }
+        Ok(())
+    }
+
+    /// Number of clusters whose L2 entries reference host data (normal,
+    /// compressed, or extended with an allocated subcluster). Walks every L2
+    /// table through the cache.
+    pub(crate) fn count_allocated(&mut self, file: &File, hdr: &Header) -> Result<u64> {
+        let per_l2 = hdr.l2_entries();
+        let cs = hdr.cluster_size();
+        let mut n = 0u64;
+        for i in 0..self.l1.len() {
+            let vbase = (i as u64).checked_mul(per_l2 * cs).ok_or(EIO)?;
+            if vbase >= hdr.size {
+                break;
+            }
+            let Some(l1e) = self.l1_entry(hdr, vbase)? else {
+                continue;
+            };
+            for j in 0..per_l2 {
+                let vaddr = vbase + j * cs;
+                if vaddr >= hdr.size {
+                    break;
+                }
+                let (raw, bitmap) = self.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
+                let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(self.img, e))?;
+                n += u64::from(matches!(
+                    c,
+                    fmt::Cluster::Normal { .. } | fmt::Cluster::Compressed { .. }
+                ) || matches!(c, fmt::Cluster::Extended { host: Some(_), alloc, .. } if alloc != 0));
+            }
+        }
+        Ok(n)
+    }
+
     /// The decoded L1 entry for `vaddr`.
     pub(crate) fn l1_entry(&self, hdr: &Header, vaddr: u64) -> Result<Option<fmt::L1Entry>> {
         let raw = *usize::try_from(hdr.l1_index(vaddr))

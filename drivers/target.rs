@@ -1,17 +1,22 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The `qcow2` target: constructor checks, the bio queue, reads and writes.
+//! The `qcow2` target: constructor checks, the table's state and worker,
+//! suspend/resume, status and messages. The I/O path is in `io`, merges in
+//! `merge`.
 
 use crate::kx::bio::{Bio, BioList, Op};
-use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr};
+use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink};
 use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kx::inflight::InflightRefs;
 use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
-use crate::meta::{corrupt, DeltaMd};
-use crate::qcow2_format::{self as fmt, Cluster, FormatError, Header, RunKind};
+use crate::merge::{self, Dir, Merge};
+use crate::meta::DeltaMd;
+use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -19,7 +24,11 @@ use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
 
-const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
+/// Header offsets of the backing file name's offset (u64) and size (u32).
+const HDR_BACKING: usize = 8;
+/// How long parked (ENOSPC) writes wait before they are retried, in 100 ms.
+const RETRY_SLICES: u32 = 10;
 /// qcow2 compatible feature bit 0: refcounts may be updated lazily.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// Header offsets of the v3 feature words.
@@ -43,9 +52,9 @@ fn fmt_err(e: FormatError) -> CtrError {
 }
 
 /// One image of the chain: its file and header (metadata lives in `DeltaMd`).
-struct Delta {
-    file: File,
-    hdr: Header,
+pub(crate) struct Delta {
+    pub(crate) file: File,
+    pub(crate) hdr: Header,
 }
 
 impl Delta {
@@ -69,6 +78,12 @@ impl Delta {
             return Err(ctr_err(EACCES, c_str!("Top image is not opened for writing")));
         }
 
+        let hdr = Self::read_header(&file, is_top && writable)?;
+        Ok(Self { file, hdr })
+    }
+
+    /// Reads and checks the header of `file` (`rw`: the image takes writes).
+    fn read_header(file: &File, rw: bool) -> Result<Header, CtrError> {
         let mut buf = IoBuf::new(Header::MIN_READ).map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
         let n = file
             .read_at(&mut buf, 0)
@@ -90,499 +105,352 @@ impl Delta {
         }
         // Lazy refcounts left dirty by a crash are stale: allocating from them
         // could hand out clusters in use.
-        if is_top
-            && writable
+        if rw
             && hdr.incompatible_features & fmt::incompat::DIRTY != 0
             && hdr.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
         {
             return Err(ctr_err(EINVAL, c_str!("Image is dirty: repair it with qemu-img check -r all")));
         }
-        Ok(Self { file, hdr })
+        Ok(hdr)
     }
 }
 
-/// State only the worker touches.
-struct WorkerState {
+/// State only the worker (and control paths, with it locked) touches.
+pub(crate) struct WorkerState {
+    /// Base first: index == img_id. Changed only by a merge's `complete`.
+    pub(crate) deltas: KVec<Arc<Delta>>,
     /// Index == img_id.
-    md: KVec<DeltaMd>,
+    pub(crate) md: KVec<DeltaMd>,
     /// A cluster-sized buffer for copy-on-write (taken while in use).
-    cow: Option<IoBuf>,
-    inflater: Inflater,
-    zin: IoBuf,
-    zout: IoBuf,
+    pub(crate) cow: Option<IoBuf>,
+    pub(crate) inflater: Inflater,
+    pub(crate) zin: IoBuf,
+    pub(crate) zout: IoBuf,
     /// (delta, host offset) of the compressed cluster held in `zout`.
-    zkey: Option<(usize, u64)>,
+    pub(crate) zkey: Option<(usize, u64)>,
+    pub(crate) merge: Option<Merge>,
+    /// Writes that hit ENOSPC, retried later.
+    parked: BioList,
+    /// The images may have changed (we were suspended): re-read them on resume.
+    stale: bool,
+}
+
+impl WorkerState {
+    pub(crate) fn delta(&self, d: usize) -> Result<Arc<Delta>> {
+        self.deltas.get(d).cloned().ok_or(EIO)
+    }
+
+    pub(crate) fn top(&self) -> usize {
+        self.deltas.len().saturating_sub(1)
+    }
+
+    /// Removes delta `d` from the chain; the ones above it move down one id.
+    pub(crate) fn unlink(&mut self, d: usize) -> Result<Arc<Delta>> {
+        let n = self.deltas.len();
+        if d >= n || n < 2 {
+            return Err(EINVAL);
+        }
+        let mut deltas = KVec::with_capacity(n - 1, GFP_KERNEL)?;
+        let mut md = KVec::with_capacity(n - 1, GFP_KERNEL)?;
+        let mut removed = None;
+        let old_md = core::mem::replace(&mut self.md, KVec::new());
+        let old = core::mem::replace(&mut self.deltas, KVec::new());
+        for (i, (delta, m)) in old.into_iter().zip(old_md).enumerate() {
+            if i == d {
+                removed = Some(delta);
+                continue;
+            }
+            // Cannot fail: the capacity is reserved.
+            let _ = deltas.push(delta, GFP_KERNEL);
+            let _ = md.push(m, GFP_KERNEL);
+        }
+        for (i, m) in md.iter_mut().enumerate() {
+            m.set_img(i);
+        }
+        self.deltas = deltas;
+        self.md = md;
+        // Indices changed.
+        self.zkey = None;
+        removed.ok_or(EINVAL)
+    }
+}
+
+/// Error state reported by `get_errors` and the status line.
+#[derive(Default)]
+struct Errors {
+    /// A refcount update failed: refcounts may be too high (leaks only).
+    /// Resume is refused until the table is reloaded.
+    wants_check: AtomicBool,
+    /// Last L1/L2 writeback error (positive errno), 0 if none.
+    md_writeback: AtomicI32,
+    /// Last error of a truncate of an image (positive errno), 0 if none.
+    truncate: AtomicI32,
 }
 
 /// The table's shared state: the chain, the bio queue and the worker.
 #[pin_data]
 pub(crate) struct Inner {
-    /// Base first: index == img_id.
-    deltas: KVec<Delta>,
     /// The table was loaded read-write: the top delta takes writes.
     writable: bool,
+    /// Length of the table in sectors.
+    len_sectors: u64,
     /// Asynchronous data I/O in flight.
-    inflight: Arc<IoCounter>,
+    pub(crate) inflight: Arc<IoCounter>,
+    /// Held by every bio from `map` to its end (see `dm::Target::inflight`).
+    pub(crate) refs: InflightRefs,
+    link: Arc<TargetLink>,
+    wq: OwnedQueue,
+    errors: Errors,
+    /// An ENOSPC happened and `get_event` has not reported it yet.
+    enospc_event: AtomicBool,
+    /// Bios parked on ENOSPC.
+    parked_count: AtomicUsize,
+    /// Suspending: parked bios fail instead of waiting for space.
+    suspending: AtomicBool,
     #[pin]
     pending: SpinLock<BioList>,
     #[pin]
-    state: Mutex<WorkerState>,
+    pub(crate) state: Mutex<WorkerState>,
     #[pin]
-    work: Work<Inner>,
+    work: Work<Inner, 0>,
+    #[pin]
+    merge_work: Work<Inner, 1>,
+    #[pin]
+    retry_work: Work<Inner, 2>,
 }
 
 impl_has_work! {
-    impl HasWork<Self> for Inner { self.work }
+    impl HasWork<Self, 0> for Inner { self.work }
+    impl HasWork<Self, 1> for Inner { self.merge_work }
+    impl HasWork<Self, 2> for Inner { self.retry_work }
 }
 
-impl WorkItem for Inner {
+/// The I/O worker: processes queued bios.
+impl WorkItem<0> for Inner {
     type Pointer = Arc<Inner>;
 
     fn run(this: Arc<Inner>) {
         let _noio = task::NoIo::enter();
-        let mut st = this.state.lock();
-        loop {
-            let mut list = this.pending.lock().take();
-            if list.is_empty() {
-                break;
+        let mut parked = false;
+        {
+            let mut st = this.state.lock();
+            loop {
+                let mut list = this.pending.lock().take();
+                if list.is_empty() {
+                    break;
+                }
+                while let Some(bio) = list.pop() {
+                    parked |= this.process(&mut st, bio);
+                }
             }
-            while let Some(bio) = list.pop() {
-                this.process(&mut st, bio);
+        }
+        if parked {
+            this.link.table_event();
+            if let Some(q) = this.wq.queue() {
+                let _ = q.enqueue::<_, 2>(this.clone());
             }
         }
     }
 }
 
+/// The merge walker.
+impl WorkItem<1> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        let _noio = task::NoIo::enter();
+        this.merge_run();
+    }
+}
+
+/// Retries parked writes after a while.
+impl WorkItem<2> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        for _ in 0..RETRY_SLICES {
+            if this.suspending.load(Ordering::Acquire) {
+                break;
+            }
+            task::sleep_ms(100);
+        }
+        this.unpark();
+    }
+}
+
 impl Inner {
-    fn process(&self, st: &mut WorkerState, bio: Bio) {
+    /// Ends `bio` with its result, or parks it on ENOSPC (returns true).
+    fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
         let res = match bio.op() {
             Op::Read => self.read_bio(st, &bio),
             Op::Write | Op::Flush if self.writable => self.write_bio(st, &bio),
             Op::Discard | Op::WriteZeroes if self.writable => self.zero_bio(st, &bio),
             _ => Err(EIO),
         };
-        bio.end(res);
-    }
-
-    fn top(&self) -> usize {
-        self.deltas.len().saturating_sub(1)
-    }
-
-    fn read_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
-        let size = u64::from(bio.size());
-        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
-        let cs = self.deltas.get(self.top()).ok_or(EIO)?.hdr.cluster_size();
-        let mut done = 0u64;
-        while done < size {
-            let len = (cs - vaddr % cs).min(size - done);
-            self.read_piece(st, bio, vaddr, done as u32, len)?;
-            vaddr += len;
-            done += len;
-        }
-        Ok(())
-    }
-
-    /// The L2 entry of `vaddr` in delta `d`.
-    fn cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result<Cluster> {
-        let delta = self.deltas.get(d).ok_or(EIO)?;
-        let md = st.md.get_mut(d).ok_or(EIO)?;
-        let Some(l1e) = md.l1_entry(&delta.hdr, vaddr)? else {
-            return Ok(Cluster::Unallocated);
-        };
-        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
-        fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))
-    }
-
-    /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
-    /// from delta `d` down: returns the delta that holds it, what it is and
-    /// its length. Unallocated everywhere, or past a delta's end, is zero.
-    fn resolve(&self, st: &mut WorkerState, d: usize, vaddr: u64, mut len: u64) -> Result<(usize, RunKind, u64)> {
-        let mut d = Some(d);
-        while let Some(i) = d {
-            let hdr = &self.deltas.get(i).ok_or(EIO)?.hdr;
-            // Lower deltas are never larger than the ones above them.
-            if vaddr >= hdr.size {
-                return Ok((i, RunKind::Zero, len));
-            }
-            len = len.min(hdr.size - vaddr);
-            let c = self.cluster(st, i, vaddr)?;
-            let (kind, rl) = fmt::first_run(hdr, &c, hdr.offset_in_cluster(vaddr), len);
-            if rl == 0 {
-                return Err(EIO);
-            }
-            if kind != RunKind::Unallocated {
-                return Ok((i, kind, rl));
-            }
-            len = rl;
-            d = i.checked_sub(1);
-        }
-        Ok((0, RunKind::Zero, len))
-    }
-
-    fn read_piece(&self, st: &mut WorkerState, bio: &Bio, vaddr: u64, boff: u32, len: u64) -> Result {
-        let mut pos = 0u64;
-        while pos < len {
-            let (d, kind, rl) = self.resolve(st, self.top(), vaddr + pos, len - pos)?;
-            let off = boff + pos as u32;
-            let rl32 = rl as u32;
-            match kind {
-                RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
-                RunKind::Data { host } => {
-                    let f = &self.deltas.get(d).ok_or(EIO)?.file;
-                    f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
+        match res {
+            // Not acknowledged: retried when there may be space again (what
+            // was written of it so far is simply written again).
+            Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
+                if self.parked_count.fetch_add(1, Ordering::AcqRel) == 0 {
+                    pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
                 }
-                RunKind::Compressed { host, len: clen } => {
-                    bio.copy_from(off, self.inflated(st, d, host, clen, vaddr + pos, rl)?)?;
-                }
+                st.parked.push(bio);
+                self.enospc_event.store(true, Ordering::Release);
+                true
             }
-            pos += rl;
-        }
-        Ok(())
-    }
-
-    /// `[vaddr, vaddr + len)` (inside one cluster) of the compressed cluster
-    /// of delta `d` at `host`, inflated.
-    fn inflated<'a>(
-        &self,
-        st: &'a mut WorkerState,
-        d: usize,
-        host: u64,
-        clen: u64,
-        vaddr: u64,
-        len: u64,
-    ) -> Result<&'a [u8]> {
-        self.inflate(st, d, host, clen)?;
-        let at = self.deltas.get(d).ok_or(EIO)?.hdr.offset_in_cluster(vaddr) as usize;
-        st.zout.get(at..at + len as usize).ok_or(EIO)
-    }
-
-    /// Makes `st.zout` hold the inflated compressed cluster at `host`.
-    fn inflate(&self, st: &mut WorkerState, d: usize, host: u64, clen: u64) -> Result {
-        if st.zkey == Some((d, host)) {
-            return Ok(());
-        }
-        st.zkey = None;
-        let delta = self.deltas.get(d).ok_or(EIO)?;
-        let a = DIO_ALIGN as u64;
-        let start = host & !(a - 1);
-        let end = host.checked_add(clen).ok_or(EIO)?.next_multiple_of(a);
-        let span = usize::try_from(end - start).map_err(|_| EIO)?;
-        let zin = st.zin.get_mut(..span).ok_or(EIO)?;
-        // The last compressed cluster may end before its rounded-up span.
-        delta.file.read_full(zin, start)?;
-        let skip = (host - start) as usize;
-        let src = zin.get(skip..skip + clen as usize).ok_or(EIO)?;
-        let cs = delta.hdr.cluster_size() as usize;
-        let dst = st.zout.get_mut(..cs).ok_or(EIO)?;
-        if st.inflater.inflate_raw(src, dst).is_err() {
-            pr_err!("dm-qcow2: image {}: bad compressed cluster at {:#x}\n", d, host);
-            return Err(EIO);
-        }
-        st.zkey = Some((d, host));
-        Ok(())
-    }
-}
-
-/// Write path.
-impl Inner {
-    fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
-        let top = self.deltas.get(self.top()).ok_or(EIO)?;
-        if bio.is_preflush() || bio.op() == Op::Flush {
-            // Everything acknowledged so far is in the file: make it durable.
-            top.file.fsync()?;
-        }
-        let size = u64::from(bio.size());
-        if size == 0 {
-            return Ok(());
-        }
-        let fua = bio.is_fua();
-        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
-        let cs = top.hdr.cluster_size();
-        let mut done = 0u64;
-        let mut synced = false;
-        while done < size {
-            let len = (cs - vaddr % cs).min(size - done);
-            synced |= self.write_piece(st, Src::Bio(bio, done as u32), vaddr, len, fua)?;
-            vaddr += len;
-            done += len;
-        }
-        if fua && synced {
-            top.file.fsync()?;
-        }
-        Ok(())
-    }
-
-    /// Writes `[vaddr, vaddr + len)` (inside one cluster) from the bio at
-    /// `boff`. Returns whether it was written synchronously (copy-on-write),
-    /// as opposed to an in-place write still in flight.
-    fn write_piece(&self, st: &mut WorkerState, src: Src<'_>, vaddr: u64, len: u64, fua: bool) -> Result<bool> {
-        let d = self.top();
-        let delta = self.deltas.get(d).ok_or(EIO)?;
-        let hdr = &delta.hdr;
-        let off = hdr.offset_in_cluster(vaddr);
-        let md = st.md.get_mut(d).ok_or(EIO)?;
-        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr)?;
-        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
-        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-
-        // Clusters (or subclusters) of our own are overwritten in place.
-        let in_place = match c {
-            Cluster::Normal { host, copied: true } => Some(host),
-            Cluster::Extended { host: Some(h), copied: true, alloc, .. }
-                if subclusters_set(hdr, alloc, off, len) =>
-            {
-                Some(h)
-            }
-            _ => None,
-        };
-        if let Some(h) = in_place {
-            match src {
-                Src::Bio(bio, boff) => {
-                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
-                    return Ok(false);
-                }
-                Src::Zero => {
-                    let zero = IoBuf::new(len as usize)?;
-                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, h + off)?;
-                    return Ok(true);
-                }
+            r => {
+                bio.end(r);
+                false
             }
         }
-
-        // Copy-on-write: a cluster of our own holding what reads showed
-        // so far, with the new data over it.
-        // A host cluster shared with an internal snapshot (no COPIED bit) is
-        // copied, not reused, and loses our reference once we point elsewhere.
-        let own = raw & fmt::L2E_COPIED != 0;
-        let (host, fresh) = match c {
-            Cluster::ZeroPrealloc { host } if own => (host, false),
-            Cluster::Extended { host: Some(h), .. } if own => (h, false),
-            _ => (md.alloc_cluster(&delta.file, hdr)?, true),
-        };
-        let shared = match c {
-            Cluster::Normal { host, copied: false } | Cluster::ZeroPrealloc { host } if !own => Some(host),
-            Cluster::Extended { host: Some(h), copied: false, .. } => Some(h),
-            _ => None,
-        };
-        let mut cow = st.cow.take().ok_or(EIO)?;
-        let res = self.fill_cow(st, &mut cow, src, vaddr, len);
-        let res = res.and_then(|()| {
-            let buf = cow.get(..hdr.cluster_size() as usize).ok_or(EIO)?;
-            delta.file.write_full(buf, host)
-        });
-        st.cow = Some(cow);
-        let md = st.md.get_mut(d).ok_or(EIO)?;
-        let res = res.and_then(|()| {
-            // Data is on disk: now make it reachable.
-            let (nraw, nbitmap) = if hdr.extended_l2() {
-                (host | fmt::L2E_COPIED, u64::from(u32::MAX))
-            } else {
-                (fmt::encode_l2_normal(host, true), 0)
-            };
-            md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
-        });
-        if let Err(e) = res {
-            if fresh {
-                let _ = md.free_range(&delta.file, hdr, host, hdr.cluster_size());
-            }
-            return Err(e);
-        }
-        if let Cluster::Compressed { host: chost, len: clen } = c {
-            // Free the clusters the compressed data occupied, as QEMU counts them.
-            let start = chost & !(SECTOR - 1);
-            let _ = md.free_range(&delta.file, hdr, start, clen + (chost - start));
-        }
-        if let Some(old) = shared {
-            let _ = md.free_range(&delta.file, hdr, old, hdr.cluster_size());
-        }
-        Ok(true)
     }
 
-    /// Fills `cow` with the whole cluster of `vaddr`: what reads return
-    /// outside the write, the bio's data inside it.
-    fn fill_cow(&self, st: &mut WorkerState, cow: &mut [u8], src: Src<'_>, vaddr: u64, len: u64) -> Result {
-        let hdr = &self.deltas.get(self.top()).ok_or(EIO)?.hdr;
-        let cs = hdr.cluster_size();
-        let off = hdr.offset_in_cluster(vaddr);
-        let base = vaddr - off;
-        let (head, rest) = cow.split_at_mut(off as usize);
-        let (mid, tail) = rest.split_at_mut(len as usize);
-        self.read_into(st, base, head)?;
-        match src {
-            Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
-            Src::Zero => mid.fill(0),
+    fn queue(self: &Arc<Self>, bio: Bio) {
+        self.pending.lock().push(bio);
+        if let Some(q) = self.wq.queue() {
+            // Already queued: the running or pending pass will see the bio.
+            let _ = q.enqueue::<_, 0>(self.clone());
         }
-        let tail_len = (cs - off - len) as usize;
-        self.read_into(st, vaddr + len, tail.get_mut(..tail_len).ok_or(EIO)?)
     }
 
-    /// Reads what the device shows at `[vaddr, vaddr + buf.len())` (inside
-    /// one cluster) into `buf`, synchronously.
-    fn read_into(&self, st: &mut WorkerState, vaddr: u64, buf: &mut [u8]) -> Result {
-        let len = buf.len() as u64;
-        let mut pos = 0u64;
-        while pos < len {
-            let (d, kind, rl) = self.resolve(st, self.top(), vaddr + pos, len - pos)?;
-            let dst = buf.get_mut(pos as usize..(pos + rl) as usize).ok_or(EIO)?;
-            match kind {
-                RunKind::Zero | RunKind::Unallocated => dst.fill(0),
-                RunKind::Data { host } => self.deltas.get(d).ok_or(EIO)?.file.read_full(dst, host)?,
-                RunKind::Compressed { host, len: clen } => {
-                    dst.copy_from_slice(self.inflated(st, d, host, clen, vaddr + pos, rl)?);
-                }
-            }
-            pos += rl;
-        }
-        Ok(())
-    }
-}
-
-/// Where written data comes from.
-#[derive(Clone, Copy)]
-enum Src<'a> {
-    /// The bio's data, from this byte offset.
-    Bio(&'a Bio, u32),
-    /// Zeroes.
-    Zero,
-}
-
-/// Discard and write-zeroes.
-impl Inner {
-    fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
-        let top = self.deltas.get(self.top()).ok_or(EIO)?;
-        let discard = bio.op() == Op::Discard;
-        let unmap = discard || !bio.is_nounmap();
-        let size = u64::from(bio.size());
-        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
-        let end = vaddr.checked_add(size).ok_or(EIO)?;
-        let cs = top.hdr.cluster_size();
-        while vaddr < end {
-            let len = (cs - vaddr % cs).min(end - vaddr);
-            if len == cs && top.hdr.version >= 3 {
-                self.zero_cluster(st, vaddr, unmap)?;
-            } else if !discard {
-                // Partial clusters (and v2 images, which have no zero flag)
-                // get zeroes written.
-                self.write_piece(st, Src::Zero, vaddr, len, false)?;
-            } else if len == cs {
-                // v2 discard: zero what the device shows (lower data must
-                // not reappear), keeping the cluster.
-                self.write_piece(st, Src::Zero, vaddr, len, false)?;
-            }
-            // A partial-cluster discard is a hint we may ignore.
-            vaddr += len;
-        }
-        Ok(())
-    }
-
-    /// Makes the whole cluster of `vaddr` read as zeroes with the zero flag
-    /// (v3), freeing its host cluster if `unmap` (else keeping it preallocated).
-    fn zero_cluster(&self, st: &mut WorkerState, vaddr: u64, unmap: bool) -> Result {
-        let d = self.top();
-        let delta = self.deltas.get(d).ok_or(EIO)?;
-        let hdr = &delta.hdr;
-        let md = st.md.get_mut(d).ok_or(EIO)?;
-        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr)?;
-        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
-        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-        // Our reference to the host cluster, if any; only one we own outright
-        // (COPIED) may stay as preallocation.
-        let own = raw & fmt::L2E_COPIED != 0;
-        let referenced = match c {
-            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => Some(host),
-            Cluster::Extended { host: Some(h), .. } => Some(h),
-            _ => None,
-        };
-        let keep = if unmap || !own { None } else { referenced };
-        let (nraw, nbitmap) = if hdr.extended_l2() {
-            // All subclusters zero; the host offset may stay as preallocation.
-            (keep.map_or(0, |h| h | fmt::L2E_COPIED), u64::from(u32::MAX) << 32)
-        } else {
-            (fmt::encode_l2_zero(keep, keep.is_some()), 0)
-        };
-        md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)?;
-        // The entry no longer points there: now the space may go.
-        if keep.is_none() {
-            if let Some(h) = referenced {
-                // An overlapping read or write may still be in flight to the
-                // old host cluster: it must land before the cluster can be
-                // handed out again.
-                self.inflight.wait_idle();
-                let _ = md.free_range(&delta.file, hdr, h, hdr.cluster_size());
+    /// Queues the parked bios again.
+    fn unpark(self: &Arc<Self>) {
+        let mut parked = self.state.lock().parked.take();
+        let mut n = 0;
+        {
+            let mut pending = self.pending.lock();
+            while let Some(bio) = parked.pop() {
+                pending.push(bio);
+                n += 1;
             }
         }
-        if let Cluster::Compressed { host: chost, len: clen } = c {
-            let start = chost & !(SECTOR - 1);
-            let _ = md.free_range(&delta.file, hdr, start, clen + (chost - start));
+        if n > 0 {
+            self.parked_count.fetch_sub(n, Ordering::AcqRel);
+            if let Some(q) = self.wq.queue() {
+                let _ = q.enqueue::<_, 0>(self.clone());
+            }
         }
-        Ok(())
-    }
-}
-
-/// Whether every subcluster touched by `[off, off + len)` has its bit in `bits`.
-fn subclusters_set(hdr: &Header, bits: u32, off: u64, len: u64) -> bool {
-    let scs = hdr.subcluster_size();
-    if len == 0 || scs == 0 {
-        return true;
-    }
-    let first = off / scs;
-    let last = (off + len - 1) / scs;
-    (first..=last).all(|i| i < 32 && bits & (1 << i) != 0)
-}
-
-/// Per-table state kept in `ti->private`.
-pub(crate) struct Qcow2 {
-    // Dropped first: destroying the queue waits for the worker, which holds
-    // references to `inner`.
-    wq: OwnedQueue,
-    inner: Arc<Inner>,
-}
-
-impl Qcow2 {
-    fn queue(&self, bio: Bio) {
-        self.inner.pending.lock().push(bio);
-        // Already queued: the running or pending pass will see the bio.
-        let _ = self.wq.enqueue(self.inner.clone());
     }
 
-    /// Rewrites the top's header: autoclear bits cleared (we do not keep
+    /// Starts the merge walker (if it is not queued already).
+    pub(crate) fn kick_merge(self: &Arc<Self>) {
+        if let Some(q) = self.wq.queue() {
+            let _ = q.enqueue::<_, 1>(self.clone());
+        }
+    }
+
+    /// Records an L1/L2 writeback error.
+    pub(crate) fn md_error(&self, e: Error) -> Error {
+        self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
+        e
+    }
+
+    pub(crate) fn latch_wants_check(&self) {
+        self.errors.wants_check.store(true, Ordering::Release);
+    }
+
+    /// Rewrites the header of `delta`: autoclear bits cleared (we do not keep
     /// what they vouch for, e.g. bitmaps, up to date) and the dirty bit set
     /// or cleared if asked. v2 headers have neither.
-    fn update_header(&self, dirty: Option<bool>) -> Result {
-        let top = self.inner.deltas.last().ok_or(EIO)?;
-        if top.hdr.version < 3 {
+    fn update_header(&self, delta: &Delta, dirty: Option<bool>) -> Result {
+        if delta.hdr.version < 3 {
             return Ok(());
         }
         let mut page = IoBuf::new(DIO_ALIGN)?;
-        top.file.read_full(&mut page, 0)?;
-        let word = |p: &IoBuf, at: usize| -> Result<u64> {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(p.get(at..at + 8).ok_or(EIO)?);
-            Ok(u64::from_be_bytes(b))
-        };
-        let mut incompat = word(&page, HDR_INCOMPAT)?;
+        delta.file.read_full(&mut page, 0)?;
+        let mut incompat = be_u64(&page, HDR_INCOMPAT)?;
         match dirty {
             Some(true) => incompat |= fmt::incompat::DIRTY,
             Some(false) => incompat &= !fmt::incompat::DIRTY,
             None => {}
         }
-        if incompat == word(&page, HDR_INCOMPAT)? && word(&page, HDR_AUTOCLEAR)? == 0 {
+        if incompat == be_u64(&page, HDR_INCOMPAT)? && be_u64(&page, HDR_AUTOCLEAR)? == 0 {
             return Ok(());
         }
         page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8).ok_or(EIO)?.copy_from_slice(&incompat.to_be_bytes());
         page.get_mut(HDR_AUTOCLEAR..HDR_AUTOCLEAR + 8).ok_or(EIO)?.fill(0);
-        top.file.write_full(&page, 0)?;
-        top.file.fsync()
+        delta.file.write_full(&page, 0)?;
+        delta.file.fsync()
     }
 
-    /// Makes everything written durable (read-only tables have nothing to do).
-    fn sync(&self) {
-        if !self.inner.writable {
-            return;
+    /// Sets or clears the dirty bit of `delta` (v3).
+    pub(crate) fn set_dirty(&self, delta: &Delta, dirty: bool) -> Result {
+        self.update_header(delta, Some(dirty))
+    }
+
+    /// Makes `delta` name no backing file (it became the base).
+    pub(crate) fn clear_backing(&self, delta: &Delta) -> Result {
+        if !delta.hdr.has_backing_file() {
+            return Ok(());
         }
-        if let Some(top) = self.inner.deltas.last() {
-            if let Err(e) = top.file.fsync() {
-                pr_err!("dm-qcow2: fsync of the top image failed: {:?}\n", e);
+        let mut page = IoBuf::new(DIO_ALIGN)?;
+        delta.file.read_full(&mut page, 0)?;
+        page.get_mut(HDR_BACKING..HDR_BACKING + 12).ok_or(EIO)?.fill(0);
+        delta.file.write_full(&page, 0)?;
+        delta.file.fsync()
+    }
+
+    /// Re-reads every header and drops all cached metadata: userspace may
+    /// have changed the images while we were suspended.
+    fn reload(&self, st: &mut WorkerState) -> Result {
+        let n = st.deltas.len();
+        let mut deltas = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut md = KVec::with_capacity(n, GFP_KERNEL)?;
+        for (i, old) in st.deltas.iter().enumerate() {
+            let rw = self.writable && i + 1 == n;
+            let hdr = Delta::read_header(&old.file, rw).map_err(|e| {
+                pr_err!("dm-qcow2: image {}: {}\n", i, e.msg.to_str().unwrap_or("bad header"));
+                e.err
+            })?;
+            deltas.push(Delta { file: old.file.try_clone(), hdr }, GFP_KERNEL)?;
+        }
+        Qcow2::check_chain(&deltas, self.len_sectors).map_err(|e| {
+            pr_err!("dm-qcow2: {}\n", e.msg.to_str().unwrap_or("bad chain"));
+            e.err
+        })?;
+        for (i, d) in deltas.iter().enumerate() {
+            // Fault injection settings survive the reload.
+            if let Some(old) = st.deltas.get(i) {
+                let _ = d.file.set_fault_ratio(old.file.fault_ratio());
+            }
+            md.push(DeltaMd::load(i, &d.file, &d.hdr, self.writable && i + 1 == n)?, GFP_KERNEL)?;
+        }
+        let mut arcs = KVec::with_capacity(n, GFP_KERNEL)?;
+        for d in deltas {
+            arcs.push(Arc::new(d, GFP_KERNEL)?, GFP_KERNEL)?;
+        }
+        st.deltas = arcs;
+        st.md = md;
+        st.zkey = None;
+        Ok(())
+    }
+}
+
+fn be_u64(p: &[u8], at: usize) -> Result<u64> {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(p.get(at..at + 8).ok_or(EIO)?);
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Per-table state kept in `ti->private`.
+pub(crate) struct Qcow2 {
+    inner: Arc<Inner>,
+}
+
+impl Qcow2 {
+    /// Makes everything written durable: the top (read-write tables) and a
+    /// merge's receiving delta.
+    fn sync(&self, st: &WorkerState) {
+        let mut targets = [None, None];
+        if self.inner.writable {
+            targets[0] = Some(st.top());
+        }
+        targets[1] = st.merge.as_ref().map(|m| m.dst);
+        for d in targets.into_iter().flatten() {
+            if let Some(delta) = st.deltas.get(d) {
+                if let Err(e) = delta.file.fsync() {
+                    pr_err!("dm-qcow2: fsync of image {} failed: {:?}\n", d, e);
+                }
             }
         }
     }
@@ -610,11 +478,51 @@ impl Qcow2 {
         }
         Ok(())
     }
+
+    fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
+        let inner = &self.inner;
+        let e = &inner.errors;
+        let mut st = inner.state.lock();
+        write!(
+            out,
+            "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
+            st.deltas.len(),
+            u8::from(e.wants_check.load(Ordering::Acquire)),
+            e.md_writeback.load(Ordering::Relaxed),
+            e.truncate.load(Ordering::Relaxed),
+            inner.parked_count.load(Ordering::Acquire),
+        )?;
+        merge::describe(st.merge.as_ref(), out)?;
+        write!(out, " clusters=")?;
+        for i in 0..st.deltas.len() {
+            let Ok(d) = st.delta(i) else { break };
+            let n = match st.md.get_mut(i) {
+                Some(md) => md.count_allocated(&d.file, &d.hdr).ok(),
+                None => None,
+            };
+            if i > 0 {
+                write!(out, ",")?;
+            }
+            match n {
+                Some(n) => write!(out, "{}", n)?,
+                None => write!(out, "?")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a decimal message argument.
+fn arg<T: core::str::FromStr>(args: &[&CStr], i: usize) -> Result<T> {
+    args.get(i)
+        .and_then(|a| a.to_str().ok())
+        .and_then(|s| s.parse::<T>().ok())
+        .ok_or(EINVAL)
 }
 
 impl dm::Target for Qcow2 {
     const NAME: &'static CStr = c_str!("qcow2");
-    const VERSION: [u32; 3] = [1, 0, 0];
+    const VERSION: [u32; 3] = [1, 1, 0];
     const FEATURES: u64 = dm::features::SINGLETON;
 
     fn ctr(ti: &mut TargetCtr<'_>, args: &[&CStr]) -> Result<KBox<Self>, CtrError> {
@@ -639,7 +547,12 @@ impl dm::Target for Qcow2 {
                 .map_err(|e| ctr_err(e, c_str!("Cannot read image metadata")))?;
             md.push(m, GFP_KERNEL).map_err(oom)?;
         }
+        let mut arcs = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
+        for d in deltas {
+            arcs.push(Arc::new(d, GFP_KERNEL).map_err(oom)?, GFP_KERNEL).map_err(oom)?;
+        }
         let st = WorkerState {
+            deltas: arcs,
             md,
             cow: Some(IoBuf::new(cs).map_err(oom)?),
             inflater: Inflater::new().map_err(oom)?,
@@ -648,21 +561,35 @@ impl dm::Target for Qcow2 {
             zin: IoBuf::new(2 * cs + 2 * DIO_ALIGN).map_err(oom)?,
             zout: IoBuf::new(cs).map_err(oom)?,
             zkey: None,
+            merge: None,
+            parked: BioList::new(),
+            stale: false,
         };
         let inflight = IoCounter::new().map_err(oom)?;
+        let refs = InflightRefs::new().map_err(oom)?;
+        let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
+        let (len_sectors, link) = (ti.len(), ti.link());
         let inner = Arc::pin_init(
             pin_init!(Inner {
-                deltas,
                 writable,
+                len_sectors,
                 inflight,
+                refs,
+                link,
+                wq,
+                errors: Errors::default(),
+                enospc_event: AtomicBool::new(false),
+                parked_count: AtomicUsize::new(0),
+                suspending: AtomicBool::new(false),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),
+                merge_work <- new_work!("dm_qcow2::merge_work"),
+                retry_work <- new_work!("dm_qcow2::retry_work"),
             }),
             GFP_KERNEL,
         )
         .map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
-        let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
 
         ti.set_num_flush_bios(1);
         ti.set_flush_supported(true);
@@ -671,32 +598,40 @@ impl dm::Target for Qcow2 {
             ti.set_discards_supported(true);
             ti.set_num_write_zeroes_bios(1);
         }
-        KBox::new(Self { wq, inner }, GFP_KERNEL).map_err(oom)
+        KBox::new(Self { inner }, GFP_KERNEL).map_err(oom)
     }
 
     fn map(&self, bio: Bio) {
         match bio.op() {
-            Op::Read if bio.size() > 0 => self.queue(bio),
-            Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => self.queue(bio),
+            Op::Read if bio.size() > 0 => self.inner.queue(bio),
+            Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => self.inner.queue(bio),
             // Read-only table: an empty flush has nothing to make durable.
             _ if bio.size() == 0 => bio.end(Ok(())),
             _ => bio.end(Err(EIO)),
         }
     }
 
+    fn inflight(&self) -> Option<&InflightRefs> {
+        Some(&self.inner.refs)
+    }
+
     fn status(&self, kind: StatusType, out: &mut Emit<'_>) {
-        let Some(top) = self.inner.deltas.last() else {
-            return;
-        };
         let _ = match kind {
-            StatusType::Table => write!(
-                out,
-                "{} v{} {}",
-                self.inner.deltas.len(),
-                top.hdr.version,
-                top.hdr.cluster_size() / SECTOR
-            ),
-            StatusType::Info | StatusType::Ima => Ok(()),
+            StatusType::Table => {
+                let st = self.inner.state.lock();
+                match st.deltas.last() {
+                    Some(top) => write!(
+                        out,
+                        "{} v{} {}",
+                        st.deltas.len(),
+                        top.hdr.version,
+                        top.hdr.cluster_size() / SECTOR
+                    ),
+                    None => Ok(()),
+                }
+            }
+            StatusType::Info => self.status_info(out),
+            StatusType::Ima => Ok(()),
         };
     }
 
@@ -704,60 +639,163 @@ impl dm::Target for Qcow2 {
         if !task::capable_sys_admin() {
             return Err(EPERM);
         }
+        let inner = &self.inner;
         let cmd = args.first().ok_or(EINVAL)?.as_bytes();
+        let suspended = || inner.link.suspended();
         match cmd {
             b"get_img_name" | b"get_img_id" => {
-                let id = args
-                    .get(1)
-                    .and_then(|a| a.to_str().ok())
-                    .and_then(|s| s.parse::<usize>().ok())
-                    .ok_or(EINVAL)?;
-                if let Some(d) = self.inner.deltas.get(id) {
+                let id: usize = arg(args, 1)?;
+                let d = inner.state.lock().delta(id).ok();
+                if let Some(d) = d {
                     let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
                     let p = d.file.path(&mut buf)?;
                     let _ = writeln!(out, "{}", core::str::from_utf8(p).unwrap_or("?"));
                 }
                 Ok(())
             }
-            b"get_errors" => {
-                let _ = write!(out, "wants_check=0\nmd_writeback_error=0\ntruncate_error=0\n");
+            b"get_img_fd" => {
+                let id: usize = arg(args, 1)?;
+                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
+                let fd = d.file.install_fd()?;
+                let _ = writeln!(out, "{}", fd);
                 Ok(())
             }
-            b"get_event" => Ok(()),
+            b"get_errors" => {
+                let e = &inner.errors;
+                let _ = write!(
+                    out,
+                    "wants_check={}\nmd_writeback_error={}\ntruncate_error={}\n",
+                    u8::from(e.wants_check.load(Ordering::Acquire)),
+                    e.md_writeback.load(Ordering::Relaxed),
+                    e.truncate.load(Ordering::Relaxed)
+                );
+                Ok(())
+            }
+            b"get_event" => {
+                if inner.enospc_event.swap(false, Ordering::AcqRel) {
+                    let _ = writeln!(out, "event_ENOSPC");
+                }
+                Ok(())
+            }
+            b"set_fault_injection" => {
+                if suspended() {
+                    return Err(EBUSY);
+                }
+                let id: usize = arg(args, 1)?;
+                let ratio: u32 = arg(args, 2)?;
+                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
+                d.file.set_fault_ratio(ratio)
+            }
+            b"merge_backward" | b"merge_forward" => {
+                let dir = if cmd == b"merge_backward" { Dir::Backward } else { Dir::Forward };
+                let sub = args.get(1).ok_or(EINVAL)?.as_bytes();
+                match sub {
+                    b"start" => {
+                        if suspended() {
+                            return Err(EBUSY);
+                        }
+                        let efd: i32 = arg(args, 2)?;
+                        let depth = if args.len() > 3 { Some(arg::<usize>(args, 3)?) } else { None };
+                        if args.len() > 4 {
+                            return Err(EINVAL);
+                        }
+                        inner.merge_start(dir, efd, depth)
+                    }
+                    b"complete" => {
+                        if suspended() {
+                            return Err(EBUSY);
+                        }
+                        inner.merge_complete(dir)
+                    }
+                    b"cancel" => {
+                        let mut st = inner.state.lock();
+                        if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
+                            return Err(EINVAL);
+                        }
+                        inner.merge_cancel(&mut st)
+                    }
+                    b"progress" => {
+                        let st = inner.state.lock();
+                        let m = st.merge.as_ref().filter(|m| m.dir == dir);
+                        let _ = merge::describe(m, out);
+                        let _ = writeln!(out);
+                        Ok(())
+                    }
+                    _ => Err(EINVAL),
+                }
+            }
             _ => Err(ENOTTY),
         }
     }
 
+    fn presuspend(&self) {
+        let inner = &self.inner;
+        inner.suspending.store(true, Ordering::Release);
+        {
+            let mut st = inner.state.lock();
+            if st.merge.is_some() {
+                pr_info!("dm-qcow2: suspend cancels the merge\n");
+                if let Err(e) = inner.merge_cancel(&mut st) {
+                    pr_err!("dm-qcow2: merge cancel: {:?}\n", e);
+                }
+            }
+        }
+        // Parked writes get one more try, then fail: suspend must not wait
+        // for space that may never come.
+        inner.unpark();
+    }
+
     fn postsuspend(&self) {
-        self.wq.flush();
-        self.sync();
-        if self.inner.writable && param::kernel_sets_dirty_bit() {
-            if let Err(e) = self.update_header(Some(false)) {
-                pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);
+        let inner = &self.inner;
+        inner.wq.flush();
+        let mut st = inner.state.lock();
+        self.sync(&st);
+        st.stale = true;
+        if inner.writable && param::kernel_sets_dirty_bit() {
+            if let Ok(top) = st.delta(st.top()) {
+                if let Err(e) = inner.set_dirty(&top, false) {
+                    pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);
+                }
             }
         }
     }
 
     fn preresume(&self) -> Result {
-        if !self.inner.writable {
+        let inner = &self.inner;
+        if inner.errors.wants_check.load(Ordering::Acquire) {
+            pr_err!("dm-qcow2: refcounts may be wrong (wants_check): reload the table after qemu-img check -r all\n");
+            return Err(EINVAL);
+        }
+        let mut st = inner.state.lock();
+        if st.stale {
+            inner.reload(&mut st)?;
+            st.stale = false;
+        }
+        if !inner.writable {
             return Ok(());
         }
         let dirty = param::kernel_sets_dirty_bit().then_some(true);
-        self.update_header(dirty).inspect_err(|e| {
+        let top = st.delta(st.top())?;
+        inner.update_header(&top, dirty).inspect_err(|e| {
             pr_err!("dm-qcow2: cannot update the image header: {:?}\n", e);
         })
     }
 
+    fn resume(&self) {
+        self.inner.suspending.store(false, Ordering::Release);
+    }
+
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
+        let st = self.inner.state.lock();
         // The strictest of the devices under the image files.
-        let strictest = |f: fn(&File) -> u32| self.inner.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
+        let strictest = |f: fn(&File) -> u32| st.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
         let lbs = strictest(File::logical_block_size).clamp(SECTOR as u32, DIO_ALIGN as u32);
         let dma = strictest(File::dma_alignment).max(lbs - 1);
         limits.set_logical_block_size(lbs);
         limits.set_dma_alignment(dma);
         limits.set_physical_block_size(lbs);
         limits.set_io_min(lbs);
-        if let Some(top) = self.inner.deltas.last() {
+        if let Some(top) = st.deltas.last() {
             let cs = top.hdr.cluster_size() as u32;
             limits.set_io_opt(cs);
             if self.inner.writable {
@@ -774,9 +812,11 @@ impl dm::Target for Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        // Bios cannot be pending at destruction (device-mapper waits for them),
-        // but make sure the worker is idle before the chain goes away.
-        self.wq.flush();
-        self.sync();
+        // Bios cannot be pending at destruction (device-mapper waits for them).
+        // Stop the work items before the chain goes away; none of them may
+        // hold the last reference to `inner` (we hold one until after this).
+        self.inner.wq.shutdown();
+        let st = self.inner.state.lock();
+        self.sync(&st);
     }
 }

@@ -12,6 +12,7 @@
 
 use super::bindings;
 use super::bio::Bio;
+use super::inflight::{InflightRefs, RefIndex};
 use core::fmt;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
@@ -19,6 +20,7 @@ use kernel::error::{code::ENOMEM, Error, Result};
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
+use kernel::sync::{Arc, Mutex};
 
 /// Target feature flags (`DM_TARGET_*`).
 pub(crate) mod features {
@@ -52,9 +54,59 @@ pub(crate) enum StatusType {
     Ima,
 }
 
+/// A link to a constructed target for code that runs outside its callbacks
+/// (work items): raises table events and tells whether the device is
+/// suspended. Once the target is destroyed the link is dead and does nothing.
+#[pin_data]
+pub(crate) struct TargetLink {
+    ti: *mut bindings::dm_target,
+    /// Cleared by the destructor before the target goes away.
+    #[pin]
+    alive: Mutex<bool>,
+}
+
+// SAFETY: `ti` is only used under `alive`, while the target exists; the dm
+// functions called on it are thread-safe.
+unsafe impl Send for TargetLink {}
+// SAFETY: As above.
+unsafe impl Sync for TargetLink {}
+
+impl TargetLink {
+    fn new(ti: *mut bindings::dm_target) -> Result<Arc<Self>> {
+        Arc::pin_init(
+            pin_init!(Self { ti, alive <- kernel::new_mutex!(true, "dm::TargetLink") }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Raises a table event (`dmsetup wait` returns, a uevent may follow).
+    pub(crate) fn table_event(&self) {
+        let alive = self.alive.lock();
+        if *alive {
+            // SAFETY: The target, and so its table, exists while `alive` is set,
+            // and the destructor cannot clear it while we hold the lock.
+            unsafe { bindings::dm_table_event(bindings::dmq_target_table(self.ti)) };
+        }
+    }
+
+    /// Whether the mapped device is suspended.
+    pub(crate) fn suspended(&self) -> bool {
+        let alive = self.alive.lock();
+        // SAFETY: As in `table_event`.
+        *alive && unsafe { bindings::dm_suspended(self.ti) } != 0
+    }
+}
+
+/// What `ti->private` holds.
+struct Private<T> {
+    link: Arc<TargetLink>,
+    state: KBox<T>,
+}
+
 /// The target being constructed: what the constructor may read and set.
 pub(crate) struct TargetCtr<'a> {
     ti: NonNull<bindings::dm_target>,
+    link: Arc<TargetLink>,
     _p: PhantomData<&'a mut bindings::dm_target>,
 }
 
@@ -78,6 +130,11 @@ impl TargetCtr<'_> {
     /// Length of the target in sectors.
     pub(crate) fn len(&self) -> u64 {
         self.ti().len
+    }
+
+    /// A link to this target for work items (see [`TargetLink`]).
+    pub(crate) fn link(&self) -> Arc<TargetLink> {
+        self.link.clone()
     }
 
     /// Whether the table is being loaded read-write.
@@ -196,6 +253,13 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     /// Takes a bio. The target owns it from now on and must end it.
     fn map(&self, bio: Bio);
 
+    /// In-flight refs every bio holds from `map` until it ends, so that
+    /// [`InflightRefs::switch_wait`] waits for the bios started before it.
+    /// Must return the same refs (or `None`) for the target's whole life.
+    fn inflight(&self) -> Option<&InflightRefs> {
+        None
+    }
+
     /// Writes the status line.
     fn status(&self, _kind: StatusType, _out: &mut Emit<'_>) {}
 
@@ -217,6 +281,11 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     /// Adjusts the queue limits of the mapped device.
     fn io_hints(&self, _limits: &mut QueueLimits<'_>) {}
 }
+
+/// Per-bio data: the in-flight ref index a bio holds, tagged.
+const REF_SLOT_SIZE: usize = core::mem::size_of::<u32>();
+/// Tag of a slot holding a reference.
+const REF_TAKEN: u32 = 1 << 31;
 
 /// Largest argument list we accept (table line or message).
 const MAX_ARGS: usize = 4096;
@@ -249,9 +318,20 @@ impl<T: Target> Vtable<T> {
     ///
     /// `ti` must be a target whose constructor succeeded and has not been destroyed.
     unsafe fn private<'a>(ti: *mut bindings::dm_target) -> &'a T {
-        // SAFETY: The constructor stored a `KBox<T>` in `ti->private` and only the
-        // destructor takes it back, after every other callback has returned.
-        unsafe { &*((*ti).private as *const T) }
+        // SAFETY: The constructor stored a `KBox<Private<T>>` in `ti->private`
+        // and only the destructor takes it back, after every other callback.
+        unsafe { &(*((*ti).private as *const Private<T>)).state }
+    }
+
+    /// The per-bio data: the in-flight ref index, tagged.
+    ///
+    /// # Safety
+    ///
+    /// `bio` must be a bio device-mapper passed to this target.
+    unsafe fn ref_slot(bio: *mut bindings::bio) -> *mut u32 {
+        // SAFETY: Registration asked for `REF_SLOT_SIZE` bytes of per-bio data,
+        // suitably aligned by device-mapper.
+        unsafe { bindings::dm_per_bio_data(bio, REF_SLOT_SIZE).cast::<u32>() }
     }
 
     /// # Safety
@@ -267,15 +347,26 @@ impl<T: Target> Vtable<T> {
             Ok(a) => a,
             Err(e) => return e.to_errno(),
         };
+        let link = match TargetLink::new(ti) {
+            Ok(l) => l,
+            Err(e) => return e.to_errno(),
+        };
+        // SAFETY: `ti` is valid and exclusively ours during the constructor.
+        unsafe { (*ti).per_io_data_size = REF_SLOT_SIZE as c_uint };
         let mut ctx = TargetCtr {
             // SAFETY: device-mapper passes a valid, non-null target.
             ti: unsafe { NonNull::new_unchecked(ti) },
+            link: link.clone(),
             _p: PhantomData,
         };
-        match T::ctr(&mut ctx, &args) {
-            Ok(state) => {
+        let r = T::ctr(&mut ctx, &args).and_then(|state| {
+            KBox::new(Private { link, state }, GFP_KERNEL)
+                .map_err(|_| CtrError::new(ENOMEM, kernel::c_str!("Out of memory")))
+        });
+        match r {
+            Ok(p) => {
                 // SAFETY: `ti` is valid and exclusively ours during the constructor.
-                unsafe { (*ti).private = KBox::into_raw(state).cast() };
+                unsafe { (*ti).private = KBox::into_raw(p).cast() };
                 0
             }
             Err(e) => {
@@ -291,9 +382,12 @@ impl<T: Target> Vtable<T> {
     ///
     /// Called by device-mapper with a valid target.
     unsafe extern "C" fn dtr(ti: *mut bindings::dm_target) {
-        // SAFETY: The constructor succeeded, so `private` holds the `KBox<T>` it
+        // SAFETY: The constructor succeeded, so `private` holds the box it
         // leaked; device-mapper calls the destructor once, after all other callbacks.
-        drop(unsafe { KBox::from_raw((*ti).private as *mut T) });
+        let p = unsafe { KBox::from_raw((*ti).private as *mut Private<T>) };
+        // Links held by work items go dead before the target does.
+        *p.link.alive.lock() = false;
+        drop(p);
     }
 
     /// # Safety
@@ -302,10 +396,41 @@ impl<T: Target> Vtable<T> {
     unsafe extern "C" fn map(ti: *mut bindings::dm_target, bio: *mut bindings::bio) -> c_int {
         // SAFETY: `map` runs only on a constructed target.
         let t = unsafe { Self::private(ti) };
+        // SAFETY: `bio` was passed to this target.
+        let slot = unsafe { Self::ref_slot(bio) };
+        let tag = t.inflight().map_or(0, |r| REF_TAKEN | r.get().0);
+        // SAFETY: The per-bio data is ours while the bio is; `end_io` reads it.
+        unsafe { slot.write(tag) };
         // SAFETY: device-mapper hands us the bio; with DM_MAPIO_SUBMITTED we own
         // its completion, which `Bio` guarantees to perform exactly once.
         t.map(unsafe { Bio::from_raw(bio) });
         bindings::DM_MAPIO_SUBMITTED as c_int
+    }
+
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target and a bio `map` took.
+    unsafe extern "C" fn end_io(
+        ti: *mut bindings::dm_target,
+        bio: *mut bindings::bio,
+        _error: *mut bindings::blk_status_t,
+    ) -> c_int {
+        // SAFETY: Runs only on a constructed target.
+        let t = unsafe { Self::private(ti) };
+        // SAFETY: `bio` was passed to this target's `map`, which wrote the slot.
+        let slot = unsafe { Self::ref_slot(bio) };
+        // SAFETY: As above; the bio is ending, nothing else uses its data.
+        let tag = unsafe { slot.read() };
+        if tag & REF_TAKEN != 0 {
+            // SAFETY: As above.
+            unsafe { slot.write(0) };
+            if let Some(r) = t.inflight() {
+                // SAFETY: `map` took this reference on the same refs (the target
+                // keeps them for its whole life) and this is the bio's one end.
+                unsafe { r.put(RefIndex(tag & !REF_TAKEN)) };
+            }
+        }
+        bindings::DM_ENDIO_DONE as c_int
     }
 
     /// # Safety
@@ -455,6 +580,7 @@ impl<T: Target> Registration<T> {
             ctr: Some(Vtable::<T>::ctr),
             dtr: Some(Vtable::<T>::dtr),
             map: Some(Vtable::<T>::map),
+            end_io: Some(Vtable::<T>::end_io),
             status: Some(Vtable::<T>::status),
             message: Some(Vtable::<T>::message),
             presuspend: Some(Vtable::<T>::presuspend),

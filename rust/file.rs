@@ -14,7 +14,16 @@ use kernel::error::{code::*, to_result, Error, Result};
 use kernel::prelude::*;
 
 /// A reference to a `struct file` (dropped with `fput`).
-pub(crate) struct File(NonNull<bindings::file>);
+///
+/// Every I/O through it can be made to fail at random (fault injection).
+pub(crate) struct File {
+    ptr: NonNull<bindings::file>,
+    /// Probability, in 1/[`FAULT_SCALE`], that an I/O fails with EIO.
+    fault: AtomicU32,
+}
+
+/// Denominator of fault injection ratios.
+pub(crate) const FAULT_SCALE: u32 = 100_000;
 
 // SAFETY: `struct file` is reference counted and its operations may be used
 // from any thread.
@@ -80,11 +89,71 @@ impl File {
     pub(crate) fn fget(fd: u32) -> Result<Self> {
         // SAFETY: `fget` accepts any number and returns a new reference or null.
         let p = unsafe { bindings::fget(fd) };
-        NonNull::new(p).map(Self).ok_or(EBADF)
+        NonNull::new(p).map(Self::from_ptr).ok_or(EBADF)
+    }
+
+    fn from_ptr(ptr: NonNull<bindings::file>) -> Self {
+        Self { ptr, fault: AtomicU32::new(0) }
+    }
+
+    /// Another reference to the same file (fault injection off).
+    pub(crate) fn try_clone(&self) -> Self {
+        // SAFETY: The file is valid; `get_file` takes a new reference, owned by
+        // the returned value and dropped with it.
+        unsafe { bindings::dmq_get_file(self.as_raw()) };
+        Self::from_ptr(self.ptr)
     }
 
     fn as_raw(&self) -> *mut bindings::file {
-        self.0.as_ptr()
+        self.ptr.as_ptr()
+    }
+
+    /// Makes each I/O fail with EIO with probability `ratio / FAULT_SCALE`.
+    pub(crate) fn set_fault_ratio(&self, ratio: u32) -> Result {
+        if ratio > FAULT_SCALE {
+            return Err(EINVAL);
+        }
+        self.fault.store(ratio, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The fault injection ratio.
+    pub(crate) fn fault_ratio(&self) -> u32 {
+        self.fault.load(Ordering::Relaxed)
+    }
+
+    /// An injected fault, if one is due.
+    fn inject(&self) -> Result {
+        let ratio = self.fault.load(Ordering::Relaxed);
+        if ratio == 0 {
+            return Ok(());
+        }
+        // SAFETY: `get_random_u32` may be called from any context.
+        if unsafe { bindings::get_random_u32() } % FAULT_SCALE < ratio {
+            return Err(EIO);
+        }
+        Ok(())
+    }
+
+    /// Installs a new file descriptor for the file in the current task
+    /// (close-on-exec) and returns it.
+    pub(crate) fn install_fd(&self) -> Result<u32> {
+        // SAFETY: The file is valid; the shim takes the reference the new fd owns.
+        let fd = unsafe { bindings::dmq_file_install_fd(self.as_raw()) };
+        u32::try_from(fd).map_err(|_| Error::from_errno(fd))
+    }
+
+    /// Truncates the file to `len` bytes, or extends it sparsely.
+    pub(crate) fn truncate(&self, len: u64) -> Result {
+        let len = i64::try_from(len).map_err(|_| EINVAL)?;
+        // SAFETY: The file and its path are valid while we hold a reference.
+        to_result(unsafe { bindings::dmq_file_truncate(self.as_raw(), len) })
+    }
+
+    /// Bytes of storage the file occupies (holes excluded).
+    pub(crate) fn allocated(&self) -> u64 {
+        // SAFETY: The file is valid while we hold a reference.
+        unsafe { bindings::dmq_file_allocated(self.as_raw()) }
     }
 
     /// Opened for reading.
@@ -154,6 +223,7 @@ impl File {
     /// Reads into `buf` at `pos`, synchronously. Returns the bytes read
     /// (short at end of file). `buf` and `pos` must suit direct I/O.
     pub(crate) fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
+        self.inject()?;
         let mut pos = i64::try_from(pos).map_err(|_| EINVAL)?;
         // SAFETY: The file is valid and `buf` is writable for its length.
         let r = unsafe { bindings::kernel_read(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), &mut pos) };
@@ -166,20 +236,28 @@ impl File {
     /// Writes all of `buf` at `pos`, synchronously. `buf` and `pos` must
     /// suit direct I/O.
     pub(crate) fn write_full(&self, buf: &[u8], pos: u64) -> Result {
+        self.inject()?;
         let mut ipos = i64::try_from(pos).map_err(|_| EINVAL)?;
-        // SAFETY: The file is valid and `buf` is readable for its length.
-        let r = unsafe { bindings::kernel_write(self.as_raw(), buf.as_ptr().cast(), buf.len(), &mut ipos) };
-        if r < 0 {
-            return Err(Error::from_errno(r as i32));
-        }
-        if r as usize != buf.len() {
-            return Err(EIO);
+        let mut rest = buf;
+        while !rest.is_empty() {
+            // SAFETY: The file is valid and `rest` is readable for its length.
+            let r = unsafe { bindings::kernel_write(self.as_raw(), rest.as_ptr().cast(), rest.len(), &mut ipos) };
+            if r < 0 {
+                return Err(Error::from_errno(r as i32));
+            }
+            // A short write is retried so that its cause (e.g. ENOSPC) is
+            // what the caller sees.
+            rest = match rest.get(r as usize..) {
+                Some(t) if r > 0 => t,
+                _ => return Err(EIO),
+            };
         }
         Ok(())
     }
 
     /// Flushes the file's data and metadata to stable storage.
     pub(crate) fn fsync(&self) -> Result {
+        self.inject()?;
         // SAFETY: The file is valid while we hold a reference.
         to_result(unsafe { bindings::vfs_fsync(self.as_raw(), 0) })
     }
@@ -215,6 +293,9 @@ impl File {
         let Ok(ipos) = i64::try_from(pos) else {
             return bio.end(Err(EINVAL));
         };
+        if let Err(e) = self.inject() {
+            return bio.end(Err(e));
+        }
         let io = KBox::new(
             BioIo {
                 // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim

@@ -2,6 +2,13 @@
 /* C shim of dm-qcow2; see shim.h. */
 
 #include <linux/bio.h>
+#include <linux/eventfd.h>
+#include <linux/file.h>
+#include <linux/percpu-refcount.h>
+#include <linux/rcupdate.h>
+#include <linux/slab.h>
+#include <linux/completion.h>
+#include <linux/mutex.h>
 #include <linux/device-mapper.h>
 #include <linux/blkdev.h>
 #include <linux/fs.h>
@@ -204,4 +211,124 @@ unsigned int dmq_noio_save(void)
 void dmq_noio_restore(unsigned int flags)
 {
 	memalloc_noio_restore(flags);
+}
+
+struct dmq_inflight_slot {
+	struct percpu_ref ref;
+	struct dmq_inflight *in;
+};
+
+struct dmq_inflight {
+	struct dmq_inflight_slot slot[2];
+	/* Read under RCU by get(); changed by switch_wait() under @lock. */
+	unsigned int idx;
+	struct completion drained;
+	struct mutex lock;
+};
+
+static void dmq_inflight_release(struct percpu_ref *ref)
+{
+	struct dmq_inflight_slot *s = container_of(ref, struct dmq_inflight_slot, ref);
+
+	complete(&s->in->drained);
+}
+
+struct dmq_inflight *dmq_inflight_new(void)
+{
+	struct dmq_inflight *in = kzalloc(sizeof(*in), GFP_KERNEL);
+	int i;
+
+	if (!in)
+		return NULL;
+	for (i = 0; i < 2; i++) {
+		in->slot[i].in = in;
+		if (percpu_ref_init(&in->slot[i].ref, dmq_inflight_release,
+				    PERCPU_REF_ALLOW_REINIT, GFP_KERNEL)) {
+			while (i--)
+				percpu_ref_exit(&in->slot[i].ref);
+			kfree(in);
+			return NULL;
+		}
+	}
+	init_completion(&in->drained);
+	mutex_init(&in->lock);
+	return in;
+}
+
+void dmq_inflight_free(struct dmq_inflight *in)
+{
+	percpu_ref_exit(&in->slot[0].ref);
+	percpu_ref_exit(&in->slot[1].ref);
+	mutex_destroy(&in->lock);
+	kfree(in);
+}
+
+unsigned int dmq_inflight_get(struct dmq_inflight *in)
+{
+	unsigned int idx;
+
+	/*
+	 * The grace period percpu_ref_kill() waits for before it sums the
+	 * counts covers this section: a reference taken on the old index
+	 * after the flip is still counted.
+	 */
+	rcu_read_lock();
+	idx = READ_ONCE(in->idx);
+	percpu_ref_get(&in->slot[idx].ref);
+	rcu_read_unlock();
+	return idx;
+}
+
+void dmq_inflight_put(struct dmq_inflight *in, unsigned int idx)
+{
+	percpu_ref_put(&in->slot[idx & 1].ref);
+}
+
+void dmq_inflight_switch_wait(struct dmq_inflight *in)
+{
+	unsigned int old;
+
+	mutex_lock(&in->lock);
+	old = in->idx;
+	reinit_completion(&in->drained);
+	WRITE_ONCE(in->idx, !old);
+	percpu_ref_kill(&in->slot[old].ref);
+	wait_for_completion(&in->drained);
+	percpu_ref_reinit(&in->slot[old].ref);
+	mutex_unlock(&in->lock);
+}
+
+struct file *dmq_get_file(struct file *file)
+{
+	return get_file(file);
+}
+
+int dmq_file_install_fd(struct file *file)
+{
+	int fd = get_unused_fd_flags(O_CLOEXEC);
+
+	if (fd < 0)
+		return fd;
+	fd_install(fd, get_file(file));
+	return fd;
+}
+
+int dmq_file_truncate(struct file *file, loff_t len)
+{
+	return vfs_truncate(&file->f_path, len);
+}
+
+u64 dmq_file_allocated(struct file *file)
+{
+	return (u64)file_inode(file)->i_blocks << 9;
+}
+
+void dmq_eventfd_signal(struct eventfd_ctx *ctx)
+{
+	eventfd_signal(ctx);
+}
+
+struct dm_table *dmq_target_table(struct dm_target *ti)
+{
+	return ti->table;
 }

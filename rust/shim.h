@@ -15,6 +15,8 @@ struct kiocb;
 struct workqueue_struct;
 struct module;
 struct dm_target;
+struct eventfd_ctx;
+struct dmq_inflight;
 
 /* Whether the table of @ti is being loaded read-write. */
 bool dmq_table_writable(struct dm_target *ti);
@@ -63,5 +65,32 @@ void dmq_kiocb_end_write(struct kiocb *iocb);
 
 /* Own workqueue (alloc_workqueue is variadic and printf-checked). */
 struct workqueue_struct *dmq_alloc_workqueue(const char *name);
+
+/*
+ * In-flight reference switching: two percpu refs and an index. get() takes a
+ * reference on the current index (under RCU) and returns the index; put()
+ * drops it. switch_wait() flips the index and sleeps until every reference
+ * taken on the old index is dropped, while new ones go to the other index.
+ */
+struct dmq_inflight *dmq_inflight_new(void);
+void dmq_inflight_free(struct dmq_inflight *in);
+unsigned int dmq_inflight_get(struct dmq_inflight *in);
+void dmq_inflight_put(struct dmq_inflight *in, unsigned int idx);
+void dmq_inflight_switch_wait(struct dmq_inflight *in);
+
+/* get_file(): a new reference to @file. */
+struct file *dmq_get_file(struct file *file);
+/* A new fd for @file in the current task (O_CLOEXEC); the fd or -errno. */
+int dmq_file_install_fd(struct file *file);
+/* Truncates (or sparsely extends) @file to @len bytes. */
+int dmq_file_truncate(struct file *file, loff_t len);
+/* Bytes of storage allocated to @file (i_blocks). */
+u64 dmq_file_allocated(struct file *file);
+
+/* eventfd_signal() is a static inline. */
+void dmq_eventfd_signal(struct eventfd_ctx *ctx);
+
+/* The table of @ti (for dm_table_event()). */
+struct dm_table *dmq_target_table(struct dm_target *ti);
 
 #endif /* DMQ_SHIM_H */

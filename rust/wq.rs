@@ -6,17 +6,24 @@
 
 use super::bindings;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::error::{code::ENOMEM, Result};
 use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
-/// An own `WQ_MEM_RECLAIM | WQ_UNBOUND` workqueue, destroyed (after draining)
-/// on drop.
-pub(crate) struct OwnedQueue(NonNull<bindings::workqueue_struct>);
+/// An own `WQ_MEM_RECLAIM | WQ_UNBOUND` workqueue. [`shutdown`] drains and
+/// destroys it (so that the owner can do so before the state its work items
+/// use goes away); drop does it otherwise.
+///
+/// [`shutdown`]: OwnedQueue::shutdown
+pub(crate) struct OwnedQueue {
+    ptr: NonNull<bindings::workqueue_struct>,
+    dead: AtomicBool,
+}
 
 // SAFETY: Workqueues may be used and destroyed from any thread.
 unsafe impl Send for OwnedQueue {}
-// SAFETY: Queueing work is thread-safe.
+// SAFETY: Queueing work is thread-safe; `dead` guards use after shutdown.
 unsafe impl Sync for OwnedQueue {}
 
 impl OwnedQueue {
@@ -24,28 +31,45 @@ impl OwnedQueue {
     pub(crate) fn new(name: &CStr) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
         let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr()) };
-        NonNull::new(p).map(Self).ok_or(ENOMEM)
+        let ptr = NonNull::new(p).ok_or(ENOMEM)?;
+        Ok(Self { ptr, dead: AtomicBool::new(false) })
+    }
+
+    /// The queue, for enqueueing work; `None` once shut down.
+    ///
+    /// A work item of this queue may still enqueue while `shutdown` drains
+    /// it (the workqueue allows such chained work); nothing else may race
+    /// with `shutdown`.
+    pub(crate) fn queue(&self) -> Option<&Queue> {
+        if self.dead.load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: The workqueue is alive until `shutdown` or drop, and only
+        // chained work can call this concurrently with `shutdown` (see above).
+        Some(unsafe { Queue::from_raw(self.ptr.as_ptr()) })
     }
 
     /// Waits for every work item queued so far to finish.
     pub(crate) fn flush(&self) {
-        // SAFETY: The workqueue is alive until drop.
-        unsafe { bindings::__flush_workqueue(self.0.as_ptr()) };
+        if !self.dead.load(Ordering::Acquire) {
+            // SAFETY: The workqueue is alive until shutdown.
+            unsafe { bindings::__flush_workqueue(self.ptr.as_ptr()) };
+        }
     }
-}
 
-impl core::ops::Deref for OwnedQueue {
-    type Target = Queue;
-    fn deref(&self) -> &Queue {
-        // SAFETY: The workqueue lives as long as `self`, which bounds the borrow.
-        unsafe { Queue::from_raw(self.0.as_ptr()) }
+    /// Drains and destroys the workqueue. Must not be called from one of its
+    /// work items.
+    pub(crate) fn shutdown(&self) {
+        if !self.dead.swap(true, Ordering::AcqRel) {
+            // SAFETY: We own the workqueue and destroy it once (the flag).
+            // `destroy_workqueue` drains it first, chained work included.
+            unsafe { bindings::destroy_workqueue(self.ptr.as_ptr()) };
+        }
     }
 }
 
 impl Drop for OwnedQueue {
     fn drop(&mut self) {
-        // SAFETY: We own the workqueue. `destroy_workqueue` drains it first; no
-        // work item of this queue may drop the queue itself (see the target).
-        unsafe { bindings::destroy_workqueue(self.0.as_ptr()) };
+        self.shutdown();
     }
 }

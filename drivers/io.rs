@@ -1,0 +1,416 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The I/O path: reads, writes, discard and write-zeroes, run by the worker
+//! with the table's state locked. Reads always resolve from the top of the
+//! chain; writes go to a delta `d` (the top for guest I/O, a merge target for
+//! merges) and copy on write what the chain shows from `d` down.
+
+use crate::kx::bio::{Bio, Op};
+use crate::kx::file::{IoBuf, DIO_ALIGN};
+use crate::meta::corrupt;
+use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
+use crate::target::{Inner, WorkerState, SECTOR};
+use kernel::error::code::*;
+use kernel::prelude::*;
+
+/// Where written data comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    /// The bio's data, from this byte offset.
+    Bio(&'a Bio, u32),
+    /// Zeroes.
+    Zero,
+    /// A buffer (merges), as long as the write.
+    Buf(&'a [u8]),
+}
+
+/// Read path.
+impl Inner {
+    pub(crate) fn read_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let size = u64::from(bio.size());
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let cs = st.delta(st.top())?.hdr.cluster_size();
+        let mut done = 0u64;
+        while done < size {
+            let len = (cs - vaddr % cs).min(size - done);
+            self.read_piece(st, bio, vaddr, done as u32, len)?;
+            vaddr += len;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// The L2 entry of `vaddr` in delta `d`.
+    pub(crate) fn cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result<Cluster> {
+        let delta = st.delta(d)?;
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        if vaddr >= delta.hdr.size {
+            return Ok(Cluster::Unallocated);
+        }
+        let Some(l1e) = md.l1_entry(&delta.hdr, vaddr)? else {
+            return Ok(Cluster::Unallocated);
+        };
+        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
+        fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))
+    }
+
+    /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
+    /// from delta `d` down: returns the delta that holds it, what it is and
+    /// its length. Unallocated everywhere, or past a delta's end, is zero.
+    fn resolve(&self, st: &mut WorkerState, d: usize, vaddr: u64, mut len: u64) -> Result<(usize, RunKind, u64)> {
+        let mut d = Some(d);
+        while let Some(i) = d {
+            let delta = st.delta(i)?;
+            let hdr = &delta.hdr;
+            // Lower deltas are never larger than the ones above them.
+            if vaddr >= hdr.size {
+                return Ok((i, RunKind::Zero, len));
+            }
+            len = len.min(hdr.size - vaddr);
+            let c = self.cluster(st, i, vaddr)?;
+            let (kind, rl) = fmt::first_run(hdr, &c, hdr.offset_in_cluster(vaddr), len);
+            if rl == 0 {
+                return Err(EIO);
+            }
+            if kind != RunKind::Unallocated {
+                return Ok((i, kind, rl));
+            }
+            len = rl;
+            d = i.checked_sub(1);
+        }
+        Ok((0, RunKind::Zero, len))
+    }
+
+    fn read_piece(&self, st: &mut WorkerState, bio: &Bio, vaddr: u64, boff: u32, len: u64) -> Result {
+        let mut pos = 0u64;
+        while pos < len {
+            let (d, kind, rl) = self.resolve(st, st.top(), vaddr + pos, len - pos)?;
+            let off = boff + pos as u32;
+            let rl32 = rl as u32;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
+                RunKind::Data { host } => {
+                    let f = &st.deltas.get(d).ok_or(EIO)?.file;
+                    f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
+                }
+                RunKind::Compressed { host, len: clen } => {
+                    bio.copy_from(off, self.inflated(st, d, host, clen, vaddr + pos, rl)?)?;
+                }
+            }
+            pos += rl;
+        }
+        Ok(())
+    }
+
+    /// `[vaddr, vaddr + len)` (inside one cluster) of the compressed cluster
+    /// of delta `d` at `host`, inflated.
+    fn inflated<'a>(
+        &self,
+        st: &'a mut WorkerState,
+        d: usize,
+        host: u64,
+        clen: u64,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<&'a [u8]> {
+        self.inflate(st, d, host, clen)?;
+        let at = st.delta(d)?.hdr.offset_in_cluster(vaddr) as usize;
+        st.zout.get(at..at + len as usize).ok_or(EIO)
+    }
+
+    /// Makes `st.zout` hold the inflated compressed cluster at `host`.
+    fn inflate(&self, st: &mut WorkerState, d: usize, host: u64, clen: u64) -> Result {
+        if st.zkey == Some((d, host)) {
+            return Ok(());
+        }
+        st.zkey = None;
+        let delta = st.delta(d)?;
+        let a = DIO_ALIGN as u64;
+        let start = host & !(a - 1);
+        let end = host.checked_add(clen).ok_or(EIO)?.next_multiple_of(a);
+        let span = usize::try_from(end - start).map_err(|_| EIO)?;
+        let zin = st.zin.get_mut(..span).ok_or(EIO)?;
+        // The last compressed cluster may end before its rounded-up span.
+        delta.file.read_full(zin, start)?;
+        let skip = (host - start) as usize;
+        let src = zin.get(skip..skip + clen as usize).ok_or(EIO)?;
+        let cs = delta.hdr.cluster_size() as usize;
+        let dst = st.zout.get_mut(..cs).ok_or(EIO)?;
+        if st.inflater.inflate_raw(src, dst).is_err() {
+            pr_err!("dm-qcow2: image {}: bad compressed cluster at {:#x}\n", d, host);
+            return Err(EIO);
+        }
+        st.zkey = Some((d, host));
+        Ok(())
+    }
+
+    /// Reads what delta `d` and those below it show at `[vaddr, vaddr +
+    /// buf.len())` (inside one cluster) into `buf`, synchronously.
+    pub(crate) fn read_into(&self, st: &mut WorkerState, d: usize, vaddr: u64, buf: &mut [u8]) -> Result {
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let (i, kind, rl) = self.resolve(st, d, vaddr + pos, len - pos)?;
+            let dst = buf.get_mut(pos as usize..(pos + rl) as usize).ok_or(EIO)?;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => dst.fill(0),
+                RunKind::Data { host } => st.deltas.get(i).ok_or(EIO)?.file.read_full(dst, host)?,
+                RunKind::Compressed { host, len: clen } => {
+                    dst.copy_from_slice(self.inflated(st, i, host, clen, vaddr + pos, rl)?);
+                }
+            }
+            pos += rl;
+        }
+        Ok(())
+    }
+}
+
+/// Write path.
+impl Inner {
+    pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let d = st.top();
+        let top = st.delta(d)?;
+        if bio.is_preflush() || bio.op() == Op::Flush {
+            // Everything acknowledged so far is in the file: make it durable.
+            top.file.fsync()?;
+        }
+        let size = u64::from(bio.size());
+        if size == 0 {
+            return Ok(());
+        }
+        let fua = bio.is_fua();
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let cs = top.hdr.cluster_size();
+        let mut done = 0u64;
+        let mut synced = false;
+        while done < size {
+            let len = (cs - vaddr % cs).min(size - done);
+            synced |= self.write_piece(st, d, Src::Bio(bio, done as u32), vaddr, len, fua)?;
+            vaddr += len;
+            done += len;
+        }
+        if fua && synced {
+            top.file.fsync()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
+    /// `src`. Returns whether it was written synchronously (copy-on-write),
+    /// as opposed to an in-place write still in flight.
+    pub(crate) fn write_piece(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        src: Src<'_>,
+        vaddr: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<bool> {
+        let delta = st.delta(d)?;
+        let hdr = &delta.hdr;
+        let off = hdr.offset_in_cluster(vaddr);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
+        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
+        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        // A running merge must see this change of `d`.
+        self.merge_note_write(st, d, vaddr)?;
+
+        // Clusters (or subclusters) of our own are overwritten in place.
+        let in_place = match c {
+            Cluster::Normal { host, copied: true } => Some(host),
+            Cluster::Extended { host: Some(h), copied: true, alloc, .. }
+                if subclusters_set(hdr, alloc, off, len) =>
+            {
+                Some(h)
+            }
+            _ => None,
+        };
+        if let Some(h) = in_place {
+            match src {
+                Src::Bio(bio, boff) => {
+                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
+                    return Ok(false);
+                }
+                Src::Zero => {
+                    let zero = IoBuf::new(len as usize)?;
+                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, h + off)?;
+                    return Ok(true);
+                }
+                Src::Buf(b) => {
+                    delta.file.write_full(b.get(..len as usize).ok_or(EIO)?, h + off)?;
+                    return Ok(true);
+                }
+            }
+        }
+
+        // Copy-on-write: a cluster of our own holding what reads showed
+        // so far, with the new data over it.
+        // A host cluster shared with an internal snapshot (no COPIED bit) is
+        // copied, not reused, and loses our reference once we point elsewhere.
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let own = raw & fmt::L2E_COPIED != 0;
+        let (host, fresh) = match c {
+            Cluster::ZeroPrealloc { host } if own => (host, false),
+            Cluster::Extended { host: Some(h), .. } if own => (h, false),
+            _ => (md.alloc_cluster(&delta.file, hdr)?, true),
+        };
+        let shared = match c {
+            Cluster::Normal { host, copied: false } | Cluster::ZeroPrealloc { host } if !own => Some(host),
+            Cluster::Extended { host: Some(h), copied: false, .. } => Some(h),
+            _ => None,
+        };
+        let mut cow = st.cow.take().ok_or(EIO)?;
+        let res = self.fill_cow(st, d, &mut cow, src, vaddr, len);
+        let res = res.and_then(|()| {
+            let buf = cow.get(..hdr.cluster_size() as usize).ok_or(EIO)?;
+            delta.file.write_full(buf, host)
+        });
+        st.cow = Some(cow);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let res = res.and_then(|()| {
+            // Data is on disk: now make it reachable.
+            let (nraw, nbitmap) = if hdr.extended_l2() {
+                (host | fmt::L2E_COPIED, u64::from(u32::MAX))
+            } else {
+                (fmt::encode_l2_normal(host, true), 0)
+            };
+            md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
+                .map_err(|e| self.md_error(e))
+        });
+        if let Err(e) = res {
+            if fresh {
+                self.free(st, d, host, hdr.cluster_size());
+            }
+            return Err(e);
+        }
+        if let Cluster::Compressed { host: chost, len: clen } = c {
+            // Free the clusters the compressed data occupied, as QEMU counts them.
+            let start = chost & !(SECTOR - 1);
+            self.free(st, d, start, clen + (chost - start));
+        }
+        if let Some(old) = shared {
+            self.free(st, d, old, hdr.cluster_size());
+        }
+        Ok(true)
+    }
+
+    /// Drops a reference to host clusters of delta `d`. A failure leaves a
+    /// refcount too high (a leak, not a corruption) but latches wants_check.
+    pub(crate) fn free(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
+        let Ok(delta) = st.delta(d) else {
+            return;
+        };
+        let Some(md) = st.md.get_mut(d) else {
+            return;
+        };
+        if let Err(e) = md.free_range(&delta.file, &delta.hdr, start, len) {
+            pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+            self.latch_wants_check();
+        }
+    }
+
+    /// Fills `cow` with the whole cluster of `vaddr`: what delta `d` shows
+    /// outside the write, the new data inside it.
+    fn fill_cow(&self, st: &mut WorkerState, d: usize, cow: &mut [u8], src: Src<'_>, vaddr: u64, len: u64) -> Result {
+        let hdr = &st.delta(d)?.hdr;
+        let cs = hdr.cluster_size();
+        let off = hdr.offset_in_cluster(vaddr);
+        let base = vaddr - off;
+        let (head, rest) = cow.split_at_mut(off as usize);
+        let (mid, tail) = rest.split_at_mut(len as usize);
+        self.read_into(st, d, base, head)?;
+        match src {
+            Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
+            Src::Zero => mid.fill(0),
+            Src::Buf(b) => mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?),
+        }
+        let tail_len = (cs - off - len) as usize;
+        self.read_into(st, d, vaddr + len, tail.get_mut(..tail_len).ok_or(EIO)?)
+    }
+}
+
+/// Discard and write-zeroes.
+impl Inner {
+    pub(crate) fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let d = st.top();
+        let top = st.delta(d)?;
+        let discard = bio.op() == Op::Discard;
+        let unmap = discard || !bio.is_nounmap();
+        let size = u64::from(bio.size());
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let end = vaddr.checked_add(size).ok_or(EIO)?;
+        let cs = top.hdr.cluster_size();
+        while vaddr < end {
+            let len = (cs - vaddr % cs).min(end - vaddr);
+            if len == cs && top.hdr.version >= 3 {
+                self.zero_cluster(st, d, vaddr, unmap)?;
+            } else if !discard || len == cs {
+                // Partial clusters (and v2 images, which have no zero flag)
+                // get zeroes written; a v2 discard must also hide lower data.
+                self.write_piece(st, d, Src::Zero, vaddr, len, false)?;
+            }
+            // A partial-cluster discard is a hint we may ignore.
+            vaddr += len;
+        }
+        Ok(())
+    }
+
+    /// Makes the whole cluster of `vaddr` in delta `d` read as zeroes with
+    /// the zero flag (v3), freeing its host cluster if `unmap` (else keeping
+    /// it preallocated).
+    pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
+        let delta = st.delta(d)?;
+        let hdr = &delta.hdr;
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
+        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
+        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        self.merge_note_write(st, d, vaddr)?;
+        // Our reference to the host cluster, if any; only one we own outright
+        // (COPIED) may stay as preallocation.
+        let own = raw & fmt::L2E_COPIED != 0;
+        let referenced = match c {
+            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => Some(host),
+            Cluster::Extended { host: Some(h), .. } => Some(h),
+            _ => None,
+        };
+        let keep = if unmap || !own { None } else { referenced };
+        let (nraw, nbitmap) = if hdr.extended_l2() {
+            // All subclusters zero; the host offset may stay as preallocation.
+            (keep.map_or(0, |h| h | fmt::L2E_COPIED), u64::from(u32::MAX) << 32)
+        } else {
+            (fmt::encode_l2_zero(keep, keep.is_some()), 0)
+        };
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
+            .map_err(|e| self.md_error(e))?;
+        // The entry no longer points there: now the space may go.
+        if keep.is_none() {
+            if let Some(h) = referenced {
+                // An overlapping read or write may still be in flight to the
+                // old host cluster: it must land before the cluster can be
+                // handed out again.
+                self.inflight.wait_idle();
+                self.free(st, d, h, hdr.cluster_size());
+            }
+        }
+        if let Cluster::Compressed { host: chost, len: clen } = c {
+            let start = chost & !(SECTOR - 1);
+            self.free(st, d, start, clen + (chost - start));
+        }
+        Ok(())
+    }
+}
+
+/// Whether every subcluster touched by `[off, off + len)` has its bit in `bits`.
+fn subclusters_set(hdr: &Header, bits: u32, off: u64, len: u64) -> bool {
+    let scs = hdr.subcluster_size();
+    if len == 0 || scs == 0 {
+        return true;
+    }
+    let first = off / scs;
+    let last = (off + len - 1) / scs;
+    (first..=last).all(|i| i < 32 && bits & (1 << i) != 0)
+}

@@ -1,0 +1,388 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Merging two neighbouring deltas while the device stays online.
+//!
+//! Backward (`merge_backward`): the data of delta `src` is copied into the
+//! delta below it (`dst`). Forward (`merge_forward`): what delta `src`
+//! provides is copied into the delta above it (`dst`). Either way, after
+//! `complete` the chain no longer needs `src` and it is unlinked.
+//!
+//! The copy never changes what the device shows, and `src` is never written
+//! by the merge: a cluster is copied as the chain shows it from the upper of
+//! the two deltas down, into `dst`, through `dst`'s normal write path
+//! (allocation, copy-on-write, subclusters, zero clusters). So `cancel` at
+//! any point leaves both images valid and the chain as it was.
+//!
+//! The walker copies a batch of clusters at a time with the state locked and
+//! after waiting for the data I/O in flight, so guest bios queue meanwhile
+//! and never see half a copy. Guest writes can only change `src` when it is
+//! the top (backward merge at depth 0); a write to a cluster the walker has
+//! passed puts it on a redo list, copied again before `ready` and at
+//! `complete`.
+
+use crate::io::Src;
+use crate::kx::file::IoBuf;
+use crate::kx::inflight::EventFd;
+use crate::qcow2_format::Cluster;
+use crate::target::{Inner, WorkerState};
+use core::fmt::Write;
+use kernel::error::code::*;
+use kernel::prelude::*;
+use kernel::rbtree::RBTree;
+use kernel::sync::Arc;
+
+/// Clusters copied per batch, with the state locked.
+const BATCH: u32 = 16;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Dir {
+    Backward,
+    Forward,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Stage {
+    /// The walker copies clusters.
+    Copying,
+    /// Everything is copied: waiting for `complete` (or `cancel`).
+    Ready,
+    /// The copy failed with this errno: only `cancel` remains.
+    Failed(i32),
+}
+
+/// A merge in progress (in `WorkerState`).
+pub(crate) struct Merge {
+    pub(crate) dir: Dir,
+    /// As given by the user.
+    depth: usize,
+    /// The delta that goes away at `complete`.
+    pub(crate) src: usize,
+    /// The delta that receives the data.
+    pub(crate) dst: usize,
+    pub(crate) stage: Stage,
+    /// Next virtual address the walker copies.
+    cursor: u64,
+    /// Where the walk ends (`src`'s virtual size).
+    end: u64,
+    /// Clusters (virtual addresses) of `src` written behind the cursor.
+    redo: RBTree<u64, ()>,
+    eventfd: Option<EventFd>,
+    /// A cluster of data being copied (taken while in use).
+    buf: Option<IoBuf>,
+}
+
+impl Merge {
+    fn pop_redo(&mut self) -> Option<u64> {
+        let v = *self.redo.keys().next()?;
+        self.redo.remove(&v);
+        Some(v)
+    }
+
+    fn progress(&self) -> u64 {
+        match self.stage {
+            Stage::Ready => 100,
+            _ if self.end == 0 => 100,
+            _ => (self.cursor.min(self.end) * 100 / self.end).min(99),
+        }
+    }
+
+    fn stage_name(&self) -> &'static str {
+        match self.stage {
+            Stage::Copying => "copying",
+            Stage::Ready => "ready",
+            Stage::Failed(_) => "failed",
+        }
+    }
+
+    /// Enters `stage` and tells userspace if it is final.
+    fn set_stage(&mut self, stage: Stage) {
+        self.stage = stage;
+        if stage != Stage::Copying {
+            if let Some(e) = &self.eventfd {
+                e.signal();
+            }
+        }
+    }
+}
+
+/// Writes the `merge_* progress` / status fields of `m` (or of no merge).
+pub(crate) fn describe(m: Option<&Merge>, out: &mut impl Write) -> core::fmt::Result {
+    match m {
+        None => write!(out, "merge=none depth=0 stage=none progress=0 error=0"),
+        Some(m) => {
+            let dir = match m.dir {
+                Dir::Backward => "backward",
+                Dir::Forward => "forward",
+            };
+            let err = match m.stage {
+                Stage::Failed(e) => e,
+                _ => 0,
+            };
+            write!(
+                out,
+                "merge={} depth={} stage={} progress={} error={}",
+                dir,
+                m.depth,
+                m.stage_name(),
+                m.progress(),
+                err
+            )
+        }
+    }
+}
+
+/// Whether `c` allocates nothing (reads fall through to the delta below).
+fn unallocated(c: &Cluster) -> bool {
+    matches!(c, Cluster::Unallocated) || matches!(c, Cluster::Extended { alloc: 0, zero: 0, .. })
+}
+
+/// Whether `c` defines every byte of its cluster itself.
+fn covers(c: &Cluster) -> bool {
+    match c {
+        Cluster::Unallocated => false,
+        Cluster::Extended { alloc, zero, .. } => alloc | zero == u32::MAX,
+        _ => true,
+    }
+}
+
+/// Whether `c` reads as zeroes in full by its own flags.
+fn all_zero(c: &Cluster) -> bool {
+    match c {
+        Cluster::Zero | Cluster::ZeroPrealloc { .. } => true,
+        Cluster::Extended { alloc: 0, zero, .. } => *zero == u32::MAX,
+        _ => false,
+    }
+}
+
+impl Inner {
+    /// `merge_* start`: checks, prepares the receiving delta and starts the
+    /// walker. `depth` counts from the top (0).
+    pub(crate) fn merge_start(self: &Arc<Self>, dir: Dir, eventfd: i32, depth: Option<usize>) -> Result {
+        let eventfd = match eventfd {
+            -1 => None,
+            fd if fd < 0 => return Err(EBADF),
+            fd => Some(EventFd::from_fd(fd).map_err(|_| EBADF)?),
+        };
+        {
+            let mut st = self.state.lock();
+            if st.merge.is_some() {
+                return Err(EBUSY);
+            }
+            let n = st.deltas.len();
+            let top = n.checked_sub(1).ok_or(EINVAL)?;
+            let (depth, src, dst) = match dir {
+                Dir::Backward => {
+                    let k = depth.unwrap_or(0);
+                    if k + 1 >= n {
+                        return Err(EINVAL);
+                    }
+                    (k, top - k, top - k - 1)
+                }
+                Dir::Forward => {
+                    let k = depth.unwrap_or(1);
+                    if k == 0 || k >= n {
+                        return Err(EINVAL);
+                    }
+                    (k, top - k, top - k + 1)
+                }
+            };
+            let (s, d) = (st.delta(src)?, st.delta(dst)?);
+            if !d.file.writable() {
+                return Err(EACCES);
+            }
+            // The receiving delta must be able to hold every address of src.
+            if d.hdr.size < s.hdr.size {
+                return Err(EINVAL);
+            }
+            st.md.get_mut(dst).ok_or(EIO)?.load_refcounts(&d.file, &d.hdr)?;
+            let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;
+            // A crash while copying leaks clusters in dst at worst; the dirty
+            // bit makes QEMU repair them when it next opens the image.
+            self.set_dirty(&d, true)?;
+            st.merge = Some(Merge {
+                dir,
+                depth,
+                src,
+                dst,
+                stage: Stage::Copying,
+                cursor: 0,
+                end: s.hdr.size,
+                redo: RBTree::new(),
+                eventfd,
+                buf: Some(buf),
+            });
+        }
+        // Bios mapped before the merge existed finish before the walker
+        // starts; later ones see it.
+        self.refs.switch_wait();
+        self.kick_merge();
+        Ok(())
+    }
+
+    /// Runs (in the merge work item) until the merge is ready, failed or gone.
+    pub(crate) fn merge_run(&self) {
+        loop {
+            let mut st = self.state.lock();
+            if !self.merge_batch(&mut st) {
+                break;
+            }
+            // Unlocked here: queued guest bios get the state between batches.
+        }
+    }
+
+    /// Copies one batch; returns whether there is more to do.
+    fn merge_batch(&self, st: &mut WorkerState) -> bool {
+        let Some(m) = st.merge.as_ref() else {
+            return false;
+        };
+        if m.stage != Stage::Copying {
+            return false;
+        }
+        // In-place writes started before now must land before we read.
+        self.inflight.wait_idle();
+        let res = self.copy_batch(st);
+        let Some(m) = st.merge.as_mut() else {
+            return false;
+        };
+        match res {
+            Ok(true) => true,
+            Ok(false) => {
+                m.set_stage(Stage::Ready);
+                false
+            }
+            Err(e) => {
+                pr_err!("dm-qcow2: merge of image {} into {} failed: {:?}\n", m.src, m.dst, e);
+                m.set_stage(Stage::Failed(-e.to_errno()));
+                false
+            }
+        }
+    }
+
+    /// Copies up to `BATCH` clusters; `Ok(false)` when nothing is left.
+    fn copy_batch(&self, st: &mut WorkerState) -> Result<bool> {
+        for _ in 0..BATCH {
+            let m = st.merge.as_mut().ok_or(EINVAL)?;
+            let vaddr = if m.cursor < m.end {
+                let v = m.cursor;
+                let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
+                m.cursor = v - v % cs + cs;
+                v
+            } else {
+                match m.pop_redo() {
+                    Some(v) => v,
+                    None => return Ok(false),
+                }
+            };
+            self.copy_cluster(st, vaddr)?;
+        }
+        Ok(true)
+    }
+
+    /// Copies the cluster of `vaddr` into the receiving delta if the merged
+    /// one provides anything there.
+    fn copy_cluster(&self, st: &mut WorkerState, vaddr: u64) -> Result {
+        let m = st.merge.as_mut().ok_or(EINVAL)?;
+        let (dir, src, dst) = (m.dir, m.src, m.dst);
+        let mut buf = m.buf.take().ok_or(EIO)?;
+        let res = self.copy_cluster_with(st, dir, src, dst, vaddr, &mut buf);
+        if let Some(m) = st.merge.as_mut() {
+            m.buf = Some(buf);
+        }
+        res
+    }
+
+    fn copy_cluster_with(
+        &self,
+        st: &mut WorkerState,
+        dir: Dir,
+        src: usize,
+        dst: usize,
+        vaddr: u64,
+        buf: &mut [u8],
+    ) -> Result {
+        let sc = self.cluster(st, src, vaddr)?;
+        if unallocated(&sc) {
+            return Ok(());
+        }
+        let dc = self.cluster(st, dst, vaddr)?;
+        // Forward: what the upper delta defines itself stays as it is.
+        if dir == Dir::Forward && covers(&dc) {
+            return Ok(());
+        }
+        let d = st.delta(dst)?;
+        let cs = d.hdr.cluster_size();
+        let base = vaddr - vaddr % cs;
+        if all_zero(&sc) && d.hdr.version >= 3 && (dir == Dir::Backward || unallocated(&dc)) {
+            return self.zero_cluster(st, dst, base, true);
+        }
+        let buf = buf.get_mut(..cs as usize).ok_or(EIO)?;
+        // What the chain shows there, from the upper of the two down.
+        self.read_into(st, src.max(dst), base, buf)?;
+        self.write_piece(st, dst, Src::Buf(buf), base, cs, false)?;
+        Ok(())
+    }
+
+    /// Called by the write path before it changes delta `d` at `vaddr`.
+    pub(crate) fn merge_note_write(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result {
+        let Some(m) = st.merge.as_mut() else {
+            return Ok(());
+        };
+        if m.src != d || vaddr >= m.cursor || matches!(m.stage, Stage::Failed(_)) {
+            return Ok(());
+        }
+        let cs = st.deltas.get(d).ok_or(EIO)?.hdr.cluster_size();
+        let key = vaddr - vaddr % cs;
+        if m.redo.try_create_and_insert(key, (), GFP_KERNEL).is_err() {
+            // Cannot track it: the merge cannot be trusted any more.
+            m.set_stage(Stage::Failed(-ENOMEM.to_errno()));
+        }
+        Ok(())
+    }
+
+    /// `merge_* complete`: copies what was written since `ready`, makes the
+    /// receiving delta durable and unlinks the merged one.
+    pub(crate) fn merge_complete(&self, dir: Dir) -> Result {
+        let removed = {
+            let mut st = self.state.lock();
+            let m = st.merge.as_ref().ok_or(EBUSY)?;
+            if m.stage != Stage::Ready || m.dir != dir {
+                return Err(EBUSY);
+            }
+            let (src, dst) = (m.src, m.dst);
+            self.inflight.wait_idle();
+            while let Some(v) = st.merge.as_mut().and_then(Merge::pop_redo) {
+                if let Err(e) = self.copy_cluster(&mut st, v) {
+                    if let Some(m) = st.merge.as_mut() {
+                        m.set_stage(Stage::Failed(-e.to_errno()));
+                    }
+                    return Err(e);
+                }
+            }
+            let d = st.delta(dst)?;
+            d.file.fsync()?;
+            if src == 0 {
+                // dst becomes the base: it must not name a backing file.
+                self.clear_backing(&d)?;
+            }
+            self.set_dirty(&d, false)?;
+            let removed = st.unlink(src)?;
+            st.merge = None;
+            removed
+        };
+        // Nothing mapped before the unlink may still use the old delta.
+        self.refs.switch_wait();
+        self.inflight.wait_idle();
+        drop(removed);
+        Ok(())
+    }
+
+    /// `merge_* cancel` (and suspend): forgets the merge. What was copied
+    /// stays in the receiving delta, hidden by the merged one as before.
+    pub(crate) fn merge_cancel(&self, st: &mut WorkerState) -> Result {
+        let m = st.merge.take().ok_or(EINVAL)?;
+        let d = st.delta(m.dst)?;
+        self.inflight.wait_idle();
+        d.file.fsync()?;
+        self.set_dirty(&d, false)
+    }
+}

@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! In-flight reference switching: "wait for every request started before
+//! now" while new requests keep flowing.
+//!
+//! C header: [`include/linux/percpu-refcount.h`](srctree/include/linux/percpu-refcount.h)
+//!
+//! Two per-cpu refcounts and an index. A request takes a reference on the
+//! current index ([`InflightRefs::get`], lock-free) and drops it when it
+//! ends. [`InflightRefs::switch_wait`] flips the index, kills the old
+//! refcount and sleeps until it drains, then makes it usable again. The
+//! device-mapper abstraction does the get/put around every bio of targets
+//! that opt in (see `dm::Target::inflight`).
+
+use super::bindings;
+use core::ptr::NonNull;
+use kernel::error::{code::ENOMEM, Result};
+
+/// A pair of per-cpu in-flight refcounts with a current index.
+pub(crate) struct InflightRefs(NonNull<bindings::dmq_inflight>);
+
+// SAFETY: The C side synchronises get/put (per-cpu refcounts, RCU) and
+// serialises switches with a mutex; the object may be used from any thread.
+unsafe impl Send for InflightRefs {}
+// SAFETY: As above: every operation is thread-safe.
+unsafe impl Sync for InflightRefs {}
+
+/// The index a reference was taken on; dropped with [`InflightRefs::put`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RefIndex(pub(super) u32);
+
+impl InflightRefs {
+    /// Both refcounts live, index 0.
+    pub(crate) fn new() -> Result<Self> {
+        // SAFETY: No preconditions; returns null on allocation failure.
+        let p = unsafe { bindings::dmq_inflight_new() };
+        NonNull::new(p).map(Self).ok_or(ENOMEM)
+    }
+
+    /// Takes a reference on the current index. Never sleeps.
+    pub(super) fn get(&self) -> RefIndex {
+        // SAFETY: `self.0` is alive until drop.
+        RefIndex(unsafe { bindings::dmq_inflight_get(self.0.as_ptr()) })
+    }
+
+    /// Drops a reference taken by [`get`](Self::get). Any context.
+    ///
+    /// # Safety
+    ///
+    /// `idx` must come from a `get` on `self` whose reference was not dropped yet.
+    pub(super) unsafe fn put(&self, idx: RefIndex) {
+        // SAFETY: `self.0` is alive; the caller owns the reference on `idx`.
+        unsafe { bindings::dmq_inflight_put(self.0.as_ptr(), idx.0) };
+    }
+
+    /// Sleeps until every reference taken before this call is dropped.
+    /// References taken meanwhile go to the other index and are not waited
+    /// for. Must not be called from a context those references wait on.
+    pub(crate) fn switch_wait(&self) {
+        // SAFETY: `self.0` is alive; the C side serialises concurrent switches.
+        unsafe { bindings::dmq_inflight_switch_wait(self.0.as_ptr()) };
+    }
+}
+
+impl Drop for InflightRefs {
+    fn drop(&mut self) {
+        // SAFETY: We own the object; no reference is held any more (the owner
+        // outlives every request that took one).
+        unsafe { bindings::dmq_inflight_free(self.0.as_ptr()) };
+    }
+}
+
+/// An eventfd context, signalled to tell userspace that something finished.
+pub(crate) struct EventFd(NonNull<bindings::eventfd_ctx>);
+
+// SAFETY: eventfd contexts are reference counted and signalling is thread-safe.
+unsafe impl Send for EventFd {}
+// SAFETY: As above.
+unsafe impl Sync for EventFd {}
+
+impl EventFd {
+    /// The eventfd behind `fd` of the current task.
+    pub(crate) fn from_fd(fd: i32) -> Result<Self> {
+        // SAFETY: Accepts any number; returns a new reference or an ERR_PTR.
+        let p = unsafe { bindings::eventfd_ctx_fdget(fd) };
+        let p = kernel::error::from_err_ptr(p)?;
+        NonNull::new(p).map(Self).ok_or(ENOMEM)
+    }
+
+    /// Adds one to the counter and wakes up waiters.
+    pub(crate) fn signal(&self) {
+        // SAFETY: We hold a reference to the context.
+        unsafe { bindings::dmq_eventfd_signal(self.0.as_ptr()) };
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: We own one reference, given up here.
+        unsafe { bindings::eventfd_ctx_put(self.0.as_ptr()) };
+    }
+}
