@@ -205,6 +205,8 @@ pub(crate) struct Inner {
     enospc_event: AtomicBool,
     /// Bios parked on ENOSPC.
     parked_count: AtomicUsize,
+    /// Bios are parked since the last event (cleared when none is left).
+    enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
     suspending: AtomicBool,
     #[pin]
@@ -243,12 +245,14 @@ impl WorkItem<0> for Inner {
                     parked |= this.process(&mut st, bio);
                 }
             }
+            if st.parked.is_empty() {
+                this.enospc_episode.store(false, Ordering::Release);
+            } else if let Some(q) = this.wq.queue() {
+                let _ = q.enqueue::<_, 2>(this.clone());
+            }
         }
         if parked {
             this.link.table_event();
-            if let Some(q) = this.wq.queue() {
-                let _ = q.enqueue::<_, 2>(this.clone());
-            }
         }
     }
 }
@@ -279,7 +283,8 @@ impl WorkItem<2> for Inner {
 }
 
 impl Inner {
-    /// Ends `bio` with its result, or parks it on ENOSPC (returns true).
+    /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
+    /// that starts an ENOSPC episode).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
         let res = match bio.op() {
             Op::Read => self.read_bio(st, &bio),
@@ -291,12 +296,15 @@ impl Inner {
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
-                if self.parked_count.fetch_add(1, Ordering::AcqRel) == 0 {
-                    pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
-                }
+                self.parked_count.fetch_add(1, Ordering::AcqRel);
                 st.parked.push(bio);
-                self.enospc_event.store(true, Ordering::Release);
-                true
+                // One event per episode, not per retry.
+                let new = !self.enospc_episode.swap(true, Ordering::AcqRel);
+                if new {
+                    pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
+                    self.enospc_event.store(true, Ordering::Release);
+                }
+                new
             }
             r => {
                 bio.end(r);
@@ -580,6 +588,7 @@ impl dm::Target for Qcow2 {
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
+                enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
