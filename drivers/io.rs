@@ -167,7 +167,9 @@ impl Inner {
 
 /// Write path.
 impl Inner {
-    pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+    /// Writes `bio` into the top delta. Returns whether metadata changed
+    /// (the caller then makes it durable before the bio completes).
+    pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
         let top = st.delta(d)?;
         if bio.is_preflush() || bio.op() == Op::Flush {
@@ -176,28 +178,29 @@ impl Inner {
         }
         let size = u64::from(bio.size());
         if size == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let fua = bio.is_fua();
         let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
         let cs = top.hdr.cluster_size();
         let mut done = 0u64;
-        let mut synced = false;
+        let mut md_changed = false;
         while done < size {
             let len = (cs - vaddr % cs).min(size - done);
-            synced |= self.write_piece(st, d, Src::Bio(bio, done as u32), vaddr, len, fua)?;
+            md_changed |= self.write_piece(st, d, Src::Bio(bio, done as u32), vaddr, len, fua)?;
             vaddr += len;
             done += len;
         }
-        if fua && synced {
+        if fua && md_changed {
             top.file.fsync()?;
+            return Ok(false);
         }
-        Ok(())
+        Ok(md_changed)
     }
 
     /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
-    /// `src`. Returns whether it was written synchronously (copy-on-write),
-    /// as opposed to an in-place write still in flight.
+    /// `src`. Returns whether the mapping changed (copy-on-write), as opposed
+    /// to an in-place write (in flight for a bio, done for a buffer).
     pub(crate) fn write_piece(
         &self,
         st: &mut WorkerState,
@@ -236,11 +239,11 @@ impl Inner {
                 Src::Zero => {
                     let zero = IoBuf::new(len as usize)?;
                     delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, h + off)?;
-                    return Ok(true);
+                    return Ok(false);
                 }
                 Src::Buf(b) => {
                     delta.file.write_full(b.get(..len as usize).ok_or(EIO)?, h + off)?;
-                    return Ok(true);
+                    return Ok(false);
                 }
             }
         }
@@ -333,7 +336,9 @@ impl Inner {
 
 /// Discard and write-zeroes.
 impl Inner {
-    pub(crate) fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+    /// Discards or zeroes the range of `bio`; returns true (metadata
+    /// changed, to be made durable) like `write_bio`.
+    pub(crate) fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
         let top = st.delta(d)?;
         let discard = bio.op() == Op::Discard;
@@ -354,7 +359,7 @@ impl Inner {
             // A partial-cluster discard is a hint we may ignore.
             vaddr += len;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Makes the whole cluster of `vaddr` in delta `d` read as zeroes with

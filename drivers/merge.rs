@@ -358,6 +358,7 @@ impl Inner {
                     return Err(e);
                 }
             }
+            self.trim(&mut st, dst);
             let d = st.delta(dst)?;
             d.file.fsync()?;
             if src == 0 {
@@ -380,8 +381,9 @@ impl Inner {
     /// stays in the receiving delta, hidden by the merged one as before.
     pub(crate) fn merge_cancel(&self, st: &mut WorkerState) -> Result {
         let m = st.merge.take().ok_or(EINVAL)?;
-        let d = st.delta(m.dst)?;
         self.inflight.wait_idle();
+        self.trim(st, m.dst);
+        let d = st.delta(m.dst)?;
         d.file.fsync()?;
         self.set_dirty(&d, false)
     }

@@ -131,7 +131,14 @@ pub(crate) struct DeltaMd {
     rt_clusters: u64,
     /// Where the next free-cluster search starts.
     hint: u64,
+    /// File size as we last set it (it grows in `GROW_STEP`s).
+    grown: u64,
 }
+
+/// Image files are extended (sparsely) in steps of this many bytes, so that
+/// most writes of new clusters do not extend the file, and trimmed back to
+/// the last used cluster on suspend.
+const GROW_STEP: u64 = 128 << 20;
 
 impl DeltaMd {
     /// Loads the tables of image `img`; the refcount table only if `writable`.
@@ -151,6 +158,7 @@ impl DeltaMd {
             rt_off: hdr.refcount_table_offset,
             rt_clusters: u64::from(hdr.refcount_table_clusters),
             hint: 1,
+            grown: file.size(),
         })
     }
 
@@ -349,6 +357,52 @@ impl DeltaMd {
         Ok(())
     }
 
+    /// Makes the file at least `end` bytes long, sparsely, a step at a
+    /// time. Best effort: a write past the end extends the file anyway.
+    fn reserve(&mut self, file: &File, end: u64) {
+        if end <= self.grown {
+            return;
+        }
+        let Some(new) = end.checked_next_multiple_of(GROW_STEP) else {
+            return;
+        };
+        if file.truncate(new).is_ok() {
+            self.grown = new;
+        }
+    }
+
+    /// End of the last cluster with a non-zero refcount.
+    fn used_end(&mut self, file: &File, hdr: &Header) -> Result<u64> {
+        let per_block = fmt::refcount_block_entries(hdr);
+        let cs = hdr.cluster_size();
+        for ti in (0..self.rt.len()).rev() {
+            if self.rt.get(ti).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let first = (ti as u64).checked_mul(per_block).ok_or(EIO)?;
+            for c in (first..first + per_block).rev() {
+                if self.refcount(file, hdr, c)? != 0 {
+                    return (c + 1).checked_mul(cs).ok_or(EIO);
+                }
+            }
+        }
+        Ok(cs)
+    }
+
+    /// Truncates the file after its last used cluster (it grew in steps).
+    /// Only for a delta whose refcounts are loaded and trusted.
+    pub(crate) fn trim(&mut self, file: &File, hdr: &Header) -> Result {
+        if self.rt.is_empty() {
+            return Ok(());
+        }
+        let end = self.used_end(file, hdr)?;
+        if file.size() > end {
+            file.truncate(end)?;
+        }
+        self.grown = end.max(file.size());
+        Ok(())
+    }
+
     /// Allocates a free cluster (refcount 0 -> 1, on disk) and returns its
     /// offset: first fit from a moving position. A missing refcount block is
     /// placed in the cluster being looked at, which then describes itself.
@@ -363,6 +417,7 @@ impl DeltaMd {
                 continue;
             };
             if raw == 0 {
+                self.reserve(file, off + cs);
                 self.cache.invalidate(off, off + cs);
                 let mut blk = IoBuf::new(cs as usize)?;
                 fmt::refcount_set(&mut blk, bi, hdr.refcount_order, 1).ok_or(EIO)?;
@@ -382,6 +437,7 @@ impl DeltaMd {
                 continue;
             }
             if self.refcount(file, hdr, c)? == 0 {
+                self.reserve(file, off + cs);
                 self.set_refcount(file, hdr, c, 1)?;
                 self.cache.invalidate(off, off + cs);
                 self.hint = c + 1;
@@ -424,6 +480,7 @@ impl DeltaMd {
             fmt::set_table_entry(&mut tbl, i as u64, *e).ok_or(EIO)?;
         }
         fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
+        self.reserve(file, tbl_off + tbl_bytes);
         file.write_full(&blk, blk_off)?;
         file.write_full(&tbl, tbl_off)?;
         file.fsync()?;

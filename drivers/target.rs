@@ -131,6 +131,8 @@ pub(crate) struct WorkerState {
     pub(crate) merge: Option<Merge>,
     /// Writes that hit ENOSPC, retried later.
     parked: BioList,
+    /// Written bios waiting for the batch's fsync.
+    unsynced: BioList,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
 }
@@ -244,6 +246,7 @@ impl WorkItem<0> for Inner {
                 while let Some(bio) = list.pop() {
                     parked |= this.process(&mut st, bio);
                 }
+                this.sync_batch(&mut st);
             }
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
@@ -287,12 +290,18 @@ impl Inner {
     /// that starts an ENOSPC episode).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
         let res = match bio.op() {
-            Op::Read => self.read_bio(st, &bio),
+            Op::Read => self.read_bio(st, &bio).map(|()| false),
             Op::Write | Op::Flush if self.writable => self.write_bio(st, &bio),
             Op::Discard | Op::WriteZeroes if self.writable => self.zero_bio(st, &bio),
             _ => Err(EIO),
         };
         match res {
+            // Its new mapping must be durable before it completes: one fsync
+            // at the end of the batch covers every such bio.
+            Ok(true) => {
+                st.unsynced.push(bio);
+                false
+            }
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
@@ -307,9 +316,25 @@ impl Inner {
                 new
             }
             r => {
-                bio.end(r);
+                bio.end(r.map(|_| ()));
                 false
             }
+        }
+    }
+
+    /// Makes the metadata of the bios written in this batch durable and
+    /// completes them.
+    fn sync_batch(&self, st: &mut WorkerState) {
+        if st.unsynced.is_empty() {
+            return;
+        }
+        let res = st.delta(st.top()).and_then(|top| top.file.fsync());
+        if let Err(e) = res {
+            pr_err!("dm-qcow2: fsync of the top image failed: {:?}\n", e);
+        }
+        let mut list = st.unsynced.take();
+        while let Some(bio) = list.pop() {
+            bio.end(res);
         }
     }
 
@@ -396,6 +421,21 @@ impl Inner {
         page.get_mut(HDR_BACKING..HDR_BACKING + 12).ok_or(EIO)?.fill(0);
         delta.file.write_full(&page, 0)?;
         delta.file.fsync()
+    }
+
+    /// Truncates delta `d`'s file after its last used cluster (it grows in
+    /// steps). Not when refcounts may be wrong.
+    pub(crate) fn trim(&self, st: &mut WorkerState, d: usize) {
+        if self.errors.wants_check.load(Ordering::Acquire) {
+            return;
+        }
+        let (Ok(delta), Some(md)) = (st.delta(d), st.md.get_mut(d)) else {
+            return;
+        };
+        if let Err(e) = md.trim(&delta.file, &delta.hdr) {
+            pr_err!("dm-qcow2: image {}: truncate failed: {:?}\n", d, e);
+            self.errors.truncate.store(-e.to_errno(), Ordering::Relaxed);
+        }
     }
 
     /// Re-reads every header and drops all cached metadata: userspace may
@@ -571,6 +611,7 @@ impl dm::Target for Qcow2 {
             zkey: None,
             merge: None,
             parked: BioList::new(),
+            unsynced: BioList::new(),
             stale: false,
         };
         let inflight = IoCounter::new().map_err(oom)?;
@@ -758,6 +799,10 @@ impl dm::Target for Qcow2 {
         let inner = &self.inner;
         inner.wq.flush();
         let mut st = inner.state.lock();
+        if inner.writable {
+            let top = st.top();
+            inner.trim(&mut st, top);
+        }
         self.sync(&st);
         st.stale = true;
         if inner.writable && param::kernel_sets_dirty_bit() {
@@ -825,7 +870,11 @@ impl Drop for Qcow2 {
         // Stop the work items before the chain goes away; none of them may
         // hold the last reference to `inner` (we hold one until after this).
         self.inner.wq.shutdown();
-        let st = self.inner.state.lock();
+        let mut st = self.inner.state.lock();
+        if self.inner.writable {
+            let top = st.top();
+            self.inner.trim(&mut st, top);
+        }
         self.sync(&st);
     }
 }
