@@ -248,6 +248,14 @@ impl Inner {
             }
         }
 
+        // Extended L2: only the subclusters the write touches are written
+        // (and filled from what reads showed), in our own host cluster.
+        if let Cluster::Extended { host, alloc, zero, .. } = c {
+            if host.is_none() || raw & fmt::L2E_COPIED != 0 {
+                return self.write_subclusters(st, d, l2_off, (host, alloc, zero), src, vaddr, len);
+            }
+        }
+
         // Copy-on-write: a cluster of our own holding what reads showed
         // so far, with the new data over it.
         // A host cluster shared with an internal snapshot (no COPIED bit) is
@@ -256,7 +264,6 @@ impl Inner {
         let own = raw & fmt::L2E_COPIED != 0;
         let (host, fresh) = match c {
             Cluster::ZeroPrealloc { host } if own => (host, false),
-            Cluster::Extended { host: Some(h), .. } if own => (h, false),
             _ => (md.alloc_cluster(&delta.file, hdr)?, true),
         };
         let shared = match c {
@@ -295,6 +302,67 @@ impl Inner {
         }
         if let Some(old) = shared {
             self.free(st, d, old, hdr.cluster_size());
+        }
+        Ok(true)
+    }
+
+    /// Writes `[vaddr, vaddr + len)` of delta `d` into the subclusters it
+    /// touches, in the cluster's host cluster (allocated if it has none):
+    /// the rest of the first and last touched subcluster is filled with what
+    /// reads showed; other subclusters keep their state. `cur` is the
+    /// entry's (host, alloc bits, zero bits). Returns true (mapping changed).
+    #[allow(clippy::too_many_arguments)]
+    fn write_subclusters(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        l2_off: u64,
+        cur: (Option<u64>, u32, u32),
+        src: Src<'_>,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<bool> {
+        let (host, alloc, zero) = cur;
+        let delta = st.delta(d)?;
+        let hdr = &delta.hdr;
+        let scs = hdr.subcluster_size();
+        let off = hdr.offset_in_cluster(vaddr);
+        let base = vaddr - off;
+        let (first, last) = (off / scs, (off + len - 1) / scs);
+        let (start, end) = (first * scs, (last + 1) * scs);
+        let mask = subcluster_mask(first, last);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let (host, fresh) = match host {
+            Some(h) => (h, false),
+            None => (md.alloc_cluster(&delta.file, hdr)?, true),
+        };
+        let mut cow = st.cow.take().ok_or(EIO)?;
+        let res = (|| -> Result {
+            let buf = cow.get_mut(start as usize..end as usize).ok_or(EIO)?;
+            let (head, rest) = buf.split_at_mut((off - start) as usize);
+            let (mid, tail) = rest.split_at_mut(len as usize);
+            self.read_into(st, d, base + start, head)?;
+            match src {
+                Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
+                Src::Zero => mid.fill(0),
+                Src::Buf(b) => mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?),
+            }
+            self.read_into(st, d, vaddr + len, tail)?;
+            delta.file.write_full(cow.get(start as usize..end as usize).ok_or(EIO)?, host + start)
+        })();
+        st.cow = Some(cow);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let res = res.and_then(|()| {
+            // Data is on disk: now make it reachable.
+            let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
+            md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, host | fmt::L2E_COPIED, bitmap)
+                .map_err(|e| self.md_error(e))
+        });
+        if let Err(e) = res {
+            if fresh {
+                self.free(st, d, host, hdr.cluster_size());
+            }
+            return Err(e);
         }
         Ok(true)
     }
@@ -407,6 +475,13 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Bits `first..=last` (subcluster indices below 32).
+fn subcluster_mask(first: u64, last: u64) -> u32 {
+    let n = last.saturating_sub(first) + 1;
+    let ones = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+    ones.checked_shl(first as u32).unwrap_or(0)
 }
 
 /// Whether every subcluster touched by `[off, off + len)` has its bit in `bits`.

@@ -215,6 +215,36 @@ write_case() {
 
 # --------------------------------------------------------- configurations
 
+# numjobs: one fio job section cloned into 4 processes (numjobs=4), each on
+# its own quarter of the device (offset_increment), iodepth 16, with crc32c
+# verify; then the usual checks but for the iolog-based one.
+case_numjobs() {
+	local q rc
+	need "$FIO"
+	mk_base base.qcow2 cluster_size=64k 64k
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=64k base.qcow2
+	lower_sums base.qcow2
+	map_rw base.qcow2 top.qcow2
+	q=$(($(blockdev --getsize64 "$DEV") / 4))
+	"$FIO" --output=fio.log --name=n --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randwrite --bsrange=512-128k --iodepth=16 \
+		--numjobs=4 --offset_increment="$q" --size=$((q - q / 16)) \
+		--io_size=4M --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+		--randseed=77 --group_reporting
+	rc=$?
+	if [ "$rc" -ne 0 ] || grep -Eqi 'verify|bad magic|crc32c|err= *[1-9]' fio.log; then
+		cat fio.log
+		dmq_fail "fio numjobs=4 failed (rc=$rc)"
+	fi
+	grep -E '^ *(write|read): IOPS' fio.log | sed 's/^ */fio: /'
+	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 top.raw
+	cmp dev.raw top.raw || dmq_fail "qemu-img convert of top.qcow2 differs from the device's data"
+	check_lower
+}
+
 case_cluster_4k() {
 	FIO_SEED=41
 	write_case cluster_size=4k 4k chain
