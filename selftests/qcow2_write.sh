@@ -568,6 +568,7 @@ DMQ_CASES=(
 	discard_v2
 	discard_extl2
 	refcount_growth
+	numjobs
 )
 
 dmq_main "$@"
