@@ -5,15 +5,33 @@
 It models the dm-qcow2 constructor checks the selftests expect, logs
 "qcow2: <message> (<errno>)" lines to $FAKE_STATE/kmsg like the kernel
 would, and "maps" a valid table as a regular file $FAKE_STATE/devs/NAME
-holding `qemu-img convert -O raw` of the top image; a writable one is
-converted back into the top image when removed. It only tests the
-selftest scripts, never the target.
+holding `qemu-img convert -O raw` of the top image; for a writable one
+the clusters that differ are written into the top image when removed. It
+only tests the selftest scripts, never the target.
+
+It also models the control plane of the spec (messages, merges, status,
+table, suspend/resume/reload) on files: the state of a device is
+$FAKE_STATE/state/NAME.json; before the files matter (status, merge start
+and complete, suspend) the clusters of the "device" that differ from the
+top image are written into it. A merge is "copying" for $FAKE_MERGE_SECS
+(default 2) seconds, then "ready"; complete runs `qemu-img commit`
+(backward) or `qemu-img rebase` (forward). Fault injection and ENOSPC are
+not modelled (the argument checks are). FAKE_MERGE_BUG=nocopy (complete
+drops the delta without copying it), keep (complete leaves the chain as
+it is) or touch (complete also writes into the file the spec says is left
+untouched) must make the merge cases fail. The status line carries depth=
+and error= like "merge_* progress" (as the driver prints it);
+FAKE_STATUS_SPEC=1 prints only the fields the spec lists.
 """
+import errno
 import fcntl
+import json
 import os
 import stat
 import subprocess
 import sys
+import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), ".."))
 import dmq_img  # noqa: E402
@@ -22,6 +40,9 @@ STATE = os.environ["FAKE_STATE"]
 DEVS = os.path.join(STATE, "devs")
 KMSG = os.path.join(STATE, "kmsg")
 RW = os.path.join(STATE, "rw")  # NAME: top image of a writable "device"
+STATES = os.path.join(STATE, "state")  # NAME.json: see load_state()
+MERGE_SECS = float(os.environ.get("FAKE_MERGE_SECS", "2"))
+CAP_SYS_ADMIN = 21
 
 
 class CtrError(Exception):
@@ -82,52 +103,96 @@ def check_image(fd, index, ntop, writable):
     return h
 
 
-def create(name, readonly, table):
+class BadTable(Exception):
+    pass
+
+
+def parse_table(table, readonly):
+    """Check a table like the constructor: (length, images, modes)."""
     words = table.split()
     if len(words) < 3 or words[2] != "qcow2":
-        print("fake dmsetup: bad table %r" % table, file=sys.stderr)
-        return 1
+        raise BadTable(table)
     length = int(words[1])
     fds = words[3:]
-    try:
-        if not fds:
-            raise CtrError("No images given", "-EINVAL")
-        hdrs = []
-        for i, f in enumerate(fds):
-            try:
-                fd = int(f)
-            except ValueError:
-                raise CtrError("Wrong fd", "-EBADF")
-            hdrs.append(check_image(fd, i, len(fds), not readonly))
-        if hdrs[0]["backing_file_offset"]:
-            raise CtrError("Base image has a backing file", "-ENOENT")
-        for lo, hi in zip(hdrs, hdrs[1:]):
-            if lo["cluster_bits"] != hi["cluster_bits"]:
-                raise CtrError("Deltas differ in cluster size", "-EXDEV")
-            if (lo.get("incompatible_features", 0) ^
-                    hi.get("incompatible_features", 0)) & 16:
-                raise CtrError("Deltas differ in extended L2", "-EXDEV")
-            if lo["size"] > hi["size"]:
-                raise CtrError("Lower delta larger than the one above it",
-                               "-EBADSLT")
-        if length * 512 > hdrs[-1]["size"]:
-            raise CtrError("Top image smaller than the table", "-EBADSLT")
-    except CtrError as e:
-        klog("device-mapper: table: 253:0: qcow2: %s (%s)" % (e.msg, e.err))
-        klog("device-mapper: ioctl: error adding target to table")
-        print("device-mapper: reload ioctl on %s  failed: error" % name,
-              file=sys.stderr)
-        return 1
-    top = os.readlink("/proc/self/fd/%s" % fds[-1])
+    if not fds:
+        raise CtrError("No images given", "-EINVAL")
+    hdrs = []
+    for i, f in enumerate(fds):
+        try:
+            fd = int(f)
+        except ValueError:
+            raise CtrError("Wrong fd", "-EBADF")
+        hdrs.append(check_image(fd, i, len(fds), not readonly))
+    if hdrs[0]["backing_file_offset"]:
+        raise CtrError("Base image has a backing file", "-ENOENT")
+    for lo, hi in zip(hdrs, hdrs[1:]):
+        if lo["cluster_bits"] != hi["cluster_bits"]:
+            raise CtrError("Deltas differ in cluster size", "-EXDEV")
+        if (lo.get("incompatible_features", 0) ^
+                hi.get("incompatible_features", 0)) & 16:
+            raise CtrError("Deltas differ in extended L2", "-EXDEV")
+        if lo["size"] > hi["size"]:
+            raise CtrError("Lower delta larger than the one above it",
+                           "-EBADSLT")
+    if length * 512 > hdrs[-1]["size"]:
+        raise CtrError("Top image smaller than the table", "-EBADSLT")
+    images, modes = [], []
+    for f in fds:
+        images.append(os.readlink("/proc/self/fd/%s" % f))
+        acc = fcntl.fcntl(int(f), fcntl.F_GETFL) & os.O_ACCMODE
+        modes.append("rw" if acc == os.O_RDWR else "ro")
+    return length, images, modes
+
+
+def table_error(name, what, e):
+    klog("device-mapper: table: 253:0: qcow2: %s (%s)" % (e.msg, e.err))
+    klog("device-mapper: ioctl: error adding target to table")
+    print("device-mapper: %s ioctl on %s  failed: error" % (what, name),
+          file=sys.stderr)
+    return 1
+
+
+def chain_spec(images):
+    """The chain IMAGES (base first) as the table sees it, whatever backing
+    file names the headers hold: a qemu json: filename of the top."""
+    node = None
+    for img in images:
+        node = {"driver": "qcow2", "backing": node,
+                "file": {"driver": "file", "filename": img}}
+    return "json:" + json.dumps(node)
+
+
+def map_table(name, st):
+    """(Re)create the "device" file of NAME from the chain of state ST."""
+    top = st["images"][-1]
     os.makedirs(DEVS, exist_ok=True)
     dev = os.path.join(DEVS, name)
-    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw",
-                    top, dev], check=True)
-    os.truncate(dev, length * 512)
-    if not readonly:  # written back into the top at remove
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw",
+                    chain_spec(st["images"]), dev], check=True)
+    os.truncate(dev, st["length"] * 512)
+    rw = os.path.join(RW, name)
+    if st["writable"]:  # written back into the top at remove
         os.makedirs(RW, exist_ok=True)
-        with open(os.path.join(RW, name), "w") as f:
+        with open(rw, "w") as f:
             f.write(top)
+    elif os.path.exists(rw):
+        os.unlink(rw)
+    return dev
+
+
+def create(name, readonly, table):
+    try:
+        length, images, modes = parse_table(table, readonly)
+    except BadTable:
+        print("fake dmsetup: bad table %r" % table, file=sys.stderr)
+        return 1
+    except CtrError as e:
+        return table_error(name, "reload", e)
+    st = {"images": images, "modes": modes, "writable": not readonly,
+          "length": length, "suspended": False, "merge": None,
+          "inactive": None}
+    save_state(name, st)
+    dev = map_table(name, st)
     corrupt = os.environ.get("FAKE_CORRUPT")
     if corrupt:  # flip a byte at this offset to check that tests notice
         with open(dev, "r+b") as f:
@@ -140,12 +205,419 @@ def create(name, readonly, table):
     return 0
 
 
+# ------------------------------------------------------- control plane
+
+def state_path(name):
+    return os.path.join(STATES, name + ".json")
+
+
+def load_state(name):
+    try:
+        with open(state_path(name)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def save_state(name, st):
+    os.makedirs(STATES, exist_ok=True)
+    tmp = state_path(name) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(st, f)
+    os.rename(tmp, state_path(name))
+
+
+def privileged(what):
+    """The checks of /dev/mapper/control (0600 root) and of ctl_ioctl."""
+    if os.geteuid() != 0:
+        print("/dev/mapper/control: open failed: Permission denied\n"
+              "Failure to communicate with kernel device-mapper driver.",
+              file=sys.stderr)
+        return False
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                if not int(line.split()[1], 16) & (1 << CAP_SYS_ADMIN):
+                    print("device-mapper: version ioctl on   failed: "
+                          "Permission denied\nCommand failed.",
+                          file=sys.stderr)
+                    return False
+    return True
+
+
+def flush(name, st):
+    """Write the clusters of the device that differ from the top into it."""
+    if not st["writable"]:
+        return
+    dev = os.path.join(DEVS, name)
+    top = st["images"][-1]
+    cs = 1 << dmq_img.read_header(top)["cluster_bits"]
+    with tempfile.TemporaryDirectory(dir=STATE) as tmp:
+        cur = os.path.join(tmp, "cur.raw")
+        spec = chain_spec(st["images"])
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", spec, cur],
+                       check=True)
+        cmds = []
+        with open(dev, "rb") as d, open(cur, "rb") as c:
+            off, start, buf = 0, None, bytearray()
+            while True:
+                a = d.read(cs)
+                b = c.read(cs)
+                if a and a != b[:len(a)]:
+                    if start is None:
+                        start, buf = off, bytearray()
+                    buf += a
+                elif start is not None:
+                    path = os.path.join(tmp, "w%d" % len(cmds))
+                    with open(path, "wb") as f:
+                        f.write(buf)
+                    cmds.append("write -q -s %s %d %d" % (path, start, len(buf)))
+                    start = None
+                if not a:
+                    break
+                off += len(a)
+        for i in range(0, len(cmds), 200):
+            argv = ["qemu-io"]
+            for c in cmds[i:i + 200]:
+                argv += ["-c", c]
+            res = subprocess.run(argv + [spec], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+            if res.returncode or res.stdout.strip():
+                raise RuntimeError("qemu-io %s: %s" % (top, res.stdout))
+
+
+def count_clusters(img):
+    """Data clusters IMG itself maps (what its L2 tables reference)."""
+    cs = 1 << dmq_img.read_header(img)["cluster_bits"]
+    res = subprocess.run(["qemu-img", "map", "-U", "-f", "qcow2",
+                          "--output=json", img], stdout=subprocess.PIPE,
+                         check=True)
+    seen = set()
+    for e in json.loads(res.stdout):
+        if e.get("depth") == 0 and e.get("data"):
+            seen.update(range(e["start"] // cs,
+                              (e["start"] + e["length"] - 1) // cs + 1))
+    return len(seen)
+
+
+def open_elsewhere(path):
+    """Does another process have PATH open?"""
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%s/fd/%s" % (pid, fd)) == path:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def merge_stage(m):
+    """(stage, progress, error) of merge M (None: no merge)."""
+    if not m:
+        return "none", 0, 0
+    el = time.time() - m["t0"]
+    pct = min(100, int(100 * el / MERGE_SECS))
+    if m.get("error"):
+        return "failed", min(pct, 99), m["error"]
+    if el >= MERGE_SECS:
+        return "ready", 100, 0
+    return "copying", pct, 0
+
+
+def describe(m):
+    """The fields of "merge_* progress" (also in the status line)."""
+    stage, pct, err = merge_stage(m)
+    return "merge=%s depth=%d stage=%s progress=%d error=%d" % (
+        m["kind"] if m else "none", m["depth"] if m else 0, stage, pct, err)
+
+
+def signal_later(name, token, efd):
+    """A child that holds the eventfd and counts 1 at ready or failed."""
+    if os.fork():
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, efd)
+        os.closerange(efd + 1, 1024)
+        end = time.time() + 600
+        while time.time() < end:
+            time.sleep(0.05)
+            st = load_state(name)
+            m = st and st["merge"]
+            if not m or m["token"] != token:
+                break
+            if merge_stage(m)[0] in ("ready", "failed"):
+                os.write(efd, (1).to_bytes(8, sys.byteorder))
+                break
+    finally:
+        os._exit(0)
+
+
+class MsgError(Exception):
+    def __init__(self, err):
+        super().__init__(err)
+        self.err = err
+
+
+def number(word):
+    try:
+        return int(word, 10)
+    except (TypeError, ValueError):
+        raise MsgError(errno.EINVAL)
+
+
+def merge_msg(name, st, kind, words):
+    sub = words[0] if words else None
+    m = st["merge"]
+    n = len(st["images"])
+    if sub == "progress":
+        stage, pct, err = merge_stage(m)
+        return describe(m if m and m["kind"] == kind else None) + "\n"
+    if sub == "cancel":
+        if not m or m["kind"] != kind:
+            raise MsgError(errno.EINVAL)
+        st["merge"] = None
+        save_state(name, st)
+        return ""
+    if sub == "complete":
+        if st["suspended"] or not m or m["kind"] != kind or \
+                merge_stage(m)[0] != "ready":
+            raise MsgError(errno.EBUSY)
+        flush(name, st)
+        imgs = st["images"]
+        bug = os.environ.get("FAKE_MERGE_BUG", "")
+        if kind == "backward":
+            top = n - 1 - m["depth"]
+            if bug != "nocopy":
+                subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2",
+                                "-d", "-b", imgs[top - 1], imgs[top]],
+                               check=True)
+            gone = top
+        else:
+            low = n - 1 - m["depth"]
+            cmd = ["qemu-img", "rebase", "-q", "-f", "qcow2"]
+            cmd += ["-F", "qcow2", "-b", imgs[low - 1]] if low else ["-b", ""]
+            if bug == "nocopy":
+                cmd.insert(2, "-u")
+            subprocess.run(cmd + [imgs[low + 1]], check=True)
+            gone = low
+        if bug == "touch":
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                            "write -q -P 0x99 0 4k", imgs[gone]], check=True)
+        if bug != "keep":
+            del st["images"][gone]
+            del st["modes"][gone]
+        if not open_elsewhere(os.path.join(DEVS, name)):
+            # the device reads what the files say now (unless fio & co.
+            # are writing to it: they would race with this)
+            subprocess.run(["qemu-img", "convert", "-n", "-U", "-O", "raw",
+                            chain_spec(st["images"]),
+                            os.path.join(DEVS, name)], check=True)
+        st["merge"] = None
+        if st["writable"]:
+            with open(os.path.join(RW, name), "w") as f:
+                f.write(st["images"][-1])
+        save_state(name, st)
+        return ""
+    if sub != "start" or len(words) < 2 or len(words) > 3:
+        raise MsgError(errno.EINVAL)
+    if st["suspended"]:
+        raise MsgError(errno.EBUSY)
+    efd = number(words[1])
+    depth = number(words[2]) if len(words) > 2 else (0 if kind == "backward" else 1)
+    lo, hi = (0, n - 2) if kind == "backward" else (1, n - 1)
+    if not lo <= depth <= hi:
+        raise MsgError(errno.EINVAL)
+    if m:
+        raise MsgError(errno.EBUSY)
+    if efd != -1:
+        try:
+            os.fstat(efd)
+        except OSError:
+            raise MsgError(errno.EBADF)
+    if kind == "backward":
+        top = n - 1 - depth
+        if st["modes"][top - 1] != "rw":
+            raise MsgError(errno.EACCES)
+        if dmq_img.virtual_size(st["images"][top - 1]) < \
+                dmq_img.virtual_size(st["images"][top]):
+            raise MsgError(errno.EINVAL)
+    else:
+        up = n - depth
+        if st["modes"][up] != "rw" and not (st["writable"] and up == n - 1):
+            raise MsgError(errno.EACCES)
+    flush(name, st)
+    token = "%d.%f" % (os.getpid(), time.time())
+    st["merge"] = {"kind": kind, "depth": depth, "t0": time.time(),
+                   "token": token, "error": 0}
+    save_state(name, st)
+    if efd >= 0:
+        signal_later(name, token, efd)
+    return ""
+
+
+def message(name, words):
+    st = load_state(name)
+    if st is None:
+        print("device-mapper: message ioctl on %s  failed: No such device "
+              "or address" % name, file=sys.stderr)
+        return 1
+    if not words:
+        print("No message supplied.", file=sys.stderr)
+    try:
+        out = message_words(name, st, words)
+    except MsgError as e:
+        print("device-mapper: message ioctl on %s  failed: %s\nCommand failed."
+              % (name, os.strerror(e.err)), file=sys.stderr)
+        return 1
+    sys.stdout.write(out)
+    return 0
+
+
+def message_words(name, st, words):
+    if not words:
+        raise MsgError(errno.EINVAL)
+    cmd, rest = words[0], words[1:]
+    n = len(st["images"])
+    if cmd in ("get_img_name", "get_img_id"):
+        i = number(rest[0] if rest else None)
+        if i < 0:
+            raise MsgError(errno.EINVAL)
+        return st["images"][i] + "\n" if i < n else ""
+    if cmd == "get_img_fd":
+        i = number(rest[0] if rest else None)
+        if not 0 <= i < n:
+            raise MsgError(errno.ENOENT)
+        return "%d\n" % os.open(st["images"][i], os.O_RDONLY)
+    if cmd == "get_errors":
+        return "wants_check=0\nmd_writeback_error=0\ntruncate_error=0\n"
+    if cmd == "get_event":
+        return ""
+    if cmd == "set_fault_injection":
+        if len(rest) != 2:
+            raise MsgError(errno.EINVAL)
+        i, ratio = number(rest[0]), number(rest[1])
+        if not 0 <= ratio <= 100000:
+            raise MsgError(errno.EINVAL)
+        if st["suspended"]:
+            raise MsgError(errno.EBUSY)
+        if not 0 <= i < n:
+            raise MsgError(errno.ENOENT)
+        m = st["merge"]
+        if ratio and m and merge_stage(m)[0] == "copying":
+            src = n - 1 - m["depth"]
+            dst = src - 1 if m["kind"] == "backward" else src + 1
+            if i in (src, dst):
+                m["error"] = errno.EIO
+                save_state(name, st)
+        return ""
+    if cmd in ("merge_backward", "merge_forward"):
+        return merge_msg(name, st, cmd[len("merge_"):], rest)
+    raise MsgError(errno.ENOTTY)
+
+
+def status(name, table):
+    st = load_state(name)
+    if st is None:
+        print("Device %s not found" % name, file=sys.stderr)
+        return 1
+    top = st["images"][-1]
+    hdr = dmq_img.read_header(top)
+    head = "0 %d qcow2 " % st["length"]
+    if table:
+        print(head + "%d v%d %d" % (len(st["images"]), hdr["version"],
+                                    (1 << hdr["cluster_bits"]) // 512))
+        return 0
+    flush(name, st)
+    if os.environ.get("FAKE_STATUS_SPEC"):  # exactly the spec's fields
+        m = st["merge"]
+        stage, pct, _ = merge_stage(m)
+        merge = "merge=%s stage=%s progress=%d" % (
+            m["kind"] if m else "none", stage, pct)
+    else:  # the driver adds depth= and error= (as in "merge_* progress")
+        merge = describe(st["merge"])
+    print(head + "images=%d wants_check=0 md_writeback_error=0 "
+          "truncate_error=0 enospc=0 %s clusters=%s" % (
+              len(st["images"]), merge,
+              ",".join(str(count_clusters(i)) for i in st["images"])))
+    return 0
+
+
+def suspend(name):
+    st = load_state(name)
+    if st is None:
+        return 1
+    flush(name, st)
+    st["suspended"] = True
+    st["merge"] = None
+    save_state(name, st)
+    return 0
+
+
+def resume(name):
+    st = load_state(name)
+    if st is None:
+        return 1
+    if st["inactive"]:
+        flush(name, st)
+        st.update(st["inactive"])
+        st["inactive"] = None
+        map_table(name, st)
+    st["suspended"] = False
+    save_state(name, st)
+    return 0
+
+
+def reload(name, readonly, table):
+    st = load_state(name)
+    if st is None:
+        return 1
+    try:
+        length, images, modes = parse_table(table, readonly)
+    except BadTable:
+        print("fake dmsetup: bad table %r" % table, file=sys.stderr)
+        return 1
+    except CtrError as e:
+        return table_error(name, "reload", e)
+    st["inactive"] = {"images": images, "modes": modes,
+                      "writable": not readonly, "length": length}
+    save_state(name, st)
+    return 0
+
+
+KNOWN_OPTS = ("--retry", "--force", "-c", "--noheadings", "-o", "--readonly",
+              "--table", "-v")
+
+
 def main(argv):
-    args = [a for a in argv if a not in ("--retry", "--force", "-c",
+    end = argv.index("--") if "--" in argv else len(argv)
+    for a in argv[:end]:  # like getopt: "-1" is an option, and unknown
+        if a.startswith("-") and a not in KNOWN_OPTS:
+            print("dmsetup: invalid option -- '%s'\nCouldn't process command "
+                  "line." % a.lstrip("-")[:1], file=sys.stderr)
+            return 1
+    if end < len(argv):  # getopt's end of options
+        argv = argv[:end] + argv[end + 1:]
+    opts = argv[:argv.index("message") + 1] if "message" in argv else argv
+    args = [a for a in opts if a not in ("--retry", "--force", "-c",
                                          "--noheadings")]
+    args += argv[len(opts):]  # message words as they are
     if not args:
         return 1
     cmd = args[0]
+    if not privileged(cmd):
+        return 1
     if cmd == "version":
         print("Library version:   fake\nDriver version:    fake")
         return 0
@@ -174,13 +646,14 @@ def main(argv):
             return 1
         if cmd == "remove":
             rw = os.path.join(RW, name[-1])
+            st = load_state(name[-1])
+            if st is not None and st["writable"]:
+                flush(name[-1], st)  # the clusters written into the top
             if os.path.exists(rw):
-                with open(rw) as f:
-                    top = f.read()
-                subprocess.run(["qemu-img", "convert", "-n", "-f", "raw",
-                                "-O", "qcow2", path, top], check=True)
                 os.unlink(rw)
             os.unlink(path)
+            if os.path.exists(state_path(name[-1])):
+                os.unlink(state_path(name[-1]))
         else:
             print("Name: %s\nState: ACTIVE (READ-ONLY)" % name[-1])
         return 0
@@ -189,6 +662,17 @@ def main(argv):
         readonly = "--readonly" in args
         table = args[args.index("--table") + 1]
         return create(name, readonly, table)
+    if cmd == "reload":
+        table = args[args.index("--table") + 1]
+        return reload(args[1], "--readonly" in args, table)
+    if cmd == "message":
+        return message(args[1], args[3:])
+    if cmd in ("status", "table"):
+        return status(args[1], cmd == "table")
+    if cmd == "suspend":
+        return suspend(args[1])
+    if cmd == "resume":
+        return resume(args[1])
     print("fake dmsetup: unsupported %r" % argv, file=sys.stderr)
     return 1
 

@@ -7,15 +7,20 @@
 # data, KTAP plumbing), not the target. Needs root (tmpfs mount), qemu-img,
 # qemu-io, python3.
 #
-# usage: host/run.sh [qcow2_read.sh|qcow2_ctr_errors.sh|qcow2_write.sh [CASE...]]
+# usage: host/run.sh [SCRIPT [CASE...]]   (SCRIPT: qcow2_*.sh)
 # FAKE_CORRUPT=OFFSET flips a device byte; FAKE_WARN=1 logs a WARNING:
-# both must make the cases fail.
+# both must make the cases fail. Without arguments every script runs;
+# qcow2_ctl.sh without the cases the fake cannot model (fault injection,
+# ENOSPC).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 FAKE_STATE=$(mktemp -d /tmp/dmq-fake.XXXXXX)
 export FAKE_STATE
 trap 'rm -rf "$FAKE_STATE"' EXIT
 mkdir -p "$FAKE_STATE/bin" "$FAKE_STATE/devs"
+# qcow2_ctl.sh runs dmsetup as nobody: it must find the fake to be refused
+chmod 711 "$FAKE_STATE"
+chmod 755 "$FAKE_STATE/bin"
 : >"$FAKE_STATE/kmsg"
 ln -s "$here/fake_dmsetup.py" "$FAKE_STATE/bin/dmsetup"
 cat >"$FAKE_STATE/bin/dmesg" <<'EOS'
@@ -31,6 +36,20 @@ case "$1" in
 *) exit 1 ;;
 esac
 EOS
+# discard and write-zeroes of a regular-file "device": zeroes
+cat >"$FAKE_STATE/bin/blkdiscard" <<'EOS'
+#!/usr/bin/env python3
+import getopt, os, sys
+opts, args = getopt.getopt(sys.argv[1:], "zfqvo:l:s:p:")
+o = dict(opts)
+fd = os.open(args[0], os.O_WRONLY)
+size = os.fstat(fd).st_size
+off = int(o.get("-o", "0"), 0)
+end = min(size, off + int(o.get("-l", str(size - off)), 0))
+while off < end:
+    off += os.pwrite(fd, bytes(min(1 << 20, end - off)), off)
+os.close(fd)
+EOS
 chmod +x "$FAKE_STATE/bin/"*
 export PATH="$FAKE_STATE/bin:$PATH"
 export DMQ_KMSG="$FAKE_STATE/kmsg"
@@ -39,8 +58,11 @@ rc=0
 if [ $# -gt 0 ]; then
 	"$here/../$1" "${@:2}" || rc=$?
 else
-	for t in qcow2_ctr_errors.sh qcow2_read.sh qcow2_write.sh; do
+	for t in qcow2_ctr_errors.sh qcow2_read.sh qcow2_write.sh \
+		qcow2_merge.sh; do
 		"$here/../$t" || rc=$?
 	done
+	"$here/../qcow2_ctl.sh" messages nonroot suspended_busy status_info \
+		suspend_loop snapshot_reload || rc=$?
 fi
 exit "$rc"

@@ -1,0 +1,761 @@
+#!/bin/bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# dm-qcow2 control plane: the messages (get_img_name/get_img_id/
+# get_img_fd, get_errors, get_event, set_fault_injection, their argument
+# errors, CAP_SYS_ADMIN, EBUSY while suspended), the `dmsetup status` line
+# (and its per-delta cluster counts), fault injection (reads and writes
+# fail, acknowledged data survives, random faults leave no corruption),
+# ENOSPC on the host file system (writes wait, an event is raised, they
+# complete once there is space), suspend/resume under fio, and a snapshot
+# taken by suspending, adding an overlay with qemu-img and reloading the
+# table.
+#
+# usage: qcow2_ctl.sh [-l] [CASE...]
+
+set -u -o pipefail
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+FIO=${FIO:-fio}
+MIB=$((1 << 20))
+DEV=				# the mapped device (map_rw)
+MSG_OUT=			# output of the last msg_ok
+BG_PIDS=()			# background jobs stopped when the case ends
+
+need() {
+	local t
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
+	done
+}
+
+# ------------------------------------------------------------ messages
+
+errno_text() {
+	case $1 in
+	EINVAL) echo "Invalid argument" ;;
+	EBADF) echo "Bad file descriptor" ;;
+	EBUSY) echo "Device or resource busy" ;;
+	EACCES) echo "Permission denied" ;;
+	EPERM) echo "Operation not permitted" ;;
+	ENOENT) echo "No such file or directory" ;;
+	ENOTTY) echo "Inappropriate ioctl for device" ;;
+	*) echo "$1" ;;
+	esac
+}
+
+# msg NAME WORD...: `dmsetup message NAME 0 -- WORD...`, its stdout as is,
+# its stderr in msg.err; returns dmsetup's status. ("--": dmsetup's getopt
+# would take a word like "-1" for an option.)
+msg() {
+	local full
+	full=$(dmq_full_name "$1")
+	shift
+	[ "${DMQ_VERBOSE:-0}" = 1 ] && echo "+ $DMSETUP message $full 0 -- $*" >&2
+	"$DMSETUP" message "$full" 0 -- "$@" 2>msg.err
+}
+
+# msg_ok NAME WORD...: the message must succeed; its output in MSG_OUT
+msg_ok() {
+	MSG_OUT=$(msg "$@") || {
+		cat msg.err
+		dmq_fail "message '${*:2}' failed"
+	}
+}
+
+# expect_msg_err NAME ERRNO WORD...: the message fails with ERRNO (dmsetup
+# prints "device-mapper: message ioctl on NAME  failed: <strerror>")
+expect_msg_err() {
+	local name=$1 err=$2 out text
+	shift 2
+	text=$(errno_text "$err")
+	if out=$(msg "$name" "$@"); then
+		dmq_fail "message '$*' succeeded (printed '$out'); expected $err"
+	fi
+	if ! grep -qF -- "failed: $text" msg.err; then
+		cat msg.err
+		dmq_fail "message '$*': expected $err ($text)"
+	fi
+	echo "message '$*': $err"
+}
+
+# expect_output NAME TEXT WORD...: the message prints exactly TEXT
+# ('' for nothing at all)
+expect_output() {
+	local name=$1 text=$2
+	shift 2
+	msg "$name" "$@" >msg.out || { cat msg.err; dmq_fail "message '$*' failed"; }
+	if ! printf "%s" "$text" | cmp -s - msg.out; then
+		echo "got:"
+		od -c msg.out | head -n 8
+		dmq_fail "message '$*': expected '$text'"
+	fi
+}
+
+ERRORS_OK=$'wants_check=0\nmd_writeback_error=0\ntruncate_error=0\n'
+
+
+# merge_idle NAME: merge_backward progress says nothing is running
+merge_idle() {
+	msg_ok "$1" merge_backward progress
+	[[ $MSG_OUT =~ ^merge=none\ (depth=[0-9]+\ )?stage=none($|\ ) ]] ||
+		dmq_fail "merge_backward progress: '$MSG_OUT'"
+}
+
+# wait_ready NAME KIND: poll "KIND progress" until stage=ready (120 s)
+wait_ready() {
+	local end=$((SECONDS + 120))
+	while :; do
+		msg_ok "$1" "$2" progress
+		case $MSG_OUT in
+		*" stage=ready "*) return 0 ;;
+		*" stage=copying "*) ;;
+		*) dmq_fail "$2 progress: '$MSG_OUT'" ;;
+		esac
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no stage=ready: '$MSG_OUT'"
+		sleep 0.2
+	done
+}
+
+# chain_len NAME: the image count of `dmsetup table` ("<n> v<ver> <cs>")
+chain_len() {
+	local t
+	t=$("$DMSETUP" table "$(dmq_full_name "$1")") || return 1
+	# shellcheck disable=SC2086	# the table's words
+	set -- $t
+	[ "${3:-}" = qcow2 ] || return 1
+	echo "${4:-}"
+}
+
+# expect_chain NAME IMG...: the table has these images, base first
+expect_chain() {
+	local name=$1 i=0 img n
+	shift
+	n=$(chain_len "$name") || dmq_fail "dmsetup table $name"
+	[ "$n" = $# ] || dmq_fail "dmsetup table: $n images, expected $#"
+	for img in "$@"; do
+		expect_output "$name" "$(readlink -f "$img")"$'\n' get_img_name "$i"
+		i=$((i + 1))
+	done
+	expect_output "$name" '' get_img_name "$i"
+	echo "chain ($n): $*"
+}
+
+# ------------------------------------------------------------- devices
+
+# map_rw SPEC...: writable table "v"; its node in DEV
+map_rw() {
+	dmq_create v --rw "$@" || dmq_fail "dmsetup create --rw failed for $*"
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	[ "$(blockdev --getro "$DEV")" = 0 ] || dmq_fail "$DEV is read-only"
+}
+
+dump() {
+	dmq_run dd if="$1" of="$2" bs=1M iflag=direct status=none
+}
+
+# same FILE1 FILE2 WHAT
+same() {
+	if ! cmp "$1" "$2"; then
+		cmp -l "$1" "$2" | head -n 8
+		echo "cmp -l: $(cmp -l "$1" "$2" | wc -l) bytes differ"
+		dmq_fail "$3"
+	fi
+}
+
+convert() {
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
+}
+
+# random FILE SIZE
+random() {
+	dmq_run dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock status=none
+}
+
+# put FILE DEV OFFSET: write FILE to DEV at OFFSET with O_DIRECT
+put() {
+	dmq_run dd if="$1" of="$2" bs=4k seek=$(($3 / 4096)) oflag=direct \
+		conv=notrunc,fsync status=none
+}
+
+# expect_at DEV OFFSET FILE: DEV holds FILE at OFFSET (O_DIRECT read)
+expect_at() {
+	local n
+	n=$(stat -c %s "$3")
+	dd if="$1" of=got.bin bs=4k skip=$(($2 / 4096)) count=$((n / 4096)) \
+		iflag=direct status=none || dmq_fail "read of $1 at $2 failed"
+	cmp got.bin "$3" || dmq_fail "$1 at $2 does not hold $3"
+	rm -f got.bin
+}
+
+# patch_into FILE OFFSET DATA: write DATA into FILE at OFFSET
+patch_into() {
+	dmq_run dd if="$3" of="$1" bs=4k seek=$(($2 / 4096)) conv=notrunc status=none
+}
+
+# on_exit: resume the device (a failed case may leave it suspended, with
+# I/O queued) and stop the background jobs
+on_exit() {
+	local p
+	"$DMSETUP" resume "$(dmq_full_name v)" >/dev/null 2>&1
+	for p in "${BG_PIDS[@]}"; do
+		kill "$p" 2>/dev/null
+		wait "$p" 2>/dev/null
+	done
+}
+
+# check_rc IMG OK...: qemu-img check IMG exits with one of OK (0 clean,
+# 3 leaked clusters only; 2 is corruption)
+check_rc() {
+	local img=$1 rc
+	shift
+	"$QEMU_IMG" check -f qcow2 "$img" >check.log 2>&1
+	rc=$?
+	case " $* " in
+	*" $rc "*) ;;
+	*)
+		cat check.log
+		dmq_fail "qemu-img check $img: rc=$rc (2: corruptions, 3: leaks)"
+		;;
+	esac
+	echo "qemu-img check $img: rc=$rc"
+}
+
+# mk_chain3: base.qcow2 < mid.qcow2 < top.qcow2, 16 MiB, 64k clusters
+mk_chain3() {
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:2M r:4M+512:1M P0x11:8M:1M
+	dmq_img_create mid.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write mid.qcow2 r:1M:256k z:8M+64k:64k t:12M:1M
+	dmq_img_create top.qcow2 16M cluster_size=64k mid.qcow2
+	dmq_write top.qcow2 P0x22:64k:64k t:3M+3k:5k
+}
+
+# mk_chain2: base.qcow2 < top.qcow2, 16 MiB, 64k clusters
+mk_chain2() {
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:4M r:4M:4M
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 P0x22:64k:64k r:12M+512:8k
+}
+
+# -------------------------------------------------------------- messages
+
+case_messages() {
+	local i img cmd
+	mk_chain3
+	dmq_check_images base.qcow2 mid.qcow2 top.qcow2
+	convert top.qcow2 before.raw
+	map_rw base.qcow2 mid.qcow2 top.qcow2
+	expect_chain v base.qcow2 mid.qcow2 top.qcow2
+	i=0
+	for img in base.qcow2 mid.qcow2 top.qcow2; do
+		expect_output v "$(readlink -f "$img")"$'\n' get_img_id "$i"
+		msg_ok v get_img_fd "$i"
+		[[ $MSG_OUT =~ ^[0-9]+$ ]] || dmq_fail "get_img_fd $i: '$MSG_OUT'"
+		echo "get_img_fd $i: $MSG_OUT"
+		i=$((i + 1))
+	done
+	for cmd in get_img_name get_img_id; do
+		expect_output v '' "$cmd" 3
+		expect_output v '' "$cmd" 99
+		expect_msg_err v EINVAL "$cmd" abc
+		expect_msg_err v EINVAL "$cmd" 1x
+		expect_msg_err v EINVAL "$cmd"
+	done
+	expect_msg_err v ENOENT get_img_fd 3
+	expect_msg_err v ENOENT get_img_fd 99
+
+	expect_output v "$ERRORS_OK" get_errors
+	expect_output v '' get_event
+
+	expect_msg_err v EINVAL set_fault_injection 2 100001
+	expect_msg_err v EINVAL set_fault_injection 2 abc
+	expect_msg_err v EINVAL set_fault_injection 2 -1
+	expect_msg_err v ENOENT set_fault_injection 9 0
+	expect_msg_err v ENOENT set_fault_injection 3 0
+	msg_ok v set_fault_injection 2 0
+	msg_ok v set_fault_injection 0 100000
+	msg_ok v set_fault_injection 0 0
+
+	expect_msg_err v ENOTTY foo
+	expect_msg_err v ENOTTY get_img_names 0
+	expect_msg_err v ENOTTY GET_ERRORS
+	# dmsetup says "No message supplied." and sends an empty one
+	expect_msg_err v EINVAL
+	merge_idle v
+
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device does not read like the chain"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 mid.qcow2 top.qcow2
+}
+
+# Every message without CAP_SYS_ADMIN: as nobody, and as root without
+# capabilities. Device-mapper refuses the ioctl (EACCES) before the target
+# could (EPERM); either way nothing may happen.
+case_nonroot() {
+	local who words w a argv out rc n=0
+	need setpriv
+	mk_chain2
+	convert top.qcow2 before.raw
+	map_rw rw:base.qcow2 top.qcow2
+	words=("get_img_name 0" "get_img_id 1" "get_img_fd 0" "get_errors"
+		"get_event" "set_fault_injection 1 100000"
+		"set_fault_injection 0 100000" "merge_backward start -1 0"
+		"merge_backward progress" "merge_backward complete"
+		"merge_backward cancel" "merge_forward start -1 1" "foo")
+	for who in nobody nocaps; do
+		if [ "$who" = nobody ]; then
+			a=(--reuid=65534 --regid=65534 --clear-groups --inh-caps=-all)
+		else
+			a=(--inh-caps=-all --bounding-set=-all)
+		fi
+		for w in "${words[@]}"; do
+			read -ra argv <<<"$w"
+			out=$(setpriv "${a[@]}" "$DMSETUP" message "$(dmq_full_name v)" 0 \
+				-- "${argv[@]}" 2>msg.err)
+			rc=$?
+			[ "$rc" -ne 0 ] || dmq_fail "$who: message '$w' succeeded"
+			[ -z "$out" ] || dmq_fail "$who: message '$w' printed '$out'"
+			if ! grep -qE 'Operation not permitted|Permission denied' msg.err; then
+				cat msg.err
+				dmq_fail "$who: message '$w': no EPERM/EACCES"
+			fi
+			n=$((n + 1))
+		done
+		echo "$who: ${#words[@]} messages refused ($(grep -oE 'Operation not permitted|Permission denied' msg.err | head -n 1))"
+	done
+	merge_idle v
+	expect_output v "$ERRORS_OK" get_errors
+	# no fault injection got through: every read works
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device changed"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	echo "$n refused messages had no effect"
+}
+
+# set_fault_injection and merge start/complete are EBUSY while suspended;
+# the other messages answer
+case_suspended_busy() {
+	mk_chain2
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
+	expect_msg_err v EBUSY merge_backward start -1 0
+	expect_msg_err v EBUSY merge_forward start -1 1
+	expect_msg_err v EBUSY merge_backward complete
+	expect_msg_err v EBUSY merge_forward complete
+	expect_msg_err v EBUSY set_fault_injection 1 100000
+	expect_msg_err v EBUSY set_fault_injection 0 0
+	merge_idle v
+	expect_output v "$(readlink -f top.qcow2)"$'\n' get_img_name 1
+	expect_output v "$ERRORS_OK" get_errors
+	dmq_run "$DMSETUP" resume "$(dmq_full_name v)"
+	echo "resumed: a merge starts now"
+	msg_ok v merge_backward start -1 0
+	wait_ready v merge_backward
+	msg_ok v merge_backward cancel
+	merge_idle v
+	msg_ok v set_fault_injection 1 0
+	expect_chain v base.qcow2 top.qcow2
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device changed"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+}
+
+# ----------------------------------------------------------------- status
+
+# status NAME: `dmsetup status` in STATUS, checked against
+#   0 <len> qcow2 images=<n> wants_check=<0|1> md_writeback_error=<errno>
+#   truncate_error=<errno> enospc=<n> merge=<kind> stage=<stage>
+#   progress=<pct> clusters=<c0>,...,<cn-1>
+# (also accepted: "depth=<d>" before stage= and "error=<errno>" after
+# progress=, the fields of "merge_* progress"); the fields in ST_IMAGES
+# ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS, STATUS_STD is the line
+# without "0 <len> qcow2 ", depth= and error=
+status() {
+	local full re sectors c
+	full=$(dmq_full_name "$1")
+	STATUS=$("$DMSETUP" status "$full") || dmq_fail "dmsetup status $full"
+	re='^0 ([0-9]+) qcow2 images=([0-9]+) wants_check=([01]) md_writeback_error=(-?[0-9]+) truncate_error=(-?[0-9]+) enospc=([0-9]+) merge=(none|backward|forward) (depth=[0-9]+ )?stage=(none|copying|ready|failed) progress=([0-9]+)( error=[0-9]+)? clusters=([0-9]+(,[0-9]+)*)$'
+	[[ $STATUS =~ $re ]] || dmq_fail "bad status line '$STATUS'"
+	sectors=${BASH_REMATCH[1]}
+	ST_IMAGES=${BASH_REMATCH[2]}
+	ST_ENOSPC=${BASH_REMATCH[6]}
+	ST_MERGE=${BASH_REMATCH[7]}
+	ST_STAGE=${BASH_REMATCH[9]}
+	ST_PCT=${BASH_REMATCH[10]}
+	ST_CLUSTERS=${BASH_REMATCH[12]}
+	STATUS_STD="images=$ST_IMAGES wants_check=${BASH_REMATCH[3]} md_writeback_error=${BASH_REMATCH[4]} truncate_error=${BASH_REMATCH[5]} enospc=$ST_ENOSPC merge=$ST_MERGE stage=$ST_STAGE progress=$ST_PCT clusters=$ST_CLUSTERS"
+	[ "$sectors" = $(($(blockdev --getsize64 "$DEV") / 512)) ] ||
+		dmq_fail "status length $sectors is not the device's"
+	[ "$ST_PCT" -le 100 ] || dmq_fail "progress above 100: '$STATUS'"
+	c=${ST_CLUSTERS//[0-9]/}
+	[ $((${#c} + 1)) = "$ST_IMAGES" ] ||
+		dmq_fail "clusters= has not $ST_IMAGES counts: '$STATUS'"
+	[ "$ST_IMAGES" = "$(chain_len "${1}")" ] ||
+		dmq_fail "images=$ST_IMAGES, dmsetup table says otherwise"
+}
+
+# expect_status NAME WANT: the status line without "0 <len> qcow2 " and
+# without progress=<pct> is WANT
+expect_status() {
+	local got
+	status "$1"
+	got=${STATUS_STD/ progress=$ST_PCT / }
+	[ "$got" = "$2" ] || dmq_fail "status '$STATUS', expected '$2'"
+	echo "status: $2"
+}
+
+# data clusters IMG itself maps (qemu-img map, depth 0)
+map_clusters() {
+	"$QEMU_IMG" map -U -f qcow2 --output=json "$1" | "$PYTHON" -c '
+import json, sys
+cs = int(sys.argv[1])
+c = set()
+for e in json.load(sys.stdin):
+    if e.get("depth") == 0 and e.get("data"):
+        c.update(range(e["start"] // cs, (e["start"] + e["length"] - 1) // cs + 1))
+print(len(c))' 65536
+}
+
+case_status_info() {
+	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
+	# 16 + 8 data clusters of 64k in the base, an empty top
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:1M r:4M:512k
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	map_rw rw:base.qcow2 top.qcow2
+	status v
+	echo "status: $STATUS"
+	expect_status v "images=2 $idle clusters=24,0"
+	random w5.bin 320k
+	random w1.bin 4k
+	random w2.bin 64k
+	# five new clusters at 8M
+	put w5.bin "$DEV" $((8 * MIB))
+	expect_status v "images=2 $idle clusters=24,5"
+	# 4k into a new cluster: one more
+	put w1.bin "$DEV" $((12 * MIB + 4096))
+	expect_status v "images=2 $idle clusters=24,6"
+	# over a cluster the top has: no more
+	put w2.bin "$DEV" $((8 * MIB))
+	expect_status v "images=2 $idle clusters=24,6"
+	# 4k into a cluster of the base: copied up
+	put w1.bin "$DEV" 65536
+	expect_status v "images=2 $idle clusters=24,7"
+
+	# a merge shows in the status; after complete the base has 24 + 6
+	msg_ok v merge_backward start -1 0
+	status v
+	echo "status: $STATUS"
+	[ "$ST_MERGE" = backward ] || dmq_fail "merge=$ST_MERGE during a merge"
+	case $ST_STAGE in copying | ready) ;; *) dmq_fail "stage=$ST_STAGE" ;; esac
+	wait_ready v merge_backward
+	status v
+	echo "status: $STATUS"
+	[ "$ST_MERGE $ST_STAGE $ST_PCT" = "backward ready 100" ] ||
+		dmq_fail "ready merge: '$STATUS'"
+	msg_ok v merge_backward complete
+	expect_status v "images=1 $idle clusters=30"
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	[ "$(map_clusters base.qcow2)" = 30 ] || dmq_fail "qemu-img map: base.qcow2 has $(map_clusters base.qcow2) clusters"
+	[ "$(map_clusters top.qcow2)" = 7 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
+	convert base.qcow2 base.raw
+	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+}
+
+# ------------------------------------------------------- fault injection
+
+case_fault_injection() {
+	local rc
+	need "$FIO"
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:4M r:4M:4M
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	sha256sum base.qcow2 >base.sha256 || dmq_fail "sha256sum"
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	random a.bin 1M
+	random b.bin 64k
+	put a.bin "$DEV" "$MIB"
+	put b.bin "$DEV" $((2 * MIB))
+
+	# every I/O of the top fails
+	msg_ok v set_fault_injection 1 100000
+	dd if="$DEV" of=/dev/null bs=64k skip=16 count=1 iflag=direct status=none 2>/dev/null &&
+		dmq_fail "read of a cluster of the top worked with faults on"
+	dd if=b.bin of="$DEV" bs=64k seek=144 count=1 oflag=direct conv=notrunc status=none 2>/dev/null &&
+		dmq_fail "write of a new cluster worked with faults on"
+	dd if=b.bin of="$DEV" bs=64k seek=32 count=1 oflag=direct conv=notrunc status=none 2>/dev/null &&
+		dmq_fail "write in place worked with faults on"
+	echo "ratio 100000 on the top: reads and writes fail"
+	msg_ok v set_fault_injection 1 0
+	expect_at "$DEV" "$MIB" a.bin
+	dmq_run dd if="$DEV" of=/dev/null bs=1M iflag=direct status=none
+	echo "ratio 0: the data is there, everything reads"
+
+	# the base's I/O fails: its clusters do not read, the top's do
+	msg_ok v set_fault_injection 0 100000
+	dd if="$DEV" of=/dev/null bs=64k skip=80 count=1 iflag=direct status=none 2>/dev/null &&
+		dmq_fail "read of a cluster of the base worked with faults on it"
+	expect_at "$DEV" "$MIB" a.bin
+	msg_ok v set_fault_injection 0 0
+	echo "ratio 100000 on the base: only the base's clusters fail"
+
+	# random faults under fio on 8M..16M
+	msg_ok v set_fault_injection 1 20000
+	"$FIO" --output=fio.log --name=f --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randwrite --bsrange=4k-64k --iodepth=4 \
+		--offset=8M --size=8M --io_size=2M --continue_on_error=all \
+		--randrepeat=1
+	rc=$?
+	msg_ok v set_fault_injection 1 0
+	echo "fio with 20% faults: rc=$rc"
+	grep -E 'write: IOPS|err=' fio.log | sed 's/^ */fio: /'
+	msg_ok v get_errors
+	echo "get_errors: ${MSG_OUT//$'\n'/ }"
+
+	# acknowledged data is still there; the rest of the device too
+	expect_at "$DEV" "$MIB" a.bin
+	dump "$DEV" dev.raw
+	# untouched since: 0..1M and 2M+64k..8M (the failed writes went to
+	# 2M and 9M, fio to 8M..16M)
+	cmp -n "$MIB" dev.raw before.raw || dmq_fail "data at 0..1M changed"
+	cmp -i $((2 * MIB + 65536)) -n $((6 * MIB - 65536)) dev.raw before.raw ||
+		dmq_fail "data at 2M+64k..8M changed"
+	random c.bin 64k
+	put c.bin "$DEV" $((15 * MIB))
+	expect_at "$DEV" $((15 * MIB)) c.bin
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+
+	check_rc top.qcow2 0 3
+	sha256sum -c --quiet base.sha256 || dmq_fail "base.qcow2 changed"
+	dmq_check_images base.qcow2
+	convert top.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+	echo "qemu-img convert of top.qcow2 equals the device"
+}
+
+# ------------------------------------------------------------------ ENOSPC
+
+# globals, for the EXIT trap
+SMALL=
+DD_PID=
+
+# make room, let the parked writes finish, then unmap and unmount
+enospc_exit() {
+	local i
+	rm -f "$SMALL/filler"
+	if [ -n "$DD_PID" ]; then
+		for i in $(seq 1 30); do
+			kill -0 "$DD_PID" 2>/dev/null || break
+			sleep 1
+		done
+		kill "$DD_PID" 2>/dev/null
+	fi
+	"$DMSETUP" remove --retry "$(dmq_full_name v)" >/dev/null 2>&1
+	umount "$SMALL" 2>/dev/null || umount -l "$SMALL"
+}
+
+# a 24M tmpfs, full but 1M: dd of 8M waits (ENOSPC parks the writes),
+# get_event and a dm event say so, dmsetup status counts them; once the
+# filler is removed the writes complete within the 1 s retry period
+case_enospc() {
+	local full avail ev0 ev1 rc end
+	need fallocate
+	full=$(dmq_full_name v)
+	SMALL=$DMQ_CASE_DIR/small
+	mkdir -p "$SMALL"
+	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
+		dmq_skip "cannot mount a 24M tmpfs"
+	trap enospc_exit EXIT
+	dmq_img_create "$SMALL/a.qcow2" 64M cluster_size=64k
+	random pat.bin 8M
+	map_rw "$SMALL/a.qcow2"
+	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
+		dmq_fail "statvfs"
+	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
+	echo "tmpfs: $(df -h "$SMALL" | tail -n 1)"
+	ev0=$("$DMSETUP" info -c --noheadings -o events "$full" | tr -d ' ')
+	status v
+	[ "$ST_ENOSPC" = 0 ] || dmq_fail "enospc=$ST_ENOSPC before any write"
+
+	dd if=pat.bin of="$DEV" bs=1M count=8 oflag=direct conv=fsync status=none 2>dd.err &
+	DD_PID=$!
+	end=$((SECONDS + 30))
+	while :; do
+		msg_ok v get_event
+		[ "$MSG_OUT" = event_ENOSPC ] && break
+		[ -z "$MSG_OUT" ] || dmq_fail "get_event: '$MSG_OUT'"
+		kill -0 "$DD_PID" 2>/dev/null || { cat dd.err; dmq_fail "dd ended without an ENOSPC event"; }
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no event_ENOSPC after 30 s"
+		sleep 0.2
+	done
+	echo "get_event: event_ENOSPC"
+	ev1=$("$DMSETUP" info -c --noheadings -o events "$full" | tr -d ' ')
+	[ "$ev1" -gt "$ev0" ] || dmq_fail "no dm event (event_nr $ev0 -> $ev1)"
+	echo "dm event_nr: $ev0 -> $ev1"
+	end=$((SECONDS + 5))
+	while status v && [ "$ST_ENOSPC" = 0 ]; do
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "enospc=0 while writes wait: '$STATUS'"
+		sleep 0.2
+	done
+	echo "status: enospc=$ST_ENOSPC"
+	# still waiting after a few retries
+	sleep 3
+	kill -0 "$DD_PID" 2>/dev/null || { cat dd.err; dmq_fail "dd ended while the file system is full"; }
+	echo "dd waits while the file system is full"
+
+	rm -f "$SMALL/filler"
+	end=$((SECONDS + 30))
+	while kill -0 "$DD_PID" 2>/dev/null; do
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "dd still waiting 30 s after rm"
+		sleep 0.2
+	done
+	wait "$DD_PID"
+	rc=$?
+	DD_PID=
+	[ "$rc" = 0 ] || { cat dd.err; dmq_fail "dd failed (rc=$rc)"; }
+	echo "dd completed after the filler was removed"
+	# one more event may be left from a retry before the rm, no more
+	msg_ok v get_event
+	if [ -n "$MSG_OUT" ]; then
+		[ "$MSG_OUT" = event_ENOSPC ] || dmq_fail "get_event: '$MSG_OUT'"
+		echo "get_event: an event from a retry before the rm"
+	fi
+	expect_output v '' get_event
+	status v
+	[ "$ST_ENOSPC" = 0 ] || dmq_fail "enospc=$ST_ENOSPC after dd completed"
+	expect_at "$DEV" 0 pat.bin
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images "$SMALL/a.qcow2"
+	convert "$SMALL/a.qcow2" a.raw
+	same dev.raw a.raw "qemu-img convert differs from the device"
+	cmp -n $((8 * MIB)) a.raw pat.bin || dmq_fail "the image does not hold what dd wrote"
+	echo "the image holds what dd wrote"
+}
+
+# ----------------------------------------------------------- suspend/resume
+
+# fio writes and verifies while the device is suspended and resumed every
+# second
+case_suspend_loop() {
+	local full half size rc n=0
+	need "$FIO"
+	full=$(dmq_full_name v)
+	dmq_img_create base.qcow2 32M cluster_size=64k
+	dmq_write base.qcow2 t:0:8M r:8M+512:2M ct:12M:128k P0x33:20M:4M z:22M:64k
+	dmq_img_create top.qcow2 32M cluster_size=64k base.qcow2
+	sha256sum base.qcow2 >base.sha256 || dmq_fail "sha256sum"
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device does not read like the chain"
+	half=$((16 * MIB))
+	size=$((half - MIB))
+	# --rate keeps the writes going for ~16 s
+	"$FIO" --output=fio.log --filename="$DEV" --direct=1 --ioengine=libaio \
+		--rw=randwrite --bsrange=4k-64k --iodepth=4 --size="$size" \
+		--io_size=6M --rate=,384k --verify=crc32c --verify_fatal=1 \
+		--randrepeat=1 --name=j0 --offset=0 --randseed=5 \
+		--name=j1 --offset="$half" --randseed=1005 &
+	BG_PIDS+=($!)
+	sleep 1
+	while kill -0 "${BG_PIDS[0]}" 2>/dev/null && [ "$n" -lt 60 ]; do
+		dmq_run "$DMSETUP" suspend "$full"
+		sleep 0.3
+		dmq_run "$DMSETUP" resume "$full"
+		n=$((n + 1))
+		sleep 0.7
+	done
+	wait "${BG_PIDS[0]}"
+	rc=$?
+	if [ "$rc" -ne 0 ] || grep -qEi 'verify|bad magic|bad header|crc32c|err= *[1-9]|error' fio.log; then
+		cat fio.log
+		dmq_fail "fio failed (rc=$rc)"
+	fi
+	grep -q 'read: IOPS=' fio.log || { cat fio.log; dmq_fail "fio did not verify"; }
+	grep -E '^ *(write|read): IOPS' fio.log | sed 's/^ */fio: /'
+	echo "$n suspend/resume cycles while fio ran"
+	[ "$n" -ge 3 ] || dmq_fail "fio ended after $n cycles"
+	dump "$DEV" dev.raw
+	# fio writes 0..15M and 16M..31M
+	cmp -i $((15 * MIB)) -n "$MIB" before.raw dev.raw || dmq_fail "data at 15M changed"
+	cmp -i $((31 * MIB)) -n "$MIB" before.raw dev.raw || dmq_fail "data at 31M changed"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images top.qcow2 base.qcow2
+	sha256sum -c --quiet base.sha256 || dmq_fail "base.qcow2 changed"
+	convert top.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+	echo "qemu-img convert of top.qcow2 equals the device"
+}
+
+# Snapshot by reload: suspend, put a new overlay on the top with qemu-img,
+# load base+top+overlay (the overlay writable), resume. The old top keeps
+# what was written before, the overlay what came after.
+case_snapshot_reload() {
+	local full
+	full=$(dmq_full_name v)
+	mk_chain2
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	random a.bin 1M
+	random b.bin 1M
+	put a.bin "$DEV" $((2 * MIB))
+	dmq_run "$DMSETUP" suspend "$full"
+	dmq_img_create over.qcow2 16M cluster_size=64k top.qcow2
+	# dmq_open.py opens the files and runs "$DMSETUP create ..."; this
+	# wrapper turns that into a reload of the existing device
+	cat >dmsetup-reload <<-'EOF'
+		#!/bin/sh
+		[ "$1" = create ] || exit 90
+		shift
+		exec "${DMSETUP:-dmsetup}" reload "$@"
+	EOF
+	chmod +x dmsetup-reload
+	dmq_create v --rw --dmsetup "$DMQ_CASE_DIR/dmsetup-reload" \
+		base.qcow2 top.qcow2 over.qcow2 || dmq_fail "dmsetup reload failed"
+	dmq_run "$DMSETUP" resume "$full"
+	expect_chain v base.qcow2 top.qcow2 over.qcow2
+	put b.bin "$DEV" $((6 * MIB))
+
+	cp before.raw want-top.raw && patch_into want-top.raw $((2 * MIB)) a.bin
+	cp want-top.raw want.raw && patch_into want.raw $((6 * MIB)) b.bin
+	dump "$DEV" dev.raw
+	same want.raw dev.raw "the device does not hold A and B"
+	echo "the device holds both writes"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2 over.qcow2
+	convert top.qcow2 top.raw
+	same want-top.raw top.raw "top.qcow2 does not hold exactly the first write"
+	echo "top.qcow2 holds the first write only"
+	convert over.qcow2 over.raw
+	same dev.raw over.raw "qemu-img convert of over.qcow2 differs from the device"
+	echo "qemu-img convert of over.qcow2 equals the device"
+}
+
+DMQ_CASES=(
+	messages
+	nonroot
+	suspended_busy
+	status_info
+	fault_injection
+	enospc
+	suspend_loop
+	snapshot_reload
+)
+
+dmq_main "$@"
