@@ -336,6 +336,11 @@ impl Inner {
             Some(h) => (h, false),
             None => (md.alloc_cluster(&delta.file, hdr)?, true),
         };
+        if !fresh && (off > start || off + len < end) {
+            // The edges are read and written back whole: an in-place write
+            // still in flight to them must land first, or it is undone.
+            self.inflight.wait_idle();
+        }
         let mut cow = st.cow.take().ok_or(EIO)?;
         let res = (|| -> Result {
             let buf = cow.get_mut(start as usize..end as usize).ok_or(EIO)?;

@@ -24,7 +24,7 @@ use crate::io::Src;
 use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
 use crate::qcow2_format::Cluster;
-use crate::target::{Inner, WorkerState};
+use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
 use kernel::error::code::*;
 use kernel::prelude::*;
@@ -158,6 +158,11 @@ impl Inner {
     /// `merge_* start`: checks, prepares the receiving delta and starts the
     /// walker. `depth` counts from the top (0).
     pub(crate) fn merge_start(self: &Arc<Self>, dir: Dir, eventfd: i32, depth: Option<usize>) -> Result {
+        // Parked writes hold in-flight references until there is space:
+        // the switch below would wait for them.
+        if self.has_parked() {
+            return Err(EBUSY);
+        }
         let eventfd = match eventfd {
             -1 => None,
             fd if fd < 0 => return Err(EBADF),
@@ -165,7 +170,9 @@ impl Inner {
         };
         {
             let mut st = self.state.lock();
-            if st.merge.is_some() {
+            // A suspend cancels merges under this lock after raising the
+            // flag: none may start behind its back.
+            if st.merge.is_some() || self.is_suspending() {
                 return Err(EBUSY);
             }
             let n = st.deltas.len();
@@ -190,6 +197,9 @@ impl Inner {
             if !d.file.writable() {
                 return Err(EACCES);
             }
+            // As for a writable top: stale lazy refcounts must not be
+            // allocated from.
+            Delta::read_header(&d.file, true).map_err(|e| e.err)?;
             // The receiving delta must be able to hold every address of src.
             if d.hdr.size < s.hdr.size {
                 return Err(EINVAL);
@@ -235,7 +245,7 @@ impl Inner {
         let Some(m) = st.merge.as_ref() else {
             return false;
         };
-        if m.stage != Stage::Copying {
+        if m.stage != Stage::Copying || self.is_suspending() {
             return false;
         }
         // In-place writes started before now must land before we read.
@@ -342,6 +352,9 @@ impl Inner {
     /// `merge_* complete`: copies what was written since `ready`, makes the
     /// receiving delta durable and unlinks the merged one.
     pub(crate) fn merge_complete(&self, dir: Dir) -> Result {
+        if self.has_parked() {
+            return Err(EBUSY);
+        }
         let removed = {
             let mut st = self.state.lock();
             let m = st.merge.as_ref().ok_or(EBUSY)?;
@@ -381,6 +394,10 @@ impl Inner {
     /// stays in the receiving delta, hidden by the merged one as before.
     pub(crate) fn merge_cancel(&self, st: &mut WorkerState) -> Result {
         let m = st.merge.take().ok_or(EINVAL)?;
+        // Whoever waits for the merge learns that it is over.
+        if let (Stage::Copying, Some(e)) = (m.stage, &m.eventfd) {
+            e.signal();
+        }
         self.inflight.wait_idle();
         self.trim(st, m.dst);
         let d = st.delta(m.dst)?;

@@ -83,7 +83,7 @@ impl Delta {
     }
 
     /// Reads and checks the header of `file` (`rw`: the image takes writes).
-    fn read_header(file: &File, rw: bool) -> Result<Header, CtrError> {
+    pub(crate) fn read_header(file: &File, rw: bool) -> Result<Header, CtrError> {
         let mut buf = IoBuf::new(Header::MIN_READ).map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
         let n = file
             .read_at(&mut buf, 0)
@@ -372,6 +372,16 @@ impl Inner {
         }
     }
 
+    /// A suspend is under way (or done): no background copying.
+    pub(crate) fn is_suspending(&self) -> bool {
+        self.suspending.load(Ordering::Acquire)
+    }
+
+    /// Writes wait for space: an in-flight switch would wait for them.
+    pub(crate) fn has_parked(&self) -> bool {
+        self.parked_count.load(Ordering::Acquire) != 0
+    }
+
     /// Records an L1/L2 writeback error.
     pub(crate) fn md_error(&self, e: Error) -> Error {
         self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
@@ -612,7 +622,9 @@ impl dm::Target for Qcow2 {
             merge: None,
             parked: BioList::new(),
             unsynced: BioList::new(),
-            stale: false,
+            // A reloaded table is built while the old one still writes the
+            // same files: read them again when it is resumed.
+            stale: true,
         };
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
@@ -795,6 +807,11 @@ impl dm::Target for Qcow2 {
         inner.unpark();
     }
 
+    fn presuspend_undo(&self) {
+        // The suspend was abandoned; a cancelled merge stays cancelled.
+        self.inner.suspending.store(false, Ordering::Release);
+    }
+
     fn postsuspend(&self) {
         let inner = &self.inner;
         inner.wq.flush();
@@ -870,11 +887,9 @@ impl Drop for Qcow2 {
         // Stop the work items before the chain goes away; none of them may
         // hold the last reference to `inner` (we hold one until after this).
         self.inner.wq.shutdown();
-        let mut st = self.inner.state.lock();
-        if self.inner.writable {
-            let top = st.top();
-            self.inner.trim(&mut st, top);
-        }
+        // No trim here (postsuspend did it): after a reload the new table
+        // is live on the same files before the old one is destroyed.
+        let st = self.inner.state.lock();
         self.sync(&st);
     }
 }

@@ -270,6 +270,8 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
 
     /// Before suspend: stop background work.
     fn presuspend(&self) {}
+    /// The suspend announced by `presuspend` did not happen after all.
+    fn presuspend_undo(&self) {}
     /// After suspend: all bios have ended; write everything back.
     fn postsuspend(&self) {}
     /// Before resume: may refuse the resume.
@@ -508,6 +510,14 @@ impl<T: Target> Vtable<T> {
     /// # Safety
     ///
     /// Called by device-mapper with a valid target.
+    unsafe extern "C" fn presuspend_undo(ti: *mut bindings::dm_target) {
+        // SAFETY: Runs only on a constructed target.
+        unsafe { Self::private(ti) }.presuspend_undo();
+    }
+
+    /// # Safety
+    ///
+    /// Called by device-mapper with a valid target.
     unsafe extern "C" fn postsuspend(ti: *mut bindings::dm_target) {
         // SAFETY: Runs only on a constructed target.
         unsafe { Self::private(ti) }.postsuspend();
@@ -584,6 +594,7 @@ impl<T: Target> Registration<T> {
             status: Some(Vtable::<T>::status),
             message: Some(Vtable::<T>::message),
             presuspend: Some(Vtable::<T>::presuspend),
+            presuspend_undo: Some(Vtable::<T>::presuspend_undo),
             postsuspend: Some(Vtable::<T>::postsuspend),
             preresume: Some(Vtable::<T>::preresume),
             resume: Some(Vtable::<T>::resume),

@@ -2,7 +2,8 @@
 # The main job: build a 3-deep qcow2 chain holding an ext4 file system on the
 # host (compressed base, overlays with only the changed clusters), boot the
 # test kernel in a VM, map the chain with dmsetup, mount it and show files;
-# then map it writable, write files, and read them back on the host with
+# then map it writable, write files, merge the top into the image below it
+# while mounted, and read them back on the host with
 # QEMU's own qcow2 code (qemu-img) after a clean qemu-img check.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -58,11 +59,24 @@ echo "--- added-mid.txt: \$(cat mnt/added-mid.txt)"
 umount mnt
 dmsetup remove demo
 echo "--- now writable: the top image takes the writes"
-$DMQ_ROOT/selftests/dmq_open.py --rw demo base.qcow2 mid.qcow2 top.qcow2
+$DMQ_ROOT/selftests/dmq_open.py --rw demo base.qcow2 rw:mid.qcow2 top.qcow2
 mount /dev/mapper/demo mnt
 echo "Written through dm-qcow2 in the VM." > mnt/written.txt
 head -c 2M /dev/urandom > mnt/new.bin
 sha256sum < mnt/new.bin | cut -d' ' -f1 > new.sha
+sync
+echo "--- merging the top into mid while mounted: merge_backward at depth 0"
+dmsetup message demo 0 -- merge_backward start -1 0
+for i in \$(seq 600); do
+	p=\$(dmsetup message demo 0 merge_backward progress)
+	case "\$p" in *stage=ready*) break ;; *stage=copying*) sleep 0.1 ;; *) echo "\$p"; exit 1 ;; esac
+done
+echo "progress: \$p"
+dmsetup message demo 0 merge_backward complete
+echo "dmsetup table: \$(dmsetup table demo) (one image less)"
+echo "img 1 is now: \$(dmsetup message demo 0 get_img_name 1)"
+echo "--- written.txt, still mounted: \$(cat mnt/written.txt)"
+echo "Written after the merge." > mnt/after-merge.txt
 umount mnt
 dmsetup remove demo
 rmmod dm_qcow2
@@ -74,13 +88,12 @@ DMQ_VM_RWDIR=$work "$DMQ_ROOT/tools/vm.sh" "bash $work/guest.sh > $work/guest.lo
 cat guest.log 2>/dev/null || true
 [ "$(cat result 2>/dev/null)" = DEMO-OK ] || { echo "== demo: FAILED"; exit 1; }
 
-echo "== back on the host: QEMU reads what the kernel wrote"
-qemu-img check top.qcow2 | head -2
-for i in base mid; do
-	[ "$(sha256sum < $i.qcow2)" = "$(cat $i.sha0)" ] && echo "$i.qcow2 unchanged"
-done
-qemu-img convert -O raw top.qcow2 after.raw
+echo "== back on the host: QEMU reads what the kernel wrote (the top merged into mid)"
+for i in top mid; do qemu-img check $i.qcow2 | head -1 | sed "s/^/$i.qcow2: /"; done
+[ "$(sha256sum < base.qcow2)" = "$(cat base.sha0)" ] && echo "base.qcow2 unchanged"
+qemu-img convert -O raw mid.qcow2 after.raw
 echo "written.txt via qemu-img + debugfs: $(debugfs -R 'cat written.txt' after.raw 2>/dev/null)"
+echo "after-merge.txt: $(debugfs -R 'cat after-merge.txt' after.raw 2>/dev/null)"
 debugfs -R 'dump new.bin new.out' after.raw >/dev/null 2>&1
 [ "$(sha256sum < new.out | cut -d' ' -f1)" = "$(cat new.sha)" ] || { echo "== demo: new.bin differs"; exit 1; }
 echo "new.bin (2 MiB written in the VM) matches its checksum"
