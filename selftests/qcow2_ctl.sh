@@ -32,54 +32,6 @@ need() {
 
 # ------------------------------------------------------------ messages
 
-errno_text() {
-	case $1 in
-	EINVAL) echo "Invalid argument" ;;
-	EBADF) echo "Bad file descriptor" ;;
-	EBUSY) echo "Device or resource busy" ;;
-	EACCES) echo "Permission denied" ;;
-	EPERM) echo "Operation not permitted" ;;
-	ENOENT) echo "No such file or directory" ;;
-	ENOTTY) echo "Inappropriate ioctl for device" ;;
-	*) echo "$1" ;;
-	esac
-}
-
-# msg NAME WORD...: `dmsetup message NAME 0 -- WORD...`, its stdout as is,
-# its stderr in msg.err; returns dmsetup's status. ("--": dmsetup's getopt
-# would take a word like "-1" for an option.)
-msg() {
-	local full
-	full=$(dmq_full_name "$1")
-	shift
-	[ "${DMQ_VERBOSE:-0}" = 1 ] && echo "+ $DMSETUP message $full 0 -- $*" >&2
-	"$DMSETUP" message "$full" 0 -- "$@" 2>msg.err
-}
-
-# msg_ok NAME WORD...: the message must succeed; its output in MSG_OUT
-msg_ok() {
-	MSG_OUT=$(msg "$@") || {
-		cat msg.err
-		dmq_fail "message '${*:2}' failed"
-	}
-}
-
-# expect_msg_err NAME ERRNO WORD...: the message fails with ERRNO (dmsetup
-# prints "device-mapper: message ioctl on NAME  failed: <strerror>")
-expect_msg_err() {
-	local name=$1 err=$2 out text
-	shift 2
-	text=$(errno_text "$err")
-	if out=$(msg "$name" "$@"); then
-		dmq_fail "message '$*' succeeded (printed '$out'); expected $err"
-	fi
-	if ! grep -qF -- "failed: $text" msg.err; then
-		cat msg.err
-		dmq_fail "message '$*': expected $err ($text)"
-	fi
-	echo "message '$*': $err"
-}
-
 # expect_output NAME TEXT WORD...: the message prints exactly TEXT
 # ('' for nothing at all)
 expect_output() {

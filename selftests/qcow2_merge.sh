@@ -48,54 +48,9 @@ need() {
 
 # ------------------------------------------------------------ messages
 
-errno_text() {
-	case $1 in
-	EINVAL) echo "Invalid argument" ;;
-	EBADF) echo "Bad file descriptor" ;;
-	EBUSY) echo "Device or resource busy" ;;
-	EACCES) echo "Permission denied" ;;
-	EPERM) echo "Operation not permitted" ;;
-	ENOENT) echo "No such file or directory" ;;
-	ENOTTY) echo "Inappropriate ioctl for device" ;;
-	EIO) echo "Input/output error" ;;
-	*) echo "$1" ;;
-	esac
-}
 
-# msg NAME WORD...: `dmsetup message NAME 0 -- WORD...`, its stdout as is,
-# its stderr in msg.err; returns dmsetup's status. ("--": dmsetup's getopt
-# would take a word like "-1" for an option.)
-msg() {
-	local full
-	full=$(dmq_full_name "$1")
-	shift
-	[ "${DMQ_VERBOSE:-0}" = 1 ] && echo "+ $DMSETUP message $full 0 -- $*" >&2
-	"$DMSETUP" message "$full" 0 -- "$@" 2>msg.err
-}
 
-# msg_ok NAME WORD...: the message must succeed; its output in MSG_OUT
-msg_ok() {
-	MSG_OUT=$(msg "$@") || {
-		cat msg.err
-		dmq_fail "message '${*:2}' failed"
-	}
-}
 
-# expect_msg_err NAME ERRNO WORD...: the message fails with ERRNO (dmsetup
-# prints "device-mapper: message ioctl on NAME  failed: <strerror>")
-expect_msg_err() {
-	local name=$1 err=$2 out text
-	shift 2
-	text=$(errno_text "$err")
-	if out=$(msg "$name" "$@"); then
-		dmq_fail "message '$*' succeeded (printed '$out'); expected $err"
-	fi
-	if ! grep -qF -- "failed: $text" msg.err; then
-		cat msg.err
-		dmq_fail "message '$*': expected $err ($text)"
-	fi
-	echo "message '$*': $err"
-}
 
 # kv LINE KEY: the value of KEY=... in LINE
 kv() {
@@ -374,50 +329,6 @@ fio_verify() {
 	fio_check fio-verify.log "$rc" "fio --verify_only after the merge"
 }
 
-# check_unwritten BEFORE AFTER IOLOG...: AFTER equals BEFORE outside the
-# ranges the iologs wrote
-check_unwritten() {
-	"$PYTHON" - "$@" <<-'EOF'
-		import sys
-		before, after, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
-		iv = []
-		for log in logs:
-		    for line in open(log):
-		        w = line.split()
-		        # v2: FILE write OFF LEN; v3: TIME FILE write OFF LEN
-		        for i in (1, 2):
-		            if len(w) == i + 3 and w[i] == "write":
-		                iv.append((int(w[i + 1]), int(w[i + 2])))
-		if not iv:
-		    sys.exit("check_unwritten: no writes in " + " ".join(logs))
-		iv.sort()
-		a = memoryview(open(before, "rb").read())
-		b = memoryview(open(after, "rb").read())
-		if len(a) != len(b):
-		    sys.exit("check_unwritten: %s has %d bytes, %s %d" %
-		             (before, len(a), after, len(b)))
-		def cmp(lo, hi):
-		    if lo >= hi or a[lo:hi] == b[lo:hi]:
-		        return 0
-		    for s in range(lo, hi, 512):
-		        e = min(s + 512, hi)
-		        if a[s:e] != b[s:e]:
-		            off = next(i for i in range(s, e) if a[i] != b[i])
-		            print("unwritten byte %d (0x%x) changed: was 0x%02x, now "
-		                  "0x%02x" % (off, off, a[off], b[off]))
-		            return 1
-		pos = bad = written = 0
-		for off, ln in iv:
-		    bad |= cmp(pos, off)
-		    written += max(0, off + ln - max(pos, off))
-		    pos = max(pos, off + ln)
-		bad |= cmp(pos, len(a))
-		if not bad:
-		    print("%d writes, %d bytes written, the other %d bytes unchanged"
-		          % (len(iv), written, len(a) - written))
-		sys.exit(bad)
-	EOF
-}
 
 # ------------------------------------------------------- backward merges
 

@@ -95,53 +95,6 @@ fio_write() {
 	grep -E '^ *(write|read): IOPS' fio.log | sed 's/^ */fio: /'
 }
 
-# check_unwritten BEFORE AFTER IOLOG...: AFTER equals BEFORE outside the
-# ranges the iologs wrote
-check_unwritten() {
-	"$PYTHON" - "$@" <<-'EOF'
-		import sys
-		before, after, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
-		iv = []
-		for log in logs:
-		    for line in open(log):
-		        w = line.split()
-		        # v2: FILE write OFF LEN; v3: TIME FILE write OFF LEN
-		        for i in (1, 2):
-		            if len(w) == i + 3 and w[i] == "write":
-		                iv.append((int(w[i + 1]), int(w[i + 2])))
-		if not iv:
-		    sys.exit("check_unwritten: no writes in " + " ".join(logs))
-		iv.sort()
-		a = memoryview(open(before, "rb").read())
-		b = memoryview(open(after, "rb").read())
-		if len(a) != len(b):
-		    sys.exit("check_unwritten: %s has %d bytes, %s %d" %
-		             (before, len(a), after, len(b)))
-		def cmp(lo, hi):
-		    if lo >= hi or a[lo:hi] == b[lo:hi]:
-		        return 0
-		    step = 512
-		    for s in range(lo, hi, step):
-		        e = min(s + step, hi)
-		        if a[s:e] != b[s:e]:
-		            off = next(i for i in range(s, e) if a[i] != b[i])
-		            near = [x for x in iv if x[0] - (1 << 21) < off < sum(x) + (1 << 21)]
-		            print("unwritten byte %d (0x%x) changed: was 0x%02x, now "
-		                  "0x%02x; writes nearby (off, len): %s" %
-		                  (off, off, a[off], b[off], near[:8]))
-		            return 1
-		pos = bad = written = 0
-		for off, ln in iv:
-		    bad |= cmp(pos, off)
-		    written += max(0, off + ln - max(pos, off))
-		    pos = max(pos, off + ln)
-		bad |= cmp(pos, len(a))
-		if not bad:
-		    print("%d writes, %d bytes written, the other %d bytes unchanged"
-		          % (len(iv), written, len(a) - written))
-		sys.exit(bad)
-	EOF
-}
 
 # lower_sums IMG...: remember the lower images' sha256 (lower.sha256)
 lower_sums() {
