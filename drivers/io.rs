@@ -90,9 +90,6 @@ impl Inner {
             match kind {
                 RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
                 RunKind::Data { host } => {
-                    if d == st.top() {
-                        self.learn(st, d, vaddr + pos)?;
-                    }
                     let f = &st.deltas.get(d).ok_or(EIO)?.file;
                     f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
                 }
@@ -101,15 +98,6 @@ impl Inner {
                 }
             }
             pos += rl;
-        }
-        Ok(())
-    }
-
-    /// Tells the fast path about the top's cluster at `vaddr` if it is a
-    /// plain data cluster (not extended L2: subclusters need the worker).
-    fn learn(&self, st: &mut WorkerState, top: usize, vaddr: u64) -> Result {
-        if let Cluster::Normal { host, copied } = self.cluster(st, top, vaddr)? {
-            self.hot.put(vaddr, host, copied);
         }
         Ok(())
     }
@@ -243,9 +231,6 @@ impl Inner {
             _ => None,
         };
         if let Some(h) = in_place {
-            if d == st.top() && !hdr.extended_l2() {
-                self.hot.put(vaddr, h, true);
-            }
             match src {
                 Src::Bio(bio, boff) => {
                     delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
@@ -293,9 +278,6 @@ impl Inner {
             delta.file.write_full(buf, host)
         });
         st.cow = Some(cow);
-        if d == st.top() {
-            self.hot.del(vaddr);
-        }
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
@@ -319,9 +301,6 @@ impl Inner {
             self.free(st, d, start, clen + (chost - start));
         }
         if let Some(old) = shared {
-            // The fast path may still read the old cluster; it must be done
-            // before the cluster can be handed out again.
-            self.inflight.wait_idle();
             self.free(st, d, old, hdr.cluster_size());
         }
         Ok(true)
@@ -482,9 +461,6 @@ impl Inner {
         } else {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };
-        if d == st.top() {
-            self.hot.del(vaddr);
-        }
         let md = st.md.get_mut(d).ok_or(EIO)?;
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;

@@ -209,10 +209,6 @@ impl Inner {
             // A crash while copying leaks clusters in dst at worst; the dirty
             // bit makes QEMU repair them when it next opens the image.
             self.set_dirty(&d, true)?;
-            // Every bio goes through the worker while a merge runs (guest
-            // writes to the merged top must be seen by it); the switch below
-            // waits for fast-path bios mapped before.
-            self.hot.disable();
             st.merge = Some(Merge {
                 dir,
                 depth,
@@ -366,7 +362,6 @@ impl Inner {
                 return Err(EBUSY);
             }
             let (src, dst) = (m.src, m.dst);
-            let n_before = st.deltas.len();
             self.inflight.wait_idle();
             while let Some(v) = st.merge.as_mut().and_then(Merge::pop_redo) {
                 if let Err(e) = self.copy_cluster(&mut st, v) {
@@ -386,11 +381,6 @@ impl Inner {
             self.set_dirty(&d, false)?;
             let removed = st.unlink(src)?;
             st.merge = None;
-            if src + 1 == n_before {
-                self.hot.retire();
-            } else {
-                self.hot.enable();
-            }
             removed
         };
         // Nothing mapped before the unlink may still use the old delta.
@@ -409,7 +399,6 @@ impl Inner {
             e.signal();
         }
         self.inflight.wait_idle();
-        self.hot.enable();
         self.trim(st, m.dst);
         let d = st.delta(m.dst)?;
         d.file.fsync()?;

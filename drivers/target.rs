@@ -12,7 +12,6 @@ use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
-use crate::hot::HotMap;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
@@ -212,13 +211,8 @@ pub(crate) struct Inner {
     enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
     suspending: AtomicBool,
-    /// Lookups for the fast path (clusters the top owns).
-    pub(crate) hot: HotMap,
     #[pin]
     pending: SpinLock<BioList>,
-    /// Bios the fast path takes.
-    #[pin]
-    fast: SpinLock<BioList>,
     #[pin]
     pub(crate) state: Mutex<WorkerState>,
     #[pin]
@@ -227,15 +221,12 @@ pub(crate) struct Inner {
     merge_work: Work<Inner, 1>,
     #[pin]
     retry_work: Work<Inner, 2>,
-    #[pin]
-    fast_work: Work<Inner, 3>,
 }
 
 impl_has_work! {
     impl HasWork<Self, 0> for Inner { self.work }
     impl HasWork<Self, 1> for Inner { self.merge_work }
     impl HasWork<Self, 2> for Inner { self.retry_work }
-    impl HasWork<Self, 3> for Inner { self.fast_work }
 }
 
 /// The I/O worker: processes queued bios.
@@ -294,64 +285,7 @@ impl WorkItem<2> for Inner {
     }
 }
 
-/// The fast path: starts I/O of bios in clusters the top owns, without the
-/// state mutex (see `hot`).
-impl WorkItem<3> for Inner {
-    type Pointer = Arc<Inner>;
-
-    fn run(this: Arc<Inner>) {
-        let _noio = task::NoIo::enter();
-        loop {
-            let mut list = this.fast.lock().take();
-            if list.is_empty() {
-                break;
-            }
-            while let Some(bio) = list.pop() {
-                this.fast_submit(bio);
-            }
-        }
-    }
-}
-
 impl Inner {
-    /// Whether `bio` may take the fast path (a hint: checked again there).
-    fn fast_candidate(&self, bio: &Bio) -> bool {
-        let write = match bio.op() {
-            Op::Read => false,
-            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
-            _ => return false,
-        };
-        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
-            return false;
-        };
-        self.hot.in_one_cluster(vaddr, u64::from(bio.size())) && self.hot.lookup(vaddr, write).is_some()
-    }
-
-    fn fast_submit(self: &Arc<Self>, bio: Bio) {
-        let write = bio.op() == Op::Write;
-        let vaddr = bio.sector().saturating_mul(SECTOR);
-        // In flight from before the lookup until the I/O is started: a
-        // mapping change removes the entry, then waits for us.
-        let hold = self.inflight.hold();
-        match self.hot.lookup(vaddr, write) {
-            Some(host) => {
-                let len = bio.size();
-                self.hot.file.submit_bio_io(bio, 0, len, host, false, &self.inflight);
-            }
-            None => {
-                drop(hold);
-                self.queue(bio);
-            }
-        }
-    }
-
-    fn queue_fast(self: &Arc<Self>, bio: Bio) {
-        self.fast.lock().push(bio);
-        if let Some(q) = self.wq.queue() {
-            let _ = q.enqueue::<_, 3>(self.clone());
-        }
-    }
-
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
     /// that starts an ENOSPC episode).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
@@ -546,7 +480,6 @@ impl Inner {
         st.deltas = arcs;
         st.md = md;
         st.zkey = None;
-        self.hot.reset();
         Ok(())
     }
 }
@@ -697,10 +630,6 @@ impl dm::Target for Qcow2 {
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
         let (len_sectors, link) = (ti.len(), ti.link());
-        let hot = {
-            let top = st.deltas.last().ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
-            HotMap::new(top.file.try_clone(), top.hdr.cluster_bits, top.hdr.size).map_err(oom)?
-        };
         let inner = Arc::pin_init(
             pin_init!(Inner {
                 writable,
@@ -714,14 +643,11 @@ impl dm::Target for Qcow2 {
                 parked_count: AtomicUsize::new(0),
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
-                hot,
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
-                fast <- new_spinlock!(BioList::new(), "dm_qcow2::fast"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),
                 merge_work <- new_work!("dm_qcow2::merge_work"),
                 retry_work <- new_work!("dm_qcow2::retry_work"),
-                fast_work <- new_work!("dm_qcow2::fast_work"),
             }),
             GFP_KERNEL,
         )
@@ -739,7 +665,6 @@ impl dm::Target for Qcow2 {
 
     fn map(&self, bio: Bio) {
         match bio.op() {
-            Op::Read | Op::Write if self.inner.fast_candidate(&bio) => self.inner.queue_fast(bio),
             Op::Read if bio.size() > 0 => self.inner.queue(bio),
             Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => self.inner.queue(bio),
             // Read-only table: an empty flush has nothing to make durable.
@@ -820,14 +745,8 @@ impl dm::Target for Qcow2 {
                 }
                 let id: usize = arg(args, 1)?;
                 let ratio: u32 = arg(args, 2)?;
-                let st = inner.state.lock();
-                let d = st.delta(id).map_err(|_| ENOENT)?;
-                d.file.set_fault_ratio(ratio)?;
-                if id == st.top() {
-                    // The fast path's own reference to the top's file.
-                    inner.hot.file.set_fault_ratio(ratio)?;
-                }
-                Ok(())
+                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
+                d.file.set_fault_ratio(ratio)
             }
             b"merge_backward" | b"merge_forward" => {
                 let dir = if cmd == b"merge_backward" { Dir::Backward } else { Dir::Forward };

@@ -48,25 +48,9 @@ impl IoCounter {
     /// Sleeps until no I/O counted here is in flight. For rare paths only: it
     /// polls.
     pub(crate) fn wait_idle(&self) {
-        while self.0.load(Ordering::SeqCst) != 0 {
+        while self.0.load(Ordering::Acquire) != 0 {
             super::task::sleep_ms(1);
         }
-    }
-
-    /// Counts the caller as in flight until the guard drops (e.g. from a
-    /// lookup until the I/O it leads to is started).
-    pub(crate) fn hold(&self) -> IoHold<'_> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        IoHold(self)
-    }
-}
-
-/// See [`IoCounter::hold`].
-pub(crate) struct IoHold<'a>(&'a IoCounter);
-
-impl Drop for IoHold<'_> {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
