@@ -453,6 +453,16 @@ expect_msg_err() {
 	echo "message '$*': $err"
 }
 
+# chain_len NAME: the image count of `dmsetup table` ("<n> v<ver> <cs>")
+chain_len() {
+	local t
+	t=$("$DMSETUP" table "$(dmq_full_name "$1")") || return 1
+	# shellcheck disable=SC2086	# the table's words
+	set -- $t
+	[ "${3:-}" = qcow2 ] || return 1
+	echo "${4:-}"
+}
+
 # check_unwritten BEFORE AFTER IOLOG...: AFTER equals BEFORE outside the
 # ranges the iologs wrote
 check_unwritten() {

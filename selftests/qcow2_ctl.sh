@@ -70,16 +70,6 @@ wait_ready() {
 	done
 }
 
-# chain_len NAME: the image count of `dmsetup table` ("<n> v<ver> <cs>")
-chain_len() {
-	local t
-	t=$("$DMSETUP" table "$(dmq_full_name "$1")") || return 1
-	# shellcheck disable=SC2086	# the table's words
-	set -- $t
-	[ "${3:-}" = qcow2 ] || return 1
-	echo "${4:-}"
-}
-
 # expect_chain NAME IMG...: the table has these images, base first
 expect_chain() {
 	local name=$1 i=0 img n
