@@ -8,12 +8,16 @@
 //! image files, and the bio completes when its last piece does. See
 //! Documentation/admin-guide/device-mapper/dm-qcow2.rst.
 
+// pin_init! of the table state (many fields) needs more than the default.
+#![recursion_limit = "256"]
+
 use kernel::prelude::*;
 
 // Abstractions with users still to come (the write path).
 #[allow(dead_code)]
 #[path = "../rust/mod.rs"]
 mod kx;
+mod hot;
 mod io;
 mod merge;
 mod meta;

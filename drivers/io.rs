@@ -51,7 +51,22 @@ impl Inner {
             return Ok(Cluster::Unallocated);
         };
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
-        fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))
+        let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        if let Cluster::Normal { host, copied } = c {
+            if d == st.top() {
+                let cb = delta.hdr.cluster_bits;
+                self.hot.put(cb, vaddr >> cb, host, copied);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Forgets the fast path's lookup for the cluster of `vaddr` of the top
+    /// (`is_top`) before its mapping changes.
+    fn hot_forget(&self, is_top: bool, hdr: &Header, vaddr: u64) {
+        if is_top {
+            self.hot.del(vaddr >> hdr.cluster_bits);
+        }
     }
 
     /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
@@ -211,6 +226,7 @@ impl Inner {
         fua: bool,
     ) -> Result<bool> {
         let delta = st.delta(d)?;
+        let is_top = d == st.top();
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
@@ -231,6 +247,9 @@ impl Inner {
             _ => None,
         };
         if let Some(h) = in_place {
+            if is_top && !hdr.extended_l2() {
+                self.hot.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
+            }
             match src {
                 Src::Bio(bio, boff) => {
                     delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
@@ -286,6 +305,7 @@ impl Inner {
             } else {
                 (fmt::encode_l2_normal(host, true), 0)
             };
+            self.hot_forget(is_top, hdr, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -324,6 +344,7 @@ impl Inner {
     ) -> Result<bool> {
         let (host, alloc, zero) = cur;
         let delta = st.delta(d)?;
+        let is_top = d == st.top();
         let hdr = &delta.hdr;
         let scs = hdr.subcluster_size();
         let off = hdr.offset_in_cluster(vaddr);
@@ -360,6 +381,7 @@ impl Inner {
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
             let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
+            self.hot_forget(is_top, hdr, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, host | fmt::L2E_COPIED, bitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -440,6 +462,7 @@ impl Inner {
     /// it preallocated).
     pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
         let delta = st.delta(d)?;
+        let is_top = d == st.top();
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
@@ -462,6 +485,7 @@ impl Inner {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };
         let md = st.md.get_mut(d).ok_or(EIO)?;
+        self.hot_forget(is_top, hdr, vaddr);
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;
         // The entry no longer points there: now the space may go.

@@ -209,6 +209,10 @@ impl Inner {
             // A crash while copying leaks clusters in dst at worst; the dirty
             // bit makes QEMU repair them when it next opens the image.
             self.set_dirty(&d, true)?;
+            // Every bio goes through the locked path while a merge runs (it
+            // must see guest writes); the switch below waits for bios the
+            // fast path may have taken before.
+            self.fast_off();
             st.merge = Some(Merge {
                 dir,
                 depth,
@@ -381,6 +385,7 @@ impl Inner {
             self.set_dirty(&d, false)?;
             let removed = st.unlink(src)?;
             st.merge = None;
+            self.fast_on(&st);
             removed
         };
         // Nothing mapped before the unlink may still use the old delta.
@@ -398,10 +403,14 @@ impl Inner {
         if let (Stage::Copying, Some(e)) = (m.stage, &m.eventfd) {
             e.signal();
         }
-        self.inflight.wait_idle();
-        self.trim(st, m.dst);
-        let d = st.delta(m.dst)?;
-        d.file.fsync()?;
-        self.set_dirty(&d, false)
+        let res = (|| {
+            self.inflight.wait_idle();
+            self.trim(st, m.dst);
+            let d = st.delta(m.dst)?;
+            d.file.fsync()?;
+            self.set_dirty(&d, false)
+        })();
+        self.fast_on(st);
+        res
     }
 }

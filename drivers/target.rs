@@ -12,11 +12,12 @@ use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
+use crate::hot::HotMap;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -211,6 +212,13 @@ pub(crate) struct Inner {
     enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
     suspending: AtomicBool,
+    /// Lookups for the allocated-cluster path (see `hot`).
+    pub(crate) hot: HotMap,
+    /// Bios the fast path served (status INFO `fast_bios`).
+    fast_bios: AtomicU64,
+    /// The top while the fast path is on (off during merges).
+    #[pin]
+    fast_top: SpinLock<Option<Arc<Delta>>>,
     #[pin]
     pending: SpinLock<BioList>,
     #[pin]
@@ -236,18 +244,45 @@ impl WorkItem<0> for Inner {
     fn run(this: Arc<Inner>) {
         let _noio = task::NoIo::enter();
         let mut parked = false;
-        {
-            let mut st = this.state.lock();
-            loop {
-                let mut list = this.pending.lock().take();
-                if list.is_empty() {
-                    break;
-                }
-                while let Some(bio) = list.pop() {
-                    parked |= this.process(&mut st, bio);
-                }
-                this.sync_batch(&mut st);
+        let mut locked = false;
+        loop {
+            let mut list = this.pending.lock().take();
+            if list.is_empty() {
+                break;
             }
+            // Taken after the bios: a merge that turned the fast path off
+            // before they were mapped is seen.
+            let top = this.fast_top.lock().clone();
+            let mut slow = BioList::new();
+            let mut fast = 0;
+            while let Some(bio) = list.pop() {
+                let bio = match &top {
+                    Some(t) => match this.try_fast(t, bio) {
+                        Ok(()) => {
+                            fast += 1;
+                            continue;
+                        }
+                        Err(bio) => bio,
+                    },
+                    None => bio,
+                };
+                slow.push(bio);
+            }
+            if fast > 0 {
+                this.fast_bios.fetch_add(fast, Ordering::Relaxed);
+            }
+            if slow.is_empty() {
+                continue;
+            }
+            locked = true;
+            let mut st = this.state.lock();
+            while let Some(bio) = slow.pop() {
+                parked |= this.process(&mut st, bio);
+            }
+            this.sync_batch(&mut st);
+        }
+        if locked {
+            let st = this.state.lock();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
             } else if let Some(q) = this.wq.queue() {
@@ -286,6 +321,56 @@ impl WorkItem<2> for Inner {
 }
 
 impl Inner {
+    /// Starts the I/O of `bio` if it lies in one cluster the fast path
+    /// knows in `top` (a write needs one the top owns); gives it back
+    /// otherwise.
+    fn try_fast(&self, top: &Delta, bio: Bio) -> Result<(), Bio> {
+        let write = match bio.op() {
+            Op::Read => false,
+            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
+            _ => return Err(bio),
+        };
+        let hdr = &top.hdr;
+        let len = bio.size();
+        let cb = hdr.cluster_bits;
+        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
+            return Err(bio);
+        };
+        let end = vaddr.saturating_add(u64::from(len));
+        if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
+            return Err(bio);
+        }
+        match self.hot.lookup(cb, vaddr >> cb, write) {
+            Some(host) => {
+                let pos = host + hdr.offset_in_cluster(vaddr);
+                top.file.submit_bio_io(bio, 0, len, pos, false, &self.inflight);
+                Ok(())
+            }
+            None => Err(bio),
+        }
+    }
+
+    /// Turns the fast path off: every bio goes through the locked path.
+    /// Bios the worker already took may still use it: callers that need
+    /// them gone wait for the bios mapped before (`refs.switch_wait`).
+    pub(crate) fn fast_off(&self) {
+        let old = self.fast_top.lock().take();
+        drop(old);
+    }
+
+    /// Turns the fast path on for the chain in `st` (unless a merge runs),
+    /// with nothing remembered. State mutex held: no lookups are being
+    /// added meanwhile.
+    pub(crate) fn fast_on(&self, st: &WorkerState) {
+        if st.merge.is_some() {
+            return;
+        }
+        self.hot.clear();
+        let new = st.deltas.last().cloned();
+        let old = core::mem::replace(&mut *self.fast_top.lock(), new);
+        drop(old);
+    }
+
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
     /// that starts an ENOSPC episode).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
@@ -451,6 +536,7 @@ impl Inner {
     /// Re-reads every header and drops all cached metadata: userspace may
     /// have changed the images while we were suspended.
     fn reload(&self, st: &mut WorkerState) -> Result {
+        self.fast_off();
         let n = st.deltas.len();
         let mut deltas = KVec::with_capacity(n, GFP_KERNEL)?;
         let mut md = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -480,6 +566,7 @@ impl Inner {
         st.deltas = arcs;
         st.md = md;
         st.zkey = None;
+        self.fast_on(st);
         Ok(())
     }
 }
@@ -566,7 +653,7 @@ impl Qcow2 {
                 None => write!(out, "?")?,
             }
         }
-        Ok(())
+        write!(out, " fast_bios={}", inner.fast_bios.load(Ordering::Relaxed))
     }
 }
 
@@ -626,6 +713,11 @@ impl dm::Target for Qcow2 {
             // same files: read them again when it is resumed.
             stale: true,
         };
+        let top = st.deltas.last().cloned();
+        let hot = match &top {
+            Some(t) => HotMap::new(t.hdr.size >> t.hdr.cluster_bits).map_err(oom)?,
+            None => return Err(ctr_err(EINVAL, c_str!("No images given"))),
+        };
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
@@ -643,6 +735,9 @@ impl dm::Target for Qcow2 {
                 parked_count: AtomicUsize::new(0),
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
+                hot,
+                fast_bios: AtomicU64::new(0),
+                fast_top <- new_spinlock!(top, "dm_qcow2::fast_top"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),

@@ -315,16 +315,16 @@ case_suspended_busy() {
 # status NAME: `dmsetup status` in STATUS, checked against
 #   0 <len> qcow2 images=<n> wants_check=<0|1> md_writeback_error=<errno>
 #   truncate_error=<errno> enospc=<n> merge=<kind> stage=<stage>
-#   progress=<pct> clusters=<c0>,...,<cn-1>
+#   progress=<pct> clusters=<c0>,...,<cn-1> fast_bios=<n>
 # (also accepted: "depth=<d>" before stage= and "error=<errno>" after
 # progress=, the fields of "merge_* progress"); the fields in ST_IMAGES
-# ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS, STATUS_STD is the line
-# without "0 <len> qcow2 ", depth= and error=
+# ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS ST_FAST, STATUS_STD is the
+# line without "0 <len> qcow2 ", depth=, error= and fast_bios=
 status() {
 	local full re sectors c
 	full=$(dmq_full_name "$1")
 	STATUS=$("$DMSETUP" status "$full") || dmq_fail "dmsetup status $full"
-	re='^0 ([0-9]+) qcow2 images=([0-9]+) wants_check=([01]) md_writeback_error=(-?[0-9]+) truncate_error=(-?[0-9]+) enospc=([0-9]+) merge=(none|backward|forward) (depth=[0-9]+ )?stage=(none|copying|ready|failed) progress=([0-9]+)( error=[0-9]+)? clusters=([0-9]+(,[0-9]+)*)$'
+	re='^0 ([0-9]+) qcow2 images=([0-9]+) wants_check=([01]) md_writeback_error=(-?[0-9]+) truncate_error=(-?[0-9]+) enospc=([0-9]+) merge=(none|backward|forward) (depth=[0-9]+ )?stage=(none|copying|ready|failed) progress=([0-9]+)( error=[0-9]+)? clusters=([0-9]+(,[0-9]+)*) fast_bios=([0-9]+)$'
 	[[ $STATUS =~ $re ]] || dmq_fail "bad status line '$STATUS'"
 	sectors=${BASH_REMATCH[1]}
 	ST_IMAGES=${BASH_REMATCH[2]}
@@ -333,6 +333,7 @@ status() {
 	ST_STAGE=${BASH_REMATCH[9]}
 	ST_PCT=${BASH_REMATCH[10]}
 	ST_CLUSTERS=${BASH_REMATCH[12]}
+	ST_FAST=${BASH_REMATCH[14]}
 	STATUS_STD="images=$ST_IMAGES wants_check=${BASH_REMATCH[3]} md_writeback_error=${BASH_REMATCH[4]} truncate_error=${BASH_REMATCH[5]} enospc=$ST_ENOSPC merge=$ST_MERGE stage=$ST_STAGE progress=$ST_PCT clusters=$ST_CLUSTERS"
 	[ "$sectors" = $(($(blockdev --getsize64 "$DEV") / 512)) ] ||
 		dmq_fail "status length $sectors is not the device's"
@@ -366,6 +367,23 @@ for e in json.load(sys.stdin):
 print(len(c))' 65536
 }
 
+# fast_reads NAME OFFSET up|same: two 4k direct reads at OFFSET; fast_bios
+# must go up, or stay the same
+fast_reads() {
+	local f0
+	dmq_counts_bios || return 0
+	status "$1"
+	f0=$ST_FAST
+	dmq_run dd if="$DEV" of=/dev/null bs=4k count=2 skip="$2" iflag=direct,skip_bytes status=none
+	dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 skip="$2" iflag=direct,skip_bytes status=none
+	status "$1"
+	case $3 in
+	up) [ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: reads at $2 did not take the fast path" ;;
+	same) [ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: reads at $2 took the fast path" ;;
+	esac
+	echo "fast_bios $f0 -> $ST_FAST after reads at $2"
+}
+
 case_status_info() {
 	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
 	# 16 + 8 data clusters of 64k in the base, an empty top
@@ -391,6 +409,11 @@ case_status_info() {
 	# 4k into a cluster of the base: copied up
 	put w1.bin "$DEV" 65536
 	expect_status v "images=2 $idle clusters=24,7"
+	# reads of a cluster the top has: the second one at least takes the
+	# fast path (the first lookup may fill its table)
+	fast_reads v $((8 * MIB + 4096)) up
+	# reads of a cluster only the base has never do
+	fast_reads v $((4 * MIB)) same
 
 	# a merge shows in the status; after complete the base has 24 + 6
 	msg_ok v merge_backward start -1 0
@@ -403,8 +426,13 @@ case_status_info() {
 	echo "status: $STATUS"
 	[ "$ST_MERGE $ST_STAGE $ST_PCT" = "backward ready 100" ] ||
 		dmq_fail "ready merge: '$STATUS'"
+	# while a merge runs every bio takes the locked path
+	fast_reads v $((8 * MIB + 4096)) same
 	msg_ok v merge_backward complete
 	expect_status v "images=1 $idle clusters=30"
+	# the new top (the base) is served again
+	fast_reads v $((8 * MIB + 4096)) up
+	fast_reads v $((4 * MIB)) up
 	dump "$DEV" dev.raw
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	dmq_check_images base.qcow2 top.qcow2

@@ -8,3 +8,8 @@ dmq_dev() {
 	[ -f "$f" ] || return 1
 	echo "$f"
 }
+
+# "devices" are files: no target sees their bios
+dmq_counts_bios() {
+	return 1
+}

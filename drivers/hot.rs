@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Lookups for the allocated-cluster path: where the top delta maps a
+//! cluster to a plain data cluster of its own, a bio inside that cluster
+//! needs no metadata work. The worker serves such bios from this table
+//! before (and without) taking the table's state mutex, so they never wait
+//! behind allocation, copy-on-write, a merge batch or a status walk.
+//!
+//! The table is direct-mapped by virtual cluster index; a slot holds the
+//! host cluster, a tag for the rest of the index and whether the top owns
+//! the cluster outright (COPIED: writes may go in place). Entries are put
+//! and removed with the state mutex held, by code that has just read or
+//! is about to change the L2 entry; the worker reads them between its
+//! locked sections, so no lookup runs concurrently with a change made by
+//! the worker. Everything else that changes the top's mappings (merges,
+//! resume) turns the fast path off first (see `Inner::fast_off`).
+
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use kernel::prelude::*;
+
+const VALID: u64 = 1 << 63;
+/// The top owns the cluster (COPIED): writes may go in place.
+const OWNED: u64 = 1 << 62;
+const HOST_BITS: u32 = 44;
+const TAG_BITS: u32 = 18;
+/// Table size bounds, in slots (8 bytes each).
+const MIN_SLOTS: u64 = 64;
+const MAX_SLOTS: u64 = 1 << 16;
+
+pub(crate) struct HotMap {
+    slots: KVVec<AtomicU64>,
+    /// log2 of the number of slots.
+    bits: u32,
+}
+
+impl HotMap {
+    /// A table for an image of `clusters` clusters (one slot per cluster
+    /// up to `MAX_SLOTS`).
+    pub(crate) fn new(clusters: u64) -> Result<Self> {
+        let n = clusters.clamp(MIN_SLOTS, MAX_SLOTS).next_power_of_two();
+        let mut slots = KVVec::with_capacity(n as usize, GFP_KERNEL)?;
+        for _ in 0..n {
+            slots.push(AtomicU64::new(0), GFP_KERNEL)?;
+        }
+        Ok(Self { slots, bits: n.trailing_zeros() })
+    }
+
+    fn slot(&self, vci: u64) -> Option<&AtomicU64> {
+        self.slots.get((vci & ((1 << self.bits) - 1)) as usize)
+    }
+
+    /// Remembers that the top maps cluster `vci` to the host cluster at
+    /// `host` (`owned`: COPIED). State mutex held.
+    pub(crate) fn put(&self, cb: u32, vci: u64, host: u64, owned: bool) {
+        let (tag, hci) = (vci >> self.bits, host >> cb);
+        if tag >> TAG_BITS != 0 || hci >> HOST_BITS != 0 {
+            return;
+        }
+        let v = VALID | if owned { OWNED } else { 0 } | tag << HOST_BITS | hci;
+        if let Some(s) = self.slot(vci) {
+            s.store(v, Relaxed);
+        }
+    }
+
+    /// Forgets cluster `vci` (its mapping is about to change). State mutex
+    /// held.
+    pub(crate) fn del(&self, vci: u64) {
+        if let Some(s) = self.slot(vci) {
+            s.store(0, Relaxed);
+        }
+    }
+
+    /// Host offset of the cluster `vci` if the fast path may serve it (a
+    /// write needs a cluster the top owns).
+    pub(crate) fn lookup(&self, cb: u32, vci: u64, write: bool) -> Option<u64> {
+        let v = self.slot(vci)?.load(Relaxed);
+        let tag = (v >> HOST_BITS) & ((1 << TAG_BITS) - 1);
+        if v & VALID == 0 || tag != vci >> self.bits || (write && v & OWNED == 0) {
+            return None;
+        }
+        Some((v & ((1 << HOST_BITS) - 1)) << cb)
+    }
+
+    /// Forgets everything.
+    pub(crate) fn clear(&self) {
+        for s in self.slots.iter() {
+            s.store(0, Relaxed);
+        }
+    }
+}
