@@ -321,6 +321,9 @@ impl Inner {
             self.free(st, d, start, clen + (chost - start));
         }
         if let Some(old) = shared {
+            // Normally still referenced by a snapshot; if this was the last
+            // reference, reads in flight to it must end before it is reused.
+            self.inflight.wait_idle();
             self.free(st, d, old, hdr.cluster_size());
         }
         Ok(true)

@@ -26,6 +26,7 @@ use crate::kx::inflight::EventFd;
 use crate::qcow2_format::Cluster;
 use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::rbtree::RBTree;
@@ -69,7 +70,16 @@ pub(crate) struct Merge {
     eventfd: Option<EventFd>,
     /// A cluster of data being copied (taken while in use).
     buf: Option<IoBuf>,
+    /// Tells this merge from one started after it (see `armed`).
+    id: u64,
+    /// The bios mapped before the merge existed have ended: the walker may
+    /// copy. (A walker still queued for an earlier merge must not start
+    /// this one early: the fast path may still write into the top then.)
+    armed: bool,
 }
+
+/// Source of `Merge::id`.
+static MERGE_IDS: AtomicU64 = AtomicU64::new(0);
 
 impl Merge {
     fn pop_redo(&mut self) -> Option<u64> {
@@ -168,6 +178,7 @@ impl Inner {
             fd if fd < 0 => return Err(EBADF),
             fd => Some(EventFd::from_fd(fd).map_err(|_| EBADF)?),
         };
+        let id = MERGE_IDS.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
             // A suspend cancels merges under this lock after raising the
@@ -224,11 +235,16 @@ impl Inner {
                 redo: RBTree::new(),
                 eventfd,
                 buf: Some(buf),
+                id,
+                armed: false,
             });
         }
         // Bios mapped before the merge existed finish before the walker
         // starts; later ones see it.
         self.refs.switch_wait();
+        if let Some(m) = self.state.lock().merge.as_mut().filter(|m| m.id == id) {
+            m.armed = true;
+        }
         self.kick_merge();
         Ok(())
     }
@@ -249,7 +265,7 @@ impl Inner {
         let Some(m) = st.merge.as_ref() else {
             return false;
         };
-        if m.stage != Stage::Copying || self.is_suspending() {
+        if m.stage != Stage::Copying || !m.armed || self.is_suspending() {
             return false;
         }
         // In-place writes started before now must land before we read.

@@ -281,7 +281,9 @@ impl WorkItem<0> for Inner {
             }
             this.sync_batch(&mut st);
         }
-        if locked {
+        // An episode ends when nothing is left parked, also when the retried
+        // bios all took the fast path.
+        if locked || this.enospc_episode.load(Ordering::Acquire) {
             let st = this.state.lock();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
