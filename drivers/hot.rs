@@ -13,10 +13,13 @@
 //! is about to change the L2 entry; the worker reads them between its
 //! locked sections, so no lookup runs concurrently with a change made by
 //! the worker. Everything else that changes the top's mappings (merges,
-//! resume) turns the fast path off first (see `Inner::fast_off`).
+//! resume) turns the fast path off first (see `Inner::fast_off`); turning
+//! it on again makes a new, empty table for the top of then.
 
+use crate::target::Delta;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use kernel::prelude::*;
+use kernel::sync::Arc;
 
 const VALID: u64 = 1 << 63;
 /// The top owns the cluster (COPIED): writes may go in place.
@@ -26,6 +29,20 @@ const TAG_BITS: u32 = 18;
 /// Table size bounds, in slots (8 bytes each).
 const MIN_SLOTS: u64 = 64;
 const MAX_SLOTS: u64 = 1 << 16;
+
+/// The fast path while it is on: the top and what is known of it.
+pub(crate) struct Fast {
+    pub(crate) top: Arc<Delta>,
+    pub(crate) map: HotMap,
+}
+
+impl Fast {
+    /// An empty table for `top`.
+    pub(crate) fn new(top: Arc<Delta>) -> Result<Arc<Self>> {
+        let map = HotMap::new(top.hdr.size >> top.hdr.cluster_bits)?;
+        Ok(Arc::new(Self { top, map }, GFP_KERNEL)?)
+    }
+}
 
 pub(crate) struct HotMap {
     slots: KVVec<AtomicU64>,
@@ -79,12 +96,5 @@ impl HotMap {
             return None;
         }
         Some((v & ((1 << HOST_BITS) - 1)) << cb)
-    }
-
-    /// Forgets everything.
-    pub(crate) fn clear(&self) {
-        for s in self.slots.iter() {
-            s.store(0, Relaxed);
-        }
     }
 }

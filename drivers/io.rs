@@ -7,6 +7,7 @@
 
 use crate::kx::bio::{Bio, Op};
 use crate::kx::file::{IoBuf, DIO_ALIGN};
+use crate::hot::Fast;
 use crate::meta::corrupt;
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
@@ -52,20 +53,20 @@ impl Inner {
         };
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-        if let Cluster::Normal { host, copied } = c {
+        if let (Cluster::Normal { host, copied }, Some(f)) = (c, &st.fast) {
             if d == st.top() {
                 let cb = delta.hdr.cluster_bits;
-                self.hot.put(cb, vaddr >> cb, host, copied);
+                f.map.put(cb, vaddr >> cb, host, copied);
             }
         }
         Ok(c)
     }
 
-    /// Forgets the fast path's lookup for the cluster of `vaddr` of the top
-    /// (`is_top`) before its mapping changes.
-    fn hot_forget(&self, is_top: bool, hdr: &Header, vaddr: u64) {
-        if is_top {
-            self.hot.del(vaddr >> hdr.cluster_bits);
+    /// Forgets the fast path's lookup for the cluster of `vaddr` before its
+    /// mapping changes (`fast`: the fast path, if on and `vaddr` is in the top).
+    fn hot_forget(fast: Option<&Fast>, hdr: &Header, vaddr: u64) {
+        if let Some(f) = fast {
+            f.map.del(vaddr >> hdr.cluster_bits);
         }
     }
 
@@ -226,7 +227,8 @@ impl Inner {
         fua: bool,
     ) -> Result<bool> {
         let delta = st.delta(d)?;
-        let is_top = d == st.top();
+        // The fast path's table, if it is on and `d` is the top.
+        let fast = st.fast.clone().filter(|_| d == st.top());
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
@@ -247,8 +249,8 @@ impl Inner {
             _ => None,
         };
         if let Some(h) = in_place {
-            if is_top && !hdr.extended_l2() {
-                self.hot.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
+            if let (Some(f), false) = (&fast, hdr.extended_l2()) {
+                f.map.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
             }
             match src {
                 Src::Bio(bio, boff) => {
@@ -305,7 +307,7 @@ impl Inner {
             } else {
                 (fmt::encode_l2_normal(host, true), 0)
             };
-            self.hot_forget(is_top, hdr, vaddr);
+            Self::hot_forget(fast.as_deref(), hdr, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -347,7 +349,8 @@ impl Inner {
     ) -> Result<bool> {
         let (host, alloc, zero) = cur;
         let delta = st.delta(d)?;
-        let is_top = d == st.top();
+        // The fast path's table, if it is on and `d` is the top.
+        let fast = st.fast.clone().filter(|_| d == st.top());
         let hdr = &delta.hdr;
         let scs = hdr.subcluster_size();
         let off = hdr.offset_in_cluster(vaddr);
@@ -384,7 +387,7 @@ impl Inner {
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
             let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
-            self.hot_forget(is_top, hdr, vaddr);
+            Self::hot_forget(fast.as_deref(), hdr, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, host | fmt::L2E_COPIED, bitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -465,7 +468,8 @@ impl Inner {
     /// it preallocated).
     pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
         let delta = st.delta(d)?;
-        let is_top = d == st.top();
+        // The fast path's table, if it is on and `d` is the top.
+        let fast = st.fast.clone().filter(|_| d == st.top());
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
@@ -488,7 +492,7 @@ impl Inner {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };
         let md = st.md.get_mut(d).ok_or(EIO)?;
-        self.hot_forget(is_top, hdr, vaddr);
+        Self::hot_forget(fast.as_deref(), hdr, vaddr);
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;
         // The entry no longer points there: now the space may go.

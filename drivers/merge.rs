@@ -223,7 +223,7 @@ impl Inner {
             // Every bio goes through the locked path while a merge runs (it
             // must see guest writes); the switch below waits for bios the
             // fast path may have taken before.
-            self.fast_off();
+            self.fast_off(&mut st);
             st.merge = Some(Merge {
                 dir,
                 depth,
@@ -401,7 +401,7 @@ impl Inner {
             self.set_dirty(&d, false)?;
             let removed = st.unlink(src)?;
             st.merge = None;
-            self.fast_on(&st);
+            self.fast_on(&mut st);
             removed
         };
         // Nothing mapped before the unlink may still use the old delta.

@@ -12,7 +12,7 @@ use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
-use crate::hot::HotMap;
+use crate::hot::Fast;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
@@ -136,6 +136,8 @@ pub(crate) struct WorkerState {
     unsynced: BioList,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
+    /// The fast path's table while it is on (`Inner::fast_on`).
+    pub(crate) fast: Option<Arc<Fast>>,
 }
 
 impl WorkerState {
@@ -212,13 +214,12 @@ pub(crate) struct Inner {
     enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
     suspending: AtomicBool,
-    /// Lookups for the allocated-cluster path (see `hot`).
-    pub(crate) hot: HotMap,
     /// Bios the fast path served (status INFO `fast_bios`).
     fast_bios: AtomicU64,
-    /// The top while the fast path is on (off during merges).
+    /// The fast path (see `hot`) while it is on (not during merges); the
+    /// worker's copy of `WorkerState::fast`.
     #[pin]
-    fast_top: SpinLock<Option<Arc<Delta>>>,
+    fast: SpinLock<Option<Arc<Fast>>>,
     #[pin]
     pending: SpinLock<BioList>,
     #[pin]
@@ -252,12 +253,12 @@ impl WorkItem<0> for Inner {
             }
             // Taken after the bios: a merge that turned the fast path off
             // before they were mapped is seen.
-            let top = this.fast_top.lock().clone();
+            let fp = this.fast.lock().clone();
             let mut slow = BioList::new();
             let mut fast = 0;
             while let Some(bio) = list.pop() {
-                let bio = match &top {
-                    Some(t) => match this.try_fast(t, bio) {
+                let bio = match &fp {
+                    Some(f) => match this.try_fast(f, bio) {
                         Ok(()) => {
                             fast += 1;
                             continue;
@@ -326,12 +327,13 @@ impl Inner {
     /// Starts the I/O of `bio` if it lies in one cluster the fast path
     /// knows in `top` (a write needs one the top owns); gives it back
     /// otherwise.
-    fn try_fast(&self, top: &Delta, bio: Bio) -> Result<(), Bio> {
+    fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
         let write = match bio.op() {
             Op::Read => false,
             Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
             _ => return Err(bio),
         };
+        let top = &fp.top;
         let hdr = &top.hdr;
         let len = bio.size();
         let cb = hdr.cluster_bits;
@@ -342,7 +344,7 @@ impl Inner {
         if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
             return Err(bio);
         }
-        match self.hot.lookup(cb, vaddr >> cb, write) {
+        match fp.map.lookup(cb, vaddr >> cb, write) {
             Some(host) => {
                 let pos = host + hdr.offset_in_cluster(vaddr);
                 top.file.submit_bio_io(bio, 0, len, pos, false, &self.inflight);
@@ -355,21 +357,21 @@ impl Inner {
     /// Turns the fast path off: every bio goes through the locked path.
     /// Bios the worker already took may still use it: callers that need
     /// them gone wait for the bios mapped before (`refs.switch_wait`).
-    pub(crate) fn fast_off(&self) {
-        let old = self.fast_top.lock().take();
+    pub(crate) fn fast_off(&self, st: &mut WorkerState) {
+        st.fast = None;
+        let old = self.fast.lock().take();
         drop(old);
     }
 
-    /// Turns the fast path on for the chain in `st` (unless a merge runs),
-    /// with nothing remembered. State mutex held: no lookups are being
-    /// added meanwhile.
-    pub(crate) fn fast_on(&self, st: &WorkerState) {
-        if st.merge.is_some() {
-            return;
-        }
-        self.hot.clear();
-        let new = st.deltas.last().cloned();
-        let old = core::mem::replace(&mut *self.fast_top.lock(), new);
+    /// Turns the fast path on for the chain in `st` (unless a merge runs)
+    /// with a new, empty table; it stays off if that cannot be allocated.
+    pub(crate) fn fast_on(&self, st: &mut WorkerState) {
+        let new = match (&st.merge, st.deltas.last()) {
+            (None, Some(top)) => Fast::new(top.clone()).ok(),
+            _ => None,
+        };
+        st.fast = new.clone();
+        let old = core::mem::replace(&mut *self.fast.lock(), new);
         drop(old);
     }
 
@@ -538,7 +540,7 @@ impl Inner {
     /// Re-reads every header and drops all cached metadata: userspace may
     /// have changed the images while we were suspended.
     fn reload(&self, st: &mut WorkerState) -> Result {
-        self.fast_off();
+        self.fast_off(st);
         let n = st.deltas.len();
         let mut deltas = KVec::with_capacity(n, GFP_KERNEL)?;
         let mut md = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -698,7 +700,7 @@ impl dm::Target for Qcow2 {
         for d in deltas {
             arcs.push(Arc::new(d, GFP_KERNEL).map_err(oom)?, GFP_KERNEL).map_err(oom)?;
         }
-        let st = WorkerState {
+        let mut st = WorkerState {
             deltas: arcs,
             md,
             cow: Some(IoBuf::new(cs).map_err(oom)?),
@@ -714,12 +716,13 @@ impl dm::Target for Qcow2 {
             // A reloaded table is built while the old one still writes the
             // same files: read them again when it is resumed.
             stale: true,
+            fast: None,
         };
-        let top = st.deltas.last().cloned();
-        let hot = match &top {
-            Some(t) => HotMap::new(t.hdr.size >> t.hdr.cluster_bits).map_err(oom)?,
+        let fast = match st.deltas.last() {
+            Some(top) => Fast::new(top.clone()).map_err(oom)?,
             None => return Err(ctr_err(EINVAL, c_str!("No images given"))),
         };
+        st.fast = Some(fast.clone());
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
@@ -737,9 +740,8 @@ impl dm::Target for Qcow2 {
                 parked_count: AtomicUsize::new(0),
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
-                hot,
                 fast_bios: AtomicU64::new(0),
-                fast_top <- new_spinlock!(top, "dm_qcow2::fast_top"),
+                fast <- new_spinlock!(Some(fast), "dm_qcow2::fast"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),
