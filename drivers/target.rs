@@ -324,9 +324,8 @@ impl WorkItem<2> for Inner {
 }
 
 impl Inner {
-    /// Starts the I/O of `bio` if it lies in one cluster the fast path
-    /// knows in `top` (a write needs one the top owns); gives it back
-    /// otherwise.
+    /// Starts the I/O of `bio` if it lies in one cluster of the top that
+    /// `fp` knows (a write needs one the top owns); gives it back otherwise.
     fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
         let write = match bio.op() {
             Op::Read => false,
@@ -700,7 +699,7 @@ impl dm::Target for Qcow2 {
         for d in deltas {
             arcs.push(Arc::new(d, GFP_KERNEL).map_err(oom)?, GFP_KERNEL).map_err(oom)?;
         }
-        let mut st = WorkerState {
+        let st = WorkerState {
             deltas: arcs,
             md,
             cow: Some(IoBuf::new(cs).map_err(oom)?),
@@ -716,13 +715,9 @@ impl dm::Target for Qcow2 {
             // A reloaded table is built while the old one still writes the
             // same files: read them again when it is resumed.
             stale: true,
+            // Turned on by that first resume.
             fast: None,
         };
-        let fast = match st.deltas.last() {
-            Some(top) => Fast::new(top.clone()).map_err(oom)?,
-            None => return Err(ctr_err(EINVAL, c_str!("No images given"))),
-        };
-        st.fast = Some(fast.clone());
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
@@ -741,7 +736,7 @@ impl dm::Target for Qcow2 {
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
-                fast <- new_spinlock!(Some(fast), "dm_qcow2::fast"),
+                fast <- new_spinlock!(None, "dm_qcow2::fast"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
                 work <- new_work!("dm_qcow2::work"),
