@@ -227,8 +227,7 @@ impl Inner {
         fua: bool,
     ) -> Result<bool> {
         let delta = st.delta(d)?;
-        // The fast path's table, if it is on and `d` is the top.
-        let fast = st.fast.clone().filter(|_| d == st.top());
+        let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
@@ -349,8 +348,7 @@ impl Inner {
     ) -> Result<bool> {
         let (host, alloc, zero) = cur;
         let delta = st.delta(d)?;
-        // The fast path's table, if it is on and `d` is the top.
-        let fast = st.fast.clone().filter(|_| d == st.top());
+        let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let scs = hdr.subcluster_size();
         let off = hdr.offset_in_cluster(vaddr);
@@ -468,8 +466,7 @@ impl Inner {
     /// it preallocated).
     pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
         let delta = st.delta(d)?;
-        // The fast path's table, if it is on and `d` is the top.
-        let fast = st.fast.clone().filter(|_| d == st.top());
+        let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;

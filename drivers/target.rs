@@ -149,6 +149,11 @@ impl WorkerState {
         self.deltas.len().saturating_sub(1)
     }
 
+    /// The fast path's table, if it is on and `d` is the top.
+    pub(crate) fn fast_for(&self, d: usize) -> Option<Arc<Fast>> {
+        self.fast.clone().filter(|_| d == self.top())
+    }
+
     /// Removes delta `d` from the chain; the ones above it move down one id.
     pub(crate) fn unlink(&mut self, d: usize) -> Result<Arc<Delta>> {
         let n = self.deltas.len();
