@@ -1,8 +1,16 @@
 # SPDX-License-Identifier: GPL-2.0
 # Top-level entry points. `make help` lists them.
 
-KDIR ?= $(shell tools/kdir.sh)
 SHELL := /bin/bash
+# The kselftests run on the debug kernel (KASAN, lockdep, ...); the demo and
+# the benchmark on the plain one. Override with DMQ_KERNEL=debug|release.
+ifneq ($(filter check test kselftest,$(MAKECMDGOALS)),)
+DMQ_KERNEL ?= debug
+else
+DMQ_KERNEL ?= release
+endif
+export DMQ_KERNEL
+KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # rustup's tools (rustc, bindgen, clippy-driver) for the kernel's Rust build,
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
@@ -13,7 +21,7 @@ all: module
 
 help:
 	@echo "make deps      - install everything on a fresh Debian 12 (root, idempotent)"
-	@echo "make kernel    - build (or reuse) the cached test kernel"
+	@echo "make kernel    - build (or reuse) the cached test kernel (DMQ_KERNEL=debug|release)"
 	@echo "make module    - build dm-qcow2.ko against it"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the test kernel (Debian's linux-source-6.12 + tools/kernel.config,
-# LLVM=1) into a cache directory keyed by version + config hash. Reuses a
-# finished build; a half-finished one is resumed (make is incremental).
+# plus tools/kernel-debug.config when DMQ_KERNEL=debug; LLVM=1) into a cache
+# directory keyed by version + config hash. Reuses a finished build; a
+# half-finished one is resumed (make is incremental).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -20,8 +21,15 @@ fi
 cd "$KDIR"
 if [ ! -f .dmq-configured ]; then
 	make -s LLVM=1 x86_64_defconfig
-	scripts/kconfig/merge_config.sh -m .config "$DMQ_ROOT/tools/kernel.config" >/dev/null
+	# shellcheck disable=SC2046
+	scripts/kconfig/merge_config.sh -m .config $(dmq_kernel_fragments) >/dev/null
 	make -s LLVM=1 olddefconfig
+	# Every option a fragment sets must have stuck (an unmet dependency
+	# drops it silently).
+	# shellcheck disable=SC2046
+	missing=$(grep -hE '^CONFIG_[A-Z0-9_]+=' $(dmq_kernel_fragments) |
+		while read -r l; do grep -qxF "$l" .config || echo "$l"; done)
+	[ -z "$missing" ] || die "config options that did not stick: $missing"
 	if ! grep -q '^CONFIG_RUST=y' .config; then
 		make LLVM=1 rustavailable || true
 		die "CONFIG_RUST did not stick: see 'make LLVM=1 rustavailable' above"
@@ -29,7 +37,7 @@ if [ ! -f .dmq-configured ]; then
 	touch .dmq-configured
 fi
 jobs=$(( $(nproc) + 1 ))
-echo "kernel: building in $KDIR with -j$jobs (tens of minutes on a cold cache)"
+echo "kernel ($DMQ_KERNEL): building in $KDIR with -j$jobs (tens of minutes on a cold cache)"
 make -s LLVM=1 -j"$jobs" all
 touch .dmq-built
 echo "kernel: built in $(( $(date +%s) - start ))s"

@@ -34,7 +34,7 @@ kselftests() {
 	fi
 	local out; out=$(mktemp -d /tmp/dmq-ksft.XXXXXX)
 	echo "== kselftests in the VM: ${tests[*]}"
-	DMQ_VM_RWDIR=$out tools/vm.sh "$DMQ_ROOT/tools/guest-tests.sh $out ${tests[*]}"
+	DMQ_VM_RWDIR=$out tools/vm.sh "KDIR=$(dmq_kdir) $DMQ_ROOT/tools/guest-tests.sh $out ${tests[*]}"
 	local rc=$?
 	for t in "${tests[@]}"; do
 		local log=$out/$t.log

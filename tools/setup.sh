@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) setup of a Debian 12 machine, as root: packages, the
-# Rust pieces the kernel build needs, and virtme-ng. Then builds (or reuses)
-# the cached test kernel.
+# Rust pieces the kernel build needs, and virtme-ng. The test kernels are
+# built (or reused from the cache) by the make targets that need them.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -52,5 +52,4 @@ if [ "$(vng --version 2>/dev/null | awk '{print $2}')" != "$VNG_VERSION" ]; then
 		python3 -m pip install -q --break-system-packages "virtme-ng==$VNG_VERSION"
 fi
 
-"$DMQ_ROOT/tools/build-kernel.sh"
 echo "setup: done"
