@@ -9,11 +9,16 @@
 #                     not registered and `modprobe dm-qcow2` fails
 #   KTAP_HELPERS      path of the kernel's ktap_helpers.sh
 #   KDIR              kernel tree (ktap_helpers.sh is looked up under it)
-#   TMPDIR            where the scratch tmpfs is mounted (default /tmp)
-#   DMQ_TMPFS_SIZE    size= of the scratch tmpfs (default 2g; a limit only)
-#   DMQ_NO_TMPFS=1    use a plain directory under TMPDIR (must do O_DIRECT)
+#   TMPDIR            where the scratch file system is mounted (default /tmp)
+#   DMQ_SCRATCH_FS    the file system the images live on: ext4 (default) or
+#                     xfs, on a loop device over a sparse file in a tmpfs, so
+#                     the target's direct I/O is asynchronous and its fsync
+#                     and FUA reach a block device; or tmpfs (synchronous
+#                     copies, fsync a no-op); or dir (a plain directory
+#                     under TMPDIR, which must do O_DIRECT)
+#   DMQ_SCRATCH_SECTOR  logical sector size of that loop device (512, 4096)
+#   DMQ_TMPFS_SIZE    size of the scratch tmpfs (default 2g; a limit only)
 #   DMQ_KEEP=1        keep the scratch files of failed cases (and the tmpfs)
-#   DMQ_NO_DMESG_CLEAR=1  do not `dmesg -C`; only use the per-case marker
 #   DMQ_VERBOSE=1     trace the commands the cases run
 #   QEMU_IMG, QEMU_IO, DMSETUP, PYTHON  override the tools
 #   DMQ_LIB_OVERRIDES a file sourced at the end (host/run.sh uses it)
@@ -35,8 +40,16 @@ DMQ_CASE=
 DMQ_CASE_DIR=
 DMQ_MARK=
 DMQ_HELPER_FAIL=90	# dmq_open.py's own failure status
-# Lines that fail any case when they show up in dmesg.
-DMQ_DMESG_BAD='BUG:|Oops|WARNING:|panic|KASAN|UBSAN|Call Trace|general protection|list_(add|del) corruption|refcount_t:|kernel BUG'
+# Lines that fail any case when they show up in dmesg (the debug kernel's
+# detectors: KASAN, UBSAN, lockdep, DEBUG_LIST/OBJECTS, hung tasks, soft
+# lockups, workqueue stalls, kmemleak).
+DMQ_DMESG_BAD='BUG:|Oops|WARNING:|panic|KASAN|UBSAN|Call Trace|general protection|list_(add|del) corruption|refcount_t:|kernel BUG|possible (recursive|circular) locking|inconsistent lock state|lock held when returning|blocked for more than|soft lockup|hard LOCKUP|workqueue lockup|ODEBUG|unreferenced object|rcu_sched self-detected|INFO: task'
+# The target's own consistency errors: they fail a case unless the script
+# lists it in DMQ_FAULT_CASES (fault injection, ENOSPC, corrupt images).
+DMQ_DMESG_CONSISTENCY='freeing a free cluster|wants_check|refcount update failed|fsync of .* failed|cannot update the image header|cannot clear the dirty bit|truncate failed|merge of image .* failed'
+DMQ_FAULT_CASES=${DMQ_FAULT_CASES:-}
+DMQ_LOOP=
+DMQ_BACKING=
 
 # ---------------------------------------------------------------- KTAP
 
@@ -254,7 +267,8 @@ dmq_remove_all() {
 		"$DMQ_PREFIX"*)
 			echo "# removing leftover device $n"
 			"$DMSETUP" remove --retry "$n" >/dev/null 2>&1 ||
-				"$DMSETUP" remove --force "$n" >/dev/null 2>&1
+				{ echo "# remove --retry $n failed: --force";
+				  "$DMSETUP" remove --force "$n" >/dev/null 2>&1; }
 			;;
 		esac
 	done
@@ -262,11 +276,10 @@ dmq_remove_all() {
 
 # --------------------------------------------------------------- dmesg
 
+# The log is never cleared: the runner scans the whole run's log at the end,
+# and each case reads what came after its own marker.
 dmq_dmesg_begin() {
 	DMQ_MARK="dmq-selftest[$$]: begin case $1 $(date +%s%N)"
-	if [ "${DMQ_NO_DMESG_CLEAR:-0}" != 1 ]; then
-		dmesg -C >/dev/null 2>&1
-	fi
 	echo "$DMQ_MARK" >"$DMQ_KMSG" 2>/dev/null
 }
 
@@ -324,9 +337,15 @@ _dmq_cleanup() {
 	dmq_remove_all
 	if [ "$DMQ_MOUNTED" = 1 ]; then
 		if [ "${DMQ_KEEP:-0}" = 1 ] && [ "${DMQ_FAILED:-0}" = 1 ]; then
-			echo "# keeping scratch tmpfs $DMQ_SCRATCH"
+			echo "# keeping scratch $DMQ_SCRATCH"
 		else
-			umount "$DMQ_SCRATCH" 2>/dev/null || umount -l "$DMQ_SCRATCH"
+			_dmq_umount "$DMQ_SCRATCH" || rc=$KSFT_FAIL
+			if [ -n "$DMQ_LOOP" ]; then
+				losetup -d "$DMQ_LOOP" || {
+					echo "# not ok: losetup -d $DMQ_LOOP failed"; rc=$KSFT_FAIL; }
+				_dmq_umount "$DMQ_BACKING" || rc=$KSFT_FAIL
+				rmdir "$DMQ_BACKING" 2>/dev/null
+			fi
 			rmdir "$DMQ_SCRATCH" 2>/dev/null
 		fi
 	elif [ -n "$DMQ_SCRATCH" ] && [ -d "$DMQ_SCRATCH" ]; then
@@ -335,6 +354,53 @@ _dmq_cleanup() {
 		fi
 	fi
 	exit "$rc"
+}
+
+# A busy unmount means something still holds a file there (a leaked file
+# reference in the target, say): that fails the run, after a lazy unmount.
+_dmq_umount() {
+	local i
+	for i in 1 2 3 4 5; do
+		umount "$1" 2>/dev/null && return 0
+		sleep 1
+	done
+	echo "# not ok: umount $1 failed (a file there is still held: leaked reference?)"
+	fuser -vm "$1" 2>&1 | sed 's/^/#   /'
+	umount -l "$1"
+	return 1
+}
+
+# _dmq_mount_scratch: the scratch file system on $DMQ_SCRATCH.
+_dmq_mount_scratch() {
+	local fs=${DMQ_SCRATCH_FS:-ext4} size=${DMQ_TMPFS_SIZE:-2g} ss=${DMQ_SCRATCH_SECTOR:-512}
+	case "$fs" in
+	dir) return 0 ;;
+	tmpfs)
+		mount -t tmpfs -o "size=$size,mode=0700" dmq-selftest "$DMQ_SCRATCH" ||
+			_dmq_skip_all "could not mount a tmpfs on $DMQ_SCRATCH"
+		DMQ_MOUNTED=1
+		return 0 ;;
+	ext4 | xfs) ;;
+	*) _dmq_skip_all "DMQ_SCRATCH_FS=$fs: not ext4, xfs, tmpfs or dir" ;;
+	esac
+	command -v "mkfs.$fs" >/dev/null 2>&1 || _dmq_skip_all "mkfs.$fs not found"
+	DMQ_BACKING=$DMQ_SCRATCH.backing
+	mkdir -p "$DMQ_BACKING" &&
+		mount -t tmpfs -o "size=$size,mode=0700" dmq-selftest-backing "$DMQ_BACKING" ||
+		_dmq_skip_all "could not mount a tmpfs on $DMQ_BACKING"
+	truncate -s "$size" "$DMQ_BACKING/disk" &&
+		DMQ_LOOP=$(losetup -f --show --sector-size "$ss" "$DMQ_BACKING/disk") ||
+		_dmq_skip_all "losetup --sector-size $ss failed"
+	# Default options, as a user's mkfs (ext4 discards the device first).
+	if [ "$fs" = ext4 ]; then
+		mkfs.ext4 -q "$DMQ_LOOP" >/dev/null
+	else
+		mkfs.xfs -q -f "$DMQ_LOOP" >/dev/null
+	fi || _dmq_skip_all "mkfs.$fs $DMQ_LOOP failed"
+	mount -t "$fs" "$DMQ_LOOP" "$DMQ_SCRATCH" ||
+		_dmq_skip_all "mount -t $fs $DMQ_LOOP failed"
+	chmod 0700 "$DMQ_SCRATCH"
+	DMQ_MOUNTED=1
 }
 
 _dmq_odirect_ok() {
@@ -389,14 +455,8 @@ dmq_init() {
 	trap 'exit 129' HUP
 	DMQ_SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/dmq-selftest.XXXXXX") ||
 		_dmq_skip_all "mktemp failed"
-	if [ "${DMQ_NO_TMPFS:-0}" != 1 ]; then
-		if mount -t tmpfs -o "size=${DMQ_TMPFS_SIZE:-2g},mode=0700" \
-			dmq-selftest "$DMQ_SCRATCH"; then
-			DMQ_MOUNTED=1
-		else
-			ktap_print_msg "could not mount a tmpfs on $DMQ_SCRATCH"
-		fi
-	fi
+	_dmq_mount_scratch
+	ktap_print_msg "scratch: ${DMQ_SCRATCH_FS:-ext4}${DMQ_LOOP:+ on $DMQ_LOOP (sector ${DMQ_SCRATCH_SECTOR:-512})}"
 	_dmq_odirect_ok "$DMQ_SCRATCH" ||
 		_dmq_skip_all "O_DIRECT does not work in $DMQ_SCRATCH"
 }
@@ -514,7 +574,7 @@ check_unwritten() {
 # dmq_run_case NAME: run case_NAME in a subshell in its own directory,
 # check dmesg, print the KTAP result line.
 dmq_run_case() {
-	local name=$1 rc bad
+	local name=$1 rc bad left
 	export DMQ_CASE=$name
 	export DMQ_CASE_DIR="$DMQ_SCRATCH/$name"
 	rm -rf "$DMQ_CASE_DIR"
@@ -525,10 +585,20 @@ dmq_run_case() {
 		"case_$name"
 	) 2>&1 | sed -u 's/^/# /'
 	rc=${PIPESTATUS[0]}
-	dmq_remove_all
+	# A case removes what it made: a device left behind fails it.
+	left=$(dmq_remove_all)
+	if [ -n "$left" ]; then
+		printf '%s\n' "$left"
+		ktap_print_msg "the case left devices behind"
+		[ "$rc" -eq 0 ] && rc=$KSFT_FAIL
+	fi
 	bad=$(dmq_dmesg_case | grep -E -- "$DMQ_DMESG_BAD")
+	case " $DMQ_FAULT_CASES " in
+	*" $name "*) ;;
+	*) [ -z "$bad" ] && bad=$(dmq_dmesg_case | grep -E -- "$DMQ_DMESG_CONSISTENCY") ;;
+	esac
 	if [ -n "$bad" ]; then
-		ktap_print_msg "kernel log has warnings/oopses:"
+		ktap_print_msg "kernel log has warnings/oopses/consistency errors:"
 		dmq_dmesg_case | sed 's/^/#   /'
 		rc=$KSFT_FAIL
 	elif [ "$rc" -ne 0 ] && [ "$rc" -ne "$KSFT_SKIP" ]; then

@@ -717,6 +717,9 @@ case_snapshot_reload() {
 	echo "qemu-img convert of over.qcow2 equals the device"
 }
 
+# Cases whose injected faults make the target log I/O and refcount errors.
+DMQ_FAULT_CASES="fault_injection enospc"
+
 DMQ_CASES=(
 	messages
 	nonroot

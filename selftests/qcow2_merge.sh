@@ -777,6 +777,9 @@ case_bad_args() {
 	dmq_check_images small.qcow2 big.qcow2
 }
 
+# Cases whose injected faults make the target log I/O and refcount errors.
+DMQ_FAULT_CASES="failed_eio"
+
 DMQ_CASES=(
 	backward_d0
 	backward_d1

@@ -25,19 +25,63 @@ host_tests() {
 		fail=$((fail + 1))
 	fi
 	rm -f "$log"
+	# The test scripts themselves, against a fake dmsetup (no kernel).
+	echo "== selftests against a fake dmsetup (selftests/host/run.sh)"
+	if selftests/host/run.sh >"$log" 2>&1; then
+		echo "ok: host/run.sh ($(grep -c '^ok ' "$log") cases)"
+		pass=$((pass + 1))
+	else
+		cat "$log"
+		echo "not ok: host/run.sh"
+		fail=$((fail + 1))
+	fi
+	rm -f "$log"
+}
+
+# The passes: every script on ext4 over a 512-byte-sector loop device, the
+# read and write scripts again over a 4 KiB-sector one (DMQ_PASSES overrides:
+# "FS,SECTOR:SCRIPT ..."; with test names given, those on ext4/512 only).
+default_passes() {
+	local t
+	for t in "$@"; do echo "ext4,512:$t"; done
+	for t in "$@"; do
+		case "$t" in qcow2_read.sh | qcow2_write.sh) echo "ext4,4096:$t" ;; esac
+	done
 }
 
 kselftests() {
-	local tests=("$@")
+	local tests=("$@") passes
+	local all=0
 	if [ ${#tests[@]} -eq 0 ]; then
 		mapfile -t tests < <(sed -n '/^TEST_PROGS/,/^$/p' selftests/Makefile | grep -oE '[A-Za-z0-9_]+\.sh')
+		all=1
+	fi
+	if [ -n "${DMQ_PASSES:-}" ]; then
+		read -r -a passes <<<"$DMQ_PASSES"
+	elif [ "$all" = 1 ]; then
+		mapfile -t passes < <(default_passes "${tests[@]}")
+	else
+		mapfile -t passes < <(printf 'ext4,512:%s\n' "${tests[@]}")
 	fi
 	local out; out=$(mktemp -d /tmp/dmq-ksft.XXXXXX)
-	echo "== kselftests in the VM: ${tests[*]}"
-	DMQ_VM_RWDIR=$out tools/vm.sh "KDIR=$(dmq_kdir) $DMQ_ROOT/tools/guest-tests.sh $out ${tests[*]}"
+	echo "== kselftests in the VM (kernel: $(basename "$(dmq_kdir)")): ${passes[*]}"
+	# A hung VM still gets a verdict: each pass has its own deadline in the
+	# guest, and the VM as a whole one more.
+	local per=${DMQ_TEST_TIMEOUT:-2400}
+	local total=$(( ${#passes[@]} * per + 300 ))
+	DMQ_VM_RWDIR=$out timeout -k 60 "$total" tools/vm.sh \
+		"KDIR=$(dmq_kdir) DMQ_TEST_TIMEOUT=$per $DMQ_ROOT/tools/guest-tests.sh $out ${passes[*]}"
 	local rc=$?
-	for t in "${tests[@]}"; do
-		local log=$out/$t.log
+	if [ "$rc" != 0 ]; then
+		echo "not ok: the VM exited with status $rc${rc/124/ (timed out)}"
+		fail=$((fail + 1))
+	fi
+	local spec
+	for spec in "${passes[@]}"; do
+		local fs=${spec%%,*} rest=${spec#*,}
+		local sector=${rest%%:*} t=${rest#*:}
+		local log=$out/$t-$fs-$sector.log
+		echo "== $t on $fs, $sector-byte sectors"
 		if [ ! -f "$log" ]; then
 			echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); continue
 		fi
@@ -45,7 +89,7 @@ kselftests() {
 		local tot
 		tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
 		if [ -z "$tot" ]; then
-			echo "$t: no KTAP totals (rc=$(cat "$out/$t.rc" 2>/dev/null)): counting one failure"
+			echo "$t: no KTAP totals (rc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)): counting one failure"
 			fail=$((fail + 1)); continue
 		fi
 		local p f s x
@@ -55,8 +99,54 @@ kselftests() {
 		x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
 		s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
 		pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
+		# The script's own exit status must agree with its totals.
+		local trc; trc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)
+		if [ "$trc" != 0 ] && [ "$trc" != 4 ] && [ "$f" = 0 ]; then
+			echo "not ok: $t exited $trc with no failed case"; fail=$((fail + 1))
+		fi
 	done
+	run_checks "$out"
 	rm -rf "$out"
+}
+
+# Whole-run checks: the kernel log from boot to after rmmod, the module's
+# unload, and kmemleak's report.
+run_checks() {
+	local out=$1 bad
+	eval "$(grep -E '^DMQ_DMESG_BAD=' selftests/lib.sh)"
+	if [ ! -s "$out/dmesg.log" ]; then
+		echo "not ok: no kernel log from the VM"; fail=$((fail + 1))
+	else
+		bad=$(grep -E -- "$DMQ_DMESG_BAD" "$out/dmesg.log")
+		if [ -n "$bad" ]; then
+			echo "not ok: the run's kernel log has reports:"
+			grep -E -B5 -A40 -- "$DMQ_DMESG_BAD" "$out/dmesg.log" | head -200 | sed 's/^/  /'
+			fail=$((fail + 1))
+		else
+			echo "ok: the run's kernel log has no reports ($(wc -l <"$out/dmesg.log") lines)"
+			pass=$((pass + 1))
+		fi
+	fi
+	if [ "$(cat "$out/rmmod.rc" 2>/dev/null)" != 0 ]; then
+		echo "not ok: rmmod dm_qcow2 failed (a leaked module reference?): $(cat "$out/rmmod.log" 2>/dev/null)"
+		fail=$((fail + 1))
+	else
+		echo "ok: rmmod dm_qcow2"
+		pass=$((pass + 1))
+	fi
+	if [ -f "$out/kmemleak.log" ]; then
+		local leaks
+		leaks=$(awk '/^unreferenced object/ { if (b ~ /dm_qcow2/) print b; b = "" } { b = b $0 "\n" }
+			END { if (b ~ /dm_qcow2/) print b }' "$out/kmemleak.log")
+		if [ -n "$leaks" ]; then
+			echo "not ok: kmemleak reports leaks from dm_qcow2:"
+			printf '%b' "$leaks" | head -100 | sed 's/^/  /'
+			fail=$((fail + 1))
+		else
+			echo "ok: kmemleak: no leaks from dm_qcow2 ($(grep -c '^unreferenced object' "$out/kmemleak.log") elsewhere)"
+			pass=$((pass + 1))
+		fi
+	fi
 }
 
 case "$what" in
@@ -66,6 +156,11 @@ all) host_tests; kselftests "$@" ;;
 *) die "usage: $0 all|host|kselftest [test...]" ;;
 esac
 
+# In CI a skipped case is a failure: a missing tool must not pass quietly.
+if [ "${CI:-}" = true ] && [ "$skip" -gt 0 ]; then
+	echo "CI=true: counting $skip skipped cases as failures"
+	fail=$((fail + skip))
+fi
 line="$pass passed, $fail failed"
 [ "$skip" -gt 0 ] && line+=", $skip skipped"
 echo "$line"

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs inside the VM: loads dm-qcow2 and runs the given kselftests, writing
-# each one's KTAP log and exit code into the results directory $1.
+# Runs inside the VM: loads dm-qcow2 and runs kselftest passes, writing into
+# the results directory $1, for each pass FS,SECTOR:TEST (e.g.
+# ext4,512:qcow2_read.sh), TEST-FS-SECTOR.log (KTAP) and .rc; at the end
+# kmemleak.log (the module's leaks), rmmod.rc and dmesg.log (the whole
+# run's kernel log, read after rmmod). A case that hangs past its timeout
+# gets a sysrq-w dump (blocked tasks) in the log, then is killed.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$1; shift
@@ -8,14 +12,55 @@ out=$1; shift
 export KDIR=${KDIR:-$(dmq_kdir)}
 export DMQ_MODULE=$root/dm-qcow2.ko
 export KTAP_HELPERS=$KDIR/tools/testing/selftests/kselftest/ktap_helpers.sh
+limit=${DMQ_TEST_TIMEOUT:-2400}
+
+mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+echo 1 >/proc/sys/kernel/sysrq 2>/dev/null
 if ! grep -qw '^dm_qcow2' /proc/modules; then
 	insmod "$DMQ_MODULE" || echo "insmod $DMQ_MODULE failed" >&2
 fi
 cd "$root/selftests" || exit 1
-for t in "$@"; do
-	timeout "${DMQ_TEST_TIMEOUT:-1500}" "./$t" >"$out/$t.log" 2>&1
-	echo $? >"$out/$t.rc"
+
+# run_one LOG CMD...: CMD with a deadline; on expiry dump the blocked tasks
+# and the log, then TERM, then KILL.
+run_one() {
+	local log=$1; shift
+	"$@" >"$log" 2>&1 &
+	local pid=$! t=0
+	while kill -0 "$pid" 2>/dev/null; do
+		if [ "$t" -ge "$limit" ]; then
+			echo "# TIMEOUT after ${limit}s: sysrq-w (blocked tasks) follows in the kernel log" >>"$log"
+			echo w >/proc/sysrq-trigger 2>/dev/null
+			pkill -TERM -P "$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null
+			sleep 30
+			pkill -KILL -P "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null
+			return 124
+		fi
+		sleep 1
+		t=$((t + 1))
+	done
+	wait "$pid"
+}
+
+for spec in "$@"; do
+	fs=${spec%%,*}; rest=${spec#*,}; sector=${rest%%:*}; t=${rest#*:}
+	name=$t-$fs-$sector
+	echo "== $t on $fs (sector $sector)"
+	DMQ_SCRATCH_FS=$fs DMQ_SCRATCH_SECTOR=$sector run_one "$out/$name.log" "./$t"
+	echo $? >"$out/$name.rc"
 done
+
+# Leaks: scan twice (objects younger than 5 s are not reported) while the
+# module's symbols still resolve.
+if [ -w /sys/kernel/debug/kmemleak ]; then
+	sleep 6
+	echo scan >/sys/kernel/debug/kmemleak
+	sleep 1
+	echo scan >/sys/kernel/debug/kmemleak
+	cat /sys/kernel/debug/kmemleak >"$out/kmemleak.log" 2>&1
+fi
+rmmod dm_qcow2 >"$out/rmmod.log" 2>&1
+echo $? >"$out/rmmod.rc"
 dmesg >"$out/dmesg.log"
-rmmod dm_qcow2 2>>"$out/dmesg.log"
 sync
+exit 0

@@ -19,7 +19,10 @@ opts=(--disable-kvm)
 opts+=(--rodir "$DMQ_ROOT")
 # QEMU opens our stdout and stderr as file chardevs with O_TRUNC, which would wipe a
 # log file we are redirected to: hand it a pipe instead.
+# A log large enough for a whole suite on the debug kernel (the runner scans
+# all of it at the end; nothing is cleared between cases).
+opts+=(--append "log_buf_len=16M")
 vng "${opts[@]}" -r "$KDIR/arch/x86/boot/bzImage" \
-	--memory "${DMQ_VM_MEM:-3G}" --cpus "${DMQ_VM_CPUS:-2}" \
+	--memory "${DMQ_VM_MEM:-4G}" --cpus "${DMQ_VM_CPUS:-2}" \
 	--exec "$*" </dev/null 2>&1 | cat
 exit "${PIPESTATUS[0]}"

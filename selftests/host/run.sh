@@ -15,6 +15,8 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 FAKE_STATE=$(mktemp -d /tmp/dmq-fake.XXXXXX)
+# The fake maps tables as raw files: no loop device or file system needed.
+export DMQ_SCRATCH_FS=${DMQ_SCRATCH_FS:-tmpfs}
 export FAKE_STATE
 trap 'rm -rf "$FAKE_STATE"' EXIT
 mkdir -p "$FAKE_STATE/bin" "$FAKE_STATE/devs"

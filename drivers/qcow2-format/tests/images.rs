@@ -273,6 +273,10 @@ fn have_qemu() -> bool {
             .output()
             .is_ok_and(|o| o.status.success())
     });
+    // In CI a missing tool is a failure, not a quiet pass.
+    if !ok && std::env::var_os("CI").is_some_and(|v| v == "true") {
+        panic!("qemu-img/qemu-io not found (CI=true: the fixture tests must run)");
+    }
     if !ok {
         eprintln!("SKIP: qemu-img/qemu-io not found; image fixture test skipped");
     }
