@@ -132,8 +132,11 @@ pub(crate) struct WorkerState {
     pub(crate) merge: Option<Merge>,
     /// Writes that hit ENOSPC, retried later.
     parked: BioList,
-    /// Written bios waiting for the batch's fsync.
+    /// Bios waiting for the batch's commit before they complete.
     unsynced: BioList,
+    /// A flush was asked for in this batch: its commit fsyncs the top even
+    /// if no metadata changed.
+    pub(crate) flush: bool,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
     /// The fast path's table while it is on (`Inner::fast_on`).
@@ -285,7 +288,7 @@ impl WorkItem<0> for Inner {
             while let Some(bio) = slow.pop() {
                 parked |= this.process(&mut st, bio);
             }
-            this.sync_batch(&mut st);
+            parked |= this.sync_batch(&mut st);
         }
         // An episode ends when nothing is left parked, also when the retried
         // bios all took the fast path.
@@ -389,12 +392,20 @@ impl Inner {
             _ => Err(EIO),
         };
         match res {
-            // Its new mapping must be durable before it completes: one fsync
+            // Its new mapping must be durable before it completes: one commit
             // at the end of the batch covers every such bio.
             Ok(true) => {
                 st.unsynced.push(bio);
                 false
             }
+            r => self.finish(st, bio, r.map(|_| ())),
+        }
+    }
+
+    /// Ends `bio` with `res`, or parks it on ENOSPC (returns true if that
+    /// starts an ENOSPC episode).
+    fn finish(&self, st: &mut WorkerState, bio: Bio, res: Result) -> bool {
+        match res {
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
@@ -409,26 +420,97 @@ impl Inner {
                 new
             }
             r => {
-                bio.end(r.map(|_| ()));
+                bio.end(r);
                 false
             }
         }
     }
 
-    /// Makes the metadata of the bios written in this batch durable and
-    /// completes them.
-    fn sync_batch(&self, st: &mut WorkerState) {
-        if st.unsynced.is_empty() {
+    /// Ends the batch: commits the metadata of every delta (so everything
+    /// the batch's bios changed is durable, in order, see `meta`), completes
+    /// the bios that waited for it, then applies the refcount decrements of
+    /// removals the commit made durable. A failed commit fails the bios (or
+    /// parks them on ENOSPC) and keeps the decrements queued. Returns true if
+    /// an ENOSPC episode started.
+    fn sync_batch(&self, st: &mut WorkerState) -> bool {
+        if st.unsynced.is_empty() && !st.flush {
+            return false;
+        }
+        let flush = core::mem::replace(&mut st.flush, false);
+        // The bios changed the top only; a merge's receiving delta failing
+        // its commit fails the merge instead.
+        let (res, _) = self.commit_all(st, flush);
+        let mut list = st.unsynced.take();
+        let mut parked = false;
+        while let Some(bio) = list.pop() {
+            parked |= self.finish(st, bio, res);
+        }
+        self.apply_frees(st);
+        parked
+    }
+
+    /// Commits the dirty metadata of every delta (`flush`: fsync the top in
+    /// any case). Returns the top's result and the first error of any. On
+    /// error the cache keeps what is not durable as dirty (the next commit
+    /// writes it again) and the error is recorded; an error other than
+    /// ENOSPC latches wants_check (the image may keep refcounts of
+    /// references that never became durable: leaks); a merge whose
+    /// receiving delta (not the top) failed fails.
+    pub(crate) fn commit_all(&self, st: &mut WorkerState, flush: bool) -> (Result, Result) {
+        let top = st.top();
+        let (mut top_res, mut all) = (Ok(()), Ok(()));
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            let force = flush && d == top;
+            if !force && !md.is_dirty() {
+                continue;
+            }
+            let Err(e) = md.commit(&delta.file, force) else {
+                continue;
+            };
+            pr_err!("dm-qcow2: image {}: metadata commit failed: {:?}\n", d, e);
+            self.md_error(e);
+            if e != ENOSPC {
+                self.latch_wants_check();
+            }
+            if all.is_ok() {
+                all = Err(e);
+            }
+            if d == top {
+                top_res = Err(e);
+            } else if let Some(m) = st.merge.as_mut().filter(|m| m.dst == d) {
+                m.fail(e);
+            }
+        }
+        (top_res, all)
+    }
+
+    /// Applies the refcount decrements whose references' removal a commit
+    /// made durable. I/O in flight to the clusters (started before their
+    /// mapping changed) lands first.
+    pub(crate) fn apply_frees(&self, st: &mut WorkerState) {
+        if !st.md.iter().any(|m| m.has_ready_frees()) {
             return;
         }
-        let res = st.delta(st.top()).and_then(|top| top.file.fsync());
-        if let Err(e) = res {
-            pr_err!("dm-qcow2: fsync of the top image failed: {:?}\n", e);
+        self.inflight.wait_idle();
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            if let Err(e) = md.apply_frees(&delta.file, &delta.hdr) {
+                pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+                self.latch_wants_check();
+            }
         }
-        let mut list = st.unsynced.take();
-        while let Some(bio) = list.pop() {
-            bio.end(res);
-        }
+    }
+
+    /// Commits, applies the queued decrements and commits them too: the
+    /// images then hold exactly what the cache does (before a header change,
+    /// a trim, a suspend).
+    pub(crate) fn settle(&self, st: &mut WorkerState) -> Result {
+        self.commit_all(st, false).1?;
+        self.apply_frees(st);
+        self.commit_all(st, false).1
     }
 
     fn queue(self: &Arc<Self>, bio: Bio) {
@@ -717,6 +799,7 @@ impl dm::Target for Qcow2 {
             merge: None,
             parked: BioList::new(),
             unsynced: BioList::new(),
+            flush: false,
             // A reloaded table is built while the old one still writes the
             // same files: read them again when it is resumed.
             stale: true,
@@ -915,13 +998,20 @@ impl dm::Target for Qcow2 {
         let inner = &self.inner;
         inner.wq.flush();
         let mut st = inner.state.lock();
+        // Everything the cache holds goes to the images before they are
+        // trimmed, marked clean or read again.
+        let settled = inner.settle(&mut st);
+        if let Err(e) = settled {
+            pr_err!("dm-qcow2: metadata writeback at suspend failed: {:?}\n", e);
+            inner.latch_wants_check();
+        }
         if inner.writable {
             let top = st.top();
             inner.trim(&mut st, top);
         }
         self.sync(&st);
         st.stale = true;
-        if inner.writable && param::kernel_sets_dirty_bit() {
+        if inner.writable && param::kernel_sets_dirty_bit() && settled.is_ok() {
             if let Ok(top) = st.delta(st.top()) {
                 if let Err(e) = inner.set_dirty(&top, false) {
                     pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);
@@ -987,8 +1077,16 @@ impl Drop for Qcow2 {
         // hold the last reference to `inner` (we hold one until after this).
         self.inner.wq.shutdown();
         // No trim here (postsuspend did it): after a reload the new table
-        // is live on the same files before the old one is destroyed.
-        let st = self.inner.state.lock();
+        // is live on the same files before the old one is destroyed. For the
+        // same reason nothing is written once the table was suspended (it
+        // settled its metadata then); a table never suspended writes out
+        // what it holds.
+        let mut st = self.inner.state.lock();
+        if !st.stale {
+            if let Err(e) = self.inner.settle(&mut st) {
+                pr_err!("dm-qcow2: metadata writeback failed: {:?}\n", e);
+            }
+        }
         self.sync(&st);
     }
 }
