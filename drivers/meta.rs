@@ -9,10 +9,13 @@
 //! refcount tables), and [`DeltaMd::commit`] writes them out in an order
 //! fixed by fsync barriers, never by submission order alone:
 //!
-//! 1. dirty refcount pages (together with data and copy-on-write fills of
-//!    new clusters, new refcount blocks and new L2 tables' contents, all
-//!    written directly before), fsync; then dirty refcount table pages, fsync;
-//! 2. dirty L2 pages and dirty L1 pages, fsync.
+//! 1. if anything was allocated or pointed at host data since the last
+//!    commit (the barrier): dirty refcount pages (together with data and
+//!    copy-on-write fills of new clusters, new refcount blocks and new L2
+//!    tables' contents, all written directly before), fsync; then dirty
+//!    refcount table pages, fsync;
+//! 2. dirty L2 pages and dirty L1 pages (and refcount pages holding only
+//!    decrements, whose removals are durable already), fsync.
 //!
 //! So a cluster's data and its refcount are durable before any L2 entry
 //! points at it, and a new L2 table's contents (as it was made: zeroed, or
@@ -312,7 +315,9 @@ impl DeltaMd {
         let mut synced = false;
         // 1. Refcounts (and the data, new refcount blocks and new L2 tables
         //    written directly) before anything that references them.
-        if self.barrier || self.cache.dirty_rc > 0 || !self.rt_dirty.is_empty() {
+        //    Without a barrier the dirty refcounts are decrements only (of
+        //    removals already durable) and go with step 2.
+        if self.barrier || !self.rt_dirty.is_empty() {
             self.cache.write_dirty(file, Kind::Refcount)?;
             file.fsync()?;
             self.cache.mark_clean(Kind::Refcount);
@@ -333,12 +338,14 @@ impl DeltaMd {
         //    (`set_l1_entry` raises the barrier): an L1 entry durable before
         //    the L2 pages written with it shows the table as it was made,
         //    whose entries all point at durable data (leaks at worst).
-        if self.cache.dirty_l2 > 0 || !self.l1_dirty.is_empty() {
+        if self.cache.dirty() > 0 || !self.l1_dirty.is_empty() {
+            self.cache.write_dirty(file, Kind::Refcount)?;
             self.cache.write_dirty(file, Kind::L2)?;
             for &pi in self.l1_dirty.iter() {
                 write_table_page(file, &self.l1, self.l1_off, pi)?;
             }
             file.fsync()?;
+            self.cache.mark_clean(Kind::Refcount);
             self.cache.mark_clean(Kind::L2);
             self.l1_dirty = KVec::new();
             synced = true;
@@ -584,12 +591,16 @@ impl DeltaMd {
         fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)
     }
 
-    /// Sets a refcount in the cache (written by the next commit, first).
+    /// Sets a refcount in the cache (written by the next commit; an
+    /// increment before anything else of it).
     fn set_refcount(&mut self, file: &File, hdr: &Header, c: u64, v: u64) -> Result {
         let (poff, i) = self.refcount_slot(hdr, c)?.ok_or(EIO)?;
         let page = self.page_dirty(file, poff, Kind::Refcount)?;
+        let old = fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)?;
         fmt::refcount_set(page, i, hdr.refcount_order, v).ok_or(EIO)?;
-        self.barrier = true;
+        if v > old {
+            self.barrier = true;
+        }
         Ok(())
     }
 
