@@ -4,7 +4,7 @@
 //! suspend/resume, status and messages. The I/O path is in `io`, merges in
 //! `merge`.
 
-use crate::kx::bio::{Bio, BioList, Op};
+use crate::kx::bio::{Bio, BioList, BioStack, Op};
 use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink};
 use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kx::inflight::InflightRefs;
@@ -218,6 +218,9 @@ pub(crate) struct Inner {
     enospc_event: AtomicBool,
     /// Bios parked on ENOSPC.
     parked_count: AtomicUsize,
+    /// Bios whose asynchronous data I/O ended with ENOSPC, taken back at
+    /// `end_io` (any context); the worker parks them.
+    late_nospc: BioStack,
     /// Bios are parked since the last event (cleared when none is left).
     enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
@@ -255,6 +258,12 @@ impl WorkItem<0> for Inner {
         let mut parked = false;
         let mut locked = false;
         loop {
+            let late = this.late_nospc.take();
+            if !late.is_empty() {
+                locked = true;
+                let mut st = this.state.lock();
+                parked |= this.park_late(&mut st, late);
+            }
             let mut list = this.pending.lock().take();
             if list.is_empty() {
                 break;
@@ -424,6 +433,28 @@ impl Inner {
                 false
             }
         }
+    }
+
+    /// Parks the bios whose data I/O hit ENOSPC (`late_nospc`, counted in
+    /// `parked_count` already); while suspending they go through the worker
+    /// once more instead (and fail if there is still no space). Returns true
+    /// if that starts an ENOSPC episode.
+    fn park_late(&self, st: &mut WorkerState, mut late: BioList) -> bool {
+        let mut new = false;
+        while let Some(bio) = late.pop() {
+            if self.suspending.load(Ordering::Acquire) {
+                self.parked_count.fetch_sub(1, Ordering::AcqRel);
+                self.pending.lock().push(bio);
+                continue;
+            }
+            st.parked.push(bio);
+            if !self.enospc_episode.swap(true, Ordering::AcqRel) {
+                pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
+                self.enospc_event.store(true, Ordering::Release);
+                new = true;
+            }
+        }
+        new
     }
 
     /// Ends the batch: commits the metadata of every delta (so everything
@@ -821,6 +852,7 @@ impl dm::Target for Qcow2 {
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
+                late_nospc: BioStack::new(),
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
@@ -1043,6 +1075,20 @@ impl dm::Target for Qcow2 {
 
     fn resume(&self) {
         self.inner.suspending.store(false, Ordering::Release);
+    }
+
+    fn wants_nospc(&self) -> bool {
+        self.inner.writable && !self.inner.suspending.load(Ordering::Acquire)
+    }
+
+    fn park_nospc(&self, bio: Bio) {
+        let inner = &self.inner;
+        inner.parked_count.fetch_add(1, Ordering::AcqRel);
+        inner.late_nospc.push(bio);
+        if let Some(q) = inner.wq.queue() {
+            // Already queued: the running or pending pass will see the bio.
+            let _ = q.enqueue::<_, 0>(inner.clone());
+        }
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
