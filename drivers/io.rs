@@ -316,7 +316,7 @@ impl Inner {
         });
         if let Err(e) = res {
             if fresh {
-                self.free(st, d, host, hdr.cluster_size());
+                self.free_unused(st, d, host, hdr.cluster_size());
             }
             return Err(e);
         }
@@ -395,7 +395,7 @@ impl Inner {
         });
         if let Err(e) = res {
             if fresh {
-                self.free(st, d, host, hdr.cluster_size());
+                self.free_unused(st, d, host, hdr.cluster_size());
             }
             return Err(e);
         }
@@ -411,6 +411,22 @@ impl Inner {
             return;
         };
         if let Err(e) = md.defer_free(start, len) {
+            pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+            self.latch_wants_check();
+        }
+    }
+
+    /// Drops the reference of a cluster just allocated for delta `d` that
+    /// nothing points at (what was to point at it failed): at once, so a
+    /// retry (ENOSPC) allocates it again.
+    fn free_unused(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
+        let Ok(delta) = st.delta(d) else {
+            return;
+        };
+        let Some(md) = st.md.get_mut(d) else {
+            return;
+        };
+        if let Err(e) = md.free_range(&delta.file, &delta.hdr, start, len) {
             pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
             self.latch_wants_check();
         }

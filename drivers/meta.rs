@@ -512,6 +512,10 @@ impl DeltaMd {
         let pos = Self::l2_pos(hdr, l2_off, vaddr)?;
         let page = self.page_dirty(file, pos & !(MD_PAGE - 1), Kind::L2)?;
         let at = (pos & (MD_PAGE - 1)) / 8;
+        // Both words or neither: a caller that fails frees the new cluster.
+        if hdr.extended_l2() && fmt::table_entry(page, at + 1).is_none() {
+            return Err(EIO);
+        }
         fmt::set_table_entry(page, at, raw).ok_or(EIO)?;
         if hdr.extended_l2() {
             fmt::set_table_entry(page, at + 1, bitmap).ok_or(EIO)?;
@@ -548,7 +552,8 @@ impl DeltaMd {
                     .write_full(&table, off)
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(err) = res {
-                    let _ = self.defer_free(off, cs);
+                    // Nothing points at it.
+                    let _ = self.free_range(file, hdr, off, cs);
                     return Err(err);
                 }
                 // Dropped once the new L1 entry is durable.
@@ -562,7 +567,8 @@ impl DeltaMd {
                     .write_full(&zero, off)
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(e) = res {
-                    let _ = self.defer_free(off, hdr.cluster_size());
+                    // Nothing points at it.
+                    let _ = self.free_range(file, hdr, off, hdr.cluster_size());
                     return Err(e);
                 }
                 Ok(off)
@@ -767,8 +773,9 @@ impl DeltaMd {
     }
 
     /// Drops one reference of every cluster overlapping `[start, start + len)`
-    /// in the cache (see `apply_frees` for when).
-    fn free_range(&mut self, file: &File, hdr: &Header, start: u64, len: u64) -> Result {
+    /// in the cache: for references whose removal is durable (`apply_frees`)
+    /// and for clusters just allocated that nothing points at.
+    pub(crate) fn free_range(&mut self, file: &File, hdr: &Header, start: u64, len: u64) -> Result {
         let cs = hdr.cluster_size();
         if len == 0 {
             return Ok(());
