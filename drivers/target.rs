@@ -258,46 +258,58 @@ impl WorkItem<0> for Inner {
         let mut parked = false;
         let mut locked = false;
         loop {
-            let late = this.late_nospc.take();
-            if !late.is_empty() {
+            loop {
+                let late = this.late_nospc.take();
+                if !late.is_empty() {
+                    locked = true;
+                    let mut st = this.state.lock();
+                    parked |= this.park_late(&mut st, late);
+                }
+                let mut list = this.pending.lock().take();
+                if list.is_empty() {
+                    break;
+                }
+                // Taken after the bios: a merge that turned the fast path off
+                // before they were mapped is seen.
+                let fp = this.fast.lock().clone();
+                let mut slow = BioList::new();
+                let mut fast = 0;
+                while let Some(bio) = list.pop() {
+                    let bio = match &fp {
+                        Some(f) => match this.try_fast(f, bio) {
+                            Ok(()) => {
+                                fast += 1;
+                                continue;
+                            }
+                            Err(bio) => bio,
+                        },
+                        None => bio,
+                    };
+                    slow.push(bio);
+                }
+                if fast > 0 {
+                    this.fast_bios.fetch_add(fast, Ordering::Relaxed);
+                }
+                if slow.is_empty() {
+                    continue;
+                }
                 locked = true;
                 let mut st = this.state.lock();
-                parked |= this.park_late(&mut st, late);
+                while let Some(bio) = slow.pop() {
+                    parked |= this.process(&mut st, bio);
+                }
+                parked |= this.sync_batch(&mut st);
             }
-            let mut list = this.pending.lock().take();
-            if list.is_empty() {
-                break;
+            // Retried writes whose I/O is still in flight may come back with
+            // ENOSPC (`late_nospc`): during an episode, wait for them before
+            // deciding below whether it is over.
+            if this.enospc_episode.load(Ordering::Acquire) {
+                this.inflight.wait_idle();
+                if !this.late_nospc.is_empty() {
+                    continue;
+                }
             }
-            // Taken after the bios: a merge that turned the fast path off
-            // before they were mapped is seen.
-            let fp = this.fast.lock().clone();
-            let mut slow = BioList::new();
-            let mut fast = 0;
-            while let Some(bio) = list.pop() {
-                let bio = match &fp {
-                    Some(f) => match this.try_fast(f, bio) {
-                        Ok(()) => {
-                            fast += 1;
-                            continue;
-                        }
-                        Err(bio) => bio,
-                    },
-                    None => bio,
-                };
-                slow.push(bio);
-            }
-            if fast > 0 {
-                this.fast_bios.fetch_add(fast, Ordering::Relaxed);
-            }
-            if slow.is_empty() {
-                continue;
-            }
-            locked = true;
-            let mut st = this.state.lock();
-            while let Some(bio) = slow.pop() {
-                parked |= this.process(&mut st, bio);
-            }
-            parked |= this.sync_batch(&mut st);
+            break;
         }
         // An episode ends when nothing is left parked, also when the retried
         // bios all took the fast path.

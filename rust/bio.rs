@@ -204,6 +204,11 @@ impl BioStack {
         }
     }
 
+    /// Whether the stack is empty (now).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.load(Ordering::Acquire).is_null()
+    }
+
     /// Takes every bio, oldest first.
     pub(crate) fn take(&self) -> BioList {
         let mut p = self.0.swap(core::ptr::null_mut(), Ordering::AcqRel);
