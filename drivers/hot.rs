@@ -15,6 +15,12 @@
 //! the worker. Everything else that changes the top's mappings (merges,
 //! resume) turns the fast path off first (see `Inner::fast_off`); turning
 //! it on again makes a new, empty table for the top of then.
+//!
+//! A slot may come from a cached L2 page not committed yet (see `meta`).
+//! The worker serves lookups only between its locked sections, after the
+//! batch's commit, and never a FUA or flush bio (those take the locked
+//! path); if that commit failed, the mapping stays dirty and the next
+//! flush commits it (or fails) before it completes.
 
 use crate::target::Delta;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};

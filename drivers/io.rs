@@ -183,18 +183,22 @@ impl Inner {
 
 /// Write path.
 impl Inner {
-    /// Writes `bio` into the top delta. Returns whether metadata changed
-    /// (the caller then makes it durable before the bio completes).
+    /// Writes `bio` into the top delta. Returns whether the bio must wait
+    /// for the batch's commit before it completes (metadata changed, a
+    /// flush, or a FUA write to a mapping not durable yet).
     pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
         let top = st.delta(d)?;
-        if bio.is_preflush() || bio.op() == Op::Flush {
-            // Everything acknowledged so far is in the file: make it durable.
-            top.file.fsync()?;
+        let flush = bio.is_preflush() || bio.op() == Op::Flush;
+        if flush {
+            // Everything acknowledged so far is in the file (its metadata
+            // committed before it completed): the batch's commit ends with an
+            // fsync that makes it durable, and the bio completes after it.
+            st.flush = true;
         }
         let size = u64::from(bio.size());
         if size == 0 {
-            return Ok(false);
+            return Ok(flush);
         }
         let fua = bio.is_fua();
         let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
@@ -207,11 +211,11 @@ impl Inner {
             vaddr += len;
             done += len;
         }
-        if fua && md_changed {
-            top.file.fsync()?;
-            return Ok(false);
-        }
-        Ok(md_changed)
+        // In-place pieces of a FUA write are written through (dsync); if the
+        // mapping they went to is not durable yet (this bio or an earlier one
+        // of the batch changed metadata), the bio also waits for the commit.
+        let md_dirty = fua && st.md.get(d).is_some_and(|m| m.is_dirty());
+        Ok(md_changed || md_dirty || flush)
     }
 
     /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
@@ -312,7 +316,7 @@ impl Inner {
         });
         if let Err(e) = res {
             if fresh {
-                self.free(st, d, host, hdr.cluster_size());
+                self.free_unused(st, d, host, hdr.cluster_size());
             }
             return Err(e);
         }
@@ -323,8 +327,8 @@ impl Inner {
         }
         if let Some(old) = shared {
             // Normally still referenced by a snapshot; if this was the last
-            // reference, reads in flight to it must end before it is reused.
-            self.inflight.wait_idle();
+            // reference, reads in flight to it end before the (deferred)
+            // decrement is applied (`Inner::apply_frees`).
             self.free(st, d, old, hdr.cluster_size());
         }
         Ok(true)
@@ -391,16 +395,31 @@ impl Inner {
         });
         if let Err(e) = res {
             if fresh {
-                self.free(st, d, host, hdr.cluster_size());
+                self.free_unused(st, d, host, hdr.cluster_size());
             }
             return Err(e);
         }
         Ok(true)
     }
 
-    /// Drops a reference to host clusters of delta `d`. A failure leaves a
-    /// refcount too high (a leak, not a corruption) but latches wants_check.
+    /// Drops a reference to host clusters of delta `d` once the change that
+    /// removed it is durable (after the next commit: `Inner::apply_frees`).
+    /// A failure leaves a refcount too high (a leak, not a corruption) but
+    /// latches wants_check.
     pub(crate) fn free(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
+        let Some(md) = st.md.get_mut(d) else {
+            return;
+        };
+        if let Err(e) = md.defer_free(start, len) {
+            pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+            self.latch_wants_check();
+        }
+    }
+
+    /// Drops the reference of a cluster just allocated for delta `d` that
+    /// nothing points at (what was to point at it failed): at once, so a
+    /// retry (ENOSPC) allocates it again.
+    fn free_unused(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
         let Ok(delta) = st.delta(d) else {
             return;
         };
@@ -496,9 +515,8 @@ impl Inner {
         if keep.is_none() {
             if let Some(h) = referenced {
                 // An overlapping read or write may still be in flight to the
-                // old host cluster: it must land before the cluster can be
-                // handed out again.
-                self.inflight.wait_idle();
+                // old host cluster: `Inner::apply_frees` waits for it before
+                // the decrement lets the cluster be handed out again.
                 self.free(st, d, h, hdr.cluster_size());
             }
         }

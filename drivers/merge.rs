@@ -104,6 +104,14 @@ impl Merge {
         }
     }
 
+    /// Fails the merge with `e` (unless it failed already).
+    pub(crate) fn fail(&mut self, e: Error) {
+        if !matches!(self.stage, Stage::Failed(_)) {
+            pr_err!("dm-qcow2: merge of image {} into {} failed: {:?}\n", self.src, self.dst, e);
+            self.set_stage(Stage::Failed(-e.to_errno()));
+        }
+    }
+
     /// Enters `stage` and tells userspace if it is final.
     fn set_stage(&mut self, stage: Stage) {
         self.stage = stage;
@@ -139,6 +147,11 @@ pub(crate) fn describe(m: Option<&Merge>, out: &mut impl Write) -> core::fmt::Re
             )
         }
     }
+}
+
+/// The receiving delta of the merge in `st`, if any.
+fn m_dst(st: &WorkerState) -> Option<usize> {
+    st.merge.as_ref().map(|m| m.dst)
 }
 
 /// Whether `c` allocates nothing (reads fall through to the delta below).
@@ -270,7 +283,18 @@ impl Inner {
         }
         // In-place writes started before now must land before we read.
         self.inflight.wait_idle();
-        let res = self.copy_batch(st);
+        let mut res = self.copy_batch(st);
+        // The copies are committed with the next guest batch (or when the
+        // cache fills up); here only when the queued decrements grow long,
+        // and when everything is copied, so `ready` means durable.
+        let dst = m_dst(st);
+        let wants = dst.and_then(|d| st.md.get(d)).is_some_and(|md| md.wants_commit());
+        if matches!(res, Ok(false)) || (res.is_ok() && wants) {
+            if let Err(e) = self.commit_all(st, false).1 {
+                res = Err(e);
+            }
+            self.apply_frees(st);
+        }
         let Some(m) = st.merge.as_mut() else {
             return false;
         };
@@ -281,8 +305,7 @@ impl Inner {
                 false
             }
             Err(e) => {
-                pr_err!("dm-qcow2: merge of image {} into {} failed: {:?}\n", m.src, m.dst, e);
-                m.set_stage(Stage::Failed(-e.to_errno()));
+                m.fail(e);
                 false
             }
         }
@@ -391,6 +414,9 @@ impl Inner {
                     return Err(e);
                 }
             }
+            // The copies (and every decrement they queued) are durable
+            // before the header changes below.
+            self.settle(&mut st)?;
             self.trim(&mut st, dst);
             let d = st.delta(dst)?;
             d.file.fsync()?;
@@ -421,6 +447,8 @@ impl Inner {
         }
         let res = (|| {
             self.inflight.wait_idle();
+            // What was copied is durable before the dirty bit is cleared.
+            self.settle(st)?;
             self.trim(st, m.dst);
             let d = st.delta(m.dst)?;
             d.file.fsync()?;

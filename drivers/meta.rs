@@ -3,12 +3,33 @@
 //! Per-delta metadata: the L1 table, a cache of metadata pages (L2 tables and
 //! refcount blocks), the refcount table, and cluster allocation.
 //!
-//! Only the worker touches a delta's metadata. Every change is written to the
-//! image right away, in an order that leaves only leaked clusters behind a
-//! crash: a refcount is raised before anything points at its cluster, a new
-//! L2 table is on disk before the L1 entry that points at it, data is on disk
-//! before the L2 entry that makes it reachable. So cached pages are always
-//! clean and can be dropped at any time.
+//! Only the worker (or a control path with the state locked) touches a
+//! delta's metadata. The cache is write-back: refcount changes and L1/L2
+//! entry changes only dirty memory (cached pages, the in-memory L1 and
+//! refcount tables), and [`DeltaMd::commit`] writes them out in an order
+//! fixed by fsync barriers, never by submission order alone:
+//!
+//! 1. if anything was allocated or pointed at host data since the last
+//!    commit (the barrier): dirty refcount pages (together with data and
+//!    copy-on-write fills of new clusters, new refcount blocks and new L2
+//!    tables' contents, all written directly before), fsync; then dirty
+//!    refcount table pages, fsync;
+//! 2. dirty L2 pages and dirty L1 pages (and refcount pages holding only
+//!    decrements, whose removals are durable already), fsync.
+//!
+//! So a cluster's data and its refcount are durable before any L2 entry
+//! points at it, and a new L2 table's contents (as it was made: zeroed, or
+//! copied from a snapshot's table) are durable before the L1 entry that
+//! points at it. A reference's removal is only a dirty page too; the
+//! refcount decrement is queued ([`DeltaMd::defer_free`]) and applied
+//! ([`DeltaMd::apply_frees`]) only after a commit made the removal durable:
+//! until then the cluster keeps its refcount in the cache and cannot be
+//! handed out again. A page is marked clean only after the fsync that covers
+//! its write succeeded, so a failed commit leaves it dirty (retried by the
+//! next commit) and the cache never claims more than the image holds.
+//!
+//! Clean pages may be dropped at any time; dirty ones never (when no clean
+//! page is left, or too many are dirty, the cache commits first).
 
 use crate::kx::file::{File, IoBuf, DIO_ALIGN};
 use crate::kx::param;
@@ -19,6 +40,9 @@ use kernel::rbtree::RBTree;
 
 /// Size of a cached metadata page (and of every metadata write).
 pub(crate) const MD_PAGE: u64 = 4096;
+
+/// Queued refcount decrements (ranges) above which a merge commits early.
+pub(crate) const FREES_SOFT_MAX: usize = 1024;
 
 /// Logs corrupt metadata of image `img` and turns it into an errno.
 pub(crate) fn corrupt(img: usize, e: FormatError) -> Error {
@@ -51,10 +75,12 @@ fn read_table(file: &File, off: u64, n: usize) -> Result<KVVec<u64>> {
     Ok(t)
 }
 
-/// Writes the page of an in-memory table (at file offset `off`) that holds entry `idx`.
-fn write_table_page(file: &File, table: &[u64], off: u64, idx: usize) -> Result {
-    let per_page = (MD_PAGE / 8) as usize;
-    let first = idx - idx % per_page;
+/// Entries of an in-memory table per metadata page.
+const TABLE_PER_PAGE: usize = (MD_PAGE / 8) as usize;
+
+/// Writes page `pi` of an in-memory table that lives at file offset `off`.
+fn write_table_page(file: &File, table: &[u64], off: u64, pi: usize) -> Result {
+    let first = pi.checked_mul(TABLE_PER_PAGE).ok_or(EIO)?;
     let mut buf = IoBuf::new(MD_PAGE as usize)?;
     for (i, b) in buf.chunks_exact_mut(8).enumerate() {
         if let Some(v) = table.get(first + i) {
@@ -64,10 +90,37 @@ fn write_table_page(file: &File, table: &[u64], off: u64, idx: usize) -> Result 
     file.write_full(&buf, off + (first as u64) * 8)
 }
 
+/// Remembers that page `pi` of an in-memory table is dirty.
+fn mark_table_page(dirty: &mut KVec<usize>, pi: usize) -> Result {
+    if !dirty.contains(&pi) {
+        dirty.push(pi, GFP_KERNEL)?;
+    }
+    Ok(())
+}
+
+/// What a dirty cached page holds (they are written in this order).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Refcount,
+    L2,
+}
+
+/// A cached metadata page; `dirty` if it differs from the image.
+struct Page {
+    buf: IoBuf,
+    dirty: Option<Kind>,
+}
+
 /// Cache of metadata pages, keyed by file offset.
 struct MdCache {
-    pages: RBTree<u64, IoBuf>,
+    pages: RBTree<u64, Page>,
     count: usize,
+    /// Dirty pages per kind.
+    dirty_rc: usize,
+    dirty_l2: usize,
+    /// Offsets of the pages made dirty since all were last clean (some may
+    /// be clean or gone by now), so a commit need not walk the whole cache.
+    dirty_keys: KVec<u64>,
     /// Eviction sweeps the keys like a clock hand, so no page range is
     /// evicted over and over.
     hand: u64,
@@ -75,46 +128,85 @@ struct MdCache {
 
 impl MdCache {
     fn new() -> Self {
-        Self { pages: RBTree::new(), count: 0, hand: 0 }
+        Self { pages: RBTree::new(), count: 0, dirty_rc: 0, dirty_l2: 0, dirty_keys: KVec::new(), hand: 0 }
     }
 
+    fn dirty(&self) -> usize {
+        self.dirty_rc + self.dirty_l2
+    }
+
+    fn count_dirty(&mut self, kind: Kind, add: bool) {
+        let n = match kind {
+            Kind::Refcount => &mut self.dirty_rc,
+            Kind::L2 => &mut self.dirty_l2,
+        };
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+    }
+
+    /// The first clean page at or after `from`.
+    fn clean_from(&mut self, from: u64) -> Option<u64> {
+        let mut cur = self.pages.cursor_lower_bound(&from);
+        while let Some(c) = cur {
+            let (k, p) = c.current();
+            if p.dirty.is_none() {
+                return Some(*k);
+            }
+            cur = c.move_next();
+        }
+        None
+    }
+
+    /// Drops a clean page (never a dirty one); false if there is none.
     fn evict_one(&mut self) -> bool {
         let hand = self.hand;
-        let cursor = match self.pages.cursor_lower_bound(&hand) {
-            Some(c) => Some(c),
-            None => self.pages.cursor_front(),
+        let Some(key) = self.clean_from(hand).or_else(|| self.clean_from(0)) else {
+            return false;
         };
-        if let Some(c) = cursor {
-            let key = *c.current().0;
-            drop(c.remove_current());
+        if self.pages.remove(&key).is_some() {
             self.count -= 1;
-            self.hand = key + MD_PAGE;
-            return true;
         }
-        false
+        self.hand = key + MD_PAGE;
+        true
     }
 
-    fn page(&mut self, file: &File, off: u64) -> Result<&mut IoBuf> {
-        if self.pages.get(&off).is_none() {
-            // Bounded by a module parameter; every cached page is clean (see
-            // the module docs), so any may go.
-            while self.count >= param::md_cache_pages() && self.evict_one() {}
-            let mut buf = IoBuf::new(MD_PAGE as usize)?;
-            file.read_full(&mut buf, off)?;
-            self.pages.try_create_and_insert(off, buf, GFP_KERNEL)?;
-            self.count += 1;
-        }
-        self.pages.get_mut(&off).ok_or(EIO)
-    }
-
-    /// Drops the pages of `[start, end)`: the clusters there changed role.
+    /// Drops the pages of `[start, end)`: the clusters there changed role
+    /// (what they held, even if dirty, is of no use any more).
     fn invalidate(&mut self, start: u64, end: u64) {
         let mut off = start;
         while off < end {
-            if self.pages.remove(&off).is_some() {
+            if let Some(p) = self.pages.remove(&off) {
                 self.count -= 1;
+                if let Some(k) = p.dirty {
+                    self.count_dirty(k, false);
+                }
             }
             off += MD_PAGE;
+        }
+    }
+
+    /// Writes every dirty page of `kind` (they stay dirty).
+    fn write_dirty(&self, file: &File, kind: Kind) -> Result {
+        for off in self.dirty_keys.iter() {
+            if let Some(p) = self.pages.get(off).filter(|p| p.dirty == Some(kind)) {
+                file.write_full(&p.buf, *off)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks every page of `kind` clean (their writes are durable).
+    fn mark_clean(&mut self, kind: Kind) {
+        for off in self.dirty_keys.iter() {
+            if let Some(p) = self.pages.get_mut(off).filter(|p| p.dirty == Some(kind)) {
+                p.dirty = None;
+            }
+        }
+        match kind {
+            Kind::Refcount => self.dirty_rc = 0,
+            Kind::L2 => self.dirty_l2 = 0,
+        }
+        if self.dirty() == 0 {
+            self.dirty_keys = KVec::new();
         }
     }
 }
@@ -123,12 +215,27 @@ impl MdCache {
 pub(crate) struct DeltaMd {
     img: usize,
     l1: KVVec<u64>,
+    /// Where the L1 table is.
+    l1_off: u64,
+    /// Pages of `l1` changed since the last commit.
+    l1_dirty: KVec<usize>,
     cache: MdCache,
     /// Refcount table; empty unless the delta is written to.
     rt: KVVec<u64>,
+    /// Pages of `rt` changed since the last commit (new refcount blocks).
+    rt_dirty: KVec<usize>,
     /// Where the refcount table is, and its size in clusters (it may move).
     rt_off: u64,
     rt_clusters: u64,
+    /// Something written since the last commit must be durable before L2/L1
+    /// entries are (new data or refcounts): the commit's first fsync.
+    barrier: bool,
+    /// Refcount decrements (host byte ranges) waiting for the commit that
+    /// makes the removal of their references durable.
+    frees: KVec<(u64, u64)>,
+    /// Decrements whose references' removal a commit made durable, waiting
+    /// to be applied (`apply_frees`).
+    frees_ready: KVec<(u64, u64)>,
     /// Where the next free-cluster search starts.
     hint: u64,
     /// File size as we last set it (it grows in `GROW_STEP`s).
@@ -153,10 +260,16 @@ impl DeltaMd {
         Ok(Self {
             img,
             l1,
+            l1_off: hdr.l1_table_offset,
+            l1_dirty: KVec::new(),
             cache: MdCache::new(),
             rt,
+            rt_dirty: KVec::new(),
             rt_off: hdr.refcount_table_offset,
             rt_clusters: u64::from(hdr.refcount_table_clusters),
+            barrier: false,
+            frees: KVec::new(),
+            frees_ready: KVec::new(),
             hint: 1,
             grown: file.size(),
         })
@@ -177,6 +290,149 @@ impl DeltaMd {
             self.rt_clusters = u64::from(hdr.refcount_table_clusters);
         }
         Ok(())
+    }
+
+    /// Whether anything is waiting for a commit.
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.barrier || self.cache.dirty() > 0 || !self.l1_dirty.is_empty() || !self.rt_dirty.is_empty()
+    }
+
+    /// Whether refcount decrements may be applied (`apply_frees`).
+    pub(crate) fn has_ready_frees(&self) -> bool {
+        !self.frees_ready.is_empty()
+    }
+
+    /// Whether a long-running writer (a merge) should commit now to keep
+    /// the queued decrements bounded.
+    pub(crate) fn wants_commit(&self) -> bool {
+        self.frees.len() + self.frees_ready.len() >= FREES_SOFT_MAX
+    }
+
+    /// Makes everything changed so far durable, in the order the module
+    /// docs give; `force`: fsync even if nothing is dirty. Returns whether
+    /// it fsynced. On error the pages not known durable stay dirty.
+    pub(crate) fn commit(&mut self, file: &File, force: bool) -> Result<bool> {
+        let mut synced = false;
+        // 1. Refcounts (and the data, new refcount blocks and new L2 tables
+        //    written directly) before anything that references them.
+        //    Without a barrier the dirty refcounts are decrements only (of
+        //    removals already durable) and go with step 2.
+        if self.barrier || !self.rt_dirty.is_empty() {
+            self.cache.write_dirty(file, Kind::Refcount)?;
+            file.fsync()?;
+            self.cache.mark_clean(Kind::Refcount);
+            synced = true;
+            // The refcount table entries of new blocks, now that the
+            // blocks are durable.
+            if !self.rt_dirty.is_empty() {
+                for &pi in self.rt_dirty.iter() {
+                    write_table_page(file, &self.rt, self.rt_off, pi)?;
+                }
+                file.fsync()?;
+                self.rt_dirty = KVec::new();
+            }
+            self.barrier = false;
+        }
+        // 2. L2 and L1 entries. A new L2 table's contents were written
+        //    (zeroed or copied) when it was made and are durable by step 1
+        //    (`set_l1_entry` raises the barrier): an L1 entry durable before
+        //    the L2 pages written with it shows the table as it was made,
+        //    whose entries all point at durable data (leaks at worst).
+        if self.cache.dirty() > 0 || !self.l1_dirty.is_empty() {
+            self.cache.write_dirty(file, Kind::Refcount)?;
+            self.cache.write_dirty(file, Kind::L2)?;
+            for &pi in self.l1_dirty.iter() {
+                write_table_page(file, &self.l1, self.l1_off, pi)?;
+            }
+            file.fsync()?;
+            self.cache.mark_clean(Kind::Refcount);
+            self.cache.mark_clean(Kind::L2);
+            self.l1_dirty = KVec::new();
+            synced = true;
+        }
+        if force && !synced {
+            file.fsync()?;
+            synced = true;
+        }
+        // Every removal queued so far is durable (each was made before its
+        // decrement was queued): the decrements may be applied.
+        if self.frees_ready.is_empty() {
+            self.frees_ready = core::mem::replace(&mut self.frees, KVec::new());
+        } else if self.frees_ready.extend_from_slice(&self.frees, GFP_KERNEL).is_ok() {
+            self.frees = KVec::new();
+        }
+        Ok(synced)
+    }
+
+    /// Queues dropping one reference of every cluster overlapping `[start,
+    /// start + len)`, after whatever removed the reference: applied by
+    /// `apply_frees` after the next (successful) commit.
+    pub(crate) fn defer_free(&mut self, start: u64, len: u64) -> Result {
+        if len == 0 {
+            return Ok(());
+        }
+        start.checked_add(len).ok_or(EIO)?;
+        if let Some(last) = self.frees.last_mut() {
+            if last.0.checked_add(last.1) == Some(start) {
+                last.1 += len;
+                return Ok(());
+            }
+        }
+        self.frees.push((start, len), GFP_KERNEL)?;
+        Ok(())
+    }
+
+    /// Applies the decrements whose references' removal a commit made
+    /// durable; they become durable with the next commit's first fsync,
+    /// before anything can reference a reused cluster. The caller made sure
+    /// no I/O is in flight to these clusters.
+    pub(crate) fn apply_frees(&mut self, file: &File, hdr: &Header) -> Result {
+        let frees = core::mem::replace(&mut self.frees_ready, KVec::new());
+        let mut res = Ok(());
+        for (start, len) in frees.iter() {
+            if let Err(e) = self.free_range(file, hdr, *start, *len) {
+                res = Err(e);
+            }
+        }
+        res
+    }
+
+    /// The cached page at `off`, read if needed. Only clean pages are
+    /// evicted to make room; with none left (or too many dirty) everything
+    /// is committed first.
+    fn page(&mut self, file: &File, off: u64) -> Result<&mut IoBuf> {
+        if self.cache.pages.get(&off).is_none() {
+            let max = param::md_cache_pages();
+            if self.cache.dirty() >= max / 2 {
+                self.commit(file, false)?;
+            }
+            while self.cache.count >= max {
+                if !self.cache.evict_one() {
+                    self.commit(file, false)?;
+                    if !self.cache.evict_one() {
+                        break;
+                    }
+                }
+            }
+            let mut buf = IoBuf::new(MD_PAGE as usize)?;
+            file.read_full(&mut buf, off)?;
+            self.cache.pages.try_create_and_insert(off, Page { buf, dirty: None }, GFP_KERNEL)?;
+            self.cache.count += 1;
+        }
+        self.cache.pages.get_mut(&off).map(|p| &mut p.buf).ok_or(EIO)
+    }
+
+    /// The cached page at `off`, marked dirty (of `kind`) for the next commit.
+    fn page_dirty(&mut self, file: &File, off: u64, kind: Kind) -> Result<&mut IoBuf> {
+        self.page(file, off)?;
+        let newly = self.cache.pages.get(&off).ok_or(EIO)?.dirty.is_none();
+        if newly {
+            self.cache.dirty_keys.push(off, GFP_KERNEL)?;
+            self.cache.count_dirty(kind, true);
+        }
+        let p = self.cache.pages.get_mut(&off).ok_or(EIO)?;
+        p.dirty = Some(kind);
+        self.cache.pages.get_mut(&off).map(|p| &mut p.buf).ok_or(EIO)
     }
 
     /// Number of clusters whose L2 entries reference host data (normal,
@@ -230,7 +486,7 @@ impl DeltaMd {
     /// The raw L2 entry (and extended-L2 bitmap, else 0) for `vaddr`.
     pub(crate) fn l2_entry(&mut self, file: &File, hdr: &Header, l2_off: u64, vaddr: u64) -> Result<(u64, u64)> {
         let pos = Self::l2_pos(hdr, l2_off, vaddr)?;
-        let page = self.cache.page(file, pos & !(MD_PAGE - 1))?;
+        let page = self.page(file, pos & !(MD_PAGE - 1))?;
         let at = (pos & (MD_PAGE - 1)) as usize;
         let raw = fmt::table_entry(page, (at / 8) as u64).ok_or(EIO)?;
         let bitmap = if hdr.extended_l2() {
@@ -241,7 +497,9 @@ impl DeltaMd {
         Ok((raw, bitmap))
     }
 
-    /// Sets the L2 entry for `vaddr` and writes its page.
+    /// Sets the L2 entry for `vaddr` in the cache (written by the next
+    /// commit). An entry that points at host data needs the commit's
+    /// barrier: that data and its refcount go first.
     pub(crate) fn set_l2_entry(
         &mut self,
         file: &File,
@@ -252,38 +510,29 @@ impl DeltaMd {
         bitmap: u64,
     ) -> Result {
         let pos = Self::l2_pos(hdr, l2_off, vaddr)?;
-        let poff = pos & !(MD_PAGE - 1);
-        let page = self.cache.page(file, poff)?;
+        let page = self.page_dirty(file, pos & !(MD_PAGE - 1), Kind::L2)?;
         let at = (pos & (MD_PAGE - 1)) / 8;
-        let old = (fmt::table_entry(page, at), fmt::table_entry(page, at + 1));
+        // Both words or neither: a caller that fails frees the new cluster.
+        if hdr.extended_l2() && fmt::table_entry(page, at + 1).is_none() {
+            return Err(EIO);
+        }
         fmt::set_table_entry(page, at, raw).ok_or(EIO)?;
         if hdr.extended_l2() {
             fmt::set_table_entry(page, at + 1, bitmap).ok_or(EIO)?;
         }
-        if let Err(e) = file.write_full(page, poff) {
-            // Keep the cache equal to what the image holds.
-            if let (Some(r), Some(b)) = old {
-                let _ = fmt::set_table_entry(page, at, r);
-                if hdr.extended_l2() {
-                    let _ = fmt::set_table_entry(page, at + 1, b);
-                }
-            }
-            return Err(e);
+        if raw & fmt::L2E_OFFSET_MASK != 0 || raw & fmt::L2E_COMPRESSED != 0 {
+            self.barrier = true;
         }
         Ok(())
     }
 
-    /// Points the L1 entry for `vaddr` at a new L2 table and writes it.
-    fn set_l1_entry(&mut self, file: &File, hdr: &Header, vaddr: u64, raw: u64) -> Result {
+    /// Points the L1 entry for `vaddr` at a new L2 table (in memory; written
+    /// by the next commit, after the table).
+    fn set_l1_entry(&mut self, hdr: &Header, vaddr: u64, raw: u64) -> Result {
         let i = usize::try_from(hdr.l1_index(vaddr)).map_err(|_| EIO)?;
-        let e = self.l1.get_mut(i).ok_or(EIO)?;
-        let old = core::mem::replace(e, raw);
-        if let Err(err) = write_table_page(file, &self.l1, hdr.l1_table_offset, i) {
-            if let Some(e) = self.l1.get_mut(i) {
-                *e = old;
-            }
-            return Err(err);
-        }
+        mark_table_page(&mut self.l1_dirty, i / TABLE_PER_PAGE)?;
+        *self.l1.get_mut(i).ok_or(EIO)? = raw;
+        self.barrier = true;
         Ok(())
     }
 
@@ -293,6 +542,7 @@ impl DeltaMd {
             Some(e) if e.copied => Ok(e.l2_offset),
             // Shared with an internal snapshot: give the active L1 its own copy
             // first. Data refcounts already count both tables' references.
+            // (A shared table is never written, so the image holds it as is.)
             Some(e) => {
                 let cs = hdr.cluster_size();
                 let mut table = IoBuf::new(cs as usize)?;
@@ -300,13 +550,14 @@ impl DeltaMd {
                 let off = self.alloc_cluster(file, hdr)?;
                 let res = file
                     .write_full(&table, off)
-                    .and_then(|()| self.set_l1_entry(file, hdr, vaddr, fmt::encode_l1(off, true)));
+                    .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(err) = res {
+                    // Nothing points at it.
                     let _ = self.free_range(file, hdr, off, cs);
                     return Err(err);
                 }
-                // Only now that nothing points at the old table from here.
-                let _ = self.free_range(file, hdr, e.l2_offset, cs);
+                // Dropped once the new L1 entry is durable.
+                let _ = self.defer_free(e.l2_offset, cs);
                 Ok(off)
             }
             None => {
@@ -314,8 +565,9 @@ impl DeltaMd {
                 let zero = IoBuf::new(hdr.cluster_size() as usize)?;
                 let res = file
                     .write_full(&zero, off)
-                    .and_then(|()| self.set_l1_entry(file, hdr, vaddr, fmt::encode_l1(off, true)));
+                    .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(e) = res {
+                    // Nothing points at it.
                     let _ = self.free_range(file, hdr, off, hdr.cluster_size());
                     return Err(e);
                 }
@@ -341,18 +593,19 @@ impl DeltaMd {
         let Some((poff, i)) = self.refcount_slot(hdr, c)? else {
             return Ok(0);
         };
-        let page = self.cache.page(file, poff)?;
+        let page = self.page(file, poff)?;
         fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)
     }
 
+    /// Sets a refcount in the cache (written by the next commit; an
+    /// increment before anything else of it).
     fn set_refcount(&mut self, file: &File, hdr: &Header, c: u64, v: u64) -> Result {
         let (poff, i) = self.refcount_slot(hdr, c)?.ok_or(EIO)?;
-        let page = self.cache.page(file, poff)?;
+        let page = self.page_dirty(file, poff, Kind::Refcount)?;
         let old = fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)?;
         fmt::refcount_set(page, i, hdr.refcount_order, v).ok_or(EIO)?;
-        if let Err(e) = file.write_full(page, poff) {
-            let _ = fmt::refcount_set(page, i, hdr.refcount_order, old);
-            return Err(e);
+        if v > old {
+            self.barrier = true;
         }
         Ok(())
     }
@@ -371,7 +624,7 @@ impl DeltaMd {
         }
     }
 
-    /// End of the last cluster with a non-zero refcount.
+    /// End of the last cluster with a non-zero refcount (as the cache has it).
     fn used_end(&mut self, file: &File, hdr: &Header) -> Result<u64> {
         let per_block = fmt::refcount_block_entries(hdr);
         let cs = hdr.cluster_size();
@@ -390,7 +643,8 @@ impl DeltaMd {
     }
 
     /// Truncates the file after its last used cluster (it grew in steps).
-    /// Only for a delta whose refcounts are loaded and trusted.
+    /// Only for a delta whose refcounts are loaded and trusted. Queued
+    /// decrements count as references still: nothing they free is cut.
     pub(crate) fn trim(&mut self, file: &File, hdr: &Header) -> Result {
         if self.rt.is_empty() {
             return Ok(());
@@ -403,9 +657,11 @@ impl DeltaMd {
         Ok(())
     }
 
-    /// Allocates a free cluster (refcount 0 -> 1, on disk) and returns its
-    /// offset: first fit from a moving position. A missing refcount block is
-    /// placed in the cluster being looked at, which then describes itself.
+    /// Allocates a free cluster (refcount 0 -> 1, in the cache) and returns
+    /// its offset: first fit from a moving position. A missing refcount block
+    /// is placed in the cluster being looked at, which then describes itself:
+    /// its contents are written at once, its refcount table entry by the next
+    /// commit, after an fsync.
     pub(crate) fn alloc_cluster(&mut self, file: &File, hdr: &Header) -> Result<u64> {
         let cs = hdr.cluster_size();
         let mut c = self.hint.max(1);
@@ -423,15 +679,11 @@ impl DeltaMd {
                 fmt::refcount_set(&mut blk, bi, hdr.refcount_order, 1).ok_or(EIO)?;
                 file.write_full(&blk, off)?;
                 let i = ti as usize;
+                mark_table_page(&mut self.rt_dirty, i / TABLE_PER_PAGE)?;
                 if let Some(e) = self.rt.get_mut(i) {
                     *e = off;
                 }
-                if let Err(e) = write_table_page(file, &self.rt, self.rt_off, i) {
-                    if let Some(e) = self.rt.get_mut(i) {
-                        *e = 0;
-                    }
-                    return Err(e);
-                }
+                self.barrier = true;
                 c += 1;
                 self.hint = c;
                 continue;
@@ -452,7 +704,9 @@ impl DeltaMd {
     /// the new table and itself. The header switches to the new table in one
     /// sector write, after the new table is durable; a crash before leaves the
     /// old table in use (and the new clusters leaked), a crash after leaves the
-    /// old table's clusters leaked.
+    /// old table's clusters leaked. The new table holds every entry of the
+    /// in-memory one, also those not committed yet (their blocks were written
+    /// before and are covered by the first fsync here).
     fn grow_refcount_table(&mut self, file: &File, hdr: &Header) -> Result {
         let cs = hdr.cluster_size();
         let per_block = fmt::refcount_block_entries(hdr);
@@ -504,6 +758,8 @@ impl DeltaMd {
         self.rt = rt;
         self.rt_off = tbl_off;
         self.rt_clusters = tbl_clusters;
+        // The new table was written whole.
+        self.rt_dirty = KVec::new();
         self.cache.invalidate(blk_off, tbl_off + tbl_bytes);
         pr_info!(
             "dm-qcow2: image {}: refcount table moved to {:#x}, {} clusters\n",
@@ -511,12 +767,14 @@ impl DeltaMd {
             tbl_off,
             tbl_clusters
         );
-        // The old table is no longer referenced by the header.
-        let _ = self.free_range(file, hdr, old_off, old_clusters * cs);
+        // The old table is no longer referenced by the (durable) header.
+        let _ = self.defer_free(old_off, old_clusters * cs);
         Ok(())
     }
 
-    /// Drops one reference of every cluster overlapping `[start, start + len)`.
+    /// Drops one reference of every cluster overlapping `[start, start + len)`
+    /// in the cache: for references whose removal is durable (`apply_frees`)
+    /// and for clusters just allocated that nothing points at.
     pub(crate) fn free_range(&mut self, file: &File, hdr: &Header, start: u64, len: u64) -> Result {
         let cs = hdr.cluster_size();
         if len == 0 {

@@ -4,7 +4,7 @@
 //! suspend/resume, status and messages. The I/O path is in `io`, merges in
 //! `merge`.
 
-use crate::kx::bio::{Bio, BioList, Op};
+use crate::kx::bio::{Bio, BioList, BioStack, Op};
 use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink};
 use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kx::inflight::InflightRefs;
@@ -132,8 +132,11 @@ pub(crate) struct WorkerState {
     pub(crate) merge: Option<Merge>,
     /// Writes that hit ENOSPC, retried later.
     parked: BioList,
-    /// Written bios waiting for the batch's fsync.
+    /// Bios waiting for the batch's commit before they complete.
     unsynced: BioList,
+    /// A flush was asked for in this batch: its commit fsyncs the top even
+    /// if no metadata changed.
+    pub(crate) flush: bool,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
     /// The fast path's table while it is on (`Inner::fast_on`).
@@ -215,6 +218,9 @@ pub(crate) struct Inner {
     enospc_event: AtomicBool,
     /// Bios parked on ENOSPC.
     parked_count: AtomicUsize,
+    /// Bios whose asynchronous data I/O ended with ENOSPC, taken back at
+    /// `end_io` (any context); the worker parks them.
+    late_nospc: BioStack,
     /// Bios are parked since the last event (cleared when none is left).
     enospc_episode: AtomicBool,
     /// Suspending: parked bios fail instead of waiting for space.
@@ -252,40 +258,58 @@ impl WorkItem<0> for Inner {
         let mut parked = false;
         let mut locked = false;
         loop {
-            let mut list = this.pending.lock().take();
-            if list.is_empty() {
-                break;
+            loop {
+                let late = this.late_nospc.take();
+                if !late.is_empty() {
+                    locked = true;
+                    let mut st = this.state.lock();
+                    parked |= this.park_late(&mut st, late);
+                }
+                let mut list = this.pending.lock().take();
+                if list.is_empty() {
+                    break;
+                }
+                // Taken after the bios: a merge that turned the fast path off
+                // before they were mapped is seen.
+                let fp = this.fast.lock().clone();
+                let mut slow = BioList::new();
+                let mut fast = 0;
+                while let Some(bio) = list.pop() {
+                    let bio = match &fp {
+                        Some(f) => match this.try_fast(f, bio) {
+                            Ok(()) => {
+                                fast += 1;
+                                continue;
+                            }
+                            Err(bio) => bio,
+                        },
+                        None => bio,
+                    };
+                    slow.push(bio);
+                }
+                if fast > 0 {
+                    this.fast_bios.fetch_add(fast, Ordering::Relaxed);
+                }
+                if slow.is_empty() {
+                    continue;
+                }
+                locked = true;
+                let mut st = this.state.lock();
+                while let Some(bio) = slow.pop() {
+                    parked |= this.process(&mut st, bio);
+                }
+                parked |= this.sync_batch(&mut st);
             }
-            // Taken after the bios: a merge that turned the fast path off
-            // before they were mapped is seen.
-            let fp = this.fast.lock().clone();
-            let mut slow = BioList::new();
-            let mut fast = 0;
-            while let Some(bio) = list.pop() {
-                let bio = match &fp {
-                    Some(f) => match this.try_fast(f, bio) {
-                        Ok(()) => {
-                            fast += 1;
-                            continue;
-                        }
-                        Err(bio) => bio,
-                    },
-                    None => bio,
-                };
-                slow.push(bio);
+            // Retried writes whose I/O is still in flight may come back with
+            // ENOSPC (`late_nospc`): during an episode, wait for them before
+            // deciding below whether it is over.
+            if this.enospc_episode.load(Ordering::Acquire) {
+                this.inflight.wait_idle();
+                if !this.late_nospc.is_empty() {
+                    continue;
+                }
             }
-            if fast > 0 {
-                this.fast_bios.fetch_add(fast, Ordering::Relaxed);
-            }
-            if slow.is_empty() {
-                continue;
-            }
-            locked = true;
-            let mut st = this.state.lock();
-            while let Some(bio) = slow.pop() {
-                parked |= this.process(&mut st, bio);
-            }
-            this.sync_batch(&mut st);
+            break;
         }
         // An episode ends when nothing is left parked, also when the retried
         // bios all took the fast path.
@@ -389,12 +413,20 @@ impl Inner {
             _ => Err(EIO),
         };
         match res {
-            // Its new mapping must be durable before it completes: one fsync
+            // Its new mapping must be durable before it completes: one commit
             // at the end of the batch covers every such bio.
             Ok(true) => {
                 st.unsynced.push(bio);
                 false
             }
+            r => self.finish(st, bio, r.map(|_| ())),
+        }
+    }
+
+    /// Ends `bio` with `res`, or parks it on ENOSPC (returns true if that
+    /// starts an ENOSPC episode).
+    fn finish(&self, st: &mut WorkerState, bio: Bio, res: Result) -> bool {
+        match res {
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
@@ -409,26 +441,119 @@ impl Inner {
                 new
             }
             r => {
-                bio.end(r.map(|_| ()));
+                bio.end(r);
                 false
             }
         }
     }
 
-    /// Makes the metadata of the bios written in this batch durable and
-    /// completes them.
-    fn sync_batch(&self, st: &mut WorkerState) {
-        if st.unsynced.is_empty() {
+    /// Parks the bios whose data I/O hit ENOSPC (`late_nospc`, counted in
+    /// `parked_count` already); while suspending they go through the worker
+    /// once more instead (and fail if there is still no space). Returns true
+    /// if that starts an ENOSPC episode.
+    fn park_late(&self, st: &mut WorkerState, mut late: BioList) -> bool {
+        let mut new = false;
+        while let Some(bio) = late.pop() {
+            if self.suspending.load(Ordering::Acquire) {
+                self.parked_count.fetch_sub(1, Ordering::AcqRel);
+                self.pending.lock().push(bio);
+                continue;
+            }
+            st.parked.push(bio);
+            if !self.enospc_episode.swap(true, Ordering::AcqRel) {
+                pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
+                self.enospc_event.store(true, Ordering::Release);
+                new = true;
+            }
+        }
+        new
+    }
+
+    /// Ends the batch: commits the metadata of every delta (so everything
+    /// the batch's bios changed is durable, in order, see `meta`), completes
+    /// the bios that waited for it, then applies the refcount decrements of
+    /// removals the commit made durable. A failed commit fails the bios (or
+    /// parks them on ENOSPC) and keeps the decrements queued. Returns true if
+    /// an ENOSPC episode started.
+    fn sync_batch(&self, st: &mut WorkerState) -> bool {
+        if st.unsynced.is_empty() && !st.flush {
+            return false;
+        }
+        let flush = core::mem::replace(&mut st.flush, false);
+        // The bios changed the top only; a merge's receiving delta failing
+        // its commit fails the merge instead.
+        let (res, _) = self.commit_all(st, flush);
+        let mut list = st.unsynced.take();
+        let mut parked = false;
+        while let Some(bio) = list.pop() {
+            parked |= self.finish(st, bio, res);
+        }
+        self.apply_frees(st);
+        parked
+    }
+
+    /// Commits the dirty metadata of every delta (`flush`: fsync the top in
+    /// any case). Returns the top's result and the first error of any. On
+    /// error the cache keeps what is not durable as dirty (the next commit
+    /// writes it again) and the error is recorded; an error other than
+    /// ENOSPC latches wants_check (the image may keep refcounts of
+    /// references that never became durable: leaks); a merge whose
+    /// receiving delta (not the top) failed fails.
+    pub(crate) fn commit_all(&self, st: &mut WorkerState, flush: bool) -> (Result, Result) {
+        let top = st.top();
+        let (mut top_res, mut all) = (Ok(()), Ok(()));
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            let force = flush && d == top;
+            if !force && !md.is_dirty() {
+                continue;
+            }
+            let Err(e) = md.commit(&delta.file, force) else {
+                continue;
+            };
+            pr_err!("dm-qcow2: image {}: metadata commit failed: {:?}\n", d, e);
+            self.md_error(e);
+            if e != ENOSPC {
+                self.latch_wants_check();
+            }
+            if all.is_ok() {
+                all = Err(e);
+            }
+            if d == top {
+                top_res = Err(e);
+            } else if let Some(m) = st.merge.as_mut().filter(|m| m.dst == d) {
+                m.fail(e);
+            }
+        }
+        (top_res, all)
+    }
+
+    /// Applies the refcount decrements whose references' removal a commit
+    /// made durable. I/O in flight to the clusters (started before their
+    /// mapping changed) lands first.
+    pub(crate) fn apply_frees(&self, st: &mut WorkerState) {
+        if !st.md.iter().any(|m| m.has_ready_frees()) {
             return;
         }
-        let res = st.delta(st.top()).and_then(|top| top.file.fsync());
-        if let Err(e) = res {
-            pr_err!("dm-qcow2: fsync of the top image failed: {:?}\n", e);
+        self.inflight.wait_idle();
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            if let Err(e) = md.apply_frees(&delta.file, &delta.hdr) {
+                pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+                self.latch_wants_check();
+            }
         }
-        let mut list = st.unsynced.take();
-        while let Some(bio) = list.pop() {
-            bio.end(res);
-        }
+    }
+
+    /// Commits, applies the queued decrements and commits them too: the
+    /// images then hold exactly what the cache does (before a header change,
+    /// a trim, a suspend).
+    pub(crate) fn settle(&self, st: &mut WorkerState) -> Result {
+        self.commit_all(st, false).1?;
+        self.apply_frees(st);
+        self.commit_all(st, false).1
     }
 
     fn queue(self: &Arc<Self>, bio: Bio) {
@@ -717,6 +842,7 @@ impl dm::Target for Qcow2 {
             merge: None,
             parked: BioList::new(),
             unsynced: BioList::new(),
+            flush: false,
             // A reloaded table is built while the old one still writes the
             // same files: read them again when it is resumed.
             stale: true,
@@ -738,6 +864,7 @@ impl dm::Target for Qcow2 {
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
+                late_nospc: BioStack::new(),
                 enospc_episode: AtomicBool::new(false),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
@@ -915,13 +1042,20 @@ impl dm::Target for Qcow2 {
         let inner = &self.inner;
         inner.wq.flush();
         let mut st = inner.state.lock();
+        // Everything the cache holds goes to the images before they are
+        // trimmed, marked clean or read again.
+        let settled = inner.settle(&mut st);
+        if let Err(e) = settled {
+            pr_err!("dm-qcow2: metadata writeback at suspend failed: {:?}\n", e);
+            inner.latch_wants_check();
+        }
         if inner.writable {
             let top = st.top();
             inner.trim(&mut st, top);
         }
         self.sync(&st);
         st.stale = true;
-        if inner.writable && param::kernel_sets_dirty_bit() {
+        if inner.writable && param::kernel_sets_dirty_bit() && settled.is_ok() {
             if let Ok(top) = st.delta(st.top()) {
                 if let Err(e) = inner.set_dirty(&top, false) {
                     pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);
@@ -953,6 +1087,20 @@ impl dm::Target for Qcow2 {
 
     fn resume(&self) {
         self.inner.suspending.store(false, Ordering::Release);
+    }
+
+    fn wants_nospc(&self) -> bool {
+        self.inner.writable && !self.inner.suspending.load(Ordering::Acquire)
+    }
+
+    fn park_nospc(&self, bio: Bio) {
+        let inner = &self.inner;
+        inner.parked_count.fetch_add(1, Ordering::AcqRel);
+        inner.late_nospc.push(bio);
+        if let Some(q) = inner.wq.queue() {
+            // Already queued: the running or pending pass will see the bio.
+            let _ = q.enqueue::<_, 0>(inner.clone());
+        }
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
@@ -987,8 +1135,16 @@ impl Drop for Qcow2 {
         // hold the last reference to `inner` (we hold one until after this).
         self.inner.wq.shutdown();
         // No trim here (postsuspend did it): after a reload the new table
-        // is live on the same files before the old one is destroyed.
-        let st = self.inner.state.lock();
+        // is live on the same files before the old one is destroyed. For the
+        // same reason nothing is written once the table was suspended (it
+        // settled its metadata then); a table never suspended writes out
+        // what it holds.
+        let mut st = self.inner.state.lock();
+        if !st.stale {
+            if let Err(e) = self.inner.settle(&mut st) {
+                pr_err!("dm-qcow2: metadata writeback failed: {:?}\n", e);
+            }
+        }
         self.sync(&st);
     }
 }

@@ -13,6 +13,7 @@
 use super::bindings;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::error::{
     code::{EINVAL, ENOMEM, ENOSPC},
     to_result, Error, Result,
@@ -175,6 +176,69 @@ impl Drop for Bio {
         self.set_error(kernel::error::code::EIO);
         // SAFETY: We own this completion reference and give it up here, once.
         unsafe { bindings::bio_endio(self.as_raw()) };
+    }
+}
+
+/// A stack of owned bios linked through `bi_next` that bios may be pushed
+/// on from any context, interrupts included (lock-free); taken whole.
+pub(crate) struct BioStack(AtomicPtr<bindings::bio>);
+
+impl BioStack {
+    /// An empty stack.
+    pub(crate) const fn new() -> Self {
+        Self(AtomicPtr::new(core::ptr::null_mut()))
+    }
+
+    /// Pushes `bio`. Never sleeps.
+    pub(crate) fn push(&self, bio: Bio) {
+        let raw = ManuallyDrop::new(bio).as_raw();
+        let mut head = self.0.load(Ordering::Acquire);
+        loop {
+            // SAFETY: We own `raw` (its reference passes to the stack);
+            // `bi_next` is free for the owner's use while it is not submitted.
+            unsafe { (*raw).bi_next = head };
+            match self.0.compare_exchange_weak(head, raw, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Whether the stack is empty (now).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.load(Ordering::Acquire).is_null()
+    }
+
+    /// Takes every bio, oldest first.
+    pub(crate) fn take(&self) -> BioList {
+        let mut p = self.0.swap(core::ptr::null_mut(), Ordering::AcqRel);
+        // Newest first on the stack: reverse.
+        let mut rev: *mut bindings::bio = core::ptr::null_mut();
+        while !p.is_null() {
+            // SAFETY: `p` is a bio of the stack, which the swap handed to us
+            // with the references of all of them.
+            let next = unsafe { (*p).bi_next };
+            // SAFETY: As above.
+            unsafe { (*p).bi_next = rev };
+            rev = p;
+            p = next;
+        }
+        let mut list = BioList::new();
+        while !rev.is_null() {
+            // SAFETY: As above.
+            let next = unsafe { (*rev).bi_next };
+            // SAFETY: As above: we own this reference and hand it to the list.
+            list.push(unsafe { Bio::from_raw(rev) });
+            rev = next;
+        }
+        list
+    }
+}
+
+impl Drop for BioStack {
+    fn drop(&mut self) {
+        // Dropping the list ends every bio with an error.
+        drop(self.take());
     }
 }
 

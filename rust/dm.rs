@@ -11,7 +11,8 @@
 //! concurrently from many CPUs, so the state is shared as `&T` (`T: Sync`).
 
 use super::bindings;
-use super::bio::Bio;
+use super::bio::{Bio, Op};
+use core::mem::ManuallyDrop;
 use super::inflight::{InflightRefs, RefIndex};
 use core::fmt;
 use core::marker::PhantomData;
@@ -282,6 +283,21 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     fn resume(&self) {}
     /// Adjusts the queue limits of the mapped device.
     fn io_hints(&self, _limits: &mut QueueLimits<'_>) {}
+
+    /// A bio `map` took (not a read) is ending with ENOSPC: whether the
+    /// target takes it back with [`park_nospc`](Self::park_nospc). Called in
+    /// any context, interrupts included: must not sleep.
+    fn wants_nospc(&self) -> bool {
+        false
+    }
+
+    /// Takes back a bio `wants_nospc` asked for: it is re-armed (no error,
+    /// one completion reference, its in-flight reference kept) and the
+    /// target must end it again, e.g. after submitting it again once there
+    /// is space. Called in any context, interrupts included: must not sleep.
+    fn park_nospc(&self, bio: Bio) {
+        bio.end(Err(kernel::error::code::ENOSPC));
+    }
 }
 
 /// Per-bio data: the in-flight ref index a bio holds, tagged.
@@ -415,10 +431,27 @@ impl<T: Target> Vtable<T> {
     unsafe extern "C" fn end_io(
         ti: *mut bindings::dm_target,
         bio: *mut bindings::bio,
-        _error: *mut bindings::blk_status_t,
+        error: *mut bindings::blk_status_t,
     ) -> c_int {
         // SAFETY: Runs only on a constructed target.
         let t = unsafe { Self::private(ti) };
+        // SAFETY: device-mapper passes the status the bio ends with.
+        let errno = unsafe { bindings::blk_status_to_errno(*error) };
+        if errno == kernel::error::code::ENOSPC.to_errno() {
+            // SAFETY: `bio` is valid; only its operation is read (the
+            // `ManuallyDrop` never ends it).
+            let read = ManuallyDrop::new(unsafe { Bio::from_raw(bio) }).op() == Op::Read;
+            if !read && t.wants_nospc() {
+                // SAFETY: The bio's completion ran down to us and we keep it
+                // (DM_ENDIO_INCOMPLETE): nothing else uses it; re-armed, it
+                // is an owned completion reference again, with its per-bio
+                // data (the in-flight reference) as `map` left it.
+                unsafe { bindings::dmq_bio_rearm(bio) };
+                // SAFETY: As above.
+                t.park_nospc(unsafe { Bio::from_raw(bio) });
+                return bindings::DM_ENDIO_INCOMPLETE as c_int;
+            }
+        }
         // SAFETY: `bio` was passed to this target's `map`, which wrote the slot.
         let slot = unsafe { Self::ref_slot(bio) };
         // SAFETY: As above; the bio is ending, nothing else uses its data.

@@ -44,6 +44,18 @@ void dmq_bio_inc_remaining(struct bio *bio)
 	bio_inc_remaining(bio);
 }
 
+/*
+ * Make a bio whose completion ran (down to the target's end_io, which took
+ * it back with DM_ENDIO_INCOMPLETE) completable again: no error, one
+ * completion reference, not chained.
+ */
+void dmq_bio_rearm(struct bio *bio)
+{
+	bio->bi_status = BLK_STS_OK;
+	bio_clear_flag(bio, BIO_CHAIN);
+	atomic_set(&bio->__bi_remaining, 1);
+}
+
 /* Position @it on [off, off + len) of @bio; false when out of range. */
 static bool dmq_bio_range(struct bio *bio, u32 off, u32 len, struct bvec_iter *it)
 {

@@ -537,10 +537,11 @@ enospc_exit() {
 	umount "$SMALL" 2>/dev/null || umount -l "$SMALL"
 }
 
-# a 24M tmpfs, full but 1M: dd of 8M waits (ENOSPC parks the writes),
-# get_event and a dm event say so, dmsetup status counts them; once the
-# filler is removed the writes complete within the 1 s retry period
-case_enospc() {
+# enospc_case OPTS: a 24M tmpfs, full but 1M: dd of 8M into an image made
+# with OPTS waits (ENOSPC parks the writes), get_event and a dm event say
+# so, dmsetup status counts them; once the filler is removed the writes
+# complete within the 1 s retry period
+enospc_case() {
 	local full avail ev0 ev1 rc end
 	need fallocate
 	full=$(dmq_full_name v)
@@ -549,7 +550,7 @@ case_enospc() {
 	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
 		dmq_skip "cannot mount a 24M tmpfs"
 	trap enospc_exit EXIT
-	dmq_img_create "$SMALL/a.qcow2" 64M cluster_size=64k
+	dmq_img_create "$SMALL/a.qcow2" 64M "$1"
 	random pat.bin 8M
 	map_rw "$SMALL/a.qcow2"
 	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
@@ -614,6 +615,18 @@ case_enospc() {
 	same dev.raw a.raw "qemu-img convert differs from the device"
 	cmp -n $((8 * MIB)) a.raw pat.bin || dmq_fail "the image does not hold what dd wrote"
 	echo "the image holds what dd wrote"
+}
+
+# new clusters: ENOSPC in the worker (copy-on-write)
+case_enospc() {
+	enospc_case cluster_size=64k
+}
+
+# a v2 image with preallocated metadata: every cluster is allocated (sparse
+# in the file), the writes go in place and ENOSPC comes from their
+# asynchronous I/O (end_io takes the bio back)
+case_enospc_inplace() {
+	enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
 # ----------------------------------------------------------- suspend/resume
@@ -727,6 +740,7 @@ DMQ_CASES=(
 	status_info
 	fault_injection
 	enospc
+	enospc_inplace
 	suspend_loop
 	snapshot_reload
 )
