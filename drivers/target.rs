@@ -665,12 +665,26 @@ impl Qcow2 {
     }
 }
 
-/// Parses a decimal message argument.
+/// Parses message argument `i` as a decimal number of type `T`. Every
+/// message argument is untrusted: a missing word, anything but digits (with
+/// an optional sign where `T` has one) or a value outside `T`'s range is
+/// EINVAL. The parse itself cannot overflow (`FromStr` checks), and callers
+/// range-check the value without arithmetic that can.
 fn arg<T: core::str::FromStr>(args: &[&CStr], i: usize) -> Result<T> {
     args.get(i)
         .and_then(|a| a.to_str().ok())
         .and_then(|s| s.parse::<T>().ok())
         .ok_or(EINVAL)
+}
+
+/// The message has exactly `n` words (the command included): extra
+/// arguments are refused, not ignored.
+fn arity(args: &[&CStr], n: usize) -> Result {
+    if args.len() == n {
+        Ok(())
+    } else {
+        Err(EINVAL)
+    }
 }
 
 impl dm::Target for Qcow2 {
@@ -805,6 +819,7 @@ impl dm::Target for Qcow2 {
         let suspended = || inner.link.suspended();
         match cmd {
             b"get_img_name" | b"get_img_id" => {
+                arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
                 let d = inner.state.lock().delta(id).ok();
                 if let Some(d) = d {
@@ -815,6 +830,7 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_img_fd" => {
+                arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
                 let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
                 let fd = d.file.install_fd()?;
@@ -822,6 +838,7 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_errors" => {
+                arity(args, 1)?;
                 let e = &inner.errors;
                 let _ = write!(
                     out,
@@ -833,17 +850,20 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_event" => {
+                arity(args, 1)?;
                 if inner.enospc_event.swap(false, Ordering::AcqRel) {
                     let _ = writeln!(out, "event_ENOSPC");
                 }
                 Ok(())
             }
             b"set_fault_injection" => {
+                arity(args, 3)?;
+                // Parsed (EINVAL) before the state is looked at.
+                let id: usize = arg(args, 1)?;
+                let ratio: u32 = arg(args, 2)?;
                 if suspended() {
                     return Err(EBUSY);
                 }
-                let id: usize = arg(args, 1)?;
-                let ratio: u32 = arg(args, 2)?;
                 let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
                 d.file.set_fault_ratio(ratio)
             }
@@ -852,23 +872,27 @@ impl dm::Target for Qcow2 {
                 let sub = args.get(1).ok_or(EINVAL)?.as_bytes();
                 match sub {
                     b"start" => {
-                        if suspended() {
-                            return Err(EBUSY);
+                        if !(3..=4).contains(&args.len()) {
+                            return Err(EINVAL);
                         }
+                        // An fd is an int; a depth any usize, range-checked
+                        // against the chain by `merge_start`.
                         let efd: i32 = arg(args, 2)?;
                         let depth = if args.len() > 3 { Some(arg::<usize>(args, 3)?) } else { None };
-                        if args.len() > 4 {
-                            return Err(EINVAL);
+                        if suspended() {
+                            return Err(EBUSY);
                         }
                         inner.merge_start(dir, efd, depth)
                     }
                     b"complete" => {
+                        arity(args, 2)?;
                         if suspended() {
                             return Err(EBUSY);
                         }
                         inner.merge_complete(dir)
                     }
                     b"cancel" => {
+                        arity(args, 2)?;
                         let mut st = inner.state.lock();
                         if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
                             return Err(EINVAL);
@@ -876,6 +900,7 @@ impl dm::Target for Qcow2 {
                         inner.merge_cancel(&mut st)
                     }
                     b"progress" => {
+                        arity(args, 2)?;
                         let st = inner.state.lock();
                         let m = st.merge.as_ref().filter(|m| m.dir == dir);
                         let _ = merge::describe(m, out);

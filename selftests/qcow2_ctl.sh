@@ -234,6 +234,83 @@ case_messages() {
 	dmq_check_images base.qcow2 mid.qcow2 top.qcow2
 }
 
+# Hostile arguments: numbers outside every type's range, negative where
+# unsigned, signs, extra words. Each message is refused cleanly (an
+# overflowing depth used to panic with the state mutex held; dmq_run_case
+# fails the case on any oops), nothing changes, and the device, its
+# messages and a merge still work afterwards.
+case_message_args() {
+	local w argv
+	mk_chain2
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	for w in "merge_backward start -1 18446744073709551615" \
+		"merge_backward start -1 18446744073709551614" \
+		"merge_backward start -1 9223372036854775808" \
+		"merge_backward start -1 18446744073709551616" \
+		"merge_backward start -1 99999999999999999999999999" \
+		"merge_backward start -1 -1" \
+		"merge_backward start -1 -18446744073709551615" \
+		"merge_backward start -1 +18446744073709551615" \
+		"merge_backward start -1 1" \
+		"merge_forward start -1 18446744073709551615" \
+		"merge_forward start -1 9223372036854775807" \
+		"merge_forward start -1 2" \
+		"merge_forward start -1 -1" \
+		"merge_backward start 2147483648 0" \
+		"merge_backward start -2147483649 0" \
+		"merge_backward start 99999999999999999999 0" \
+		"merge_backward start -1 0 0" \
+		"merge_backward progress 0" \
+		"merge_backward complete 18446744073709551615" \
+		"merge_forward cancel x" \
+		"set_fault_injection 18446744073709551616 0" \
+		"set_fault_injection 0 4294967296" \
+		"set_fault_injection 0 4294967295" \
+		"set_fault_injection 0 18446744073709551615" \
+		"set_fault_injection 0 -100000" \
+		"set_fault_injection -1 0" \
+		"set_fault_injection 0 0 0" \
+		"set_fault_injection 0" \
+		"get_img_name 18446744073709551616" \
+		"get_img_name -1" \
+		"get_img_name 0 0" \
+		"get_img_fd 18446744073709551616" \
+		"get_img_fd -1" \
+		"get_errors 0" \
+		"get_event x"; do
+		read -ra argv <<<"$w"
+		expect_msg_err v EINVAL "${argv[@]}"
+	done
+	# in range for their type but naming nothing
+	expect_msg_err v EBADF merge_backward start 2147483647 0
+	expect_msg_err v EBADF merge_backward start -2147483648 0
+	expect_msg_err v ENOENT set_fault_injection 18446744073709551615 0
+	expect_msg_err v ENOENT get_img_fd 18446744073709551615
+	expect_output v '' get_img_name 18446744073709551615
+	merge_idle v
+	expect_output v "$ERRORS_OK" get_errors
+	msg_ok v set_fault_injection 1 0
+
+	# the device still works: reads, a copy-on-write, a merge
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device changed"
+	random w.bin 4k
+	put w.bin "$DEV" $((4 * MIB + 8192))
+	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
+	msg_ok v merge_backward start -1 0
+	wait_ready v merge_backward
+	msg_ok v merge_backward complete
+	expect_chain v base.qcow2
+	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	convert base.qcow2 base.raw
+	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+}
+
 # Every message without CAP_SYS_ADMIN: as nobody, and as root without
 # capabilities. Device-mapper refuses the ioctl (EACCES) before the target
 # could (EPERM); either way nothing may happen.
@@ -719,6 +796,7 @@ case_snapshot_reload() {
 
 DMQ_CASES=(
 	messages
+	message_args
 	nonroot
 	suspended_busy
 	status_info
