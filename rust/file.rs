@@ -290,13 +290,23 @@ impl File {
         dsync: bool,
         inflight: &Arc<IoCounter>,
     ) {
+        // Every early return below ends `bio` itself: until it is moved into
+        // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
+        // and a `Bio` that is dropped instead of ended still ends (EIO).
         let Ok(ipos) = i64::try_from(pos) else {
             return bio.end(Err(EINVAL));
         };
         if let Err(e) = self.inject() {
             return bio.end(Err(e));
         }
-        let io = KBox::new(
+        // Allocate before the bio goes in: were the bio moved into
+        // `KBox::new`'s argument, a failed allocation would drop it inside a
+        // `ManuallyDrop` and it would never complete (suspend would hang).
+        let Ok(slot) = KBox::<BioIo>::new_uninit(GFP_KERNEL) else {
+            return bio.end(Err(ENOMEM));
+        };
+        let io = KBox::write(
+            slot,
             BioIo {
                 // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
                 // initialises it before use.
@@ -310,10 +320,9 @@ impl File {
                 started: false,
                 inflight: inflight.clone(),
             },
-            GFP_KERNEL,
         );
-        // On failure the box's contents, and so the bio, are dropped: it ends with EIO.
-        let Ok(io) = io else { return };
+        // From here the bio is ended by `bio_io_done`, exactly once: by the
+        // file system's completion if the I/O queued, else by us below.
         inflight.0.fetch_add(1, Ordering::AcqRel);
         let io = KBox::into_raw(io);
         // SAFETY: `io` is a valid leaked box holding two references: one for the
@@ -408,10 +417,11 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         Err(Error::from_errno(ret as i32))
     } else if ret as u64 >= u64::from(len) {
         Ok(())
-    } else if !write && pos + ret as u64 >= file_size {
-        // Short read at the end of the file: the rest reads as zeroes.
+    } else if !write && pos.saturating_add(ret as u64) >= file_size {
+        // Short read at the end of the file: the rest reads as zeroes
+        // (`ret < len` here, so neither sum nor difference can wrap).
         let got = ret as u32;
-        bio.zero(off + got, len - got)
+        bio.zero(off.saturating_add(got), len - got)
     } else {
         Err(EIO)
     };
