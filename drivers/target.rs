@@ -703,6 +703,12 @@ impl dm::Target for Qcow2 {
         let mut deltas = KVec::with_capacity(args.len(), GFP_KERNEL).map_err(oom)?;
         for (i, a) in args.iter().enumerate() {
             let d = Delta::open(a, i + 1 == args.len(), writable)?;
+            // One file twice in the chain would be written as the top and
+            // read as a lower delta (or merged into itself): refuse it, also
+            // through another fd, path or hard link.
+            if deltas.iter().any(|o: &Delta| o.file.same_file(&d.file)) {
+                return Err(ctr_err(EINVAL, c_str!("Same image file given twice in the chain")));
+            }
             deltas.push(d, GFP_KERNEL).map_err(oom)?;
         }
         Self::check_chain(&deltas, ti.len())?;

@@ -168,6 +168,15 @@ impl File {
         unsafe { bindings::dmq_file_writable(self.as_raw()) }
     }
 
+    /// The same file as `other`: the same inode, or (stacking file systems)
+    /// the same inode underneath. Hard links and two opens of one path are
+    /// the same file.
+    pub(crate) fn same_file(&self, other: &File) -> bool {
+        // SAFETY: Both files are valid while we hold a reference to each; their
+        // paths (and so dentries and inodes) are pinned by those references.
+        unsafe { bindings::dmq_file_same_inode(self.as_raw(), other.as_raw()) }
+    }
+
     /// Opened with O_DIRECT.
     pub(crate) fn is_direct(&self) -> bool {
         // SAFETY: The file is valid; `f_flags` is only read.

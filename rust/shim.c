@@ -140,6 +140,17 @@ bool dmq_file_writable(struct file *file)
 	return file->f_mode & FMODE_WRITE;
 }
 
+bool dmq_file_same_inode(struct file *a, struct file *b)
+{
+	/*
+	 * The inode the file was opened on, and the one that holds its data
+	 * (they differ on stacking file systems such as overlayfs, where the
+	 * same data can also be opened through the layer below).
+	 */
+	return file_inode(a) == file_inode(b) ||
+	       d_real_inode(a->f_path.dentry) == d_real_inode(b->f_path.dentry);
+}
+
 bool dmq_table_writable(struct dm_target *ti)
 {
 	return dm_table_get_mode(ti->table) & BLK_OPEN_WRITE;

@@ -43,6 +43,8 @@ unsigned int dmq_file_dma_alignment(struct file *file);
 bool dmq_file_is_reg(struct file *file);
 bool dmq_file_readable(struct file *file);
 bool dmq_file_writable(struct file *file);
+/* Whether @a and @b are the same file (same inode, or same data inode). */
+bool dmq_file_same_inode(struct file *a, struct file *b);
 
 /*
  * Direct I/O between [off, off + len) of @bio and @file at @pos, in the bio's
