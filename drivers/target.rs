@@ -185,6 +185,28 @@ impl WorkerState {
     }
 }
 
+/// The worker's buffers sized for one cluster of the chain (all deltas have
+/// the top's cluster size).
+struct ClusterBufs {
+    cow: IoBuf,
+    zin: IoBuf,
+    zout: IoBuf,
+}
+
+impl ClusterBufs {
+    fn new(cs: usize) -> Result<Self> {
+        // A compressed cluster spans at most two clusters of input, plus
+        // alignment slack on both ends.
+        let zin_len = cs.checked_mul(2).and_then(|n| n.checked_add(2 * DIO_ALIGN)).ok_or(ENOMEM)?;
+        Ok(Self { cow: IoBuf::new(cs)?, zin: IoBuf::new(zin_len)?, zout: IoBuf::new(cs)? })
+    }
+
+    /// Whether the buffers of `st` are sized for clusters of `cs` bytes.
+    fn fit(st: &WorkerState, cs: usize) -> bool {
+        st.cow.as_ref().map(|b| b.len()) == Some(cs) && st.zout.len() == cs
+    }
+}
+
 /// Error state reported by `get_errors` and the status line.
 #[derive(Default)]
 struct Errors {
@@ -567,6 +589,19 @@ impl Inner {
             }
             md.push(DeltaMd::load(i, &d.file, &d.hdr, self.writable && i + 1 == n)?, GFP_KERNEL)?;
         }
+        // The images may have been rewritten with another cluster size while
+        // we were suspended (same files, other content): the buffers sized
+        // for a cluster at ctr must follow, or copy-on-write would not fit.
+        let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
+        let bufs = if ClusterBufs::fit(st, cs) {
+            None
+        } else {
+            let old = st.zout.len();
+            pr_info!("dm-qcow2: cluster size changed from {} to {} bytes\n", old, cs);
+            Some(ClusterBufs::new(cs).inspect_err(|_| {
+                pr_err!("dm-qcow2: no memory for buffers of the new cluster size {}\n", cs);
+            })?)
+        };
         let mut arcs = KVec::with_capacity(n, GFP_KERNEL)?;
         for d in deltas {
             arcs.push(Arc::new(d, GFP_KERNEL)?, GFP_KERNEL)?;
@@ -574,6 +609,11 @@ impl Inner {
         st.deltas = arcs;
         st.md = md;
         st.zkey = None;
+        if let Some(b) = bufs {
+            st.cow = Some(b.cow);
+            st.zin = b.zin;
+            st.zout = b.zout;
+        }
         self.fast_on(st);
         Ok(())
     }
@@ -714,6 +754,7 @@ impl dm::Target for Qcow2 {
         Self::check_chain(&deltas, ti.len())?;
 
         let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
+        let bufs = ClusterBufs::new(cs).map_err(oom)?;
         let mut md = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
         for (i, d) in deltas.iter().enumerate() {
             let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len())
@@ -727,12 +768,10 @@ impl dm::Target for Qcow2 {
         let st = WorkerState {
             deltas: arcs,
             md,
-            cow: Some(IoBuf::new(cs).map_err(oom)?),
+            cow: Some(bufs.cow),
             inflater: Inflater::new().map_err(oom)?,
-            // A compressed cluster spans at most two clusters of input, plus
-            // alignment slack on both ends.
-            zin: IoBuf::new(2 * cs + 2 * DIO_ALIGN).map_err(oom)?,
-            zout: IoBuf::new(cs).map_err(oom)?,
+            zin: bufs.zin,
+            zout: bufs.zout,
             zkey: None,
             merge: None,
             parked: BioList::new(),

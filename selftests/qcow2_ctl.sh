@@ -794,6 +794,66 @@ case_snapshot_reload() {
 	echo "qemu-img convert of over.qcow2 equals the device"
 }
 
+# rewrite_chain CS: base.qcow2 < top.qcow2 created again in place (the
+# same files, so the same inodes the table holds) with CS clusters and
+# other data: what e.g. qemu-img does to an image while the device is
+# suspended
+rewrite_chain() {
+	dmq_run "$QEMU_IMG" create -q -f qcow2 -o "cluster_size=$1" base.qcow2 16M
+	dmq_write base.qcow2 "r:0:8M:$2"
+	dmq_run "$QEMU_IMG" create -q -f qcow2 -o "cluster_size=$1" \
+		-b base.qcow2 -F qcow2 top.qcow2 16M
+	dmq_write top.qcow2 "P0x5a:4M+4k:8k"
+}
+
+# The images are rewritten with another cluster size while the device is
+# suspended (same inodes, other content). The resume re-reads them, sizes
+# its per-cluster buffers anew (or refuses), and copy-on-write into the
+# new clusters works without an oops (it used to overrun the buffer sized
+# at ctr). Larger (2M) and smaller (4k) clusters than the first ones.
+case_resume_cluster_size() {
+	local full cs ino0 ino1 seed=7 off
+	full=$(dmq_full_name v)
+	mk_chain2
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	ino0=$(stat -c %i base.qcow2 top.qcow2)
+	for cs in 2M 4k 64k; do
+		dmq_run "$DMSETUP" suspend "$full"
+		rewrite_chain "$cs" "$seed"
+		ino1=$(stat -c %i base.qcow2 top.qcow2)
+		[ "$ino0" = "$ino1" ] || dmq_fail "qemu-img create made new files"
+		convert top.qcow2 want.raw
+		if ! "$DMSETUP" resume "$full" 2>resume.err; then
+			# a refusal is fine if it says why; the device stays
+			# suspended and nothing else is tried
+			cat resume.err
+			dmq_dmesg_case | grep -i "cluster size" ||
+				dmq_fail "resume with $cs clusters refused without a reason"
+			echo "resume with $cs clusters refused"
+			return 0
+		fi
+		echo "resumed with $cs clusters: $(dmq_dmesg_case | grep -i 'cluster size' | tail -n 1)"
+		dump "$DEV" dev.raw
+		same want.raw dev.raw "the device does not show the rewritten chain ($cs)"
+		# copy-on-write from the base, in the middle of a cluster of each
+		# size, and next to the top's own data
+		random w.bin 8k
+		for off in $((MIB + 12288)) $((6 * MIB + 1032192)) $((4 * MIB + 16384)); do
+			put w.bin "$DEV" "$off"
+			patch_into want.raw "$off" w.bin
+		done
+		dump "$DEV" dev.raw
+		same want.raw dev.raw "the device after copy-on-write ($cs)"
+		echo "$cs clusters: the chain reads and copies on write correctly"
+		seed=$((seed + 1))
+	done
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	convert top.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+}
+
 DMQ_CASES=(
 	messages
 	message_args
@@ -804,6 +864,7 @@ DMQ_CASES=(
 	enospc
 	suspend_loop
 	snapshot_reload
+	resume_cluster_size
 )
 
 dmq_main "$@"
