@@ -72,6 +72,11 @@ impl Delta {
         if !file.is_direct() {
             return Err(ctr_err(EINVAL, c_str!("Image opened in cached mode, need O_DIRECT")));
         }
+        // Writes would land at the end of the file, wherever they were meant
+        // to go (our own I/O ignores the flag, but the file is shared).
+        if file.is_append() {
+            return Err(ctr_err(EINVAL, c_str!("Image opened with O_APPEND")));
+        }
         if !file.readable() {
             return Err(ctr_err(EACCES, c_str!("Image is not opened for reading")));
         }

@@ -177,6 +177,14 @@ impl File {
         unsafe { bindings::dmq_file_same_inode(self.as_raw(), other.as_raw()) }
     }
 
+    /// Opened with O_APPEND (now: `fcntl` may change it later, which the
+    /// I/O here does not follow: it sets its own kiocb flags).
+    pub(crate) fn is_append(&self) -> bool {
+        // SAFETY: The file is valid while we hold a reference; the shim only
+        // reads `f_flags` (READ_ONCE).
+        unsafe { bindings::dmq_file_append(self.as_raw()) }
+    }
+
     /// Opened with O_DIRECT.
     pub(crate) fn is_direct(&self) -> bool {
         // SAFETY: The file is valid; `f_flags` is only read.
@@ -233,13 +241,14 @@ impl File {
     /// (short at end of file). `buf` and `pos` must suit direct I/O.
     pub(crate) fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.inject()?;
-        let mut pos = i64::try_from(pos).map_err(|_| EINVAL)?;
-        // SAFETY: The file is valid and `buf` is writable for its length.
-        let r = unsafe { bindings::kernel_read(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), &mut pos) };
+        let pos = i64::try_from(pos).map_err(|_| EINVAL)?;
+        // SAFETY: The file is valid and `buf` is writable for its length; the
+        // shim reads into it synchronously (done when the call returns).
+        let r = unsafe { bindings::dmq_file_rw_sync(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), pos, false) };
         if r < 0 {
             return Err(Error::from_errno(r as i32));
         }
-        Ok(r as usize)
+        Ok((r as usize).min(buf.len()))
     }
 
     /// Writes all of `buf` at `pos`, synchronously. `buf` and `pos` must
@@ -249,8 +258,12 @@ impl File {
         let mut ipos = i64::try_from(pos).map_err(|_| EINVAL)?;
         let mut rest = buf;
         while !rest.is_empty() {
-            // SAFETY: The file is valid and `rest` is readable for its length.
-            let r = unsafe { bindings::kernel_write(self.as_raw(), rest.as_ptr().cast(), rest.len(), &mut ipos) };
+            // SAFETY: The file is valid and `rest` is readable for its length;
+            // the shim only reads it (`ITER_SOURCE`), synchronously. The
+            // buffer is not written through the `*mut` the C prototype takes.
+            let r = unsafe {
+                bindings::dmq_file_rw_sync(self.as_raw(), rest.as_ptr().cast_mut().cast(), rest.len(), ipos, true)
+            };
             if r < 0 {
                 return Err(Error::from_errno(r as i32));
             }
@@ -260,6 +273,7 @@ impl File {
                 Some(t) if r > 0 => t,
                 _ => return Err(EIO),
             };
+            ipos = ipos.checked_add(r as i64).ok_or(EIO)?;
         }
         Ok(())
     }

@@ -151,6 +151,51 @@ bool dmq_file_same_inode(struct file *a, struct file *b)
 	       d_real_inode(a->f_path.dentry) == d_real_inode(b->f_path.dentry);
 }
 
+bool dmq_file_append(struct file *file)
+{
+	return READ_ONCE(file->f_flags) & O_APPEND;
+}
+
+ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
+			 bool write)
+{
+	struct kvec kv = { .iov_base = buf, .iov_len = len };
+	struct iov_iter iter;
+	struct kiocb kiocb;
+	ssize_t ret;
+
+	if (pos < 0 || len > MAX_RW_COUNT || len > LLONG_MAX - pos)
+		return -EINVAL;
+	if (!(file->f_mode & FMODE_CAN_ODIRECT))
+		return -EINVAL;
+	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
+		    !file->f_op->write_iter
+		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
+		    !file->f_op->read_iter)
+		return -EBADF;
+	/*
+	 * As kernel_read()/kernel_write(), but with flags of our own instead of
+	 * the file's (f_iocb_flags follows O_APPEND and O_DSYNC, which fcntl()
+	 * may set on the fd get_img_fd hands out): direct I/O at @pos, always.
+	 * A synchronous kiocb (no ki_complete): the call returns when done.
+	 */
+	init_sync_kiocb(&kiocb, file);
+	kiocb.ki_flags = IOCB_DIRECT;
+	kiocb.ki_pos = pos;
+	iov_iter_kvec(&iter, write ? ITER_SOURCE : ITER_DEST, &kv, 1, len);
+	if (write) {
+		file_start_write(file);
+		ret = file->f_op->write_iter(&kiocb, &iter);
+		file_end_write(file);
+	} else {
+		ret = file->f_op->read_iter(&kiocb, &iter);
+	}
+	/* Cannot happen for a synchronous kiocb; never report it as a size. */
+	if (WARN_ON_ONCE(ret == -EIOCBQUEUED))
+		ret = -EIO;
+	return ret;
+}
+
 bool dmq_table_writable(struct dm_target *ti)
 {
 	return dm_table_get_mode(ti->table) & BLK_OPEN_WRITE;

@@ -45,6 +45,15 @@ bool dmq_file_readable(struct file *file);
 bool dmq_file_writable(struct file *file);
 /* Whether @a and @b are the same file (same inode, or same data inode). */
 bool dmq_file_same_inode(struct file *a, struct file *b);
+/* Whether @file is in append mode (O_APPEND, which fcntl may change). */
+bool dmq_file_append(struct file *file);
+/*
+ * Synchronous direct I/O of @len bytes between @buf (kernel memory, suitably
+ * aligned) and @file at @pos, with IOCB_DIRECT and none of the file's own
+ * flags (no O_APPEND, O_DSYNC). Returns the bytes transferred or -errno.
+ */
+ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
+			 bool write);
 
 /*
  * Direct I/O between [off, off + len) of @bio and @file at @pos, in the bio's

@@ -104,6 +104,20 @@ case_cached_mode_base() {
 		-EINVAL cached:base.qcow2 top.qcow2
 }
 
+# O_APPEND: every write would land at the end of the file
+case_append_mode() {
+	mk_valid a.qcow2
+	dmq_expect_ctr_error bad "Image opened with O_APPEND" -EINVAL \
+		--rw append:a.qcow2
+}
+
+case_append_mode_base() {
+	mk_valid base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_expect_ctr_error bad "Image opened with O_APPEND" -EINVAL \
+		roappend:base.qcow2 top.qcow2
+}
+
 case_top_not_writable() {
 	mk_valid a.qcow2
 	dmq_expect_ctr_error bad "Top image is not opened for writing" -EACCES \
@@ -385,6 +399,8 @@ DMQ_CASES=(
 	not_regular_file
 	cached_mode
 	cached_mode_base
+	append_mode
+	append_mode_base
 	top_not_writable
 	not_readable
 	not_readable_base

@@ -543,6 +543,53 @@ case_refcount_growth() {
 	cmp snap0.raw snap1.raw || dmq_fail "the snapshot changed"
 }
 
+# O_APPEND set on the table's open files after the table was created (as
+# fcntl can through an fd from get_img_fd): the metadata writes that
+# follow (new L2 tables, L2 entries, refcount blocks, refcounts) must still
+# land where they belong, not at the end of the file. Our I/O uses kiocbs
+# with flags of its own, not the file's.
+case_append_set_later() {
+	local i off end pid
+	dmq_img_create base.qcow2 "$DEV_SIZE" cluster_size=4k
+	dmq_write base.qcow2 r:0:"$DEV_SIZE"
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=4k base.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw top.qcow2 want.raw
+	"$PYTHON" -c 'import os, sys; sys.stdout.buffer.write(os.urandom(12288))' >w.bin ||
+		dmq_fail "python"
+	# the helper keeps the fds (with O_APPEND set on them) until "done"
+	trap 'touch "$DMQ_CASE_DIR/done"' EXIT
+	dmq_create v --rw --append-after \
+		--then 'touch appended; while [ ! -e done ]; do sleep 0.1; done' \
+		base.qcow2 top.qcow2 &
+	pid=$!
+	end=$((SECONDS + 30))
+	until [ -e appended ]; do
+		kill -0 "$pid" 2>/dev/null || dmq_fail "dmq_open.py ended early"
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "O_APPEND was not set"
+		sleep 0.1
+	done
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	# 12k copied on write every 1M + 20k (a new L2 table every 2M, new
+	# refcount blocks as the file grows), then overwritten in place
+	for i in $(seq 0 30); do
+		off=$((i * (1048576 + 20480)))
+		dmq_run dd if=w.bin of="$DEV" bs=4k seek=$((off / 4096)) oflag=direct \
+			conv=notrunc status=none
+		dmq_run dd if=w.bin of=want.raw bs=4k seek=$((off / 4096)) \
+			conv=notrunc status=none
+	done
+	dmq_run dd if=w.bin of="$DEV" bs=4k seek=0 oflag=direct conv=notrunc,fsync status=none
+	touch done
+	wait "$pid" || dmq_fail "dmq_open.py failed"
+	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
+	cmp want.raw dev.raw || dmq_fail "the device does not hold the writes"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw top.qcow2 top.raw
+	cmp want.raw top.raw || dmq_fail "qemu-img convert of top.qcow2 differs (metadata went astray)"
+	echo "31 copy-on-write writes after O_APPEND was set: all where they belong"
+}
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -568,6 +615,7 @@ DMQ_CASES=(
 	fast_vs_discard
 	refcount_growth
 	numjobs
+	append_set_later
 )
 
 dmq_main "$@"
