@@ -236,7 +236,15 @@ pub(crate) struct Inner {
     /// Held by every bio from `map` to its end (see `dm::Target::inflight`).
     pub(crate) refs: InflightRefs,
     link: Arc<TargetLink>,
+    /// The I/O worker's queue (with a rescuer: bios wait for it).
     wq: OwnedQueue,
+    /// The ENOSPC retry, which sleeps between tries: a queue of its own
+    /// (with a rescuer: parked bios wait for it), so that it never holds up
+    /// the I/O worker.
+    retry_wq: OwnedQueue,
+    /// The merge walker, which runs for a whole merge: a queue of its own
+    /// (no rescuer: background work no I/O waits for).
+    merge_wq: OwnedQueue,
     errors: Errors,
     /// An ENOSPC happened and `get_event` has not reported it yet.
     enospc_event: AtomicBool,
@@ -320,7 +328,7 @@ impl WorkItem<0> for Inner {
             let st = this.state.lock();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
-            } else if let Some(q) = this.wq.queue() {
+            } else if let Some(q) = this.retry_wq.queue() {
                 let _ = q.enqueue::<_, 2>(this.clone());
             }
         }
@@ -487,7 +495,7 @@ impl Inner {
 
     /// Starts the merge walker (if it is not queued already).
     pub(crate) fn kick_merge(self: &Arc<Self>) {
-        if let Some(q) = self.wq.queue() {
+        if let Some(q) = self.merge_wq.queue() {
             let _ = q.enqueue::<_, 1>(self.clone());
         }
     }
@@ -789,7 +797,9 @@ impl dm::Target for Qcow2 {
         };
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
-        let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
+        let wq = OwnedQueue::new(c_str!("dm-qcow2"), true).map_err(oom)?;
+        let retry_wq = OwnedQueue::new(c_str!("dm-qcow2-retry"), true).map_err(oom)?;
+        let merge_wq = OwnedQueue::new(c_str!("dm-qcow2-merge"), false).map_err(oom)?;
         let (len_sectors, link) = (ti.len(), ti.link());
         let inner = Arc::pin_init(
             pin_init!(Inner {
@@ -799,6 +809,8 @@ impl dm::Target for Qcow2 {
                 refs,
                 link,
                 wq,
+                retry_wq,
+                merge_wq,
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
@@ -988,6 +1000,10 @@ impl dm::Target for Qcow2 {
 
     fn postsuspend(&self) {
         let inner = &self.inner;
+        // The retry may queue I/O work: it goes first. (The walker saw the
+        // merge cancelled by presuspend and stops.)
+        inner.retry_wq.flush();
+        inner.merge_wq.flush();
         inner.wq.flush();
         let mut st = inner.state.lock();
         if inner.writable {
@@ -1060,6 +1076,11 @@ impl Drop for Qcow2 {
         // Bios cannot be pending at destruction (device-mapper waits for them).
         // Stop the work items before the chain goes away; none of them may
         // hold the last reference to `inner` (we hold one until after this).
+        // The retry and the walker first: the retry queues I/O work (on a
+        // queue still alive); the I/O worker queues a retry only while bios
+        // are parked, and none are now (then `retry_wq.queue()` is `None`).
+        self.inner.retry_wq.shutdown();
+        self.inner.merge_wq.shutdown();
         self.inner.wq.shutdown();
         // No trim here (postsuspend did it): after a reload the new table
         // is live on the same files before the old one is destroyed.

@@ -264,9 +264,10 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
-struct workqueue_struct *dmq_alloc_workqueue(const char *name)
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 {
-	return alloc_workqueue("%s", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, name);
+	return alloc_workqueue("%s", (mem_reclaim ? WQ_MEM_RECLAIM : 0) | WQ_UNBOUND,
+			       0, name);
 }
 
 struct module *dmq_this_module(void)

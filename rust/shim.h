@@ -74,8 +74,12 @@ void dmq_noio_restore(unsigned int flags);
 /* Pairs with the kiocb_start_write() of a write by dmq_file_rw_bio(). */
 void dmq_kiocb_end_write(struct kiocb *iocb);
 
-/* Own workqueue (alloc_workqueue is variadic and printf-checked). */
-struct workqueue_struct *dmq_alloc_workqueue(const char *name);
+/*
+ * Own unbound workqueue (alloc_workqueue is variadic and printf-checked);
+ * @mem_reclaim: with a rescuer (WQ_MEM_RECLAIM), for work that I/O under
+ * memory pressure waits for.
+ */
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim);
 
 /*
  * In-flight reference switching: two percpu refs and an index. get() takes a
