@@ -23,6 +23,7 @@
 use crate::io::Src;
 use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
+use crate::kx::task;
 use crate::qcow2_format::Cluster;
 use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
@@ -274,7 +275,10 @@ impl Inner {
             if !self.merge_batch(&mut st) {
                 break;
             }
-            // Unlocked here: queued guest bios get the state between batches.
+            drop(st);
+            // Unlocked here: queued guest bios get the state between
+            // batches, and other tasks the CPU.
+            task::cond_resched();
         }
     }
 

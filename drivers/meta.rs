@@ -10,6 +10,7 @@
 //! before the L2 entry that makes it reachable. So cached pages are always
 //! clean and can be dropped at any time.
 
+use crate::count::AllocCount;
 use crate::kx::file::{File, IoBuf, DIO_ALIGN};
 use crate::kx::param;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
@@ -133,6 +134,8 @@ pub(crate) struct DeltaMd {
     hint: u64,
     /// File size as we last set it (it grows in `GROW_STEP`s).
     grown: u64,
+    /// Clusters mapping host data, for the status line (see `count`).
+    pub(crate) count: AllocCount,
 }
 
 /// Image files are extended (sparsely) in steps of this many bytes, so that
@@ -159,6 +162,7 @@ impl DeltaMd {
             rt_clusters: u64::from(hdr.refcount_table_clusters),
             hint: 1,
             grown: file.size(),
+            count: AllocCount::new(),
         })
     }
 
@@ -177,37 +181,6 @@ impl DeltaMd {
             self.rt_clusters = u64::from(hdr.refcount_table_clusters);
         }
         Ok(())
-    }
-
-    /// Number of clusters whose L2 entries reference host data (normal,
-    /// compressed, or extended with an allocated subcluster). Walks every L2
-    /// table through the cache.
-    pub(crate) fn count_allocated(&mut self, file: &File, hdr: &Header) -> Result<u64> {
-        let per_l2 = hdr.l2_entries();
-        let cs = hdr.cluster_size();
-        let mut n = 0u64;
-        for i in 0..self.l1.len() {
-            let vbase = (i as u64).checked_mul(per_l2 * cs).ok_or(EIO)?;
-            if vbase >= hdr.size {
-                break;
-            }
-            let Some(l1e) = self.l1_entry(hdr, vbase)? else {
-                continue;
-            };
-            for j in 0..per_l2 {
-                let vaddr = vbase + j * cs;
-                if vaddr >= hdr.size {
-                    break;
-                }
-                let (raw, bitmap) = self.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
-                let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(self.img, e))?;
-                n += u64::from(matches!(
-                    c,
-                    fmt::Cluster::Normal { .. } | fmt::Cluster::Compressed { .. }
-                ) || matches!(c, fmt::Cluster::Extended { host: Some(_), alloc, .. } if alloc != 0));
-            }
-        }
-        Ok(n)
     }
 
     /// The decoded L1 entry for `vaddr`.
@@ -270,6 +243,10 @@ impl DeltaMd {
             }
             return Err(e);
         }
+        // The status line's count follows every change of an entry.
+        let ext = hdr.extended_l2();
+        let was = (old.0.unwrap_or(0), if ext { old.1.unwrap_or(0) } else { 0 });
+        self.count.note(hdr, vaddr, was, (raw, if ext { bitmap } else { 0 }));
         Ok(())
     }
 

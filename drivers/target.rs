@@ -12,6 +12,7 @@ use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
+use crate::count;
 use crate::hot::Fast;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
@@ -21,6 +22,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
+use kernel::sync::lock::{mutex::MutexBackend, Guard};
 use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
@@ -685,10 +687,41 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Completes the allocated-cluster count of every delta that needs it
+    /// (the first status after a load of the metadata), a batch at a time,
+    /// with the state unlocked in between; returns with it locked.
+    fn count_clusters(&self) -> Guard<'_, WorkerState, MutexBackend> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        for md in st.md.iter_mut() {
+            md.count.failed = false;
+        }
+        loop {
+            // Deltas may change while unlocked (a merge completes): look again.
+            let next = (0..st.deltas.len()).find(|&i| {
+                let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
+                    return false;
+                };
+                !md.count.failed && md.count.value(&d.hdr).is_none()
+            });
+            let Some(i) = next else {
+                return st;
+            };
+            if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
+                if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
+                    md.count.failed = true;
+                }
+            }
+            drop(st);
+            task::cond_resched();
+            st = inner.state.lock();
+        }
+    }
+
     fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
         let inner = &self.inner;
         let e = &inner.errors;
-        let mut st = inner.state.lock();
+        let st = self.count_clusters();
         write!(
             out,
             "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
@@ -700,12 +733,9 @@ impl Qcow2 {
         )?;
         merge::describe(st.merge.as_ref(), out)?;
         write!(out, " clusters=")?;
-        for i in 0..st.deltas.len() {
-            let Ok(d) = st.delta(i) else { break };
-            let n = match st.md.get_mut(i) {
-                Some(md) => md.count_allocated(&d.file, &d.hdr).ok(),
-                None => None,
-            };
+        for (i, d) in st.deltas.iter().enumerate() {
+            // O(1): counted when the metadata was loaded, kept up to date since.
+            let n = st.md.get(i).and_then(|md| md.count.value(&d.hdr));
             if i > 0 {
                 write!(out, ",")?;
             }

@@ -275,6 +275,11 @@ struct module *dmq_this_module(void)
 	return THIS_MODULE;
 }
 
+void dmq_cond_resched(void)
+{
+	cond_resched();
+}
+
 unsigned int dmq_noio_save(void)
 {
 	return memalloc_noio_save();

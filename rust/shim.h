@@ -67,6 +67,9 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
 			void (*done)(struct kiocb *iocb, long ret));
 
+/* cond_resched() (a macro). */
+void dmq_cond_resched(void);
+
 /* Allocation scope for the I/O path: no allocation may recurse into I/O. */
 unsigned int dmq_noio_save(void);
 void dmq_noio_restore(unsigned int flags);

@@ -519,6 +519,44 @@ case_status_info() {
 	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
 }
 
+# The clusters= counts are kept up to date (not recounted per status):
+# they follow allocation, copy-on-write, discard and write-zeroes of a
+# compressed cluster, are rebuilt after a resume (the metadata is read
+# again), and agree with qemu-img map.
+case_status_counts() {
+	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
+	local full
+	need blkdiscard
+	full=$(dmq_full_name v)
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:2M
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	# 16 clusters of data, 2 compressed ones
+	dmq_write top.qcow2 r:4M:1M ct:8M:128k
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	expect_status v "images=2 $idle clusters=32,18"
+	random w.bin 64k
+	put w.bin "$DEV" $((12 * MIB))
+	expect_status v "images=2 $idle clusters=32,19"
+	# copy-on-write of a cluster of the base
+	put w.bin "$DEV" $((MIB))
+	expect_status v "images=2 $idle clusters=32,20"
+	# four clusters of the top discarded (zero clusters now)
+	dmq_run blkdiscard -o $((4 * MIB)) -l $((256 * 1024)) "$DEV"
+	expect_status v "images=2 $idle clusters=32,16"
+	# a compressed cluster zeroed
+	dmq_run blkdiscard -z -o $((8 * MIB)) -l 65536 "$DEV"
+	expect_status v "images=2 $idle clusters=32,15"
+	dmq_run "$DMSETUP" suspend "$full"
+	dmq_run "$DMSETUP" resume "$full"
+	expect_status v "images=2 $idle clusters=32,15"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	[ "$(map_clusters top.qcow2)" = 15 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
+	[ "$(map_clusters base.qcow2)" = 32 ] || dmq_fail "qemu-img map: base.qcow2 has $(map_clusters base.qcow2) clusters"
+}
+
 # ------------------------------------------------------- fault injection
 
 case_fault_injection() {
@@ -860,6 +898,7 @@ DMQ_CASES=(
 	nonroot
 	suspended_busy
 	status_info
+	status_counts
 	fault_injection
 	enospc
 	suspend_loop
