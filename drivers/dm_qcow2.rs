@@ -17,6 +17,7 @@ use kernel::prelude::*;
 #[allow(dead_code)]
 #[path = "../rust/mod.rs"]
 mod kx;
+mod count;
 mod hot;
 mod io;
 mod merge;

@@ -373,8 +373,7 @@ impl Inner {
         let mut cow = st.cow.take().ok_or(EIO)?;
         let res = (|| -> Result {
             let buf = cow.get_mut(start as usize..end as usize).ok_or(EIO)?;
-            let (head, rest) = buf.split_at_mut((off - start) as usize);
-            let (mid, tail) = rest.split_at_mut(len as usize);
+            let (head, mid, tail) = split3(buf, (off - start) as usize, len as usize)?;
             self.read_into(st, d, base + start, head)?;
             match src {
                 Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
@@ -439,8 +438,9 @@ impl Inner {
         let cs = hdr.cluster_size();
         let off = hdr.offset_in_cluster(vaddr);
         let base = vaddr - off;
-        let (head, rest) = cow.split_at_mut(off as usize);
-        let (mid, tail) = rest.split_at_mut(len as usize);
+        // Checked, not assumed: `cow` must be a cluster and the write inside it.
+        let cow = cow.get_mut(..cs as usize).ok_or(EIO)?;
+        let (head, mid, tail) = split3(cow, off as usize, len as usize)?;
         self.read_into(st, d, base, head)?;
         match src {
             Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
@@ -526,6 +526,17 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// `buf` split into `[..a]`, `[a..a + b]` and the rest; EIO (never a panic)
+/// if that does not fit.
+fn split3(buf: &mut [u8], a: usize, b: usize) -> Result<(&mut [u8], &mut [u8], &mut [u8])> {
+    if a.checked_add(b).map_or(true, |e| e > buf.len()) {
+        return Err(EIO);
+    }
+    let (head, rest) = buf.split_at_mut(a);
+    let (mid, tail) = rest.split_at_mut(b);
+    Ok((head, mid, tail))
 }
 
 /// Bits `first..=last` (subcluster indices below 32).

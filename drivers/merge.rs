@@ -23,6 +23,7 @@
 use crate::io::Src;
 use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
+use crate::kx::task;
 use crate::qcow2_format::Cluster;
 use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
@@ -92,7 +93,17 @@ impl Merge {
         match self.stage {
             Stage::Ready => 100,
             _ if self.end == 0 => 100,
-            _ => (self.cursor.min(self.end) * 100 / self.end).min(99),
+            // `end` (a virtual size) may exceed u64::MAX / 100; no 128-bit
+            // division in the kernel (__udivti3) either.
+            _ => {
+                let c = self.cursor.min(self.end);
+                let pct = match c.checked_mul(100) {
+                    Some(x) => x / self.end,
+                    // Here end >= c > u64::MAX / 100, so end / 100 > 0.
+                    None => c / (self.end / 100).max(1),
+                };
+                pct.min(99)
+            }
         }
     }
 
@@ -201,20 +212,28 @@ impl Inner {
             }
             let n = st.deltas.len();
             let top = n.checked_sub(1).ok_or(EINVAL)?;
+            // `depth` comes from a message: any usize. Range-checked against
+            // the chain first, then only subtracted from `top` (checked, so
+            // that a mistake here is an error, never an overflow panic with
+            // the state locked).
             let (depth, src, dst) = match dir {
                 Dir::Backward => {
                     let k = depth.unwrap_or(0);
-                    if k + 1 >= n {
+                    // 0..=top-1: the delta at k has one below it.
+                    if k >= top {
                         return Err(EINVAL);
                     }
-                    (k, top - k, top - k - 1)
+                    let src = top.checked_sub(k).ok_or(EINVAL)?;
+                    (k, src, src.checked_sub(1).ok_or(EINVAL)?)
                 }
                 Dir::Forward => {
                     let k = depth.unwrap_or(1);
-                    if k == 0 || k >= n {
+                    // 1..=top: the delta at k has one above it.
+                    if k == 0 || k > top {
                         return Err(EINVAL);
                     }
-                    (k, top - k, top - k + 1)
+                    let src = top.checked_sub(k).ok_or(EINVAL)?;
+                    (k, src, src.checked_add(1).ok_or(EINVAL)?)
                 }
             };
             let (s, d) = (st.delta(src)?, st.delta(dst)?);
@@ -269,7 +288,10 @@ impl Inner {
             if !self.merge_batch(&mut st) {
                 break;
             }
-            // Unlocked here: queued guest bios get the state between batches.
+            drop(st);
+            // Unlocked here: queued guest bios get the state between
+            // batches, and other tasks the CPU.
+            task::cond_resched();
         }
     }
 

@@ -31,6 +31,7 @@
 //! Clean pages may be dropped at any time; dirty ones never (when no clean
 //! page is left, or too many are dirty, the cache commits first).
 
+use crate::count::AllocCount;
 use crate::kx::file::{File, IoBuf, DIO_ALIGN};
 use crate::kx::param;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
@@ -240,6 +241,8 @@ pub(crate) struct DeltaMd {
     hint: u64,
     /// File size as we last set it (it grows in `GROW_STEP`s).
     grown: u64,
+    /// Clusters mapping host data, for the status line (see `count`).
+    pub(crate) count: AllocCount,
 }
 
 /// Image files are extended (sparsely) in steps of this many bytes, so that
@@ -272,6 +275,7 @@ impl DeltaMd {
             frees_ready: KVec::new(),
             hint: 1,
             grown: file.size(),
+            count: AllocCount::new(),
         })
     }
 
@@ -435,37 +439,6 @@ impl DeltaMd {
         self.cache.pages.get_mut(&off).map(|p| &mut p.buf).ok_or(EIO)
     }
 
-    /// Number of clusters whose L2 entries reference host data (normal,
-    /// compressed, or extended with an allocated subcluster). Walks every L2
-    /// table through the cache.
-    pub(crate) fn count_allocated(&mut self, file: &File, hdr: &Header) -> Result<u64> {
-        let per_l2 = hdr.l2_entries();
-        let cs = hdr.cluster_size();
-        let mut n = 0u64;
-        for i in 0..self.l1.len() {
-            let vbase = (i as u64).checked_mul(per_l2 * cs).ok_or(EIO)?;
-            if vbase >= hdr.size {
-                break;
-            }
-            let Some(l1e) = self.l1_entry(hdr, vbase)? else {
-                continue;
-            };
-            for j in 0..per_l2 {
-                let vaddr = vbase + j * cs;
-                if vaddr >= hdr.size {
-                    break;
-                }
-                let (raw, bitmap) = self.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
-                let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(self.img, e))?;
-                n += u64::from(matches!(
-                    c,
-                    fmt::Cluster::Normal { .. } | fmt::Cluster::Compressed { .. }
-                ) || matches!(c, fmt::Cluster::Extended { host: Some(_), alloc, .. } if alloc != 0));
-            }
-        }
-        Ok(n)
-    }
-
     /// The decoded L1 entry for `vaddr`.
     pub(crate) fn l1_entry(&self, hdr: &Header, vaddr: u64) -> Result<Option<fmt::L1Entry>> {
         let raw = *usize::try_from(hdr.l1_index(vaddr))
@@ -516,6 +489,7 @@ impl DeltaMd {
         if hdr.extended_l2() && fmt::table_entry(page, at + 1).is_none() {
             return Err(EIO);
         }
+        let old = (fmt::table_entry(page, at), fmt::table_entry(page, at + 1));
         fmt::set_table_entry(page, at, raw).ok_or(EIO)?;
         if hdr.extended_l2() {
             fmt::set_table_entry(page, at + 1, bitmap).ok_or(EIO)?;
@@ -523,6 +497,10 @@ impl DeltaMd {
         if raw & fmt::L2E_OFFSET_MASK != 0 || raw & fmt::L2E_COMPRESSED != 0 {
             self.barrier = true;
         }
+        // The status line's count follows every change of an entry.
+        let ext = hdr.extended_l2();
+        let was = (old.0.unwrap_or(0), if ext { old.1.unwrap_or(0) } else { 0 });
+        self.count.note(hdr, vaddr, was, (raw, if ext { bitmap } else { 0 }));
         Ok(())
     }
 

@@ -12,6 +12,7 @@ use crate::kx::param;
 use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
+use crate::count;
 use crate::hot::Fast;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
@@ -21,6 +22,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
+use kernel::sync::lock::{mutex::MutexBackend, Guard};
 use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
@@ -71,6 +73,11 @@ impl Delta {
         }
         if !file.is_direct() {
             return Err(ctr_err(EINVAL, c_str!("Image opened in cached mode, need O_DIRECT")));
+        }
+        // Writes would land at the end of the file, wherever they were meant
+        // to go (our own I/O ignores the flag, but the file is shared).
+        if file.is_append() {
+            return Err(ctr_err(EINVAL, c_str!("Image opened with O_APPEND")));
         }
         if !file.readable() {
             return Err(ctr_err(EACCES, c_str!("Image is not opened for reading")));
@@ -188,6 +195,28 @@ impl WorkerState {
     }
 }
 
+/// The worker's buffers sized for one cluster of the chain (all deltas have
+/// the top's cluster size).
+struct ClusterBufs {
+    cow: IoBuf,
+    zin: IoBuf,
+    zout: IoBuf,
+}
+
+impl ClusterBufs {
+    fn new(cs: usize) -> Result<Self> {
+        // A compressed cluster spans at most two clusters of input, plus
+        // alignment slack on both ends.
+        let zin_len = cs.checked_mul(2).and_then(|n| n.checked_add(2 * DIO_ALIGN)).ok_or(ENOMEM)?;
+        Ok(Self { cow: IoBuf::new(cs)?, zin: IoBuf::new(zin_len)?, zout: IoBuf::new(cs)? })
+    }
+
+    /// Whether the buffers of `st` are sized for clusters of `cs` bytes.
+    fn fit(st: &WorkerState, cs: usize) -> bool {
+        st.cow.as_ref().map(|b| b.len()) == Some(cs) && st.zout.len() == cs
+    }
+}
+
 /// Error state reported by `get_errors` and the status line.
 #[derive(Default)]
 struct Errors {
@@ -212,7 +241,15 @@ pub(crate) struct Inner {
     /// Held by every bio from `map` to its end (see `dm::Target::inflight`).
     pub(crate) refs: InflightRefs,
     link: Arc<TargetLink>,
+    /// The I/O worker's queue (with a rescuer: bios wait for it).
     wq: OwnedQueue,
+    /// The ENOSPC retry, which sleeps between tries: a queue of its own
+    /// (with a rescuer: parked bios wait for it), so that it never holds up
+    /// the I/O worker.
+    retry_wq: OwnedQueue,
+    /// The merge walker, which runs for a whole merge: a queue of its own
+    /// (no rescuer: background work no I/O waits for).
+    merge_wq: OwnedQueue,
     errors: Errors,
     /// An ENOSPC happened and `get_event` has not reported it yet.
     enospc_event: AtomicBool,
@@ -317,7 +354,7 @@ impl WorkItem<0> for Inner {
             let st = this.state.lock();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
-            } else if let Some(q) = this.wq.queue() {
+            } else if let Some(q) = this.retry_wq.queue() {
                 let _ = q.enqueue::<_, 2>(this.clone());
             }
         }
@@ -585,7 +622,7 @@ impl Inner {
 
     /// Starts the merge walker (if it is not queued already).
     pub(crate) fn kick_merge(self: &Arc<Self>) {
-        if let Some(q) = self.wq.queue() {
+        if let Some(q) = self.merge_wq.queue() {
             let _ = q.enqueue::<_, 1>(self.clone());
         }
     }
@@ -692,6 +729,19 @@ impl Inner {
             }
             md.push(DeltaMd::load(i, &d.file, &d.hdr, self.writable && i + 1 == n)?, GFP_KERNEL)?;
         }
+        // The images may have been rewritten with another cluster size while
+        // we were suspended (same files, other content): the buffers sized
+        // for a cluster at ctr must follow, or copy-on-write would not fit.
+        let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
+        let bufs = if ClusterBufs::fit(st, cs) {
+            None
+        } else {
+            let old = st.zout.len();
+            pr_info!("dm-qcow2: cluster size changed from {} to {} bytes\n", old, cs);
+            Some(ClusterBufs::new(cs).inspect_err(|_| {
+                pr_err!("dm-qcow2: no memory for buffers of the new cluster size {}\n", cs);
+            })?)
+        };
         let mut arcs = KVec::with_capacity(n, GFP_KERNEL)?;
         for d in deltas {
             arcs.push(Arc::new(d, GFP_KERNEL)?, GFP_KERNEL)?;
@@ -699,6 +749,11 @@ impl Inner {
         st.deltas = arcs;
         st.md = md;
         st.zkey = None;
+        if let Some(b) = bufs {
+            st.cow = Some(b.cow);
+            st.zin = b.zin;
+            st.zout = b.zout;
+        }
         self.fast_on(st);
         Ok(())
     }
@@ -757,10 +812,41 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Completes the allocated-cluster count of every delta that needs it
+    /// (the first status after a load of the metadata), a batch at a time,
+    /// with the state unlocked in between; returns with it locked.
+    fn count_clusters(&self) -> Guard<'_, WorkerState, MutexBackend> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        for md in st.md.iter_mut() {
+            md.count.failed = false;
+        }
+        loop {
+            // Deltas may change while unlocked (a merge completes): look again.
+            let next = (0..st.deltas.len()).find(|&i| {
+                let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
+                    return false;
+                };
+                !md.count.failed && md.count.value(&d.hdr).is_none()
+            });
+            let Some(i) = next else {
+                return st;
+            };
+            if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
+                if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
+                    md.count.failed = true;
+                }
+            }
+            drop(st);
+            task::cond_resched();
+            st = inner.state.lock();
+        }
+    }
+
     fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
         let inner = &self.inner;
         let e = &inner.errors;
-        let mut st = inner.state.lock();
+        let st = self.count_clusters();
         write!(
             out,
             "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
@@ -772,12 +858,9 @@ impl Qcow2 {
         )?;
         merge::describe(st.merge.as_ref(), out)?;
         write!(out, " clusters=")?;
-        for i in 0..st.deltas.len() {
-            let Ok(d) = st.delta(i) else { break };
-            let n = match st.md.get_mut(i) {
-                Some(md) => md.count_allocated(&d.file, &d.hdr).ok(),
-                None => None,
-            };
+        for (i, d) in st.deltas.iter().enumerate() {
+            // O(1): counted when the metadata was loaded, kept up to date since.
+            let n = st.md.get(i).and_then(|md| md.count.value(&d.hdr));
             if i > 0 {
                 write!(out, ",")?;
             }
@@ -790,12 +873,26 @@ impl Qcow2 {
     }
 }
 
-/// Parses a decimal message argument.
+/// Parses message argument `i` as a decimal number of type `T`. Every
+/// message argument is untrusted: a missing word, anything but digits (with
+/// an optional sign where `T` has one) or a value outside `T`'s range is
+/// EINVAL. The parse itself cannot overflow (`FromStr` checks), and callers
+/// range-check the value without arithmetic that can.
 fn arg<T: core::str::FromStr>(args: &[&CStr], i: usize) -> Result<T> {
     args.get(i)
         .and_then(|a| a.to_str().ok())
         .and_then(|s| s.parse::<T>().ok())
         .ok_or(EINVAL)
+}
+
+/// The message has exactly `n` words (the command included): extra
+/// arguments are refused, not ignored.
+fn arity(args: &[&CStr], n: usize) -> Result {
+    if args.len() == n {
+        Ok(())
+    } else {
+        Err(EINVAL)
+    }
 }
 
 impl dm::Target for Qcow2 {
@@ -814,11 +911,18 @@ impl dm::Target for Qcow2 {
         let mut deltas = KVec::with_capacity(args.len(), GFP_KERNEL).map_err(oom)?;
         for (i, a) in args.iter().enumerate() {
             let d = Delta::open(a, i + 1 == args.len(), writable)?;
+            // One file twice in the chain would be written as the top and
+            // read as a lower delta (or merged into itself): refuse it, also
+            // through another fd, path or hard link.
+            if deltas.iter().any(|o: &Delta| o.file.same_file(&d.file)) {
+                return Err(ctr_err(EINVAL, c_str!("Same image file given twice in the chain")));
+            }
             deltas.push(d, GFP_KERNEL).map_err(oom)?;
         }
         Self::check_chain(&deltas, ti.len())?;
 
         let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
+        let bufs = ClusterBufs::new(cs).map_err(oom)?;
         let mut md = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
         for (i, d) in deltas.iter().enumerate() {
             let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len())
@@ -832,12 +936,10 @@ impl dm::Target for Qcow2 {
         let st = WorkerState {
             deltas: arcs,
             md,
-            cow: Some(IoBuf::new(cs).map_err(oom)?),
+            cow: Some(bufs.cow),
             inflater: Inflater::new().map_err(oom)?,
-            // A compressed cluster spans at most two clusters of input, plus
-            // alignment slack on both ends.
-            zin: IoBuf::new(2 * cs + 2 * DIO_ALIGN).map_err(oom)?,
-            zout: IoBuf::new(cs).map_err(oom)?,
+            zin: bufs.zin,
+            zout: bufs.zout,
             zkey: None,
             merge: None,
             parked: BioList::new(),
@@ -851,7 +953,9 @@ impl dm::Target for Qcow2 {
         };
         let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
-        let wq = OwnedQueue::new(c_str!("dm-qcow2")).map_err(oom)?;
+        let wq = OwnedQueue::new(c_str!("dm-qcow2"), true).map_err(oom)?;
+        let retry_wq = OwnedQueue::new(c_str!("dm-qcow2-retry"), true).map_err(oom)?;
+        let merge_wq = OwnedQueue::new(c_str!("dm-qcow2-merge"), false).map_err(oom)?;
         let (len_sectors, link) = (ti.len(), ti.link());
         let inner = Arc::pin_init(
             pin_init!(Inner {
@@ -861,6 +965,8 @@ impl dm::Target for Qcow2 {
                 refs,
                 link,
                 wq,
+                retry_wq,
+                merge_wq,
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
@@ -932,6 +1038,7 @@ impl dm::Target for Qcow2 {
         let suspended = || inner.link.suspended();
         match cmd {
             b"get_img_name" | b"get_img_id" => {
+                arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
                 let d = inner.state.lock().delta(id).ok();
                 if let Some(d) = d {
@@ -942,6 +1049,7 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_img_fd" => {
+                arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
                 let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
                 let fd = d.file.install_fd()?;
@@ -949,6 +1057,7 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_errors" => {
+                arity(args, 1)?;
                 let e = &inner.errors;
                 let _ = write!(
                     out,
@@ -960,17 +1069,20 @@ impl dm::Target for Qcow2 {
                 Ok(())
             }
             b"get_event" => {
+                arity(args, 1)?;
                 if inner.enospc_event.swap(false, Ordering::AcqRel) {
                     let _ = writeln!(out, "event_ENOSPC");
                 }
                 Ok(())
             }
             b"set_fault_injection" => {
+                arity(args, 3)?;
+                // Parsed (EINVAL) before the state is looked at.
+                let id: usize = arg(args, 1)?;
+                let ratio: u32 = arg(args, 2)?;
                 if suspended() {
                     return Err(EBUSY);
                 }
-                let id: usize = arg(args, 1)?;
-                let ratio: u32 = arg(args, 2)?;
                 let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
                 d.file.set_fault_ratio(ratio)
             }
@@ -979,23 +1091,27 @@ impl dm::Target for Qcow2 {
                 let sub = args.get(1).ok_or(EINVAL)?.as_bytes();
                 match sub {
                     b"start" => {
-                        if suspended() {
-                            return Err(EBUSY);
+                        if !(3..=4).contains(&args.len()) {
+                            return Err(EINVAL);
                         }
+                        // An fd is an int; a depth any usize, range-checked
+                        // against the chain by `merge_start`.
                         let efd: i32 = arg(args, 2)?;
                         let depth = if args.len() > 3 { Some(arg::<usize>(args, 3)?) } else { None };
-                        if args.len() > 4 {
-                            return Err(EINVAL);
+                        if suspended() {
+                            return Err(EBUSY);
                         }
                         inner.merge_start(dir, efd, depth)
                     }
                     b"complete" => {
+                        arity(args, 2)?;
                         if suspended() {
                             return Err(EBUSY);
                         }
                         inner.merge_complete(dir)
                     }
                     b"cancel" => {
+                        arity(args, 2)?;
                         let mut st = inner.state.lock();
                         if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
                             return Err(EINVAL);
@@ -1003,6 +1119,7 @@ impl dm::Target for Qcow2 {
                         inner.merge_cancel(&mut st)
                     }
                     b"progress" => {
+                        arity(args, 2)?;
                         let st = inner.state.lock();
                         let m = st.merge.as_ref().filter(|m| m.dir == dir);
                         let _ = merge::describe(m, out);
@@ -1040,6 +1157,10 @@ impl dm::Target for Qcow2 {
 
     fn postsuspend(&self) {
         let inner = &self.inner;
+        // The retry may queue I/O work: it goes first. (The walker saw the
+        // merge cancelled by presuspend and stops.)
+        inner.retry_wq.flush();
+        inner.merge_wq.flush();
         inner.wq.flush();
         let mut st = inner.state.lock();
         // Everything the cache holds goes to the images before they are
@@ -1133,6 +1254,11 @@ impl Drop for Qcow2 {
         // Bios cannot be pending at destruction (device-mapper waits for them).
         // Stop the work items before the chain goes away; none of them may
         // hold the last reference to `inner` (we hold one until after this).
+        // The retry and the walker first: the retry queues I/O work (on a
+        // queue still alive); the I/O worker queues a retry only while bios
+        // are parked, and none are now (then `retry_wq.queue()` is `None`).
+        self.inner.retry_wq.shutdown();
+        self.inner.merge_wq.shutdown();
         self.inner.wq.shutdown();
         // No trim here (postsuspend did it): after a reload the new table
         // is live on the same files before the old one is destroyed. For the

@@ -168,6 +168,23 @@ impl File {
         unsafe { bindings::dmq_file_writable(self.as_raw()) }
     }
 
+    /// The same file as `other`: the same inode, or (stacking file systems)
+    /// the same inode underneath. Hard links and two opens of one path are
+    /// the same file.
+    pub(crate) fn same_file(&self, other: &File) -> bool {
+        // SAFETY: Both files are valid while we hold a reference to each; their
+        // paths (and so dentries and inodes) are pinned by those references.
+        unsafe { bindings::dmq_file_same_inode(self.as_raw(), other.as_raw()) }
+    }
+
+    /// Opened with O_APPEND (now: `fcntl` may change it later, which the
+    /// I/O here does not follow: it sets its own kiocb flags).
+    pub(crate) fn is_append(&self) -> bool {
+        // SAFETY: The file is valid while we hold a reference; the shim only
+        // reads `f_flags` (READ_ONCE).
+        unsafe { bindings::dmq_file_append(self.as_raw()) }
+    }
+
     /// Opened with O_DIRECT.
     pub(crate) fn is_direct(&self) -> bool {
         // SAFETY: The file is valid; `f_flags` is only read.
@@ -224,13 +241,14 @@ impl File {
     /// (short at end of file). `buf` and `pos` must suit direct I/O.
     pub(crate) fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.inject()?;
-        let mut pos = i64::try_from(pos).map_err(|_| EINVAL)?;
-        // SAFETY: The file is valid and `buf` is writable for its length.
-        let r = unsafe { bindings::kernel_read(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), &mut pos) };
+        let pos = i64::try_from(pos).map_err(|_| EINVAL)?;
+        // SAFETY: The file is valid and `buf` is writable for its length; the
+        // shim reads into it synchronously (done when the call returns).
+        let r = unsafe { bindings::dmq_file_rw_sync(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), pos, false) };
         if r < 0 {
             return Err(Error::from_errno(r as i32));
         }
-        Ok(r as usize)
+        Ok((r as usize).min(buf.len()))
     }
 
     /// Writes all of `buf` at `pos`, synchronously. `buf` and `pos` must
@@ -240,8 +258,12 @@ impl File {
         let mut ipos = i64::try_from(pos).map_err(|_| EINVAL)?;
         let mut rest = buf;
         while !rest.is_empty() {
-            // SAFETY: The file is valid and `rest` is readable for its length.
-            let r = unsafe { bindings::kernel_write(self.as_raw(), rest.as_ptr().cast(), rest.len(), &mut ipos) };
+            // SAFETY: The file is valid and `rest` is readable for its length;
+            // the shim only reads it (`ITER_SOURCE`), synchronously. The
+            // buffer is not written through the `*mut` the C prototype takes.
+            let r = unsafe {
+                bindings::dmq_file_rw_sync(self.as_raw(), rest.as_ptr().cast_mut().cast(), rest.len(), ipos, true)
+            };
             if r < 0 {
                 return Err(Error::from_errno(r as i32));
             }
@@ -251,6 +273,7 @@ impl File {
                 Some(t) if r > 0 => t,
                 _ => return Err(EIO),
             };
+            ipos = ipos.checked_add(r as i64).ok_or(EIO)?;
         }
         Ok(())
     }
@@ -290,13 +313,23 @@ impl File {
         dsync: bool,
         inflight: &Arc<IoCounter>,
     ) {
+        // Every early return below ends `bio` itself: until it is moved into
+        // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
+        // and a `Bio` that is dropped instead of ended still ends (EIO).
         let Ok(ipos) = i64::try_from(pos) else {
             return bio.end(Err(EINVAL));
         };
         if let Err(e) = self.inject() {
             return bio.end(Err(e));
         }
-        let io = KBox::new(
+        // Allocate before the bio goes in: were the bio moved into
+        // `KBox::new`'s argument, a failed allocation would drop it inside a
+        // `ManuallyDrop` and it would never complete (suspend would hang).
+        let Ok(slot) = KBox::<BioIo>::new_uninit(GFP_KERNEL) else {
+            return bio.end(Err(ENOMEM));
+        };
+        let io = KBox::write(
+            slot,
             BioIo {
                 // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
                 // initialises it before use.
@@ -310,10 +343,9 @@ impl File {
                 started: false,
                 inflight: inflight.clone(),
             },
-            GFP_KERNEL,
         );
-        // On failure the box's contents, and so the bio, are dropped: it ends with EIO.
-        let Ok(io) = io else { return };
+        // From here the bio is ended by `bio_io_done`, exactly once: by the
+        // file system's completion if the I/O queued, else by us below.
         inflight.0.fetch_add(1, Ordering::AcqRel);
         let io = KBox::into_raw(io);
         // SAFETY: `io` is a valid leaked box holding two references: one for the
@@ -408,10 +440,11 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         Err(Error::from_errno(ret as i32))
     } else if ret as u64 >= u64::from(len) {
         Ok(())
-    } else if !write && pos + ret as u64 >= file_size {
-        // Short read at the end of the file: the rest reads as zeroes.
+    } else if !write && pos.saturating_add(ret as u64) >= file_size {
+        // Short read at the end of the file: the rest reads as zeroes
+        // (`ret < len` here, so neither sum nor difference can wrap).
         let got = ret as u32;
-        bio.zero(off + got, len - got)
+        bio.zero(off.saturating_add(got), len - got)
     } else {
         Err(EIO)
     };

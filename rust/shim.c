@@ -152,6 +152,62 @@ bool dmq_file_writable(struct file *file)
 	return file->f_mode & FMODE_WRITE;
 }
 
+bool dmq_file_same_inode(struct file *a, struct file *b)
+{
+	/*
+	 * The inode the file was opened on, and the one that holds its data
+	 * (they differ on stacking file systems such as overlayfs, where the
+	 * same data can also be opened through the layer below).
+	 */
+	return file_inode(a) == file_inode(b) ||
+	       d_real_inode(a->f_path.dentry) == d_real_inode(b->f_path.dentry);
+}
+
+bool dmq_file_append(struct file *file)
+{
+	return READ_ONCE(file->f_flags) & O_APPEND;
+}
+
+ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
+			 bool write)
+{
+	struct kvec kv = { .iov_base = buf, .iov_len = len };
+	struct iov_iter iter;
+	struct kiocb kiocb;
+	ssize_t ret;
+
+	if (pos < 0 || len > MAX_RW_COUNT || len > LLONG_MAX - pos)
+		return -EINVAL;
+	if (!(file->f_mode & FMODE_CAN_ODIRECT))
+		return -EINVAL;
+	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
+		    !file->f_op->write_iter
+		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
+		    !file->f_op->read_iter)
+		return -EBADF;
+	/*
+	 * As kernel_read()/kernel_write(), but with flags of our own instead of
+	 * the file's (f_iocb_flags follows O_APPEND and O_DSYNC, which fcntl()
+	 * may set on the fd get_img_fd hands out): direct I/O at @pos, always.
+	 * A synchronous kiocb (no ki_complete): the call returns when done.
+	 */
+	init_sync_kiocb(&kiocb, file);
+	kiocb.ki_flags = IOCB_DIRECT;
+	kiocb.ki_pos = pos;
+	iov_iter_kvec(&iter, write ? ITER_SOURCE : ITER_DEST, &kv, 1, len);
+	if (write) {
+		file_start_write(file);
+		ret = file->f_op->write_iter(&kiocb, &iter);
+		file_end_write(file);
+	} else {
+		ret = file->f_op->read_iter(&kiocb, &iter);
+	}
+	/* Cannot happen for a synchronous kiocb; never report it as a size. */
+	if (WARN_ON_ONCE(ret == -EIOCBQUEUED))
+		ret = -EIO;
+	return ret;
+}
+
 bool dmq_table_writable(struct dm_target *ti)
 {
 	return dm_table_get_mode(ti->table) & BLK_OPEN_WRITE;
@@ -188,12 +244,27 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 	memset(iocb, 0, sizeof(*iocb));
 	iocb->ki_filp = file;
 	iocb->ki_pos = pos;
-	/* Not the file's own flags: no IOCB_APPEND or DSYNC surprises. */
-	iocb->ki_flags = IOCB_DIRECT | (write && dsync ? IOCB_DSYNC : 0);
+	/*
+	 * Not the file's own flags: no IOCB_APPEND or DSYNC surprises. A write
+	 * carries IOCB_WRITE, as aio and io_uring set it: stacking file systems
+	 * copy our flags to the kiocb they send down (overlayfs'
+	 * backing_file_write_iter) and end that kiocb's freeze protection of
+	 * the real file system (taken by vfs_iocb_iter_write) only if it is
+	 * set; without it every queued write leaked an sb_writers reference
+	 * there and fsfreeze hung.
+	 */
+	iocb->ki_flags = IOCB_DIRECT |
+			 (write ? IOCB_WRITE : 0) |
+			 (write && dsync ? IOCB_DSYNC : 0);
 	iocb->ki_ioprio = get_current_ioprio();
 	iocb->ki_complete = done;
 	*started = true;
 	if (write) {
+		/*
+		 * Freeze protection of the file's own file system for the whole
+		 * I/O, as loop's lo_rw_aio(): ended by the completion
+		 * (dmq_kiocb_end_write()), also when the write did not queue.
+		 */
 		kiocb_start_write(iocb);
 		return file->f_op->write_iter(iocb, &iter);
 	}
@@ -205,14 +276,20 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
-struct workqueue_struct *dmq_alloc_workqueue(const char *name)
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 {
-	return alloc_workqueue("%s", WQ_MEM_RECLAIM | WQ_UNBOUND, 0, name);
+	return alloc_workqueue("%s", (mem_reclaim ? WQ_MEM_RECLAIM : 0) | WQ_UNBOUND,
+			       0, name);
 }
 
 struct module *dmq_this_module(void)
 {
 	return THIS_MODULE;
+}
+
+void dmq_cond_resched(void)
+{
+	cond_resched();
 }
 
 unsigned int dmq_noio_save(void)

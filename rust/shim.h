@@ -44,6 +44,17 @@ unsigned int dmq_file_dma_alignment(struct file *file);
 bool dmq_file_is_reg(struct file *file);
 bool dmq_file_readable(struct file *file);
 bool dmq_file_writable(struct file *file);
+/* Whether @a and @b are the same file (same inode, or same data inode). */
+bool dmq_file_same_inode(struct file *a, struct file *b);
+/* Whether @file is in append mode (O_APPEND, which fcntl may change). */
+bool dmq_file_append(struct file *file);
+/*
+ * Synchronous direct I/O of @len bytes between @buf (kernel memory, suitably
+ * aligned) and @file at @pos, with IOCB_DIRECT and none of the file's own
+ * flags (no O_APPEND, O_DSYNC). Returns the bytes transferred or -errno.
+ */
+ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
+			 bool write);
 
 /*
  * Direct I/O between [off, off + len) of @bio and @file at @pos, in the bio's
@@ -57,6 +68,9 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
 			void (*done)(struct kiocb *iocb, long ret));
 
+/* cond_resched() (a macro). */
+void dmq_cond_resched(void);
+
 /* Allocation scope for the I/O path: no allocation may recurse into I/O. */
 unsigned int dmq_noio_save(void);
 void dmq_noio_restore(unsigned int flags);
@@ -64,8 +78,12 @@ void dmq_noio_restore(unsigned int flags);
 /* Pairs with the kiocb_start_write() of a write by dmq_file_rw_bio(). */
 void dmq_kiocb_end_write(struct kiocb *iocb);
 
-/* Own workqueue (alloc_workqueue is variadic and printf-checked). */
-struct workqueue_struct *dmq_alloc_workqueue(const char *name);
+/*
+ * Own unbound workqueue (alloc_workqueue is variadic and printf-checked);
+ * @mem_reclaim: with a rescuer (WQ_MEM_RECLAIM), for work that I/O under
+ * memory pressure waits for.
+ */
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim);
 
 /*
  * In-flight reference switching: two percpu refs and an index. get() takes a

@@ -36,6 +36,14 @@ pub(crate) fn sleep_ms(ms: u32) {
     unsafe { bindings::msleep(ms) };
 }
 
+/// Lets other tasks run if this one has run long (between batches of a
+/// long walk, with no lock held).
+pub(crate) fn cond_resched() {
+    // SAFETY: `cond_resched` may be called from any sleepable context, which
+    // is what callers of this function are.
+    unsafe { bindings::dmq_cond_resched() };
+}
+
 /// Whether the current task has CAP_SYS_ADMIN.
 pub(crate) fn capable_sys_admin() -> bool {
     // SAFETY: `capable` only inspects the current task's credentials.

@@ -11,9 +11,14 @@ use kernel::error::{code::ENOMEM, Result};
 use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
-/// An own `WQ_MEM_RECLAIM | WQ_UNBOUND` workqueue. [`shutdown`] drains and
-/// destroys it (so that the owner can do so before the state its work items
-/// use goes away); drop does it otherwise.
+/// An own `WQ_UNBOUND` workqueue, with a rescuer (`WQ_MEM_RECLAIM`) if
+/// asked for. [`shutdown`] drains and destroys it (so that the owner can do
+/// so before the state its work items use goes away); drop does it
+/// otherwise.
+///
+/// Under memory pressure a `WQ_MEM_RECLAIM` queue may be down to its one
+/// rescuer thread: work that sleeps or waits long there delays every other
+/// item of the queue, so such work gets a queue of its own.
 ///
 /// [`shutdown`]: OwnedQueue::shutdown
 pub(crate) struct OwnedQueue {
@@ -27,10 +32,11 @@ unsafe impl Send for OwnedQueue {}
 unsafe impl Sync for OwnedQueue {}
 
 impl OwnedQueue {
-    /// Allocates a workqueue named `name` (copied).
-    pub(crate) fn new(name: &CStr) -> Result<Self> {
+    /// Allocates a workqueue named `name` (copied); `mem_reclaim`: with a
+    /// rescuer, for work that I/O under memory pressure waits for.
+    pub(crate) fn new(name: &CStr, mem_reclaim: bool) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
-        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr()) };
+        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
         Ok(Self { ptr, dead: AtomicBool::new(false) })
     }

@@ -11,6 +11,8 @@ MODE is how the file is opened (all modes but "cached" add O_DIRECT):
   wo      O_WRONLY|O_DIRECT
   cached  O_RDONLY, no O_DIRECT
   cachedrw O_RDWR, no O_DIRECT
+  append  O_RDWR|O_DIRECT|O_APPEND
+  roappend O_RDONLY|O_DIRECT|O_APPEND
   dir     PATH is a directory: O_RDONLY|O_DIRECTORY (O_DIRECT if allowed)
   pipe    PATH ignored: the read end of a pipe with O_DIRECT set
           (a readable, O_DIRECT, non-regular fd)
@@ -21,6 +23,11 @@ The table is "0 LEN qcow2 FD...". LEN defaults to the top's virtual size
 in sectors: read from the top's qcow2 header, or from
 `qemu-img info --output=json` if the header is not qcow2. Without --rw
 dmsetup gets --readonly. The exit status is dmsetup's, or 90 if the helper itself failed.
+
+With --then CMD the helper keeps the images' fds open after dmsetup
+succeeded (the table holds the same open files), runs CMD with sh and
+exits with its status; --append-after first sets O_APPEND on those fds
+(fcntl F_SETFL: the flags of the files the table uses change under it).
 """
 
 import argparse
@@ -34,8 +41,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import dmq_img  # noqa: E402
 
-MODES = ("ro", "rw", "wo", "cached", "cachedrw", "dir", "pipe", "closed",
-         "fd")
+MODES = ("ro", "rw", "wo", "cached", "cachedrw", "append", "roappend",
+         "dir", "pipe", "closed", "fd")
 
 
 def parse_spec(spec):
@@ -71,6 +78,7 @@ def image_sectors(path):
 class Opener:
     def __init__(self):
         self.keep = []  # fds to close after dmsetup ran
+        self.images = []  # fds of image files (not pipes or directories)
 
     def open(self, mode, path, index):
         """Return the fd string for the table and the fd to pass, if any."""
@@ -102,8 +110,11 @@ class Opener:
                 "wo": os.O_WRONLY | os.O_DIRECT,
                 "cached": os.O_RDONLY,
                 "cachedrw": os.O_RDWR,
+                "append": os.O_RDWR | os.O_DIRECT | os.O_APPEND,
+                "roappend": os.O_RDONLY | os.O_DIRECT | os.O_APPEND,
             }[mode]
             fd = os.open(path, flags)
+            self.images.append(fd)
         self.keep.append(fd)
         return str(fd), fd
 
@@ -135,6 +146,11 @@ def main(argv=None):
                     help="extra option for dmsetup create (repeatable)")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the command, do not run dmsetup")
+    ap.add_argument("--then", metavar="CMD",
+                    help="after dmsetup succeeded, run CMD (sh -c) with "
+                         "the image fds still open; exit with its status")
+    ap.add_argument("--append-after", action="store_true",
+                    help="with --then: set O_APPEND on the image fds first")
     try:
         args = ap.parse_intermixed_args(argv)
     except SystemExit as e:
@@ -188,7 +204,14 @@ def main(argv=None):
         if args.dry_run:
             return 0
         res = subprocess.run(cmd, pass_fds=pass_fds, close_fds=True)
-        return res.returncode
+        if res.returncode != 0 or args.then is None:
+            return res.returncode
+        if args.append_after:
+            for fd in opener.images:
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_APPEND)
+            print("# O_APPEND set on fds %s" % opener.images, file=sys.stderr)
+        return subprocess.run(["sh", "-c", args.then]).returncode
     except OSError as e:
         print("dmq_open.py: %s" % e, file=sys.stderr)
         return 90

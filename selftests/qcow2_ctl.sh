@@ -234,6 +234,83 @@ case_messages() {
 	dmq_check_images base.qcow2 mid.qcow2 top.qcow2
 }
 
+# Hostile arguments: numbers outside every type's range, negative where
+# unsigned, signs, extra words. Each message is refused cleanly (an
+# overflowing depth used to panic with the state mutex held; dmq_run_case
+# fails the case on any oops), nothing changes, and the device, its
+# messages and a merge still work afterwards.
+case_message_args() {
+	local w argv
+	mk_chain2
+	convert top.qcow2 before.raw
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	for w in "merge_backward start -1 18446744073709551615" \
+		"merge_backward start -1 18446744073709551614" \
+		"merge_backward start -1 9223372036854775808" \
+		"merge_backward start -1 18446744073709551616" \
+		"merge_backward start -1 99999999999999999999999999" \
+		"merge_backward start -1 -1" \
+		"merge_backward start -1 -18446744073709551615" \
+		"merge_backward start -1 +18446744073709551615" \
+		"merge_backward start -1 1" \
+		"merge_forward start -1 18446744073709551615" \
+		"merge_forward start -1 9223372036854775807" \
+		"merge_forward start -1 2" \
+		"merge_forward start -1 -1" \
+		"merge_backward start 2147483648 0" \
+		"merge_backward start -2147483649 0" \
+		"merge_backward start 99999999999999999999 0" \
+		"merge_backward start -1 0 0" \
+		"merge_backward progress 0" \
+		"merge_backward complete 18446744073709551615" \
+		"merge_forward cancel x" \
+		"set_fault_injection 18446744073709551616 0" \
+		"set_fault_injection 0 4294967296" \
+		"set_fault_injection 0 4294967295" \
+		"set_fault_injection 0 18446744073709551615" \
+		"set_fault_injection 0 -100000" \
+		"set_fault_injection -1 0" \
+		"set_fault_injection 0 0 0" \
+		"set_fault_injection 0" \
+		"get_img_name 18446744073709551616" \
+		"get_img_name -1" \
+		"get_img_name 0 0" \
+		"get_img_fd 18446744073709551616" \
+		"get_img_fd -1" \
+		"get_errors 0" \
+		"get_event x"; do
+		read -ra argv <<<"$w"
+		expect_msg_err v EINVAL "${argv[@]}"
+	done
+	# in range for their type but naming nothing
+	expect_msg_err v EBADF merge_backward start 2147483647 0
+	expect_msg_err v EBADF merge_backward start -2147483648 0
+	expect_msg_err v ENOENT set_fault_injection 18446744073709551615 0
+	expect_msg_err v ENOENT get_img_fd 18446744073709551615
+	expect_output v '' get_img_name 18446744073709551615
+	merge_idle v
+	expect_output v "$ERRORS_OK" get_errors
+	msg_ok v set_fault_injection 1 0
+
+	# the device still works: reads, a copy-on-write, a merge
+	dump "$DEV" dev.raw
+	same before.raw dev.raw "the device changed"
+	random w.bin 4k
+	put w.bin "$DEV" $((4 * MIB + 8192))
+	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
+	msg_ok v merge_backward start -1 0
+	wait_ready v merge_backward
+	msg_ok v merge_backward complete
+	expect_chain v base.qcow2
+	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	convert base.qcow2 base.raw
+	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+}
+
 # Every message without CAP_SYS_ADMIN: as nobody, and as root without
 # capabilities. Device-mapper refuses the ioctl (EACCES) before the target
 # could (EPERM); either way nothing may happen.
@@ -440,6 +517,44 @@ case_status_info() {
 	[ "$(map_clusters top.qcow2)" = 7 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
 	convert base.qcow2 base.raw
 	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+}
+
+# The clusters= counts are kept up to date (not recounted per status):
+# they follow allocation, copy-on-write, discard and write-zeroes of a
+# compressed cluster, are rebuilt after a resume (the metadata is read
+# again), and agree with qemu-img map.
+case_status_counts() {
+	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
+	local full
+	need blkdiscard
+	full=$(dmq_full_name v)
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:2M
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	# 16 clusters of data, 2 compressed ones
+	dmq_write top.qcow2 r:4M:1M ct:8M:128k
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	expect_status v "images=2 $idle clusters=32,18"
+	random w.bin 64k
+	put w.bin "$DEV" $((12 * MIB))
+	expect_status v "images=2 $idle clusters=32,19"
+	# copy-on-write of a cluster of the base
+	put w.bin "$DEV" $((MIB))
+	expect_status v "images=2 $idle clusters=32,20"
+	# four clusters of the top discarded (zero clusters now)
+	dmq_run blkdiscard -o $((4 * MIB)) -l $((256 * 1024)) "$DEV"
+	expect_status v "images=2 $idle clusters=32,16"
+	# a compressed cluster zeroed
+	dmq_run blkdiscard -z -o $((8 * MIB)) -l 65536 "$DEV"
+	expect_status v "images=2 $idle clusters=32,15"
+	dmq_run "$DMSETUP" suspend "$full"
+	dmq_run "$DMSETUP" resume "$full"
+	expect_status v "images=2 $idle clusters=32,15"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	[ "$(map_clusters top.qcow2)" = 15 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
+	[ "$(map_clusters base.qcow2)" = 32 ] || dmq_fail "qemu-img map: base.qcow2 has $(map_clusters base.qcow2) clusters"
 }
 
 # ------------------------------------------------------- fault injection
@@ -730,19 +845,82 @@ case_snapshot_reload() {
 	echo "qemu-img convert of over.qcow2 equals the device"
 }
 
+# rewrite_chain CS: base.qcow2 < top.qcow2 created again in place (the
+# same files, so the same inodes the table holds) with CS clusters and
+# other data: what e.g. qemu-img does to an image while the device is
+# suspended
+rewrite_chain() {
+	dmq_run "$QEMU_IMG" create -q -f qcow2 -o "cluster_size=$1" base.qcow2 16M
+	dmq_write base.qcow2 "r:0:8M:$2"
+	dmq_run "$QEMU_IMG" create -q -f qcow2 -o "cluster_size=$1" \
+		-b base.qcow2 -F qcow2 top.qcow2 16M
+	dmq_write top.qcow2 "P0x5a:4M+4k:8k"
+}
+
+# The images are rewritten with another cluster size while the device is
+# suspended (same inodes, other content). The resume re-reads them, sizes
+# its per-cluster buffers anew (or refuses), and copy-on-write into the
+# new clusters works without an oops (it used to overrun the buffer sized
+# at ctr). Larger (2M) and smaller (4k) clusters than the first ones.
+case_resume_cluster_size() {
+	local full cs ino0 ino1 seed=7 off
+	full=$(dmq_full_name v)
+	mk_chain2
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	ino0=$(stat -c %i base.qcow2 top.qcow2)
+	for cs in 2M 4k 64k; do
+		dmq_run "$DMSETUP" suspend "$full"
+		rewrite_chain "$cs" "$seed"
+		ino1=$(stat -c %i base.qcow2 top.qcow2)
+		[ "$ino0" = "$ino1" ] || dmq_fail "qemu-img create made new files"
+		convert top.qcow2 want.raw
+		if ! "$DMSETUP" resume "$full" 2>resume.err; then
+			# a refusal is fine if it says why; the device stays
+			# suspended and nothing else is tried
+			cat resume.err
+			dmq_dmesg_case | grep -i "cluster size" ||
+				dmq_fail "resume with $cs clusters refused without a reason"
+			echo "resume with $cs clusters refused"
+			return 0
+		fi
+		echo "resumed with $cs clusters: $(dmq_dmesg_case | grep -i 'cluster size' | tail -n 1)"
+		dump "$DEV" dev.raw
+		same want.raw dev.raw "the device does not show the rewritten chain ($cs)"
+		# copy-on-write from the base, in the middle of a cluster of each
+		# size, and next to the top's own data
+		random w.bin 8k
+		for off in $((MIB + 12288)) $((6 * MIB + 1032192)) $((4 * MIB + 16384)); do
+			put w.bin "$DEV" "$off"
+			patch_into want.raw "$off" w.bin
+		done
+		dump "$DEV" dev.raw
+		same want.raw dev.raw "the device after copy-on-write ($cs)"
+		echo "$cs clusters: the chain reads and copies on write correctly"
+		seed=$((seed + 1))
+	done
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	convert top.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+}
+
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc"
+DMQ_FAULT_CASES="fault_injection enospc enospc_inplace"
 
 DMQ_CASES=(
 	messages
+	message_args
 	nonroot
 	suspended_busy
 	status_info
+	status_counts
 	fault_injection
 	enospc
 	enospc_inplace
 	suspend_loop
 	snapshot_reload
+	resume_cluster_size
 )
 
 dmq_main "$@"

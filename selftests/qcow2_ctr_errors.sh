@@ -104,6 +104,20 @@ case_cached_mode_base() {
 		-EINVAL cached:base.qcow2 top.qcow2
 }
 
+# O_APPEND: every write would land at the end of the file
+case_append_mode() {
+	mk_valid a.qcow2
+	dmq_expect_ctr_error bad "Image opened with O_APPEND" -EINVAL \
+		--rw append:a.qcow2
+}
+
+case_append_mode_base() {
+	mk_valid base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_expect_ctr_error bad "Image opened with O_APPEND" -EINVAL \
+		roappend:base.qcow2 top.qcow2
+}
+
 case_top_not_writable() {
 	mk_valid a.qcow2
 	dmq_expect_ctr_error bad "Top image is not opened for writing" -EACCES \
@@ -269,6 +283,33 @@ case_lower_delta_larger_mid() {
 		-EBADSLT base.qcow2 mid.qcow2 top.qcow2
 }
 
+# ------------------------------------------------ the same file twice
+
+# One file in two places of the chain would be written as the top while
+# read (or merged) as a lower delta: refused whichever way it is named.
+case_same_file_twice() {
+	mk_valid base.qcow2
+	dmq_expect_ctr_error bad "Same image file given twice in the chain" \
+		-EINVAL base.qcow2 base.qcow2
+}
+
+# the top above itself: a chain that passes every other check
+case_same_file_top_twice() {
+	mk_valid base.qcow2
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_expect_ctr_error bad "Same image file given twice in the chain" \
+		-EINVAL --rw base.qcow2 top.qcow2 top.qcow2
+}
+
+# another name (a hard link) of the base as the writable top
+case_same_file_hard_link() {
+	mk_valid base.qcow2
+	dmq_img_create mid.qcow2 16M cluster_size=64k base.qcow2
+	dmq_run ln base.qcow2 link.qcow2
+	dmq_expect_ctr_error bad "Same image file given twice in the chain" \
+		-EINVAL --rw base.qcow2 mid.qcow2 link.qcow2
+}
+
 # ------------------------------------------------------- writable tables
 
 # mapped_rw_ok NAME BYTES TOP: the device is writable; a 4k O_DIRECT write
@@ -358,6 +399,8 @@ DMQ_CASES=(
 	not_regular_file
 	cached_mode
 	cached_mode_base
+	append_mode
+	append_mode_base
 	top_not_writable
 	not_readable
 	not_readable_base
@@ -383,6 +426,9 @@ DMQ_CASES=(
 	top_smaller_than_table
 	lower_delta_larger
 	lower_delta_larger_mid
+	same_file_twice
+	same_file_top_twice
+	same_file_hard_link
 	writable_single
 	writable_chain
 	writable_snapshot_cow

@@ -543,6 +543,114 @@ case_refcount_growth() {
 	cmp snap0.raw snap1.raw || dmq_fail "the snapshot changed"
 }
 
+# O_APPEND set on the table's open files after the table was created (as
+# fcntl can through an fd from get_img_fd): the metadata writes that
+# follow (new L2 tables, L2 entries, refcount blocks, refcounts) must still
+# land where they belong, not at the end of the file. Our I/O uses kiocbs
+# with flags of its own, not the file's.
+case_append_set_later() {
+	local i off end pid
+	dmq_img_create base.qcow2 "$DEV_SIZE" cluster_size=4k
+	dmq_write base.qcow2 r:0:"$DEV_SIZE"
+	dmq_img_create top.qcow2 "$DEV_SIZE" cluster_size=4k base.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw top.qcow2 want.raw
+	"$PYTHON" -c 'import os, sys; sys.stdout.buffer.write(os.urandom(12288))' >w.bin ||
+		dmq_fail "python"
+	# the helper keeps the fds (with O_APPEND set on them) until "done"
+	trap 'touch "$DMQ_CASE_DIR/done"' EXIT
+	dmq_create v --rw --append-after \
+		--then 'touch appended; while [ ! -e done ]; do sleep 0.1; done' \
+		base.qcow2 top.qcow2 &
+	pid=$!
+	end=$((SECONDS + 30))
+	until [ -e appended ]; do
+		kill -0 "$pid" 2>/dev/null || dmq_fail "dmq_open.py ended early"
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "O_APPEND was not set"
+		sleep 0.1
+	done
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	# 12k copied on write every 1M + 20k (a new L2 table every 2M, new
+	# refcount blocks as the file grows), then overwritten in place
+	for i in $(seq 0 30); do
+		off=$((i * (1048576 + 20480)))
+		dmq_run dd if=w.bin of="$DEV" bs=4k seek=$((off / 4096)) oflag=direct \
+			conv=notrunc status=none
+		dmq_run dd if=w.bin of=want.raw bs=4k seek=$((off / 4096)) \
+			conv=notrunc status=none
+	done
+	dmq_run dd if=w.bin of="$DEV" bs=4k seek=0 oflag=direct conv=notrunc,fsync status=none
+	touch done
+	wait "$pid" || dmq_fail "dmq_open.py failed"
+	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
+	cmp want.raw dev.raw || dmq_fail "the device does not hold the writes"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	dmq_run "$QEMU_IMG" convert -O raw top.qcow2 top.raw
+	cmp want.raw top.raw || dmq_fail "qemu-img convert of top.qcow2 differs (metadata went astray)"
+	echo "31 copy-on-write writes after O_APPEND was set: all where they belong"
+}
+
+# ovl_cleanup: undo case_overlayfs_freeze's mounts (lazily: a freeze that
+# hung must not hang the script as well)
+ovl_cleanup() {
+	local d=$DMQ_CASE_DIR
+	"$DMSETUP" remove --retry "$(dmq_full_name v)" >/dev/null 2>&1
+	if [ -n "${FREEZE_PID:-}" ] && ! kill -0 "$FREEZE_PID" 2>/dev/null; then
+		fsfreeze -u "$d/up" 2>/dev/null
+	fi
+	umount -l "$d/ovl" 2>/dev/null
+	umount -l "$d/up" 2>/dev/null
+}
+
+# An image on overlayfs over ext4: the target's asynchronous direct writes
+# go through overlayfs to ext4, which takes freeze protection (sb_writers)
+# for each and must drop it when the write completes. fsfreeze of the ext4
+# below then completes (it used to hang: the writes lacked IOCB_WRITE, so
+# overlayfs never ended the protection it took on ext4), and the data is
+# there.
+case_overlayfs_freeze() {
+	local i end
+	need fsfreeze mkfs.ext4
+	FREEZE_PID=
+	trap ovl_cleanup EXIT
+	mkdir -p up ovl lower || dmq_fail "mkdir"
+	dmq_run truncate -s 256M up.ext4
+	dmq_run mkfs.ext4 -q -F up.ext4
+	mount -o loop up.ext4 up || dmq_skip "cannot mount ext4 on a loop device"
+	mkdir -p up/upper up/work || dmq_fail "mkdir"
+	mount -t overlay dmq-ovl -o lowerdir=lower,upperdir=up/upper,workdir=up/work ovl ||
+		dmq_skip "cannot mount overlayfs"
+	dmq_img_create ovl/a.qcow2 16M cluster_size=64k
+	map_rw ovl/a.qcow2
+	"$PYTHON" -c 'import os, sys; sys.stdout.buffer.write(os.urandom(2 << 20))' >w.bin ||
+		dmq_fail "python"
+	# allocate, then overwrite in place (queued async direct writes, slow
+	# and fast path) several times
+	for i in 1 2 3 4; do
+		dmq_run dd if=w.bin of="$DEV" bs=64k oflag=direct conv=notrunc status=none
+		dmq_run dd if=w.bin of="$DEV" bs=4k seek=1024 oflag=direct conv=notrunc status=none
+	done
+	dmq_run dd if="$DEV" of=/dev/null bs=1M iflag=direct status=none
+	fsfreeze -f up &
+	FREEZE_PID=$!
+	end=$((SECONDS + 30))
+	while kill -0 "$FREEZE_PID" 2>/dev/null; do
+		[ "$SECONDS" -lt "$end" ] ||
+			dmq_fail "fsfreeze of the ext4 under overlayfs hangs: sb_writers references leaked"
+		sleep 0.2
+	done
+	wait "$FREEZE_PID" || dmq_fail "fsfreeze -f failed"
+	dmq_run fsfreeze -u up
+	FREEZE_PID=
+	echo "fsfreeze of the ext4 below the image completed"
+	dmq_run dd if="$DEV" of=got.bin bs=64k count=32 iflag=direct status=none
+	cmp got.bin w.bin || dmq_fail "the device does not hold the writes"
+	dmq_run dd if="$DEV" of=got.bin bs=4k skip=1024 count=512 iflag=direct status=none
+	cmp got.bin w.bin || dmq_fail "the device does not hold the writes at 4M"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top ovl/a.qcow2
+}
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -568,6 +676,8 @@ DMQ_CASES=(
 	fast_vs_discard
 	refcount_growth
 	numjobs
+	append_set_later
+	overlayfs_freeze
 )
 
 dmq_main "$@"

@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Allocated-cluster counts for the status line (`clusters=`), kept up to
+//! date instead of walking every L2 table on each `dmsetup status`.
+//!
+//! Each delta's count is built once (after every load of its metadata) by a
+//! walk over its L2 tables in batches, the state mutex dropped between
+//! them; from then on every change of an L2 entry adjusts it
+//! (`DeltaMd::set_l2_entry` calls [`AllocCount::note`]). While the walk is
+//! under way, a change behind its cursor adjusts the count and one ahead of
+//! it is seen by the walk, so the result is exact either way.
+
+use crate::meta::DeltaMd;
+use crate::kx::file::File;
+use crate::qcow2_format::{self as fmt, Cluster, Header};
+use kernel::error::Result;
+
+/// L2 entries the walk looks at per batch (with the state locked), in
+/// whole tables (at least one).
+pub(crate) const BATCH_ENTRIES: u64 = 64 * 1024;
+
+/// The count of clusters whose L2 entries reference host data (normal,
+/// compressed, or extended with an allocated subcluster) in one delta.
+pub(crate) struct AllocCount {
+    /// L1 entries `[0, cursor)` are counted in `n`.
+    cursor: u64,
+    n: u64,
+    /// The walk failed during the current status call (retried by the next).
+    pub(crate) failed: bool,
+}
+
+/// Whether the L2 entry `(raw, bitmap)` references host data.
+fn maps_data(hdr: &Header, raw: u64, bitmap: u64) -> bool {
+    let bitmap = if hdr.extended_l2() { bitmap } else { 0 };
+    match fmt::decode_l2(hdr, raw, bitmap) {
+        Ok(Cluster::Normal { .. } | Cluster::Compressed { .. }) => true,
+        Ok(Cluster::Extended { host: Some(_), alloc, .. }) => alloc != 0,
+        _ => false,
+    }
+}
+
+impl AllocCount {
+    /// Nothing counted yet.
+    pub(crate) const fn new() -> Self {
+        Self { cursor: 0, n: 0, failed: false }
+    }
+
+    /// The count, once the walk is done.
+    pub(crate) fn value(&self, hdr: &Header) -> Option<u64> {
+        (self.cursor >= hdr.min_l1_entries()).then_some(self.n)
+    }
+
+    /// The L2 entry of `vaddr` changed from `old` to `new` (raw entry and
+    /// extended-L2 bitmap). O(1); never fails.
+    pub(crate) fn note(&mut self, hdr: &Header, vaddr: u64, old: (u64, u64), new: (u64, u64)) {
+        // Ahead of the walk: it will count the new entry itself.
+        if hdr.l1_index(vaddr) >= self.cursor {
+            return;
+        }
+        match (maps_data(hdr, old.0, old.1), maps_data(hdr, new.0, new.1)) {
+            (false, true) => self.n = self.n.saturating_add(1),
+            (true, false) => self.n = self.n.saturating_sub(1),
+            _ => {}
+        }
+    }
+}
+
+/// Counts about `entries` more L2 entries of `md`, in whole tables (through
+/// its metadata cache); returns whether the count is complete. The caller
+/// holds the state locked and may drop it between calls.
+pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) -> Result<bool> {
+    let total = hdr.min_l1_entries();
+    let per_l2 = hdr.l2_entries();
+    let cs = hdr.cluster_size();
+    let span = per_l2.saturating_mul(cs);
+    let mut done = 0;
+    while md.count.cursor < total && done < entries {
+        let i = md.count.cursor;
+        // `i < min_l1_entries`, so `i * span < size + span`: no overflow
+        // for any size the header parser accepts; checked all the same.
+        let Some(vbase) = i.checked_mul(span) else {
+            return Err(kernel::error::code::EIO);
+        };
+        let mut n = 0u64;
+        if let Some(l1e) = md.l1_entry(hdr, vbase)? {
+            for j in 0..per_l2 {
+                let Some(vaddr) = j.checked_mul(cs).and_then(|o| o.checked_add(vbase)) else {
+                    break;
+                };
+                if vaddr >= hdr.size {
+                    break;
+                }
+                let (raw, bitmap) = md.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
+                n += u64::from(maps_data(hdr, raw, bitmap));
+            }
+        }
+        // The whole table at once: an error above leaves the cursor here.
+        md.count.n = md.count.n.saturating_add(n);
+        md.count.cursor = i + 1;
+        done = done.saturating_add(per_l2);
+    }
+    Ok(md.count.cursor >= total)
+}
