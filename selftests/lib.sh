@@ -659,6 +659,12 @@ dmq_counts_bios() {
 	return 0
 }
 
+# dmq_needs_kernel WHAT: the case needs the real target and kernel (WHAT:
+# what it uses that the host-side fake cannot model); there it is skipped
+dmq_needs_kernel() {
+	return 0
+}
+
 # Host-side testing of these scripts (host/run.sh) swaps in fakes here.
 if [ -n "${DMQ_LIB_OVERRIDES:-}" ]; then
 	# shellcheck source=/dev/null

@@ -13,3 +13,9 @@ dmq_dev() {
 dmq_counts_bios() {
 	return 1
 }
+
+# cases that need the kernel (I/O errors from a device, EIO from the
+# target's metadata checks, module parameters) cannot run on the fake
+dmq_needs_kernel() {
+	dmq_skip "needs the kernel: $*"
+}
