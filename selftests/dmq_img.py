@@ -198,7 +198,7 @@ def cmd_entry(args):
             f.seek(pos)
             f.write(struct.pack(">Q", new & (2**64 - 1)))
         val = new
-    print("%#x %#x" % (pos, val))
+    print("%#x %#x" % (pos, val & (2**64 - 1)))
     return 0
 
 
@@ -230,11 +230,15 @@ def cmd_badread(args):
         chunk = 1 << 20
         for base in range(0, size, chunk):
             n = min(chunk, size - base)
+            got, e = read(base, n)
             if not any(o < base + n and base < o + ln for o, ln in bad):
-                got, e = read(base, n)
                 if e is None and got == raw[base:base + n]:
                     nok += n // blk
                     continue
+            elif e is None or e.errno != errno.EIO:
+                # one bio over good and bad clusters fails as a whole
+                fails.append("read %#x+%#x over a bad range: %s" %
+                             (base, n, "no EIO" if e is None else e))
             for off in range(base, base + n, blk):
                 got, e = read(off, blk)
                 if isbad(off):
