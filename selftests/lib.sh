@@ -317,7 +317,7 @@ dmq_expect_ctr_error() {
 		dmq_remove "$name"
 		dmq_fail "dmsetup create succeeded; expected '$msg ($err)'"
 	fi
-	if dmq_dev_exists "$name"; then
+	if ! dmq_dev_absent "$name"; then
 		"$DMSETUP" info "$(dmq_full_name "$name")"
 		dmq_fail "device left behind after a failed create"
 	fi
@@ -663,6 +663,18 @@ dmq_counts_bios() {
 # what it uses that the host-side fake cannot model); there it is skipped
 dmq_needs_kernel() {
 	return 0
+}
+
+# dmq_dev_absent NAME: dmsetup works and lists no device NAME. Unlike
+# "! dmq_dev_exists NAME", a dmsetup that fails does not pass for "absent".
+dmq_dev_absent() {
+	local out
+	out=$("$DMSETUP" ls 2>&1) || {
+		printf '%s\n' "$out"
+		echo "dmsetup ls failed: cannot tell whether $1 is gone"
+		return 1
+	}
+	! awk -v n="$(dmq_full_name "$1")" '$1 == n { f = 1 } END { exit !f }' <<<"$out"
 }
 
 # Host-side testing of these scripts (host/run.sh) swaps in fakes here.

@@ -30,7 +30,7 @@ mapped_ok() {
 	[ "$(blockdev --getro "$dev")" = 1 ] || dmq_fail "$dev is not read-only"
 	dmq_run dd if="$dev" of=/dev/null bs=64k count=16 iflag=direct status=none
 	dmq_remove "$name" || dmq_fail "dmsetup remove failed"
-	! dmq_dev_exists "$name" || dmq_fail "device still there after remove"
+	dmq_dev_absent "$name" || dmq_fail "device still there after remove"
 }
 
 # ------------------------------------------------------ positive controls
@@ -450,7 +450,7 @@ mapped_rw_ok() {
 	dmq_run dd if=w.bin of="$dev" bs=4k seek=256 count=1 oflag=direct \
 		conv=notrunc,fsync status=none
 	dmq_remove "$name" || dmq_fail "dmsetup remove failed"
-	! dmq_dev_exists "$name" || dmq_fail "device still there after remove"
+	dmq_dev_absent "$name" || dmq_fail "device still there after remove"
 	dmq_check_images "$top"
 	out=$("$QEMU_IO" -f qcow2 -c "read -q -P 0x6b 1M 4k" "$top" 2>&1) ||
 		{ printf '%s\n' "$out"; dmq_fail "qemu-io read of $top failed"; }
