@@ -463,6 +463,16 @@ case_backward_extl2_fio() {
 	backward_case 0 fio
 }
 
+# merges again with md_cache_pages=16 (DMQ_MD_CACHE_PAGES=16 runs them all
+# so): both deltas' L2 and refcount pages are evicted while the walker copies
+case_md16_backward_d0_fio() {
+	dmq_with_md_cache 16 case_backward_d0_fio
+}
+
+case_md16_backward_extl2() {
+	dmq_with_md_cache 16 case_backward_extl2
+}
+
 # -------------------------------------------------------- forward merges
 
 # forward_case DEPTH [default]: merge the delta at DEPTH of a 3-deep chain
@@ -801,6 +811,8 @@ DMQ_CASES=(
 	backward_big_fio
 	backward_extl2
 	backward_extl2_fio
+	md16_backward_d0_fio
+	md16_backward_extl2
 	forward_d1
 	forward_d2
 	eventfd
@@ -811,4 +823,5 @@ DMQ_CASES=(
 	bad_args
 )
 
+dmq_md_cache_env
 dmq_main "$@"

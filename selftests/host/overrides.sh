@@ -19,3 +19,9 @@ dmq_counts_bios() {
 dmq_needs_kernel() {
 	dmq_skip "needs the kernel: $*"
 }
+
+# no module parameter here: the case body runs as it is
+dmq_with_md_cache() {
+	shift
+	("$@")
+}
