@@ -12,6 +12,16 @@ Subcommands:
   cmp DEV RAW [options]         compare ranges of DEV with the same ranges
                                 of RAW: O_DIRECT single reads (512-aligned)
                                 and buffered reads (any byte offset)
+  entry IMG KIND WHERE [OP VAL] print (and patch: OP is =, |= or +=) a
+                                metadata entry as "FILE_OFFSET VALUE" (hex):
+                                KIND l1 (WHERE: index), l2 or l2bitmap
+                                (WHERE: guest offset; the second word of an
+                                extended entry), reft (WHERE: index)
+  badread DEV RAW --bad OFF:LEN read all of DEV with O_DIRECT: the bad
+                                ranges must fail with EIO (4 KiB at a time),
+                                the rest must equal RAW
+  phys FILE OFF                 the device byte offset of FILE's byte OFF
+                                (FIEMAP, after a sync of FILE)
 
 Sizes accept k/M/G suffixes (powers of two) and sums: "2M+512", "64k-1k".
 
@@ -134,6 +144,156 @@ def patch_header(path, assignments):
             struct.pack_into(fmt, buf, off, val)
         f.seek(0)
         f.write(buf)
+
+
+def _entry_pos(path, kind, where):
+    """(file offset, current value) of a metadata entry of IMG."""
+    hdr = read_header(path)
+    cs = 1 << hdr["cluster_bits"]
+    ext = bool(hdr.get("incompatible_features", 0) & 16)
+    ebytes = 16 if ext else 8
+    with open(path, "rb") as f:
+        def be64(off):
+            f.seek(off)
+            b = f.read(8)
+            if len(b) != 8:
+                raise ValueError("%s: no entry at %#x (past the end)" % (path, off))
+            return struct.unpack(">Q", b)[0]
+        if kind == "l1":
+            idx = where
+            if idx >= hdr["l1_size"]:
+                raise ValueError("L1 index %d >= l1_size %d" % (idx, hdr["l1_size"]))
+            pos = hdr["l1_table_offset"] + 8 * idx
+        elif kind in ("l2", "l2bitmap"):
+            per_l2 = cs // ebytes
+            l1e = be64(hdr["l1_table_offset"] + 8 * (where // (per_l2 * cs)))
+            l2 = l1e & 0x00FFFFFFFFFFFE00
+            if not l2:
+                raise ValueError("no L2 table for guest offset %#x" % where)
+            pos = l2 + ((where // cs) % per_l2) * ebytes
+            if kind == "l2bitmap":
+                if not ext:
+                    raise ValueError("l2bitmap: not an extended-L2 image")
+                pos += 8
+        elif kind == "reft":
+            if where >= hdr["refcount_table_clusters"] * cs // 8:
+                raise ValueError("refcount table index %d out of range" % where)
+            pos = hdr["refcount_table_offset"] + 8 * where
+        else:
+            raise ValueError("unknown entry kind %r" % kind)
+        return pos, be64(pos)
+
+
+def cmd_entry(args):
+    pos, val = _entry_pos(args.image, args.kind, parse_size(args.where))
+    if args.op:
+        new = int(args.value, 0)
+        if args.op == "|=":
+            new |= val
+        elif args.op == "+=":
+            new += val
+        elif args.op != "=":
+            raise ValueError("bad operator %r" % args.op)
+        with open(args.image, "r+b") as f:
+            f.seek(pos)
+            f.write(struct.pack(">Q", new & (2**64 - 1)))
+        val = new
+    print("%#x %#x" % (pos, val & (2**64 - 1)))
+    return 0
+
+
+def cmd_badread(args):
+    """Every 4 KiB block of DEV: in a bad range, EIO; elsewhere RAW's bytes.
+    Also one read across each bad range's edges must fail."""
+    import errno
+    blk = 4096
+    bad = []
+    for r in args.bad:
+        off, length = r.split(":")
+        bad.append((parse_size(off), parse_size(length)))
+    with open(args.raw, "rb") as rf:
+        raw = rf.read()
+    size = len(raw)
+    fd = os.open(args.dev, os.O_RDONLY | os.O_DIRECT)
+    nerr = nok = 0
+    fails = []
+
+    def isbad(off):
+        return any(o <= off < o + n for o, n in bad)
+
+    def read(off, length):
+        try:
+            return _direct_read(fd, off, length), None
+        except OSError as e:
+            return None, e
+    try:
+        chunk = 1 << 20
+        for base in range(0, size, chunk):
+            n = min(chunk, size - base)
+            got, e = read(base, n)
+            if not any(o < base + n and base < o + ln for o, ln in bad):
+                if e is None and got == raw[base:base + n]:
+                    nok += n // blk
+                    continue
+            elif e is None or e.errno != errno.EIO:
+                # one bio over good and bad clusters fails as a whole
+                fails.append("read %#x+%#x over a bad range: %s" %
+                             (base, n, "no EIO" if e is None else e))
+            for off in range(base, base + n, blk):
+                got, e = read(off, blk)
+                if isbad(off):
+                    if e is not None and e.errno == errno.EIO:
+                        nerr += 1
+                    else:
+                        fails.append("block %#x (bad range): %s" %
+                                     (off, "read %d bytes" % len(got) if e is None else e))
+                elif e is not None:
+                    fails.append("block %#x: %s" % (off, e))
+                elif got != raw[off:off + blk]:
+                    fails.append("block %#x differs from %s" % (off, args.raw))
+                else:
+                    nok += 1
+                if len(fails) >= 10:
+                    break
+        for o, ln in bad:
+            for edge in (o, o + ln):
+                lo, hi = max(0, edge - blk), min(size, edge + blk)
+                if lo < o + ln and o < hi:
+                    got, e = read(lo, hi - lo)
+                    if e is None or e.errno != errno.EIO:
+                        fails.append("read %#x+%#x across an edge of bad range %#x+%#x: %s"
+                                     % (lo, hi - lo, o, ln, "no EIO" if e is None else e))
+    finally:
+        os.close(fd)
+    for f in fails:
+        print("badread: " + f)
+    print("badread: %d blocks EIO, %d blocks equal to %s, %d problems" %
+          (nerr, nok, args.raw, len(fails)))
+    if not nerr:
+        print("badread: no EIO at all")
+        return 1
+    return 1 if fails else 0
+
+
+def cmd_phys(args):
+    import fcntl
+    FS_IOC_FIEMAP = 0xC020660B
+    FIEMAP_FLAG_SYNC = 1
+    off = parse_size(args.offset)
+    hdr = struct.pack("=QQIIII", off, 1, FIEMAP_FLAG_SYNC, 0, 1, 0)
+    buf = bytearray(hdr + bytes(56))
+    with open(args.file, "rb") as f:
+        fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, buf)
+    mapped = struct.unpack_from("=I", buf, 20)[0]
+    if mapped < 1:
+        raise ValueError("%s: byte %#x is not mapped" % (args.file, off))
+    logical, physical, length = struct.unpack_from("=QQQ", buf, 32)
+    flags = struct.unpack_from("=I", buf, 32 + 40)[0]
+    # FIEMAP_EXTENT_UNKNOWN | DELALLOC | ENCODED | NOT_ALIGNED | DATA_INLINE
+    if flags & (0x2 | 0x4 | 0x8 | 0x100 | 0x200) or not logical <= off < logical + length:
+        raise ValueError("%s: byte %#x has no plain extent (flags %#x)" % (args.file, off, flags))
+    print(physical + off - logical)
+    return 0
 
 
 REC = 32  # text record size
@@ -405,6 +565,23 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("-v", "--verbose", action="store_true")
 
+    p = sub.add_parser("entry")
+    p.add_argument("image")
+    p.add_argument("kind", choices=("l1", "l2", "l2bitmap", "reft"))
+    p.add_argument("where")
+    p.add_argument("op", nargs="?", choices=("=", "|=", "+="))
+    p.add_argument("value", nargs="?")
+
+    p = sub.add_parser("badread")
+    p.add_argument("dev")
+    p.add_argument("raw")
+    p.add_argument("--bad", action="append", default=[],
+                   help="OFF:LEN that must fail with EIO (repeatable)")
+
+    p = sub.add_parser("phys")
+    p.add_argument("file")
+    p.add_argument("offset")
+
     p = sub.add_parser("size")
     p.add_argument("text")
 
@@ -426,6 +603,14 @@ def main(argv=None):
             return cmd_write(args)
         if args.cmd == "cmp":
             return cmd_cmp(args)
+        if args.cmd == "entry":
+            if bool(args.op) != bool(args.value):
+                raise ValueError("entry: give both OP and VALUE, or neither")
+            return cmd_entry(args)
+        if args.cmd == "badread":
+            return cmd_badread(args)
+        if args.cmd == "phys":
+            return cmd_phys(args)
         if args.cmd == "size":
             print(parse_size(args.text))
             return 0

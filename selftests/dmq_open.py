@@ -19,7 +19,7 @@ MODE is how the file is opened (all modes but "cached" add O_DIRECT):
   closed  PATH ignored: a number that is not an open fd (990 + index)
   fd      "fd:N" passes N verbatim and opens nothing (e.g. fd:999)
 
-The table is "0 LEN qcow2 FD...". LEN defaults to the top's virtual size
+The table is "0 LEN qcow2 FD..." (--start changes the 0). LEN defaults to the top's virtual size
 in sectors: read from the top's qcow2 header, or from
 `qemu-img info --output=json` if the header is not qcow2. Without --rw
 dmsetup gets --readonly. The exit status is dmsetup's, or 90 if the helper itself failed.
@@ -139,6 +139,8 @@ def main(argv=None):
                          "unless its SPEC gives a mode")
     ap.add_argument("--length", type=int,
                     help="table length in sectors (default: top's size)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="the target's first sector (default 0)")
     ap.add_argument("--extra-sectors", type=int, default=0,
                     help="add this to the default length")
     ap.add_argument("--dmsetup", default=os.environ.get("DMSETUP", "dmsetup"))
@@ -191,7 +193,7 @@ def main(argv=None):
             fds.append(num)
             if fd is not None:
                 pass_fds.append(fd)
-        table = " ".join(["0", str(length), "qcow2"] + fds)
+        table = " ".join([str(args.start), str(length), "qcow2"] + fds)
         cmd = [args.dmsetup, "create", args.name]
         if not args.rw:
             cmd.append("--readonly")

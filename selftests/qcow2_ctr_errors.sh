@@ -30,7 +30,7 @@ mapped_ok() {
 	[ "$(blockdev --getro "$dev")" = 1 ] || dmq_fail "$dev is not read-only"
 	dmq_run dd if="$dev" of=/dev/null bs=64k count=16 iflag=direct status=none
 	dmq_remove "$name" || dmq_fail "dmsetup remove failed"
-	! dmq_dev_exists "$name" || dmq_fail "device still there after remove"
+	dmq_dev_absent "$name" || dmq_fail "device still there after remove"
 }
 
 # ------------------------------------------------------ positive controls
@@ -238,6 +238,171 @@ case_refcount_table_too_small() {
 		-EFBIG a.qcow2
 }
 
+# dm core refuses a qcow2 target that does not start at sector 0 before
+# its constructor runs ("Gap in table"): the constructor's own "Target
+# must start at sector 0" check is a second line of defence.
+case_start_not_zero() {
+	mk_valid a.qcow2
+	dmq_expect_ctr_error bad "Gap in table" -EINVAL \
+		--start 8 --length $((SECTORS_16M - 8)) a.qcow2
+}
+
+# an empty file: nothing to read at sector 0
+case_header_empty() {
+	: >a.qcow2
+	dmq_expect_ctr_error bad "Image header truncated" -EINVAL \
+		--length "$SECTORS_16M" a.qcow2
+}
+
+# a v3 header cut at 100 bytes (the v2 part is there, v3 needs 104)
+case_header_truncated_v3() {
+	mk_valid full.qcow2
+	[ "$(dmq_header full.qcow2 version)" = 3 ] || dmq_fail "not a v3 image"
+	dmq_run dd if=full.qcow2 of=a.qcow2 bs=100 count=1 status=none
+	dmq_expect_ctr_error bad "Image header truncated" -EINVAL \
+		--length "$SECTORS_16M" a.qcow2
+}
+
+# v3 header_length below 104, not a multiple of 8, above the cluster size
+case_header_length_short() {
+	patched_error "Bad header length" -EINVAL header_length=100
+}
+
+case_header_length_unaligned() {
+	patched_error "Bad header length" -EINVAL header_length=108
+}
+
+case_header_length_over_cluster() {
+	patched_error "Bad header length" -EINVAL header_length=$((64 * 1024 + 8))
+}
+
+# 16 MiB need one L1 entry with 64k clusters
+case_l1_too_small() {
+	patched_error "L1 table too small for virtual size" -EINVAL l1_size=0
+}
+
+# 32 MiB of L1 entries at most (4 Mi entries)
+case_l1_too_large() {
+	patched_error "L1 table too large" -EINVAL l1_size=$((4 * 1024 * 1024 + 1))
+}
+
+case_refcount_order_7() {
+	patched_error "Bad refcount order" -EINVAL refcount_order=7
+}
+
+# the refcount table may take 8 MiB at most (128 clusters of 64k)
+case_refcount_table_too_large() {
+	patched_error "Refcount table too large" -EINVAL \
+		refcount_table_clusters=129
+}
+
+# a backing file name longer than 1023 bytes
+case_bad_backing_name() {
+	patched_error "Bad backing file name" -EINVAL \
+		backing_file_offset=0x200 backing_file_size=1024
+}
+
+# extended L2 with 8k clusters: 256-byte subclusters (qemu-img makes
+# extended L2 with 16k clusters at least: shrink one, with the 4 L1
+# entries 8k clusters need for 16 MiB)
+case_subcluster_size() {
+	dmq_img_create a.qcow2 16M cluster_size=16k,extended_l2=on
+	dmq_patch a.qcow2 cluster_bits=13 l1_size=4
+	dmq_expect_ctr_error bad "Unsupported subcluster size" -EINVAL a.qcow2
+}
+
+# Lazy refcounts left dirty may be stale: refused for writing, fine for
+# reading
+case_dirty_lazy_refcounts() {
+	mk_valid a.qcow2 cluster_size=64k,lazy_refcounts=on
+	[ $(($(dmq_header a.qcow2 compatible_features) & 1)) = 1 ] ||
+		dmq_fail "lazy_refcounts bit not set"
+	dmq_patch a.qcow2 'incompatible_features|=1'
+	dmq_expect_ctr_error bad \
+		"Image is dirty: repair it with qemu-img check -r all" -EINVAL \
+		--rw a.qcow2
+	dmq_create ok a.qcow2 || dmq_fail "dirty image refused read-only"
+	mapped_ok ok $((16 * MIB))
+}
+
+# -------------------------------------------- a file system of the case's own
+
+# own_fs SECTOR: ext4 (4k blocks) on a dm-linear device over a loop device
+# with SECTOR-byte logical blocks, mounted on ./mnt; removed when the case
+# ends. own_fs_break makes parts of it unreadable.
+OWN_LOOP=
+OWN_SECTORS=0
+own_fs_cleanup() {
+	mountpoint -q mnt && umount mnt
+	dmq_dev_exists lin && "$DMSETUP" remove --retry "$(dmq_full_name lin)"
+	[ -n "$OWN_LOOP" ] && losetup -d "$OWN_LOOP"
+}
+
+own_fs() {
+	local dev
+	dmq_needs_kernel "a loop device and dm-linear/dm-error"
+	dmq_run truncate -s 64M own.disk
+	OWN_LOOP=$(losetup -f --show --sector-size "$1" own.disk) ||
+		dmq_fail "losetup --sector-size $1 failed"
+	trap own_fs_cleanup EXIT
+	OWN_SECTORS=$(blockdev --getsz "$OWN_LOOP") || dmq_fail "blockdev $OWN_LOOP"
+	dmq_run "$DMSETUP" create "$(dmq_full_name lin)" \
+		--table "0 $OWN_SECTORS linear $OWN_LOOP 0"
+	dev=$(dmq_dev lin) || dmq_fail "no device node for the linear device"
+	dmq_run mkfs.ext4 -q -b 4096 "$dev"
+	mkdir mnt && dmq_run mount -o noatime "$dev" mnt
+}
+
+# own_fs_break FILE OFF LEN: the device sectors under FILE's bytes
+# [OFF, OFF + LEN) fail every I/O (a dm-error segment in the linear table)
+own_fs_break() {
+	local p s n
+	p=$("$PYTHON" "$DMQ_DIR/dmq_img.py" phys "$1" "$2") ||
+		dmq_fail "no extent under byte $2 of $1"
+	s=$((p / 512))
+	n=$(($3 / 512))
+	printf '0 %d linear %s 0\n%d %d error\n%d %d linear %s %d\n' \
+		"$s" "$OWN_LOOP" "$s" "$n" $((s + n)) $((OWN_SECTORS - s - n)) \
+		"$OWN_LOOP" $((s + n)) >err.table
+	dmq_run "$DMSETUP" reload "$(dmq_full_name lin)" err.table
+	dmq_run "$DMSETUP" resume "$(dmq_full_name lin)"
+	echo "sectors $s+$n under $1 bytes $2+$3 now fail"
+}
+
+# the header's sector cannot be read
+case_header_unreadable() {
+	own_fs 512
+	mk_valid mnt/a.qcow2
+	own_fs_break mnt/a.qcow2 0 4096
+	dmq_expect_ctr_error bad "Cannot read image header" -EIO \
+		--length "$SECTORS_16M" mnt/a.qcow2
+}
+
+# the header reads, the L1 table does not
+case_metadata_unreadable() {
+	local l1
+	own_fs 512
+	mk_valid mnt/a.qcow2
+	l1=$(dmq_header mnt/a.qcow2 l1_table_offset) || dmq_fail "header"
+	own_fs_break mnt/a.qcow2 "$l1" 4096
+	dmq_expect_ctr_error bad "Cannot read image metadata" -EIO \
+		--length "$SECTORS_16M" mnt/a.qcow2
+}
+
+# O_DIRECT cannot address 2k subclusters (extended L2, 64k clusters) on
+# a device with 4k logical blocks; 4k subclusters (128k clusters) are fine
+case_subclusters_below_block() {
+	own_fs 4096
+	mk_valid mnt/a.qcow2 cluster_size=64k,extended_l2=on
+	dmq_expect_ctr_error bad \
+		"Subclusters smaller than the host's logical block size" \
+		-EOPNOTSUPP mnt/a.qcow2
+	mk_valid mnt/b.qcow2 cluster_size=128k,extended_l2=on
+	dmq_create ok mnt/b.qcow2 ||
+		dmq_fail "4k subclusters on 4k logical blocks refused"
+	mapped_ok ok $((16 * MIB))
+}
+
 # ---------------------------------------------------------- chain checks
 
 case_differ_cluster_size() {
@@ -326,7 +491,7 @@ mapped_rw_ok() {
 	dmq_run dd if=w.bin of="$dev" bs=4k seek=256 count=1 oflag=direct \
 		conv=notrunc,fsync status=none
 	dmq_remove "$name" || dmq_fail "dmsetup remove failed"
-	! dmq_dev_exists "$name" || dmq_fail "device still there after remove"
+	dmq_dev_absent "$name" || dmq_fail "device still there after remove"
 	dmq_check_images "$top"
 	out=$("$QEMU_IO" -f qcow2 -c "read -q -P 0x6b 1M 4k" "$top" 2>&1) ||
 		{ printf '%s\n' "$out"; dmq_fail "qemu-io read of $top failed"; }
@@ -420,6 +585,22 @@ DMQ_CASES=(
 	cluster_512
 	cluster_2k
 	refcount_table_too_small
+	start_not_zero
+	header_empty
+	header_truncated_v3
+	header_length_short
+	header_length_unaligned
+	header_length_over_cluster
+	l1_too_small
+	l1_too_large
+	refcount_order_7
+	refcount_table_too_large
+	bad_backing_name
+	subcluster_size
+	dirty_lazy_refcounts
+	header_unreadable
+	metadata_unreadable
+	subclusters_below_block
 	differ_cluster_size
 	differ_extended_l2
 	base_has_backing

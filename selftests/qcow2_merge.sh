@@ -199,6 +199,23 @@ same() {
 	fi
 }
 
+# no_backing IMG: qemu-img info IMG works and shows no backing file (the
+# info is captured and checked first: a failing qemu-img must not pass)
+no_backing() {
+	local info b
+	info=$("$QEMU_IMG" info -U --output=json "$1" 2>qinfo.err) ||
+		{ cat qinfo.err; dmq_fail "qemu-img info $1 failed"; }
+	b=$("$PYTHON" -c 'import json, sys
+d = json.load(sys.stdin)
+print("yes" if "backing-filename" in d else "no" if "virtual-size" in d else "?")' <<<"$info") ||
+		{ printf '%s\n' "$info"; dmq_fail "qemu-img info $1: not JSON"; }
+	case $b in
+	no) echo "$1 has no backing file" ;;
+	yes) "$QEMU_IMG" info -U "$1"; dmq_fail "$1 still has a backing file" ;;
+	*) printf '%s\n' "$info"; dmq_fail "qemu-img info $1: no virtual-size" ;;
+	esac
+}
+
 convert() {
 	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
 }
@@ -446,6 +463,16 @@ case_backward_extl2_fio() {
 	backward_case 0 fio
 }
 
+# merges again with md_cache_pages=16 (DMQ_MD_CACHE_PAGES=16 runs them all
+# so): both deltas' L2 and refcount pages are evicted while the walker copies
+case_md16_backward_d0_fio() {
+	dmq_with_md_cache 16 case_backward_d0_fio
+}
+
+case_md16_backward_extl2() {
+	dmq_with_md_cache 16 case_backward_extl2
+}
+
 # -------------------------------------------------------- forward merges
 
 # forward_case DEPTH [default]: merge the delta at DEPTH of a 3-deep chain
@@ -487,11 +514,7 @@ forward_case() {
 	sha256sum -c --quiet lower.sha256 || dmq_fail "${CHAIN[l]} changed"
 	if [ "$l" -eq 0 ]; then
 		# the receiving delta is the new base: no backing file any more
-		if "$QEMU_IMG" info -U --output=json "${CHAIN[u]}" | grep -q '"backing-filename"'; then
-			"$QEMU_IMG" info -U "${CHAIN[u]}"
-			dmq_fail "${CHAIN[u]} still has a backing file"
-		fi
-		echo "${CHAIN[u]} has no backing file"
+		no_backing "${CHAIN[u]}"
 	else
 		dmq_run "$QEMU_IMG" rebase -u -b "${CHAIN[l - 1]}" -F qcow2 "${CHAIN[u]}"
 	fi
@@ -556,9 +579,7 @@ case_eventfd() {
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	dmq_check_images "${CHAIN[@]}"
 	sha256sum -c --quiet o1.sha256 || dmq_fail "o1.qcow2 changed"
-	if "$QEMU_IMG" info -U --output=json o2.qcow2 | grep -q '"backing-filename"'; then
-		dmq_fail "o2.qcow2 still has a backing file"
-	fi
+	no_backing o2.qcow2
 	convert o2.qcow2 o2.raw
 	same before.raw o2.raw "o2.qcow2 alone differs from the chain"
 	echo "o2.qcow2 alone reads like the chain did"
@@ -790,6 +811,8 @@ DMQ_CASES=(
 	backward_big_fio
 	backward_extl2
 	backward_extl2_fio
+	md16_backward_d0_fio
+	md16_backward_extl2
 	forward_d1
 	forward_d2
 	eventfd
@@ -800,4 +823,5 @@ DMQ_CASES=(
 	bad_args
 )
 
+dmq_md_cache_env
 dmq_main "$@"

@@ -273,6 +273,208 @@ case_zero_extl2() {
 	dmq_check_images base.qcow2 top.qcow2
 }
 
+# -------------------------------------------------------- corrupt metadata
+# Every L1, L2 and refcount table entry the target uses, and every
+# compressed stream, is checked: a bad one fails the bio with EIO and logs
+# "dm-qcow2: image <img_id>: <what>"; the rest of the device reads as
+# before. (Entries pointing past the end of the file are not errors: the
+# table or data there reads as zeroes, as QEMU reads it too; qemu-img
+# convert of such an image is the oracle for those ranges.)
+
+COPIED=$((1 << 63))
+
+# set_entry IMG KIND WHERE OP VALUE: patch a metadata entry (dmq_img.py entry)
+set_entry() {
+	local out
+	out=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry "$@" 2>&1) ||
+		{ printf '%s\n' "$out"; dmq_fail "dmq_img.py entry $*"; }
+	echo "$1: $2 $3 $4 $5 -> $out"
+}
+
+# entry_val IMG KIND WHERE: the entry's value as a (signed 64-bit) shell
+# number (no fail here: check the status)
+entry_val() {
+	local out
+	out=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry "$@") || return 1
+	echo $((${out#* }))
+}
+
+# expect_kmsg TEXT: the kernel logged a line with TEXT during this case
+expect_kmsg() {
+	local lines hit
+	lines=$(dmq_dmesg_case)
+	hit=$(grep -F -- "$1" <<<"$lines" | head -n 1)
+	if [ -z "$hit" ]; then
+		printf '%s\n' "$lines" | tail -n 30 | sed 's/^/  /'
+		dmq_fail "no kernel line with '$1'"
+	fi
+	echo "dmesg: $hit"
+}
+
+# check_bad RAW BAD... -- SPEC...: map SPEC (base first) read-only; every
+# 4k block of the BAD ranges (OFF:LEN) must fail with EIO, so must reads
+# across their edges, and everything else must equal RAW
+check_bad() {
+	local raw=$1 args=() dev
+	shift
+	while [ "$1" != -- ]; do
+		args+=(--bad "$1")
+		shift
+	done
+	shift
+	dmq_create v "$@" || dmq_fail "dmsetup create failed for $*"
+	dev=$(dmq_dev v) || dmq_fail "no device node"
+	"$PYTHON" "$DMQ_DIR/dmq_img.py" badread "$dev" "$raw" "${args[@]}" ||
+		dmq_fail "reads of $dev: EIO not exactly on ${args[*]}"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+}
+
+# L1 entries of the base: reserved bits, a misaligned L2 table, and one
+# past the end of the file; the top's own cluster in the bad range reads
+case_corrupt_l1() {
+	dmq_needs_kernel "EIO from the target's metadata checks"
+	dmq_img_create base.qcow2 8M cluster_size=4k
+	dmq_write base.qcow2 t:0:8M
+	dmq_img_create top.qcow2 8M cluster_size=4k base.qcow2
+	dmq_write top.qcow2 r:2M:64k
+	set_entry base.qcow2 l1 3 = $((COPIED | 1 << 30))
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 expected.raw
+	set_entry base.qcow2 l1 1 '|=' 4
+	set_entry base.qcow2 l1 2 += 512
+	check_bad expected.raw 2M+64k:2M-64k 4M:2M -- base.qcow2 top.qcow2
+	expect_kmsg "dm-qcow2: image 0: Corrupt L1 entry"
+}
+
+# L2 entries: reserved bits, a misaligned data cluster, a compressed entry
+# with the COPIED bit, one past the end of the file (reads zeroes); a v2
+# entry with the zero flag (v3 only); extended L2 entries with a
+# subcluster both allocated and zero, or the plain zero flag set
+case_corrupt_l2() {
+	dmq_needs_kernel "EIO from the target's metadata checks"
+	dmq_img_create base.qcow2 8M cluster_size=4k
+	dmq_write base.qcow2 t:0:8M
+	dmq_img_create top.qcow2 8M cluster_size=4k base.qcow2
+	dmq_write top.qcow2 r:1M:64k
+	set_entry top.qcow2 l2 1M+12k = $((COPIED | 1 << 30))
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 expected.raw
+	set_entry top.qcow2 l2 1M '|=' 2
+	set_entry top.qcow2 l2 1M+4k += 512
+	set_entry top.qcow2 l2 1M+8k '|=' $((1 << 62))
+	check_bad expected.raw 1M:12k -- base.qcow2 top.qcow2
+	expect_kmsg "dm-qcow2: image 1: Corrupt L2 entry"
+
+	dmq_img_create v2.qcow2 2M cluster_size=4k,compat=0.10
+	dmq_write v2.qcow2 t:0:2M
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw v2.qcow2 expected-v2.raw
+	set_entry v2.qcow2 l2 64k '|=' 1
+	check_bad expected-v2.raw 64k:4k -- v2.qcow2
+
+	# 128k clusters: 4k subclusters, also on 4k-sector devices
+	dmq_img_create x.qcow2 4M cluster_size=128k,extended_l2=on
+	dmq_write x.qcow2 t:0:4M
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw x.qcow2 expected-x.raw
+	set_entry x.qcow2 l2bitmap 1M '|=' $((1 << 32))
+	set_entry x.qcow2 l2 2M '|=' 1
+	check_bad expected-x.raw 1M:128k 2M:128k -- x.qcow2
+}
+
+# compressed clusters: a garbage stream, a stream past the end of the file
+# (zeroes do not inflate), a stream cut to one sector
+case_corrupt_compressed() {
+	local raw host c
+	dmq_needs_kernel "EIO from the target's metadata checks"
+	mk_raw_mix src.raw 2M t:0:2M
+	dmq_run "$QEMU_IMG" convert -c -f raw -O qcow2 -o cluster_size=64k \
+		src.raw a.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 expected.raw
+	# 64k clusters: the host offset is in bits 0..53, the sector count
+	# minus one in bits 54..61
+	for c in 128k 256k 384k; do
+		raw=$(entry_val a.qcow2 l2 "$c") || dmq_fail "no L2 entry at $c"
+		[ $((raw >> 62 & 1)) = 1 ] || dmq_fail "cluster at $c is not compressed"
+	done
+	raw=$(entry_val a.qcow2 l2 128k) || dmq_fail "L2 entry at 128k"
+	host=$((raw & ((1 << 54) - 1)))
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill a.qcow2 64 P0xff 0 --at "$host"
+	raw=$(entry_val a.qcow2 l2 256k) || dmq_fail "L2 entry at 256k"
+	set_entry a.qcow2 l2 256k = $(((raw & ~((1 << 54) - 1)) | 1 << 30))
+	raw=$(entry_val a.qcow2 l2 384k) || dmq_fail "L2 entry at 384k"
+	[ $((raw >> 54 & 0xff)) -gt 1 ] || dmq_fail "cluster at 384k fits a sector"
+	set_entry a.qcow2 l2 384k = $(((raw & ((1 << 54) - 1)) | 1 << 62))
+	check_bad expected.raw 128k:64k 256k:64k 384k:64k -- a.qcow2
+	expect_kmsg "dm-qcow2: image 0: bad compressed cluster at $(printf '%#x' "$host")"
+}
+
+# write_4k DEV BLOCK ok|eio: an O_DIRECT 4k write of 0x6b bytes at 4k block
+# BLOCK of DEV must succeed, or fail with EIO
+write_4k() {
+	local out rc
+	[ -f w.bin ] || "$PYTHON" -c 'import sys; sys.stdout.buffer.write(b"\x6b" * 4096)' >w.bin ||
+		dmq_fail "python"
+	out=$(dd if=w.bin of="$1" bs=4k seek="$2" count=1 oflag=direct \
+		conv=notrunc,fsync status=none 2>&1)
+	rc=$?
+	case $3 in
+	ok) [ "$rc" = 0 ] || { printf '%s\n' "$out"; dmq_fail "write of block $2 failed"; } ;;
+	eio)
+		[ "$rc" != 0 ] || dmq_fail "write of block $2 succeeded, expected EIO"
+		grep -q "Input/output error" <<<"$out" ||
+			{ printf '%s\n' "$out"; dmq_fail "write of block $2: not EIO"; } ;;
+	esac
+	echo "write of 4k block $2: $3"
+}
+
+# A writable top over a base: writes meeting a bad L2 entry of the top, a
+# garbage compressed cluster of the base (copy-on-write) or a bad refcount
+# table entry (allocation) fail with EIO; a write in place lands. With the
+# metadata restored afterwards, both images check clean (no cluster leaked
+# by the failed copy-on-write) and the top holds exactly the write that
+# succeeded.
+case_corrupt_writes() {
+	local dev l2 rt raw host
+	dmq_needs_kernel "EIO from the target's metadata checks"
+	dmq_img_create base.qcow2 8M cluster_size=4k
+	dmq_write base.qcow2 t:0:6M ct:6M:64k t:7M:1M
+	dmq_img_create top.qcow2 8M cluster_size=4k base.qcow2
+	dmq_write top.qcow2 r:1M:8k r:2M:64k
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 expected.raw
+	dmq_run cp base.qcow2 base.orig
+	# 4k clusters: the host offset of a compressed cluster is in bits 0..57
+	raw=$(entry_val base.qcow2 l2 6M+8k) || dmq_fail "L2 entry at 6M+8k"
+	[ $((raw >> 62 & 1)) = 1 ] || dmq_fail "base cluster at 6M+8k is not compressed"
+	host=$((raw & ((1 << 58) - 1)))
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill base.qcow2 64 P0xff 0 --at "$host"
+	l2=$(entry_val top.qcow2 l2 1M) || dmq_fail "L2 entry at 1M"
+	rt=$(entry_val top.qcow2 reft 0) || dmq_fail "refcount table entry 0"
+	set_entry top.qcow2 l2 1M '|=' 2
+
+	dmq_create w --rw base.qcow2 top.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	write_4k "$dev" 512 ok
+	write_4k "$dev" 256 eio
+	write_4k "$dev" 1538 eio
+	expect_kmsg "dm-qcow2: image 1: Corrupt L2 entry"
+	expect_kmsg "dm-qcow2: image 0: bad compressed cluster at $(printf '%#x' "$host")"
+	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill expected.raw 4k P0x6b 0 --at 2M
+	"$PYTHON" "$DMQ_DIR/dmq_img.py" badread "$dev" expected.raw \
+		--bad 1M:4k --bad 6M+8k:4k || dmq_fail "reads of $dev"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+
+	set_entry top.qcow2 reft 0 '|=' 1
+	dmq_create w --rw base.qcow2 top.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	write_4k "$dev" 1280 eio
+	expect_kmsg "dm-qcow2: image 1: Corrupt refcount table entry"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+
+	set_entry top.qcow2 l2 1M = "$l2"
+	set_entry top.qcow2 reft 0 = "$rt"
+	dmq_run cp base.orig base.qcow2
+	dmq_check_images base.qcow2 top.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 after.raw
+	cmp expected.raw after.raw || dmq_fail "top.qcow2 is not what was written"
+}
+
 # -------------------------------------------------------------------- chains
 
 case_chain3() {
@@ -319,6 +521,10 @@ case_refcount64_4k() {
 	dmq_check_images a.qcow2
 }
 
+# corrupt_writes: trimming the top on suspend reads the bad refcount table
+# entry ("truncate failed")
+DMQ_FAULT_CASES="corrupt_writes"
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -335,6 +541,10 @@ DMQ_CASES=(
 	compressed_overlay
 	zero_clusters
 	zero_extl2
+	corrupt_l1
+	corrupt_l2
+	corrupt_compressed
+	corrupt_writes
 	chain3
 	odd_size
 	short_table

@@ -512,6 +512,47 @@ case_fast_vs_discard() {
 
 # ------------------------------------------------- refcount table growth
 
+# ------------------------------------------------- metadata cache eviction
+
+# More than one L2 table: 640 MiB with 64k clusters (one L2 table maps
+# 512 MiB), sparse data in a base under an empty top, fio over both halves
+# (the second crosses 512 MiB), and md_cache_pages=16: L2 and refcount
+# pages are evicted and read back all the time.
+sparse_640m() {
+	need "$FIO"
+	FIO_SEED=640
+	DEV_SIZE=640M
+	dmq_img_create base.qcow2 640M cluster_size=64k
+	dmq_write base.qcow2 t:0:1M r:511M+512:2M ct:600M:128k t:639M+3:1M-3
+	dmq_img_create top.qcow2 640M cluster_size=64k base.qcow2
+	lower_sums base.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 before.raw
+	map_rw base.qcow2 top.qcow2
+	FIO_IO=6M fio_write "$DEV"
+	finish "$DEV" top.qcow2 before.raw
+	local e0 e1
+	e0=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry top.qcow2 l1 0) || dmq_fail "L1[0]"
+	e1=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry top.qcow2 l1 1) || dmq_fail "L1[1]"
+	[ "${e0#* }" != 0x0 ] && [ "${e1#* }" != 0x0 ] ||
+		dmq_fail "top.qcow2 does not use two L2 tables: L1 $e0, $e1"
+	echo "top.qcow2: L1[0] $e0, L1[1] $e1"
+	rm -f ./*.raw
+}
+
+case_sparse_640m() {
+	dmq_with_md_cache 16 sparse_640m
+}
+
+# write cases again with md_cache_pages=16 (DMQ_MD_CACHE_PAGES=16 runs
+# them all so): 4k clusters (16 L2 tables, refcount blocks), extended L2
+case_md16_cluster_4k() {
+	dmq_with_md_cache 16 case_cluster_4k
+}
+
+case_md16_extl2_64k() {
+	dmq_with_md_cache 16 case_extl2_64k
+}
+
 # 4K clusters with 64-bit refcounts: one refcount-table cluster covers
 # 1 GiB. A metadata-preallocated image just under 2 GiB, snapshotted, gets
 # copy-on-write allocations past what its table describes: the table must
@@ -663,6 +704,9 @@ DMQ_CASES=(
 	refcount1
 	refcount16_single
 	refcount64
+	sparse_640m
+	md16_cluster_4k
+	md16_extl2_64k
 	chain3
 	compressed_base
 	single_inplace
@@ -680,4 +724,5 @@ DMQ_CASES=(
 	overlayfs_freeze
 )
 
+dmq_md_cache_env
 dmq_main "$@"

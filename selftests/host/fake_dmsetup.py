@@ -71,35 +71,67 @@ def check_image(fd, index, ntop, writable):
         raise CtrError("Image is not opened for reading", "-EACCES")
     if writable and index == ntop - 1 and acc != os.O_RDWR:
         raise CtrError("Top image is not opened for writing", "-EACCES")
+    # The header checks in the order of Header::parse.
+    with open("/proc/self/fd/%d" % fd, "rb") as f:
+        raw = f.read(4096)
+    if len(raw) < 72:
+        raise CtrError("Image header truncated", "-EINVAL")
     h = dmq_img.read_header("/proc/self/fd/%d" % fd)
     if h.get("magic") != dmq_img.QCOW2_MAGIC:
         raise CtrError("Bad qcow2 magic", "-EINVAL")
     if h["version"] not in (2, 3):
         raise CtrError("Unsupported qcow2 version", "-EINVAL")
+    if h["version"] == 3 and len(raw) < 104:
+        raise CtrError("Image header truncated", "-EINVAL")
     if not 9 <= h["cluster_bits"] <= 21:
         raise CtrError("Bad cluster_bits", "-EINVAL")
     cs = 1 << h["cluster_bits"]
+    hlen = h.get("header_length", 72)
+    if h["version"] == 3 and (hlen < 104 or hlen % 8 or hlen > cs):
+        raise CtrError("Bad header length", "-EINVAL")
+    if hlen <= 104:
+        h["compression_type"] = 0
     if h["l1_table_offset"] % cs:
         raise CtrError("Misaligned L1 table", "-EINVAL")
     if h["refcount_table_offset"] % cs:
         raise CtrError("Misaligned refcount table", "-EINVAL")
+    inc = h.get("incompatible_features", 0)
+    ext = bool(inc & 16)
+    l1_cover = (cs // (16 if ext else 8)) * cs
+    if h["l1_size"] < -(-h["size"] // l1_cover):
+        raise CtrError("L1 table too small for virtual size", "-EINVAL")
+    if h["l1_size"] > (32 << 20) // 8:
+        raise CtrError("L1 table too large", "-EINVAL")
+    order = h.get("refcount_order", 4)
+    if order > 6:
+        raise CtrError("Bad refcount order", "-EINVAL")
     if h["crypt_method"]:
         raise CtrError("Encrypted images are not supported", "-EOPNOTSUPP")
-    inc = h.get("incompatible_features", 0)
     if inc & 2:
         raise CtrError("Image is marked corrupt", "-EOPNOTSUPP")
     if inc & 4:
         raise CtrError("External data files are not supported", "-EOPNOTSUPP")
-    if inc & 8 or h.get("compression_type", 0):
+    if h.get("compression_type", 0):
         raise CtrError("Only zlib compression is supported", "-EOPNOTSUPP")
     if inc & ~0x1F:
         raise CtrError("Unknown incompatible features", "-EOPNOTSUPP")
+    if ext and cs // 32 < 512:
+        raise CtrError("Unsupported subcluster size", "-EINVAL")
+    if h["refcount_table_clusters"] > (8 << 20) // cs:
+        raise CtrError("Refcount table too large", "-EINVAL")
+    bfo, bfs = h["backing_file_offset"], h["backing_file_size"]
+    if bfo and (bfs > 1023 or bfo > cs or bfo + bfs > cs):
+        raise CtrError("Bad backing file name", "-EINVAL")
     if cs < 4096:
         raise CtrError("Cluster size below PAGE_SIZE", "-EOPNOTSUPP")
     rbits = 1 << h.get("refcount_order", 4)
     limit = h["refcount_table_clusters"] * cs // 8 * (cs * 8 // rbits) * cs
     if st.st_size > limit:
         raise CtrError("File larger than its refcount table describes", "-EFBIG")
+    if (writable and index == ntop - 1 and inc & 1 and
+            h.get("compatible_features", 0) & 1):
+        raise CtrError("Image is dirty: repair it with qemu-img check -r all",
+                       "-EINVAL")
     return h
 
 
@@ -114,6 +146,8 @@ def parse_table(table, readonly):
         raise BadTable(table)
     length = int(words[1])
     fds = words[3:]
+    if words[0] != "0":  # dm core refuses it before the constructor runs
+        raise CtrError("Gap in table", "-EINVAL")
     if not fds:
         raise CtrError("No images given", "-EINVAL")
     hdrs = []

@@ -13,3 +13,15 @@ dmq_dev() {
 dmq_counts_bios() {
 	return 1
 }
+
+# cases that need the kernel (I/O errors from a device, EIO from the
+# target's metadata checks, module parameters) cannot run on the fake
+dmq_needs_kernel() {
+	dmq_skip "needs the kernel: $*"
+}
+
+# no module parameter here: the case body runs as it is
+dmq_with_md_cache() {
+	shift
+	("$@")
+}
