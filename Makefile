@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 # The kselftests run on the debug kernel (KASAN, lockdep, ...); the demo and
 # the benchmark on the plain one. Override with DMQ_KERNEL=debug|release.
-ifneq ($(filter check test kselftest,$(MAKECMDGOALS)),)
+ifneq ($(filter check test kselftest crashtest,$(MAKECMDGOALS)),)
 DMQ_KERNEL ?= debug
 else
 DMQ_KERNEL ?= release
@@ -15,7 +15,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module deps kernel check test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module deps kernel check test host-test kselftest crashtest demo bench bench-deps clean help
 
 all: module
 
@@ -27,6 +27,7 @@ help:
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make host-test - cargo tests of the format logic only"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
+	@echo "make crashtest - the crash-replay kselftest with many more crash states (not in CI)"
 	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"
 
 deps:
@@ -43,6 +44,13 @@ host-test:
 
 kselftest: module
 	tools/check.sh kselftest $(T)
+
+# qcow2_crash.sh with CRASH_STATES crash states per file system (CI runs
+# the script's default); DMQ_CRASH_SEED=S repeats a run
+CRASH_STATES ?= 1500
+crashtest: module
+	DMQ_CRASH_STATES=$(CRASH_STATES) DMQ_TEST_TIMEOUT=$${DMQ_TEST_TIMEOUT:-14400} \
+		tools/check.sh kselftest qcow2_crash.sh
 
 check test: module
 	tools/check.sh all
