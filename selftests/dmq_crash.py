@@ -347,6 +347,9 @@ class Workload:
                 self.epoch(r.randrange(2, a.ops_per_epoch + 1))
                 e += 1
                 self.mark("e%d" % e)
+                if a.verbose:
+                    log("%s epoch %d: %d ops, phase %s" % (
+                        time.strftime("%T"), e, len(self.ops), self.phase))
                 rt = self.grow_header()
                 if rt != self.info["grow_rt0"] and "grow_epoch" not in self.info:
                     self.info["grow_epoch"] = e
@@ -359,7 +362,8 @@ class Workload:
         self.phase = "merging"
         self.mark("merge-start")
         ready = False
-        for _ in range(400):
+        t1 = time.time()
+        while time.time() < t1 + a.merge_timeout:
             epochs(1)
             out, kv = self.progress()
             if kv.get("stage") == "ready":
@@ -368,7 +372,7 @@ class Workload:
             if kv.get("stage") not in ("copying",):
                 raise Fail("merge: %s\n%s" % (out, dmesg_tail()))
         if not ready:
-            raise Fail("merge not ready after 400 epochs: %s" % out)
+            raise Fail("merge not ready after %d s: %s" % (a.merge_timeout, out))
         dm_msg(self.cname, "merge_backward", "complete")
         self.fsync()
         self.phase = "merged"
@@ -928,6 +932,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--ops-per-epoch", type=int, default=8)
+    p.add_argument("--merge-timeout", type=int, default=600)
+    p.add_argument("--verbose", action="store_true")
     p = sub.add_parser("check")
     p.add_argument("state")
     p.add_argument("log")

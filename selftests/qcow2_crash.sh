@@ -114,31 +114,45 @@ crash_case() {
 	xfs) dmq_run mkfs.xfs -q -f "/dev/mapper/$LW" ;;
 	esac
 	dmq_run "$DMSETUP" message "$LW" 0 mark dmq-mkfs
+	echo "$(date +%T) mkfs.$fs done"
 	dmq_run mount -t "$fs" "/dev/mapper/$LW" "$MNT"
+	# the images are made on the tmpfs (qemu-img's many small writes are
+	# slow through the log), then copied onto the file system
+	mkdir -p src
+	(
+		cd src || exit 1
+		dmq_img_create base.qcow2 32M cluster_size=64k
+		dmq_write base.qcow2 t:0:4M r:4M+512:3M P0x5a:9M+3k:100k \
+			ct:12M:256k r:16M:6M z:18M:1M t:24M+100:5M P0xa5:30M:2M
+		dmq_img_create mid.qcow2 32M cluster_size=64k base.qcow2
+		dmq_write mid.qcow2 r:2M:1M t:8M+3k:2M z:17M:256k P0x33:20M:2M \
+			r:29M+512:1M
+		dmq_img_create top.qcow2 32M cluster_size=64k mid.qcow2
+		# the preallocated file ends just under 1 GiB, what one
+		# refcount-table cluster covers with 4k clusters and 64-bit
+		# refcounts: the copy-on-write allocations away from the
+		# snapshot move the table
+		dmq_run "$QEMU_IMG" create -q -f qcow2 \
+			-o cluster_size=4k,refcount_bits=64,preallocation=metadata \
+			grow.qcow2 1018M
+		dmq_write grow.qcow2 P0x11:0:4M
+		dmq_run "$QEMU_IMG" snapshot -c s1 grow.qcow2
+		dmq_check_images base.qcow2 mid.qcow2 top.qcow2 grow.qcow2
+		dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 ../c0.raw
+		dmq_run "$QEMU_IMG" convert -f qcow2 -O raw mid.qcow2 ../mid0.raw
+	) || exit
+	echo "$(date +%T) images made"
 	m=$MNT
-	dmq_img_create "$m/base.qcow2" 32M cluster_size=64k
-	dmq_write "$m/base.qcow2" t:0:4M r:4M+512:3M P0x5a:9M+3k:100k \
-		ct:12M:256k r:16M:6M z:18M:1M t:24M+100:5M P0xa5:30M:2M
-	dmq_img_create "$m/mid.qcow2" 32M cluster_size=64k "$m/base.qcow2"
-	dmq_write "$m/mid.qcow2" r:2M:1M t:8M+3k:2M z:17M:256k P0x33:20M:2M \
-		r:29M+512:1M
-	dmq_img_create "$m/top.qcow2" 32M cluster_size=64k "$m/mid.qcow2"
-	# the preallocated file ends just under 1 GiB, what one refcount-table
-	# cluster covers with 4k clusters and 64-bit refcounts: the
-	# copy-on-write allocations away from the snapshot move the table
-	dmq_run "$QEMU_IMG" create -q -f qcow2 \
-		-o cluster_size=4k,refcount_bits=64,preallocation=metadata \
-		"$m/grow.qcow2" 1018M
-	dmq_write "$m/grow.qcow2" P0x11:0:4M
-	dmq_run "$QEMU_IMG" snapshot -c s1 "$m/grow.qcow2"
-	dmq_check_images "$m/base.qcow2" "$m/mid.qcow2" "$m/top.qcow2" "$m/grow.qcow2"
-	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$m/top.qcow2" c0.raw
-	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$m/mid.qcow2" mid0.raw
+	dmq_run cp --sparse=always src/base.qcow2 src/mid.qcow2 src/top.qcow2 \
+		src/grow.qcow2 "$m/"
 	dmq_run sync -f "$m"
+	rm -rf src
+	echo "$(date +%T) images copied onto $fs"
 	"$PYTHON" "$DMQ_DIR/dmq_crash.py" workload state.json --mnt "$m" \
 		--lw "$LW" --prefix "$DMQ_PREFIX" --workdir "$DMQ_CASE_DIR" \
 		--c-initial c0.raw --mid-view mid0.raw --seed "$CRASH_SEED" \
-		--epochs "$CRASH_EPOCHS" || dmq_fail "the workload failed"
+		--epochs "$CRASH_EPOCHS" --verbose || dmq_fail "the workload failed"
+	echo "$(date +%T) workload done"
 	dmq_run umount "$MNT"
 	dmq_run "$DMSETUP" remove --retry "$LW"
 	LW=
