@@ -272,7 +272,7 @@ class Workload:
             else:
                 req = BLKZEROOUT if op["kind"] == "z" else BLKDISCARD
                 fcntl.ioctl(fd, req, struct.pack("QQ", op["off"], op["len"]))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 (a thread must report it)
             errors.append("%s: %s" % (op, e))
             return
         op["sha256"] = sha(op_data(op))
@@ -383,7 +383,7 @@ class Workload:
         self.close_devs()
         run([DMSETUP, "suspend", self.cname])
         run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
-             "cluster_size=%d" % C_CLUSTER, "-b", self.img("top.qcow2"),
+             "cluster_size=%d" % C_CLUSTER, "-b", "top.qcow2",
              "-F", "qcow2", self.img("over.qcow2"), str(C_SIZE)])
         run(["sync", "-f", self.img("over.qcow2")])
         wrapper = os.path.join(a.workdir, "dmsetup-reload")
