@@ -553,6 +553,7 @@ class Checker:
         self.cur = os.path.join(args.work, "state.img")
         self.size = args.dev_size
         self.checked_imgs = {}  # sha256 of an image file -> None or error
+        self.view_ok = set()  # sha256 of base.qcow2 files that read right
         self.opdata = {}
         self.failures = []
         self.loop = None
@@ -817,9 +818,11 @@ class Checker:
                                 "<-".join(chain), n, len(bad), "\n      ".join(
                                     "%#x+%#x: %s instead of %s" % tuple(b)
                                     for b in bad[:10])))
-        if phase != "pre" or nphase != "pre":
+        if (phase != "pre" or nphase != "pre") and hbase not in self.view_ok:
             v = self.read_chain("v", [img("base.qcow2"), img("mid.qcow2")],
                                 C_SIZE, errs)
+            if v == self.mid_view:
+                self.view_ok.add(hbase)
             if v is not None and v != self.mid_view:
                 off = first_diff(v, self.mid_view)
                 errs.append("base<-mid (below the top) reads other data than "
