@@ -29,6 +29,7 @@ help:
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
 	@echo "make host-test - cargo tests of the format logic only"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
+	@echo "make crashtest - the crash-replay kselftest with many more crash states (not in CI)"
 	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"
 
 deps:
@@ -45,6 +46,13 @@ host-test:
 
 kselftest: module
 	tools/check.sh kselftest $(T)
+
+# qcow2_crash.sh with CRASH_STATES crash states per file system (CI runs
+# the script's default); DMQ_CRASH_SEED=S repeats a run
+CRASH_STATES ?= 1500
+crashtest: module
+	DMQ_CRASH_STATES=$(CRASH_STATES) DMQ_TEST_TIMEOUT=$${DMQ_TEST_TIMEOUT:-14400} \
+		tools/check.sh kselftest qcow2_crash.sh
 
 check test: module
 	tools/check.sh all

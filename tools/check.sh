@@ -81,8 +81,13 @@ kselftests() {
 	# guest, and the VM as a whole one more.
 	local per=${DMQ_TEST_TIMEOUT:-2400}
 	local total=$(( ${#passes[@]} * per + 300 ))
+	# the crash test's knobs (make crashtest), passed on into the VM
+	local v fwd=
+	for v in DMQ_CRASH_STATES DMQ_CRASH_SEED DMQ_CRASH_EPOCHS; do
+		[ -n "${!v:-}" ] && fwd+="$v=${!v} "
+	done
 	DMQ_VM_RWDIR=$out timeout -k 60 "$total" tools/vm.sh \
-		"KDIR=$(dmq_kdir) DMQ_TEST_TIMEOUT=$per $DMQ_ROOT/tools/guest-tests.sh $out ${passes[*]}"
+		"KDIR=$(dmq_kdir) DMQ_TEST_TIMEOUT=$per $fwd$DMQ_ROOT/tools/guest-tests.sh $out ${passes[*]}"
 	local rc=$?
 	if [ "$rc" != 0 ]; then
 		echo "not ok: the VM exited with status $rc${rc/124/ (timed out)}"
