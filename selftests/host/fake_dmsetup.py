@@ -66,6 +66,8 @@ def check_image(fd, index, ntop, writable):
         raise CtrError("Not a regular file", "-EINVAL")
     if not flags & os.O_DIRECT:
         raise CtrError("Image opened in cached mode, need O_DIRECT", "-EINVAL")
+    if flags & os.O_APPEND:
+        raise CtrError("Image opened with O_APPEND", "-EINVAL")
     acc = flags & os.O_ACCMODE
     if acc == os.O_WRONLY:
         raise CtrError("Image is not opened for reading", "-EACCES")
@@ -151,12 +153,17 @@ def parse_table(table, readonly):
     if not fds:
         raise CtrError("No images given", "-EINVAL")
     hdrs = []
+    inodes = []
     for i, f in enumerate(fds):
         try:
             fd = int(f)
         except ValueError:
             raise CtrError("Wrong fd", "-EBADF")
         hdrs.append(check_image(fd, i, len(fds), not readonly))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) in inodes:
+            raise CtrError("Same image file given twice in the chain", "-EINVAL")
+        inodes.append((st.st_dev, st.st_ino))
     if hdrs[0]["backing_file_offset"]:
         raise CtrError("Base image has a backing file", "-ENOENT")
     for lo, hi in zip(hdrs, hdrs[1:]):
