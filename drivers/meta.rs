@@ -239,6 +239,8 @@ pub(crate) struct DeltaMd {
     frees_ready: KVec<(u64, u64)>,
     /// Where the next free-cluster search starts.
     hint: u64,
+    /// The image's cluster size (non-zero: checked by the header parser).
+    cluster_size: u64,
     /// File size as we last set it (it grows in `GROW_STEP`s).
     grown: u64,
     /// Clusters mapping host data, for the status line (see `count`).
@@ -274,6 +276,7 @@ impl DeltaMd {
             frees: KVec::new(),
             frees_ready: KVec::new(),
             hint: 1,
+            cluster_size: hdr.cluster_size(),
             grown: file.size(),
             count: AllocCount::new(),
         })
@@ -376,8 +379,11 @@ impl DeltaMd {
             return Ok(());
         }
         start.checked_add(len).ok_or(EIO)?;
+        // Adjacent ranges merge only where they meet on a cluster boundary:
+        // two compressed clusters' data may share a host cluster, which then
+        // loses one reference for each (one decrement per range and cluster).
         if let Some(last) = self.frees.last_mut() {
-            if last.0.checked_add(last.1) == Some(start) {
+            if last.0.checked_add(last.1) == Some(start) && start.checked_rem(self.cluster_size) == Some(0) {
                 last.1 += len;
                 return Ok(());
             }
