@@ -168,6 +168,19 @@ bool dmq_file_append(struct file *file)
 	return READ_ONCE(file->f_flags) & O_APPEND;
 }
 
+/* Whether @file can do direct I/O of this direction (0, or the errno). */
+static int dmq_file_io_ok(struct file *file, bool write)
+{
+	if (!(file->f_mode & FMODE_CAN_ODIRECT))
+		return -EINVAL;
+	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
+		    !file->f_op->write_iter
+		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
+		    !file->f_op->read_iter)
+		return -EBADF;
+	return 0;
+}
+
 ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
 			 bool write)
 {
@@ -178,13 +191,9 @@ ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
 
 	if (pos < 0 || len > MAX_RW_COUNT || len > LLONG_MAX - pos)
 		return -EINVAL;
-	if (!(file->f_mode & FMODE_CAN_ODIRECT))
-		return -EINVAL;
-	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
-		    !file->f_op->write_iter
-		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
-		    !file->f_op->read_iter)
-		return -EBADF;
+	ret = dmq_file_io_ok(file, write);
+	if (ret)
+		return ret;
 	/*
 	 * As kernel_read()/kernel_write(), but with flags of our own instead of
 	 * the file's (f_iocb_flags follows O_APPEND and O_DSYNC, which fcntl()
@@ -222,17 +231,14 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 	struct bio_vec bv;
 	struct iov_iter iter;
 	unsigned int nr = 0;
+	int err;
 
 	*started = false;
 	if (!bio_has_data(bio) || !dmq_bio_range(bio, off, len, &it))
 		return -EINVAL;
-	if (!(file->f_mode & FMODE_CAN_ODIRECT))
-		return -EINVAL;
-	if (write ? !(file->f_mode & FMODE_WRITE) || !(file->f_mode & FMODE_CAN_WRITE) ||
-		    !file->f_op->write_iter
-		  : !(file->f_mode & FMODE_READ) || !(file->f_mode & FMODE_CAN_READ) ||
-		    !file->f_op->read_iter)
-		return -EBADF;
+	err = dmq_file_io_ok(file, write);
+	if (err)
+		return err;
 	/* Clones share bi_io_vec but have no bi_vcnt: count what we span. */
 	__bio_for_each_bvec(bv, bio, cnt, it)
 		nr++;
