@@ -67,7 +67,10 @@ kselftests() {
 	local tests=("$@") passes
 	local all=0
 	if [ ${#tests[@]} -eq 0 ]; then
-		mapfile -t tests < <(sed -n '/^TEST_PROGS/,/^$/p' selftests/Makefile | grep -oE '[A-Za-z0-9_]+\.sh')
+		# make itself reads the list (comments and TEST_PROGS_EXTENDED
+		# must not leak into it)
+		read -r -a tests < <(printf 'dmq-print-progs:\n\t@echo $(TEST_PROGS)\n' |
+			make -s --no-print-directory -C selftests -f Makefile -f - dmq-print-progs)
 		all=1
 	fi
 	if [ -n "${DMQ_PASSES:-}" ]; then
