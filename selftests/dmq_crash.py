@@ -219,7 +219,10 @@ def dm_map_ro(name, paths):
     try:
         for p in paths:
             fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
-        hdr = os.pread(fds[-1], 32, 0)
+        # the size from a buffered open: a 32-byte read on an O_DIRECT
+        # descriptor is EINVAL
+        with open(paths[-1], "rb") as f:
+            hdr = f.read(32)
         size = struct.unpack_from(">Q", hdr, 24)[0]
         table = "0 %d qcow2 %s" % (size // SECTOR, " ".join(map(str, fds)))
         res = subprocess.run([DMSETUP, "create", name, "--readonly", "--table",
@@ -934,8 +937,12 @@ class Checker:
             prev, nxt = self.marks_around(s.at)
             try:
                 errs = self.check_state(s, prev, nxt)
-            except (Fail, OSError) as e:
+            except Fail as e:
                 errs = [str(e)]
+            except OSError as e:
+                # where the checker itself failed, not just errno's text
+                import traceback
+                errs = ["checker: %s\n%s" % (e, traceback.format_exc(limit=6))]
             finally:
                 self.cleanup()
             nwin = sum(1 for e in ents[s.barrier + 1:s.at + 1] if e.changes_data)

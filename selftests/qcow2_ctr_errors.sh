@@ -357,7 +357,7 @@ own_fs() {
 # [OFF, OFF + LEN) fail every I/O (a dm-error segment in the linear table)
 own_fs_break() {
 	local p s n
-	p=$("$PYTHON" "$DMQ_DIR/dmq_img.py" phys "$1" "$2") ||
+	p=$(dmq_py dmq_img phys "$1" "$2") ||
 		dmq_fail "no extent under byte $2 of $1"
 	s=$((p / 512))
 	n=$(($3 / 512))

@@ -43,7 +43,7 @@ check_map() {
 	got=$(dd if="$dev" iflag=direct bs=1M status=none | sha256sum | cut -d' ' -f1) ||
 		dmq_fail "O_DIRECT read of $dev failed"
 	if [ "$got" != "$want" ]; then
-		"$PYTHON" "$DMQ_DIR/dmq_img.py" cmp "$dev" "$raw" \
+		dmq_py dmq_img cmp "$dev" "$raw" \
 			--cluster "$cluster" --random 0 --range "0:$size"
 		dmq_fail "sha256 of $dev (O_DIRECT, bs=1M) differs from $raw"
 	fi
@@ -57,7 +57,7 @@ check_map() {
 	for r in "${EXTRA_RANGES[@]}"; do
 		range_args+=(--range "$r")
 	done
-	"$PYTHON" "$DMQ_DIR/dmq_img.py" cmp -v "$dev" "$raw" \
+	dmq_py dmq_img cmp -v "$dev" "$raw" \
 		--cluster "$cluster" "${range_args[@]}" ||
 		dmq_fail "range reads of $dev differ from $raw"
 	echo "ok: $* ($size bytes, sha256 $want)"
@@ -286,7 +286,7 @@ COPIED=$((1 << 63))
 # set_entry IMG KIND WHERE OP VALUE: patch a metadata entry (dmq_img.py entry)
 set_entry() {
 	local out
-	out=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry "$@" 2>&1) ||
+	out=$(dmq_py dmq_img entry "$@" 2>&1) ||
 		{ printf '%s\n' "$out"; dmq_fail "dmq_img.py entry $*"; }
 	echo "$1: $2 $3 $4 $5 -> $out"
 }
@@ -295,7 +295,7 @@ set_entry() {
 # number (no fail here: check the status)
 entry_val() {
 	local out
-	out=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry "$@") || return 1
+	out=$(dmq_py dmq_img entry "$@") || return 1
 	echo $((${out#* }))
 }
 
@@ -324,7 +324,7 @@ check_bad() {
 	shift
 	dmq_create v "$@" || dmq_fail "dmsetup create failed for $*"
 	dev=$(dmq_dev v) || dmq_fail "no device node"
-	"$PYTHON" "$DMQ_DIR/dmq_img.py" badread "$dev" "$raw" "${args[@]}" ||
+	dmq_py dmq_img badread "$dev" "$raw" "${args[@]}" ||
 		dmq_fail "reads of $dev: EIO not exactly on ${args[*]}"
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 }
@@ -395,7 +395,7 @@ case_corrupt_compressed() {
 	done
 	raw=$(entry_val a.qcow2 l2 128k) || dmq_fail "L2 entry at 128k"
 	host=$((raw & ((1 << 54) - 1)))
-	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill a.qcow2 64 P0xff 0 --at "$host"
+	dmq_run dmq_py dmq_img fill a.qcow2 64 P0xff 0 --at "$host"
 	raw=$(entry_val a.qcow2 l2 256k) || dmq_fail "L2 entry at 256k"
 	set_entry a.qcow2 l2 256k = $(((raw & ~((1 << 54) - 1)) | 1 << 30))
 	raw=$(entry_val a.qcow2 l2 384k) || dmq_fail "L2 entry at 384k"
@@ -443,7 +443,7 @@ case_corrupt_writes() {
 	raw=$(entry_val base.qcow2 l2 6M+8k) || dmq_fail "L2 entry at 6M+8k"
 	[ $((raw >> 62 & 1)) = 1 ] || dmq_fail "base cluster at 6M+8k is not compressed"
 	host=$((raw & ((1 << 58) - 1)))
-	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill base.qcow2 64 P0xff 0 --at "$host"
+	dmq_run dmq_py dmq_img fill base.qcow2 64 P0xff 0 --at "$host"
 	l2=$(entry_val top.qcow2 l2 1M) || dmq_fail "L2 entry at 1M"
 	rt=$(entry_val top.qcow2 reft 0) || dmq_fail "refcount table entry 0"
 	set_entry top.qcow2 l2 1M '|=' 2
@@ -455,8 +455,8 @@ case_corrupt_writes() {
 	write_4k "$dev" 1538 eio
 	expect_kmsg "dm-qcow2: image 1: Corrupt L2 entry"
 	expect_kmsg "dm-qcow2: image 0: bad compressed cluster at $(printf '%#x' "$host")"
-	dmq_run "$PYTHON" "$DMQ_DIR/dmq_img.py" fill expected.raw 4k P0x6b 0 --at 2M
-	"$PYTHON" "$DMQ_DIR/dmq_img.py" badread "$dev" expected.raw \
+	dmq_run dmq_py dmq_img fill expected.raw 4k P0x6b 0 --at 2M
+	dmq_py dmq_img badread "$dev" expected.raw \
 		--bad 1M:4k --bad 6M+8k:4k || dmq_fail "reads of $dev"
 	dmq_remove w || dmq_fail "dmsetup remove failed"
 

@@ -531,8 +531,8 @@ sparse_640m() {
 	FIO_IO=6M fio_write "$DEV"
 	finish "$DEV" top.qcow2 before.raw
 	local e0 e1
-	e0=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry top.qcow2 l1 0) || dmq_fail "L1[0]"
-	e1=$("$PYTHON" "$DMQ_DIR/dmq_img.py" entry top.qcow2 l1 1) || dmq_fail "L1[1]"
+	e0=$(dmq_py dmq_img entry top.qcow2 l1 0) || dmq_fail "L1[0]"
+	e1=$(dmq_py dmq_img entry top.qcow2 l1 1) || dmq_fail "L1[1]"
 	[ "${e0#* }" != 0x0 ] && [ "${e1#* }" != 0x0 ] ||
 		dmq_fail "top.qcow2 does not use two L2 tables: L1 $e0, $e1"
 	echo "top.qcow2: L1[0] $e0, L1[1] $e1"
