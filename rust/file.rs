@@ -185,11 +185,12 @@ impl File {
         unsafe { bindings::dmq_file_append(self.as_raw()) }
     }
 
-    /// Opened with O_DIRECT.
-    pub(crate) fn is_direct(&self) -> bool {
-        // SAFETY: The file is valid; `f_flags` is only read.
-        let flags = unsafe { core::ptr::read_volatile(&raw const (*self.as_raw()).f_flags) };
-        flags & bindings::O_DIRECT != 0
+    /// Its file system does direct I/O (FMODE_CAN_ODIRECT). The descriptor's
+    /// own O_DIRECT does not matter: every kiocb here sets IOCB_DIRECT.
+    pub(crate) fn can_direct_io(&self) -> bool {
+        // SAFETY: The file is valid while we hold a reference; `f_mode` is
+        // set at open and only read here.
+        unsafe { bindings::dmq_file_can_direct_io(self.as_raw()) }
     }
 
     /// A regular file.

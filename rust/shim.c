@@ -168,6 +168,15 @@ bool dmq_file_append(struct file *file)
 	return READ_ONCE(file->f_flags) & O_APPEND;
 }
 
+/*
+ * Whether @file's file system does direct I/O (our kiocbs always ask for it,
+ * whatever the descriptor's own O_DIRECT).
+ */
+bool dmq_file_can_direct_io(struct file *file)
+{
+	return file->f_mode & FMODE_CAN_ODIRECT;
+}
+
 /* Whether @file can do direct I/O of this direction (0, or the errno). */
 static int dmq_file_io_ok(struct file *file, bool write)
 {

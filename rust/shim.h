@@ -48,6 +48,7 @@ bool dmq_file_writable(struct file *file);
 bool dmq_file_same_inode(struct file *a, struct file *b);
 /* Whether @file is in append mode (O_APPEND, which fcntl may change). */
 bool dmq_file_append(struct file *file);
+bool dmq_file_can_direct_io(struct file *file);
 /*
  * Synchronous direct I/O of @len bytes between @buf (kernel memory, suitably
  * aligned) and @file at @pos, with IOCB_DIRECT and none of the file's own

@@ -635,8 +635,10 @@ class Checker:
         if len(self.mark_at) != len(self.marks):
             raise Fail("the log has %d of the workload's %d marks" %
                        (len(self.mark_at), len(self.marks)))
-        self.c0 = open(self.info["c_initial"], "rb").read()
-        self.mid_view = open(self.info["mid_view"], "rb").read()
+        # relative to the state file (the workload's working directory)
+        sdir = os.path.dirname(os.path.abspath(args.state))
+        self.c0 = open(os.path.join(sdir, self.info["c_initial"]), "rb").read()
+        self.mid_view = open(os.path.join(sdir, self.info["mid_view"]), "rb").read()
         g0 = bytearray(G_REGION)
         g0[:SNAP_DATA] = b"\x11" * SNAP_DATA
         self.snap0 = bytes(g0)
@@ -808,6 +810,8 @@ class Checker:
         return h
 
     def read_chain(self, tag, specs, length, errs):
+        if self.a.reader == "qemu":
+            return self.read_chain_qemu(specs, length, errs)
         name = "%scr%s" % (self.a.prefix, tag)
         try:
             node = dm_map_ro(name, specs)
@@ -823,6 +827,35 @@ class Checker:
             got = None
         run([DMSETUP, "remove", "--retry", name], check=False)
         self.maps.remove(name)
+        return got
+
+    def read_chain_qemu(self, specs, length, errs):
+        """The chain read by QEMU (the host-side checker has no target),
+        given explicitly like a table's (the images' own backing names are
+        not followed: after the merge top.qcow2 still names mid.qcow2)."""
+        opts = []
+        for depth, path in enumerate(reversed(specs)):
+            if "," in path:
+                errs.append("%s: a comma in the path" % path)
+                return None
+            pre = "backing." * depth
+            opts += ["%sdriver=qcow2" % pre, "%sfile.driver=file" % pre,
+                     "%sfile.filename=%s" % (pre, path)]
+        out = os.path.join(self.work, "read.raw")
+        res = self.sh([QEMU_IMG, "dd", "--image-opts", "-U", "-O", "raw",
+                       "bs=%d" % MIB, "count=%d" % (length // MIB),
+                       "if=" + ",".join(opts), "of=" + out])
+        if res.returncode != 0:
+            errs.append("qemu-img dd %s: rc=%d: %s" % (
+                os.path.basename(specs[-1]), res.returncode, res.stdout.strip()))
+            return None
+        with open(out, "rb") as f:
+            got = f.read(length)
+        os.unlink(out)
+        if len(got) != length:
+            errs.append("qemu-img dd %s: %d bytes, want %d" % (
+                os.path.basename(specs[-1]), len(got), length))
+            return None
         return got
 
     def check_state(self, s, prev, nxt):
@@ -1020,6 +1053,9 @@ def main(argv=None):
     p.add_argument("--show", type=int, default=10,
                    help="print the details of this many failed states")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--reader", choices=("dm", "qemu"), default="dm",
+                   help="read the chains through fresh qcow2 tables (dm, "
+                   "in the VM) or with qemu-img (qemu: the host-side check)")
     args = ap.parse_args(argv)
     if args.cmd == "workload":
         return cmd_workload(args)

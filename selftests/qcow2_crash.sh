@@ -36,6 +36,8 @@
 # DMQ_CRASH_SEED=S    seed of the workload and of the states (default:
 #                     from the clock; printed)
 # DMQ_CRASH_EPOCHS=N  workload epochs before the merge (default 12)
+# DMQ_CRASH_EXPORT=D  copy the log and the workload's record to D/FS/ for
+#                     a host-side check (dmq_crash.py check --reader qemu)
 
 set -u -o pipefail
 # shellcheck source=lib.sh
@@ -172,6 +174,17 @@ crash_case() {
 	crash_detach
 	echo "log: $(du -h "$WORK/log.img" | cut -f1), disk: $(du -h "$WORK/data.img" | cut -f1)"
 	rm -f "$WORK/data.img"
+	# the host checks many more states natively (tools/check.sh, qemu-img
+	# as the reader): hand it the log and the workload's record
+	if [ -n "${DMQ_CRASH_EXPORT:-}" ]; then
+		local x=$DMQ_CRASH_EXPORT/$fs
+		mkdir -p "$x" &&
+			cp state.json c0.raw mid0.raw "$x/" &&
+			cp --sparse=always "$WORK/log.img" "$x/" &&
+			echo "$CRASH_SEED" >"$x/seed" &&
+			dmq_size "$DATA_SIZE" >"$x/dev-size" ||
+			dmq_fail "exporting the log to $x"
+	fi
 	"$PYTHON" "$DMQ_DIR/dmq_crash.py" check state.json "$WORK/log.img" \
 		--work "$WORK" --prefix "$DMQ_PREFIX" \
 		--dev-size "$(dmq_size "$DATA_SIZE")" --fs "$fs" \

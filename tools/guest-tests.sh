@@ -14,6 +14,9 @@ export DMQ_MODULE=$root/dm-qcow2.ko
 export KTAP_HELPERS=$KDIR/tools/testing/selftests/kselftest/ktap_helpers.sh
 # the repository is read-only here: compiled helpers go to the guest's tmpfs
 export PYTHONPYCACHEPREFIX=/tmp/dmq-pycache
+unset PYTHONDONTWRITEBYTECODE
+# the crash test's log, for the host-side check (tools/check.sh)
+export DMQ_CRASH_EXPORT=$out/crash
 limit=${DMQ_TEST_TIMEOUT:-2400}
 
 mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null

@@ -61,11 +61,9 @@ def check_image(fd, index, ntop, writable):
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError:
-        raise CtrError("Wrong fd", "-EBADF")
+        raise CtrError("Error attaching file", "-ENOENT")
     if not stat.S_ISREG(st.st_mode):
         raise CtrError("Not a regular file", "-EINVAL")
-    if not flags & os.O_DIRECT:
-        raise CtrError("Image opened in cached mode, need O_DIRECT", "-EINVAL")
     if flags & os.O_APPEND:
         raise CtrError("Image opened with O_APPEND", "-EINVAL")
     acc = flags & os.O_ACCMODE
@@ -155,10 +153,9 @@ def parse_table(table, readonly):
     hdrs = []
     inodes = []
     for i, f in enumerate(fds):
-        try:
-            fd = int(f)
-        except ValueError:
-            raise CtrError("Wrong fd", "-EBADF")
+        if not f.isdigit():
+            raise CtrError("Wrong fd", "-EINVAL")
+        fd = int(f)
         hdrs.append(check_image(fd, i, len(fds), not readonly))
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) in inodes:
