@@ -23,7 +23,7 @@
 use crate::io::Src;
 use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
-use crate::kx::task;
+use crate::kx::task::{self, code::ebadslt};
 use crate::qcow2_format::Cluster;
 use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
@@ -219,9 +219,10 @@ impl Inner {
             let (depth, src, dst) = match dir {
                 Dir::Backward => {
                     let k = depth.unwrap_or(0);
-                    // 0..=top-1: the delta at k has one below it.
+                    // 0..=top-1: the delta at k has one below it (else
+                    // ENOENT, as the C target).
                     if k >= top {
-                        return Err(EINVAL);
+                        return Err(ENOENT);
                     }
                     let src = top.checked_sub(k).ok_or(EINVAL)?;
                     (k, src, src.checked_sub(1).ok_or(EINVAL)?)
@@ -230,7 +231,7 @@ impl Inner {
                     let k = depth.unwrap_or(1);
                     // 1..=top: the delta at k has one above it.
                     if k == 0 || k > top {
-                        return Err(EINVAL);
+                        return Err(ENOENT);
                     }
                     let src = top.checked_sub(k).ok_or(EINVAL)?;
                     (k, src, src.checked_add(1).ok_or(EINVAL)?)
@@ -245,7 +246,7 @@ impl Inner {
             Delta::read_header(&d.file, true).map_err(|e| e.err)?;
             // The receiving delta must be able to hold every address of src.
             if d.hdr.size < s.hdr.size {
-                return Err(EINVAL);
+                return Err(ebadslt());
             }
             st.md.get_mut(dst).ok_or(EIO)?.load_refcounts(&d.file, &d.hdr)?;
             let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;

@@ -1049,16 +1049,21 @@ impl dm::Target for Qcow2 {
                 if let Some(d) = d {
                     let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
                     let p = d.file.path(&mut buf)?;
-                    let _ = writeln!(out, "{}", core::str::from_utf8(p).unwrap_or("?"));
+                    // No newline, as the C target (dmsetup adds one; ioctl
+                    // users see the exact path).
+                    let _ = write!(out, "{}", core::str::from_utf8(p).unwrap_or("?"));
                 }
                 Ok(())
             }
             b"get_img_fd" => {
                 arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
-                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
-                let fd = d.file.install_fd()?;
-                let _ = writeln!(out, "{}", fd);
+                // An unknown id: empty output and success, as the C target.
+                let d = inner.state.lock().delta(id).ok();
+                if let Some(d) = d {
+                    let fd = d.file.install_fd()?;
+                    let _ = writeln!(out, "{}", fd);
+                }
                 Ok(())
             }
             b"get_errors" => {
@@ -1085,9 +1090,7 @@ impl dm::Target for Qcow2 {
                 // Parsed (EINVAL) before the state is looked at.
                 let id: usize = arg(args, 1)?;
                 let ratio: u32 = arg(args, 2)?;
-                if suspended() {
-                    return Err(EBUSY);
-                }
+                // Allowed while suspended, as get_img_name (the C target).
                 let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
                 d.file.set_fault_ratio(ratio)
             }
@@ -1118,8 +1121,10 @@ impl dm::Target for Qcow2 {
                     b"cancel" => {
                         arity(args, 2)?;
                         let mut st = inner.state.lock();
+                        // Always succeeds, also with nothing (of this
+                        // direction) running, as the C target.
                         if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
-                            return Err(EINVAL);
+                            return Ok(());
                         }
                         inner.merge_cancel(&mut st)
                     }
@@ -1134,6 +1139,8 @@ impl dm::Target for Qcow2 {
                     _ => Err(EINVAL),
                 }
             }
+            // Unknown: ENOTTY, or EBUSY while suspended (the C target).
+            _ if suspended() => Err(EBUSY),
             _ => Err(ENOTTY),
         }
     }

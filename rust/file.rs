@@ -136,7 +136,7 @@ impl File {
     }
 
     /// Installs a new file descriptor for the file in the current task
-    /// (close-on-exec) and returns it.
+    /// (not close-on-exec: callers pass it on) and returns it.
     pub(crate) fn install_fd(&self) -> Result<u32> {
         // SAFETY: The file is valid; the shim takes the reference the new fd owns.
         let fd = unsafe { bindings::dmq_file_install_fd(self.as_raw()) };

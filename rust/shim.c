@@ -409,7 +409,8 @@ struct file *dmq_get_file(struct file *file)
 
 int dmq_file_install_fd(struct file *file)
 {
-	int fd = get_unused_fd_flags(O_CLOEXEC);
+	/* Not close-on-exec: callers hand it on to dmsetup or qemu (C target). */
+	int fd = get_unused_fd_flags(0);
 
 	if (fd < 0)
 		return fd;

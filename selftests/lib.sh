@@ -533,6 +533,7 @@ errno_text() {
 	ENOENT) echo "No such file or directory" ;;
 	ENOTTY) echo "Inappropriate ioctl for device" ;;
 	EIO) echo "Input/output error" ;;
+	EBADSLT) echo "Invalid slot" ;;
 	*) echo "$1" ;;
 	esac
 }

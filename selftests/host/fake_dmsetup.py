@@ -424,7 +424,7 @@ def merge_msg(name, st, kind, words):
         return describe(m if m and m["kind"] == kind else None) + "\n"
     if sub == "cancel":
         if not m or m["kind"] != kind:
-            raise MsgError(errno.EINVAL)
+            return ""  # always succeeds (the C target)
         st["merge"] = None
         save_state(name, st)
         return ""
@@ -476,7 +476,7 @@ def merge_msg(name, st, kind, words):
     depth = number(words[2]) if len(words) > 2 else (0 if kind == "backward" else 1)
     lo, hi = (0, n - 2) if kind == "backward" else (1, n - 1)
     if not lo <= depth <= hi:
-        raise MsgError(errno.EINVAL)
+        raise MsgError(errno.ENOENT)
     if m:
         raise MsgError(errno.EBUSY)
     if efd != -1:
@@ -490,7 +490,7 @@ def merge_msg(name, st, kind, words):
             raise MsgError(errno.EACCES)
         if dmq_img.virtual_size(st["images"][top - 1]) < \
                 dmq_img.virtual_size(st["images"][top]):
-            raise MsgError(errno.EINVAL)
+            raise MsgError(errno.EBADSLT)
     else:
         up = n - depth
         if st["modes"][up] != "rw" and not (st["writable"] and up == n - 1):
@@ -519,7 +519,8 @@ def message(name, words):
         print("device-mapper: message ioctl on %s  failed: %s\nCommand failed."
               % (name, os.strerror(e.err)), file=sys.stderr)
         return 1
-    sys.stdout.write(out)
+    # as dmsetup: a response without a final newline gets one
+    sys.stdout.write(out if not out or out.endswith("\n") else out + "\n")
     return 0
 
 
@@ -532,11 +533,11 @@ def message_words(name, st, words):
         i = number(rest[0] if rest else None)
         if i < 0:
             raise MsgError(errno.EINVAL)
-        return st["images"][i] + "\n" if i < n else ""
+        return st["images"][i] if i < n else ""
     if cmd == "get_img_fd":
         i = number(rest[0] if rest else None)
         if not 0 <= i < n:
-            raise MsgError(errno.ENOENT)
+            return ""
         return "%d\n" % os.open(st["images"][i], os.O_RDONLY)
     if cmd == "get_errors":
         return "wants_check=0\nmd_writeback_error=0\ntruncate_error=0\n"
@@ -548,8 +549,6 @@ def message_words(name, st, words):
         i, ratio = number(rest[0]), number(rest[1])
         if not 0 <= ratio <= 100000:
             raise MsgError(errno.EINVAL)
-        if st["suspended"]:
-            raise MsgError(errno.EBUSY)
         if not 0 <= i < n:
             raise MsgError(errno.ENOENT)
         m = st["merge"]
@@ -562,7 +561,7 @@ def message_words(name, st, words):
         return ""
     if cmd in ("merge_backward", "merge_forward"):
         return merge_msg(name, st, cmd[len("merge_"):], rest)
-    raise MsgError(errno.ENOTTY)
+    raise MsgError(errno.EBUSY if st["suspended"] else errno.ENOTTY)
 
 
 def status(name, table):
