@@ -469,9 +469,14 @@ impl Inner {
             let len = (cs - vaddr % cs).min(end - vaddr);
             if len == cs && top.hdr.version >= 3 {
                 self.zero_cluster(st, d, vaddr, unmap)?;
-            } else if !discard || len == cs {
-                // Partial clusters (and v2 images, which have no zero flag)
-                // get zeroes written; a v2 discard must also hide lower data.
+            } else if discard && len == cs {
+                // v2 has no zero flag: a discard deallocates the cluster
+                // where the chain below reads zeroes anyway, and is ignored
+                // (a hint) where lower data would show through. Never
+                // zeroes written: a default mkfs discards the whole device.
+                self.discard_v2_cluster(st, d, vaddr)?;
+            } else if !discard {
+                // Partial clusters (and v2 write-zeroes) get zeroes written.
                 self.write_piece(st, d, Src::Zero, vaddr, len, false)?;
             }
             // A partial-cluster discard is a hint we may ignore.
@@ -480,9 +485,27 @@ impl Inner {
         Ok(true)
     }
 
+    /// A whole-cluster discard on a v2 image: deallocates the cluster of
+    /// `vaddr` in delta `d` if it is allocated and every delta below reads
+    /// zeroes there; otherwise nothing.
+    fn discard_v2_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result {
+        let cs = st.delta(d)?.hdr.cluster_size();
+        if matches!(self.cluster(st, d, vaddr)?, Cluster::Unallocated) {
+            return Ok(());
+        }
+        if let Some(below) = d.checked_sub(1) {
+            let (_, kind, len) = self.resolve(st, below, vaddr, cs)?;
+            if kind != RunKind::Zero || len < cs {
+                return Ok(());
+            }
+        }
+        self.zero_cluster(st, d, vaddr, true)
+    }
+
     /// Makes the whole cluster of `vaddr` in delta `d` read as zeroes with
     /// the zero flag (v3), freeing its host cluster if `unmap` (else keeping
-    /// it preallocated).
+    /// it preallocated). On v2 (no zero flag) the entry is cleared instead:
+    /// only for callers that know the deltas below read zeroes there.
     pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
         let delta = st.delta(d)?;
         let fast = st.fast_for(d);
@@ -500,8 +523,10 @@ impl Inner {
             Cluster::Extended { host: Some(h), .. } => Some(h),
             _ => None,
         };
-        let keep = if unmap || !own { None } else { referenced };
-        let (nraw, nbitmap) = if hdr.extended_l2() {
+        let keep = if unmap || !own || hdr.version < 3 { None } else { referenced };
+        let (nraw, nbitmap) = if hdr.version < 3 {
+            (0, 0)
+        } else if hdr.extended_l2() {
             // All subclusters zero; the host offset may stay as preallocation.
             (keep.map_or(0, |h| h | fmt::L2E_COPIED), u64::from(u32::MAX) << 32)
         } else {
