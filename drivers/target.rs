@@ -642,10 +642,23 @@ impl Inner {
         self.parked_count.load(Ordering::Acquire) != 0
     }
 
-    /// Records an L1/L2 writeback error.
+    /// Records an L1/L2 writeback error. Not ENOSPC: writes that hit it
+    /// wait for space and are retried (see "Running out of space").
     pub(crate) fn md_error(&self, e: Error) -> Error {
-        self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
+        if e != ENOSPC {
+            self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
+        }
         e
+    }
+
+    /// The images need `qemu-img check` before this table may run again:
+    /// a refcount update, a metadata writeback or a truncate failed (the C
+    /// target's wants_check).
+    pub(crate) fn wants_check(&self) -> bool {
+        let e = &self.errors;
+        e.wants_check.load(Ordering::Acquire)
+            || e.md_writeback.load(Ordering::Relaxed) != 0
+            || e.truncate.load(Ordering::Relaxed) != 0
     }
 
     pub(crate) fn latch_wants_check(&self) {
@@ -696,7 +709,7 @@ impl Inner {
     /// Truncates delta `d`'s file after its last used cluster (it grows in
     /// steps). Not when refcounts may be wrong.
     pub(crate) fn trim(&self, st: &mut WorkerState, d: usize) {
-        if self.errors.wants_check.load(Ordering::Acquire) {
+        if self.wants_check() {
             return;
         }
         let (Ok(delta), Some(md)) = (st.delta(d), st.md.get_mut(d)) else {
@@ -856,7 +869,7 @@ impl Qcow2 {
             out,
             "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
             st.deltas.len(),
-            u8::from(e.wants_check.load(Ordering::Acquire)),
+            u8::from(inner.wants_check()),
             e.md_writeback.load(Ordering::Relaxed),
             e.truncate.load(Ordering::Relaxed),
             inner.parked_count.load(Ordering::Acquire),
@@ -1068,13 +1081,15 @@ impl dm::Target for Qcow2 {
             }
             b"get_errors" => {
                 arity(args, 1)?;
+                // Each 0 or 1, as the C target (the status line has the
+                // errnos).
                 let e = &inner.errors;
                 let _ = write!(
                     out,
                     "wants_check={}\nmd_writeback_error={}\ntruncate_error={}\n",
-                    u8::from(e.wants_check.load(Ordering::Acquire)),
-                    e.md_writeback.load(Ordering::Relaxed),
-                    e.truncate.load(Ordering::Relaxed)
+                    u8::from(inner.wants_check()),
+                    u8::from(e.md_writeback.load(Ordering::Relaxed) != 0),
+                    u8::from(e.truncate.load(Ordering::Relaxed) != 0)
                 );
                 Ok(())
             }
@@ -1199,9 +1214,9 @@ impl dm::Target for Qcow2 {
 
     fn preresume(&self) -> Result {
         let inner = &self.inner;
-        if inner.errors.wants_check.load(Ordering::Acquire) {
-            pr_err!("dm-qcow2: refcounts may be wrong (wants_check): reload the table after qemu-img check -r all\n");
-            return Err(EINVAL);
+        if inner.wants_check() {
+            pr_err!("dm-qcow2: metadata may be inconsistent (wants_check): reload the table after qemu-img check -r all\n");
+            return Err(EIO);
         }
         let mut st = inner.state.lock();
         if st.stale {

@@ -613,6 +613,15 @@ case_fault_injection() {
 	grep -E 'write: IOPS|err=' fio.log | sed 's/^ */fio: /'
 	msg_ok v get_errors
 	echo "get_errors: ${MSG_OUT//$'\n'/ }"
+	# each 0 or 1; wants_check is the OR of the others (and of failed
+	# refcount updates), as the C target
+	local errs=$MSG_OUT
+	[[ $errs =~ ^wants_check=([01])$'\n'md_writeback_error=([01])$'\n'truncate_error=([01])$'\n'?$ ]] ||
+		dmq_fail "get_errors: '$errs'"
+	if [ "${BASH_REMATCH[2]}" = 1 ] || [ "${BASH_REMATCH[3]}" = 1 ]; then
+		[ "${BASH_REMATCH[1]}" = 1 ] || dmq_fail "wants_check=0 with a writeback error"
+	fi
+	local wants=${BASH_REMATCH[1]}
 
 	# acknowledged data is still there; the rest of the device too
 	expect_at "$DEV" "$MIB" a.bin
@@ -626,6 +635,15 @@ case_fault_injection() {
 	put c.bin "$DEV" $((15 * MIB))
 	expect_at "$DEV" $((15 * MIB)) c.bin
 	dump "$DEV" dev.raw
+	if [ "$wants" = 1 ]; then
+		# the table may not run again before a check: resume is EIO
+		dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
+		"$DMSETUP" resume "$(dmq_full_name v)" 2>resume.err &&
+			dmq_fail "resume worked with wants_check=1"
+		grep -q "Input/output error" resume.err ||
+			dmq_fail "resume with wants_check=1: $(cat resume.err)"
+		echo "wants_check=1: resume refused (EIO)"
+	fi
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 
 	check_rc top.qcow2 0 3

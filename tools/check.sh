@@ -80,56 +80,105 @@ kselftests() {
 	else
 		mapfile -t passes < <(printf 'ext4,512:%s\n' "${tests[@]}")
 	fi
-	local out; out=$(mktemp -d /tmp/dmq-ksft.XXXXXX)
-	echo "== kselftests in the VM (kernel: $(basename "$(dmq_kdir)")): ${passes[*]}"
+	# The passes go to DMQ_VMS VMs run side by side (one vCPU each when
+	# more than one): a TCG vCPU is one host thread and the scripts are
+	# mostly sequential, so two single-vCPU VMs use both cores. Each pass
+	# goes to the VM with the least work so far (pass_weight: minutes).
+	local nvm=${DMQ_VMS:-1} k
+	[ "$nvm" -ge 1 ] 2>/dev/null || nvm=1
+	[ "$nvm" -gt "${#passes[@]}" ] && nvm=${#passes[@]}
+	local -a outs=() groups=() load=() pids=()
+	for ((k = 0; k < nvm; k++)); do
+		outs[k]=$(mktemp -d /tmp/dmq-ksft.XXXXXX); groups[k]=""; load[k]=0
+	done
+	local spec best
+	for spec in "${passes[@]}"; do
+		best=0
+		for ((k = 1; k < nvm; k++)); do
+			[ "${load[k]}" -lt "${load[best]}" ] && best=$k
+		done
+		groups[best]+="$spec "
+		load[best]=$((load[best] + $(pass_weight "$spec")))
+	done
+	echo "== kselftests in $nvm VM(s) (kernel: $(basename "$(dmq_kdir)")): ${passes[*]}"
 	# A hung VM still gets a verdict: each pass has its own deadline in the
 	# guest, and the VM as a whole one more.
 	local per=${DMQ_TEST_TIMEOUT:-2400}
-	local total=$(( ${#passes[@]} * per + 300 ))
 	# the crash test's knobs (make crashtest), passed on into the VM
 	local v fwd=
 	for v in DMQ_CRASH_STATES DMQ_CRASH_SEED DMQ_CRASH_EPOCHS; do
 		[ -n "${!v:-}" ] && fwd+="$v=${!v} "
 	done
-	DMQ_VM_RWDIR=$out timeout -k 60 "$total" tools/vm.sh \
-		"KDIR=$(dmq_kdir) DMQ_TEST_TIMEOUT=$per $fwd$DMQ_ROOT/tools/guest-tests.sh $out ${passes[*]}"
-	local rc=$?
-	if [ "$rc" != 0 ]; then
-		echo "not ok: the VM exited with status $rc${rc/124/ (timed out)}"
-		fail=$((fail + 1))
-	fi
-	local spec
-	for spec in "${passes[@]}"; do
-		local fs=${spec%%,*} rest=${spec#*,}
-		local sector=${rest%%:*} t=${rest#*:}
-		local log=$out/$t-$fs-$sector.log
-		echo "== $t on $fs, $sector-byte sectors"
-		if [ ! -f "$log" ]; then
-			echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); continue
-		fi
-		cat "$log"
-		local tot
-		tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
-		if [ -z "$tot" ]; then
-			echo "$t: no KTAP totals (rc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)): counting one failure"
-			fail=$((fail + 1)); continue
-		fi
-		local p f s x
-		# " pass:" and " fail:" with the space: not "xpass:"/"xfail:".
-		p=$(sed -E 's/.* pass:([0-9]+).*/\1/' <<<"$tot")
-		f=$(sed -E 's/.* fail:([0-9]+).*/\1/' <<<"$tot")
-		x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
-		s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
-		pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
-		# The script's own exit status must agree with its totals.
-		local trc; trc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)
-		if [ "$trc" != 0 ] && [ "$trc" != 4 ] && [ "$f" = 0 ]; then
-			echo "not ok: $t exited $trc with no failed case"; fail=$((fail + 1))
+	local cpus=${DMQ_VM_CPUS:-2}
+	[ "$nvm" -gt 1 ] && cpus=${DMQ_VM_CPUS:-1}
+	for ((k = 0; k < nvm; k++)); do
+		local -a g; read -r -a g <<<"${groups[k]}"
+		local total=$(( ${#g[@]} * per + 300 ))
+		[ "$nvm" -gt 1 ] && echo "== VM $k: ${g[*]}"
+		DMQ_VM_CPUS=$cpus DMQ_VM_RWDIR=${outs[k]} timeout -k 60 "$total" tools/vm.sh \
+			"KDIR=$(dmq_kdir) DMQ_TEST_TIMEOUT=$per $fwd$DMQ_ROOT/tools/guest-tests.sh ${outs[k]} ${g[*]}" \
+			>"${outs[k]}/vm.log" 2>&1 &
+		pids[k]=$!
+	done
+	local rc
+	for ((k = 0; k < nvm; k++)); do
+		wait "${pids[k]}"
+		rc=$?
+		cat "${outs[k]}/vm.log"
+		if [ "$rc" != 0 ]; then
+			echo "not ok: VM $k exited with status $rc${rc/124/ (timed out)}"
+			fail=$((fail + 1))
 		fi
 	done
-	run_checks "$out"
-	crash_host_check "$out"
-	rm -rf "$out"
+	for ((k = 0; k < nvm; k++)); do
+		local -a g; read -r -a g <<<"${groups[k]}"
+		local out=${outs[k]}
+		for spec in "${g[@]}"; do
+			local fs=${spec%%,*} rest=${spec#*,}
+			local sector=${rest%%:*} t=${rest#*:}
+			local log=$out/$t-$fs-$sector.log
+			echo "== $t on $fs, $sector-byte sectors"
+			if [ ! -f "$log" ]; then
+				echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); continue
+			fi
+			cat "$log"
+			local tot
+			tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
+			if [ -z "$tot" ]; then
+				echo "$t: no KTAP totals (rc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)): counting one failure"
+				fail=$((fail + 1)); continue
+			fi
+			local p f s x
+			# " pass:" and " fail:" with the space: not "xpass:"/"xfail:".
+			p=$(sed -E 's/.* pass:([0-9]+).*/\1/' <<<"$tot")
+			f=$(sed -E 's/.* fail:([0-9]+).*/\1/' <<<"$tot")
+			x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
+			s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
+			pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
+			# The script's own exit status must agree with its totals.
+			local trc; trc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)
+			if [ "$trc" != 0 ] && [ "$trc" != 4 ] && [ "$f" = 0 ]; then
+				echo "not ok: $t exited $trc with no failed case"; fail=$((fail + 1))
+			fi
+		done
+		run_checks "$out"
+		crash_host_check "$out"
+		rm -rf "$out"
+	done
+}
+
+# pass_weight FS,SECTOR:SCRIPT: its minutes in the VM, roughly (measured on
+# ext4/512, one VM alone on 2 cores): to balance the VMs.
+pass_weight() {
+	case "${1#*:}" in
+	qcow2_ctr_errors.sh) echo 7 ;;
+	qcow2_read.sh) echo 12 ;;
+	qcow2_write.sh) echo 15 ;;
+	qcow2_merge.sh) echo 10 ;;
+	qcow2_ctl.sh) echo 6 ;;
+	qcow2_crash.sh) echo 8 ;;
+	*) echo 5 ;;
+	esac
 }
 
 # The crash-replay test's log, exported by qcow2_crash.sh in the VM, checked
