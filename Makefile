@@ -11,6 +11,10 @@ else
 DMQ_KERNEL ?= release
 endif
 export DMQ_KERNEL
+# kselftest VMs side by side (one vCPU each when more than one): TCG runs a
+# vCPU on one host thread and the scripts are mostly sequential
+DMQ_VMS ?= 2
+export DMQ_VMS
 KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # rustup's tools (rustc, bindgen, clippy-driver) for the kernel's Rust build,
 # also when the caller's PATH lacks them (CI).
