@@ -34,6 +34,7 @@
 use crate::count::AllocCount;
 use crate::kx::file::{File, IoBuf, DIO_ALIGN};
 use crate::kx::param;
+use crate::kx::task::code::euclean;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use kernel::error::code::*;
 use kernel::prelude::*;
@@ -262,7 +263,8 @@ impl DeltaMd {
         } else {
             KVVec::new()
         };
-        Ok(Self {
+        let writable_rt = !rt.is_empty();
+        let mut md = Self {
             img,
             l1,
             l1_off: hdr.l1_table_offset,
@@ -279,7 +281,70 @@ impl DeltaMd {
             cluster_size: hdr.cluster_size(),
             grown: file.size(),
             count: AllocCount::new(),
-        })
+        };
+        if writable_rt {
+            md.check_metadata_refcounts(file, hdr)?;
+        }
+        Ok(md)
+    }
+
+    /// Every cluster in use as metadata (header, L1 table, refcount table
+    /// and blocks, L2 tables) must have a non-zero refcount before the image
+    /// takes writes: the allocator hands out refcount-0 clusters, and one
+    /// that holds metadata would be overwritten, spreading the damage (what
+    /// QEMU's overlap checks guard against). Checked once per load (our own
+    /// allocations keep it true); EUCLEAN with a dmesg line naming the
+    /// structure otherwise. Bounded by the L1 and refcount table sizes.
+    fn check_metadata_refcounts(&mut self, file: &File, hdr: &Header) -> Result {
+        let cs = hdr.cluster_size();
+        let span = |off: u64, bytes: u64| -> (u64, u64) {
+            let first = off / cs;
+            (first, first + bytes.div_ceil(cs).max(1))
+        };
+        let l1_bytes = (self.l1.len() as u64).checked_mul(8).ok_or(EFBIG)?;
+        let rt_bytes = self.rt_clusters.checked_mul(cs).ok_or(EFBIG)?;
+        let fixed = [
+            ("header", span(0, 1)),
+            ("L1 table", span(self.l1_off, l1_bytes)),
+            ("refcount table", span(self.rt_off, rt_bytes)),
+        ];
+        for (what, (first, end)) in fixed {
+            for c in first..end {
+                self.check_in_use(file, hdr, c, what)?;
+            }
+        }
+        for i in 0..self.rt.len() {
+            let off = self.rt.get(i).copied().unwrap_or(0) & fmt::REFT_OFFSET_MASK;
+            if off != 0 {
+                self.check_in_use(file, hdr, off / cs, "refcount block")?;
+            }
+            if i % 1024 == 1023 {
+                crate::kx::task::cond_resched();
+            }
+        }
+        for i in 0..self.l1.len() {
+            let off = self.l1.get(i).copied().unwrap_or(0) & fmt::L1E_OFFSET_MASK;
+            if off != 0 {
+                self.check_in_use(file, hdr, off / cs, "L2 table")?;
+            }
+            if i % 1024 == 1023 {
+                crate::kx::task::cond_resched();
+            }
+        }
+        Ok(())
+    }
+
+    fn check_in_use(&mut self, file: &File, hdr: &Header, c: u64, what: &str) -> Result {
+        if self.refcount(file, hdr, c)? != 0 {
+            return Ok(());
+        }
+        pr_err!(
+            "dm-qcow2: image {}: {} at {:#x} has refcount 0 (metadata would be overwritten): repair with qemu-img check -r all\n",
+            self.img,
+            what,
+            c.saturating_mul(hdr.cluster_size())
+        );
+        Err(euclean())
     }
 
     /// The delta's img_id changed (a merge unlinked one below it).

@@ -9,7 +9,7 @@ use crate::kx::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, Ta
 use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kx::inflight::InflightRefs;
 use crate::kx::param;
-use crate::kx::task::{self, code::{ebadslt, eopnotsupp}};
+use crate::kx::task::{self, code::{ebadslt, eopnotsupp, euclean}};
 use crate::kx::wq::OwnedQueue;
 use crate::kx::zlib::Inflater;
 use crate::count;
@@ -943,8 +943,13 @@ impl dm::Target for Qcow2 {
         let bufs = ClusterBufs::new(cs).map_err(oom)?;
         let mut md = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
         for (i, d) in deltas.iter().enumerate() {
-            let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len())
-                .map_err(|e| ctr_err(e, c_str!("Cannot read image metadata")))?;
+            let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len()).map_err(|e| {
+                if e == euclean() {
+                    ctr_err(e, c_str!("Metadata cluster with refcount 0: repair with qemu-img check -r all"))
+                } else {
+                    ctr_err(e, c_str!("Cannot read image metadata"))
+                }
+            })?;
             md.push(m, GFP_KERNEL).map_err(oom)?;
         }
         let mut arcs = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;

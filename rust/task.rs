@@ -63,4 +63,9 @@ pub(crate) mod code {
     pub(crate) fn ebadslt() -> Error {
         Error::from_errno(-(bindings::EBADSLT as i32))
     }
+
+    /// Structure needs cleaning: an image whose metadata is inconsistent.
+    pub(crate) fn euclean() -> Error {
+        Error::from_errno(-(bindings::EUCLEAN as i32))
+    }
 }

@@ -175,6 +175,16 @@ def _entry_pos(path, kind, where):
                 if not ext:
                     raise ValueError("l2bitmap: not an extended-L2 image")
                 pos += 8
+        elif kind == "refb":
+            # the refcount of cluster WHERE (64-bit refcounts only)
+            if hdr.get("refcount_order", 4) != 6:
+                raise ValueError("refb: only for refcount_bits=64 images")
+            per_blk = cs // 8
+            rte = be64(hdr["refcount_table_offset"] + 8 * (where // per_blk))
+            blk = rte & ~0x1FF
+            if not blk:
+                raise ValueError("no refcount block for cluster %d" % where)
+            pos = blk + 8 * (where % per_blk)
         elif kind == "reft":
             if where >= hdr["refcount_table_clusters"] * cs // 8:
                 raise ValueError("refcount table index %d out of range" % where)
@@ -567,7 +577,7 @@ def main(argv=None):
 
     p = sub.add_parser("entry")
     p.add_argument("image")
-    p.add_argument("kind", choices=("l1", "l2", "l2bitmap", "reft"))
+    p.add_argument("kind", choices=("l1", "l2", "l2bitmap", "reft", "refb"))
     p.add_argument("where")
     p.add_argument("op", nargs="?", choices=("=", "|=", "+="))
     p.add_argument("value", nargs="?")

@@ -532,6 +532,35 @@ case_writable_single() {
 	mapped_rw_ok ok $((16 * MIB)) a.qcow2
 }
 
+# Metadata whose refcount says free would be handed out by the allocator and
+# overwritten (QEMU guards against this with its overlap checks): a writable
+# table over such an image is refused with -EUCLEAN and a line naming the
+# structure; read-only it still maps (nothing is allocated).
+md_refcount0_case() {
+	local what=$1 off out
+	dmq_needs_kernel "the target's refcount checks"
+	mk_valid a.qcow2 cluster_size=64k,refcount_bits=64
+	case $what in
+	"L2 table") out=$(dmq_py dmq_img entry a.qcow2 l1 0) ;;
+	"L1 table") out="- $(dmq_header a.qcow2 l1_table_offset)" ;;
+	"refcount block") out=$(dmq_py dmq_img entry a.qcow2 reft 0) ;;
+	esac || dmq_fail "reading a.qcow2"
+	off=$((${out#* } & 0xfffffffffe00))
+	[ "$off" -gt 0 ] || dmq_fail "no $what in a.qcow2"
+	dmq_run dmq_py dmq_img entry a.qcow2 refb $((off / 65536)) = 0
+	dmq_expect_ctr_error bad \
+		"Metadata cluster with refcount 0: repair with qemu-img check -r all" \
+		-EUCLEAN --rw a.qcow2
+	dmq_dmesg_case | grep -F "image 0: $what at $(printf '%#x' "$off") has refcount 0" ||
+		dmq_fail "no dmesg line naming the $what at $(printf '%#x' "$off")"
+	dmq_create ok a.qcow2 || dmq_fail "read-only table refused"
+	mapped_ok ok $((16 * MIB))
+}
+
+case_l2_refcount0() { md_refcount0_case "L2 table"; }
+case_l1_refcount0() { md_refcount0_case "L1 table"; }
+case_refblock_refcount0() { md_refcount0_case "refcount block"; }
+
 case_writable_chain() {
 	local sum
 	mk_valid base.qcow2
@@ -640,6 +669,9 @@ DMQ_CASES=(
 	same_file_top_twice
 	same_file_hard_link
 	writable_single
+	l2_refcount0
+	l1_refcount0
+	refblock_refcount0
 	writable_chain
 	writable_snapshot_cow
 	writable_snapshot_base
