@@ -686,6 +686,9 @@ impl DeltaMd {
                 if self.refcount(file, hdr, c)? != 0 {
                     return (c + 1).checked_mul(cs).ok_or(EIO);
                 }
+                if c % 8192 == 0 {
+                    crate::kx::task::cond_resched();
+                }
             }
         }
         Ok(cs)
@@ -745,6 +748,10 @@ impl DeltaMd {
                 return Ok(off);
             }
             c += 1;
+            // A long run of used clusters (a full image): let others run.
+            if c % 8192 == 0 {
+                crate::kx::task::cond_resched();
+            }
         }
     }
 
