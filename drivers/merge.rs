@@ -36,6 +36,11 @@ use kernel::sync::Arc;
 /// Clusters copied per batch, with the state locked.
 const BATCH: u32 = 16;
 
+/// While a merge waits in `ready`, guest writes behind the cursor are copied
+/// again in the background once this many wait, so the redo set (and the
+/// copying `complete` does with the state locked) stays bounded.
+const REDO_KICK: usize = 64;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Dir {
     Backward,
@@ -68,6 +73,10 @@ pub(crate) struct Merge {
     end: u64,
     /// Clusters (virtual addresses) of `src` written behind the cursor.
     redo: RBTree<u64, ()>,
+    /// Entries in `redo`.
+    redo_len: usize,
+    /// The worker should queue the walker to copy the redo set (`ready`).
+    pub(crate) redo_kick: bool,
     eventfd: Option<EventFd>,
     /// A cluster of data being copied (taken while in use).
     buf: Option<IoBuf>,
@@ -86,6 +95,7 @@ impl Merge {
     fn pop_redo(&mut self) -> Option<u64> {
         let v = *self.redo.keys().next()?;
         self.redo.remove(&v);
+        self.redo_len = self.redo_len.saturating_sub(1);
         Some(v)
     }
 
@@ -266,6 +276,8 @@ impl Inner {
                 cursor: 0,
                 end: s.hdr.size,
                 redo: RBTree::new(),
+                redo_len: 0,
+                redo_kick: false,
                 eventfd,
                 buf: Some(buf),
                 id,
@@ -301,7 +313,9 @@ impl Inner {
         let Some(m) = st.merge.as_ref() else {
             return false;
         };
-        if m.stage != Stage::Copying || !m.armed || self.is_suspending() {
+        // In `ready`, only the clusters written since (the redo set).
+        let redo_only = m.stage == Stage::Ready;
+        if !(m.stage == Stage::Copying || (redo_only && m.redo_len > 0)) || !m.armed || self.is_suspending() {
             return false;
         }
         // In-place writes started before now must land before we read.
@@ -324,7 +338,9 @@ impl Inner {
         match res {
             Ok(true) => true,
             Ok(false) => {
-                m.set_stage(Stage::Ready);
+                if !redo_only {
+                    m.set_stage(Stage::Ready);
+                }
                 false
             }
             Err(e) => {
@@ -408,9 +424,16 @@ impl Inner {
         }
         let cs = st.deltas.get(d).ok_or(EIO)?.hdr.cluster_size();
         let key = vaddr - vaddr % cs;
-        if m.redo.try_create_and_insert(key, (), GFP_KERNEL).is_err() {
+        match m.redo.try_create_and_insert(key, (), GFP_KERNEL) {
+            Ok(None) => {
+                m.redo_len += 1;
+                if m.stage == Stage::Ready && m.redo_len >= REDO_KICK {
+                    m.redo_kick = true;
+                }
+            }
+            Ok(Some(_)) => {}
             // Cannot track it: the merge cannot be trusted any more.
-            m.set_stage(Stage::Failed(-ENOMEM.to_errno()));
+            Err(_) => m.set_stage(Stage::Failed(-ENOMEM.to_errno())),
         }
         Ok(())
     }

@@ -341,6 +341,12 @@ impl WorkItem<0> for Inner {
                     parked |= this.process(&mut st, bio);
                 }
                 parked |= this.sync_batch(&mut st);
+                // A merge waiting in `ready` copies what was written since
+                // in the background (bounded redo set).
+                if st.merge.as_mut().is_some_and(|m| core::mem::take(&mut m.redo_kick)) {
+                    drop(st);
+                    this.kick_merge();
+                }
             }
             // Retried writes whose I/O is still in flight may come back with
             // ENOSPC (`late_nospc`): during an episode, wait for them before
