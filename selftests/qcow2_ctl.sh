@@ -246,18 +246,23 @@ case_message_args() {
 	convert top.qcow2 before.raw
 	trap on_exit EXIT
 	map_rw rw:base.qcow2 top.qcow2
+	# depths that are numbers but have no delta below (above): ENOENT,
+	# as the C target
 	for w in "merge_backward start -1 18446744073709551615" \
 		"merge_backward start -1 18446744073709551614" \
 		"merge_backward start -1 9223372036854775808" \
-		"merge_backward start -1 18446744073709551616" \
-		"merge_backward start -1 99999999999999999999999999" \
-		"merge_backward start -1 -1" \
-		"merge_backward start -1 -18446744073709551615" \
 		"merge_backward start -1 +18446744073709551615" \
 		"merge_backward start -1 1" \
 		"merge_forward start -1 18446744073709551615" \
 		"merge_forward start -1 9223372036854775807" \
-		"merge_forward start -1 2" \
+		"merge_forward start -1 2"; do
+		read -ra argv <<<"$w"
+		expect_msg_err v ENOENT "${argv[@]}"
+	done
+	for w in "merge_backward start -1 18446744073709551616" \
+		"merge_backward start -1 99999999999999999999999999" \
+		"merge_backward start -1 -1" \
+		"merge_backward start -1 -18446744073709551615" \
 		"merge_forward start -1 -1" \
 		"merge_backward start 2147483648 0" \
 		"merge_backward start -2147483649 0" \

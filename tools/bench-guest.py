@@ -6,6 +6,13 @@
 and MB/s with ratios to raw and to each peer. No assertions: numbers only.
 
 usage: bench-guest.py ROOT OUTDIR
+
+DMQ_BENCH_FS=ext4 puts the images on ext4 over a loop device (a sparse
+file on a tmpfs) instead of the tmpfs itself: there direct I/O is
+asynchronous and fsync reaches a block device, so the cost of the target's
+ordered metadata commit shows. DMQ_BENCH_JOBS (comma-separated job names)
+and DMQ_BENCH_PEERS (peer names) pick a subset; DMQ_BENCH_MODULE another
+dm-qcow2.ko (an A/B of two builds).
 """
 
 import json
@@ -20,6 +27,8 @@ WORK = "/tmp/dmq-bench"
 SIZE = int(os.environ.get("DMQ_BENCH_SIZE_MB", "512"))
 RUNTIME = int(os.environ.get("DMQ_BENCH_RUNTIME", "8"))
 CLUSTER = os.environ.get("DMQ_BENCH_CLUSTER", "64k")
+FS = os.environ.get("DMQ_BENCH_FS", "tmpfs")
+MODULE = os.environ.get("DMQ_BENCH_MODULE", f"{ROOT}/dm-qcow2.ko")
 
 JOBS = [
     # name, rw, bs, on a fully allocated image?
@@ -139,19 +148,39 @@ class Rublk(Peer):
         sh(f"{self.exe} del -a", check=False)
 
 
-def main():
+def mount_work():
     os.makedirs(WORK, exist_ok=True)
-    sh(f"mountpoint -q {WORK} || mount -t tmpfs -o size={SIZE * 3 + 256}M tmpfs {WORK}")
-    sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {ROOT}/dm-qcow2.ko")
+    if FS == "tmpfs":
+        sh(f"mountpoint -q {WORK} || mount -t tmpfs -o size={SIZE * 3 + 256}M tmpfs {WORK}")
+        return
+    back = WORK + ".backing"
+    os.makedirs(back, exist_ok=True)
+    sh(f"mountpoint -q {back} || mount -t tmpfs -o size={SIZE * 3 + 512}M tmpfs {back}")
+    sh(f"truncate -s {SIZE * 3 + 256}M {back}/disk")
+    loop = sh(f"losetup -f --show {back}/disk").stdout.strip()
+    sh(f"mkfs.ext4 -q -F {loop}")
+    sh(f"mount -t ext4 {loop} {WORK}")
+
+
+def main():
+    mount_work()
+    sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {MODULE}")
     peers = [Raw("raw"), DmQcow2("dm-qcow2"), QemuNbd("qemu-nbd")]
     rublk = shutil.which("rublk") or "/root/.cargo/bin/rublk"
     if os.access(rublk, os.X_OK):
         peers.append(Rublk("rublk", rublk))
     else:
         log("rublk not installed: skipping that peer (make bench-deps)")
+    if os.environ.get("DMQ_BENCH_PEERS"):
+        want = os.environ["DMQ_BENCH_PEERS"].split(",")
+        peers = [p for p in peers if p.name in want]
+    jobs = JOBS
+    if os.environ.get("DMQ_BENCH_JOBS"):
+        want = os.environ["DMQ_BENCH_JOBS"].split(",")
+        jobs = [j for j in JOBS if j[0] in want]
 
     results = {}
-    for name, rw, bs, allocated in JOBS:
+    for name, rw, bs, allocated in jobs:
         for p in peers:
             img = f"{WORK}/img"
             if isinstance(p, Raw):
@@ -171,11 +200,11 @@ def main():
 
     names = [p.name for p in peers]
     lines = [f"fio: libaio, iodepth 32, {RUNTIME}s per job, {SIZE} MiB, "
-             f"cluster {CLUSTER}, tmpfs in a TCG VM (2 vCPUs)", ""]
+             f"cluster {CLUSTER}, {FS} in a TCG VM (2 vCPUs)", ""]
     hdr = f"{'job':16} " + " ".join(f"{n:>20}" for n in names)
     hdr += "  " + " ".join(f"{'dm/' + n:>12}" for n in names if n != "dm-qcow2")
     lines += [hdr]
-    for name, *_ in JOBS:
+    for name, *_ in jobs:
         row = f"{name:16} "
         for n in names:
             r = results.get((name, n))

@@ -6,8 +6,12 @@ set -euo pipefail
 out=$(mktemp -d /tmp/dmq-bench-out.XXXXXX)
 KDIR=$(dmq_kdir)
 cp "$KDIR/drivers/block/nbd.ko" "$KDIR/drivers/block/ublk_drv.ko" "$out/"
+env=
+for v in DMQ_BENCH_FS DMQ_BENCH_JOBS DMQ_BENCH_PEERS DMQ_BENCH_MODULE DMQ_BENCH_SIZE_MB DMQ_BENCH_RUNTIME DMQ_BENCH_CLUSTER; do
+	[ -n "${!v:-}" ] && env+="$v=${!v} "
+done
 DMQ_VM_RWDIR=$out "$DMQ_ROOT/tools/vm.sh" \
-	"python3 $DMQ_ROOT/tools/bench-guest.py $DMQ_ROOT $out > $out/log 2>&1" || true
+	"${env}python3 $DMQ_ROOT/tools/bench-guest.py $DMQ_ROOT $out > $out/log 2>&1" || true
 cat "$out/log"
 [ -s "$out/bench.txt" ] || die "benchmark produced no table"
 cp "$out/bench.txt" "$DMQ_ROOT/bench-last.txt"

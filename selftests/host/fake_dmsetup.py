@@ -419,6 +419,8 @@ def merge_msg(name, st, kind, words):
     sub = words[0] if words else None
     m = st["merge"]
     n = len(st["images"])
+    if sub in ("progress", "cancel", "complete") and len(words) != 1:
+        raise MsgError(errno.EINVAL)
     if sub == "progress":
         stage, pct, err = merge_stage(m)
         return describe(m if m and m["kind"] == kind else None) + "\n"
@@ -470,20 +472,25 @@ def merge_msg(name, st, kind, words):
         return ""
     if sub != "start" or len(words) < 2 or len(words) > 3:
         raise MsgError(errno.EINVAL)
-    if st["suspended"]:
-        raise MsgError(errno.EBUSY)
+    # the kernel's order: parse (an int, a usize), then the state
     efd = number(words[1])
     depth = number(words[2]) if len(words) > 2 else (0 if kind == "backward" else 1)
-    lo, hi = (0, n - 2) if kind == "backward" else (1, n - 1)
-    if not lo <= depth <= hi:
-        raise MsgError(errno.ENOENT)
-    if m:
+    if not -2**31 <= efd < 2**31 or not 0 <= depth < 2**64:
+        raise MsgError(errno.EINVAL)
+    if st["suspended"]:
         raise MsgError(errno.EBUSY)
     if efd != -1:
         try:
+            if efd < 0:
+                raise OSError(errno.EBADF, "negative")
             os.fstat(efd)
         except OSError:
             raise MsgError(errno.EBADF)
+    if m:
+        raise MsgError(errno.EBUSY)
+    lo, hi = (0, n - 2) if kind == "backward" else (1, n - 1)
+    if not lo <= depth <= hi:
+        raise MsgError(errno.ENOENT)
     if kind == "backward":
         top = n - 1 - depth
         if st["modes"][top - 1] != "rw":
