@@ -371,12 +371,17 @@ backward_case() {
 	expect_merge v merge_backward "$depth"
 	echo "started: $PROG"
 	wait_stage v merge_backward ready
+	local waited=0
+	if [ "$mode" = fio ] && ! dmq_complete_under_io; then
+		fio_wait
+		waited=1
+	fi
 	msg_ok v merge_backward complete
 	[ -z "$MSG_OUT" ] || echo "complete: $MSG_OUT"
 	expect_idle v merge_backward
 	expect_chain v "${new[@]}"
 	if [ "$mode" = fio ]; then
-		fio_wait
+		[ "$waited" = 1 ] || fio_wait
 		fio_verify "$DEV"
 	fi
 	dump "$DEV" after.raw
