@@ -313,22 +313,19 @@ impl DeltaMd {
                 self.check_in_use(file, hdr, c, what)?;
             }
         }
-        for i in 0..self.rt.len() {
-            let off = self.rt.get(i).copied().unwrap_or(0) & fmt::REFT_OFFSET_MASK;
-            if off != 0 {
-                self.check_in_use(file, hdr, off / cs, "refcount block")?;
-            }
-            if i % 1024 == 1023 {
-                crate::kx::task::cond_resched();
-            }
-        }
-        for i in 0..self.l1.len() {
-            let off = self.l1.get(i).copied().unwrap_or(0) & fmt::L1E_OFFSET_MASK;
-            if off != 0 {
-                self.check_in_use(file, hdr, off / cs, "L2 table")?;
-            }
-            if i % 1024 == 1023 {
-                crate::kx::task::cond_resched();
+        // The clusters the two tables point at.
+        let tables = [(true, fmt::REFT_OFFSET_MASK, "refcount block"), (false, fmt::L1E_OFFSET_MASK, "L2 table")];
+        for (rt, mask, what) in tables {
+            let n = if rt { self.rt.len() } else { self.l1.len() };
+            for i in 0..n {
+                let raw = if rt { self.rt.get(i) } else { self.l1.get(i) };
+                let off = raw.copied().unwrap_or(0) & mask;
+                if off != 0 {
+                    self.check_in_use(file, hdr, off / cs, what)?;
+                }
+                if i % 1024 == 1023 {
+                    crate::kx::task::cond_resched();
+                }
             }
         }
         Ok(())

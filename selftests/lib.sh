@@ -439,7 +439,6 @@ _dmq_check_module() {
 	_dmq_target_registered
 }
 
-# dmq_init: KTAP header, prerequisites, module, scratch tmpfs, trap.
 # dmq_py HELPER ARG...: run selftests/HELPER.py ARG... (dmq_img or
 # dmq_open) through dmq_pysrv.py, which has the helpers imported already:
 # a fresh interpreter costs 1.5-2 s under TCG. Same stdout, stderr, exit
@@ -492,6 +491,7 @@ _dmq_pysrv_stop() {
 	DMQ_PYSRV_DIR=
 }
 
+# dmq_init: KTAP header, prerequisites, module, scratch tmpfs, trap.
 dmq_init() {
 	local t
 	ktap_print_header
