@@ -53,10 +53,13 @@ impl Inner {
         };
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-        if let (Cluster::Normal { host, copied }, Some(f)) = (c, &st.fast) {
-            if d == st.top() {
+        if let Cluster::Normal { host, copied } = c {
+            // Writes through the table skip the overlap check: a cluster
+            // that is metadata goes in for reads only.
+            let writable = copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
+            if let (Some(f), true) = (&st.fast, d == st.top()) {
                 let cb = delta.hdr.cluster_bits;
-                f.map.put(cb, vaddr >> cb, host, copied);
+                f.map.put(cb, vaddr >> cb, host, writable);
             }
         }
         Ok(c)
@@ -184,16 +187,20 @@ impl Inner {
 /// Write path.
 impl Inner {
     /// Writes `bio` into the top delta. Returns whether the bio must wait
-    /// for the batch's commit before it completes (metadata changed, a
-    /// flush, or a FUA write to a mapping not durable yet).
+    /// for the batch's commit before it completes: a flush, or a FUA write
+    /// whose mapping is not durable yet. Other writes complete once their
+    /// data is written, like on a disk with a volatile write cache: what
+    /// they changed in the metadata is committed by the next flush (or the
+    /// periodic commit, see `Inner::sync_batch`).
     pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
         let top = st.delta(d)?;
         let flush = bio.is_preflush() || bio.op() == Op::Flush;
         if flush {
-            // Everything acknowledged so far is in the file (its metadata
-            // committed before it completed): the batch's commit ends with an
-            // fsync that makes it durable, and the bio completes after it.
+            // Everything acknowledged so far is in the file (data written
+            // before it completed) or in the metadata cache: the batch's
+            // commit writes the cache out in order and ends with an fsync
+            // that makes it all durable; the bio completes after it.
             st.flush = true;
         }
         let size = u64::from(bio.size());
@@ -213,9 +220,10 @@ impl Inner {
         }
         // In-place pieces of a FUA write are written through (dsync); if the
         // mapping they went to is not durable yet (this bio or an earlier one
-        // of the batch changed metadata), the bio also waits for the commit.
+        // changed metadata not committed yet), the bio also waits for the
+        // commit.
         let md_dirty = fua && st.md.get(d).is_some_and(|m| m.is_dirty());
-        Ok(md_changed || md_dirty || flush)
+        Ok(flush || (fua && (md_changed || md_dirty)))
     }
 
     /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
@@ -235,6 +243,9 @@ impl Inner {
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
+        if md.is_corrupt() {
+            return Err(EIO);
+        }
         let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
@@ -252,21 +263,25 @@ impl Inner {
             _ => None,
         };
         if let Some(h) = in_place {
+            let pos = h.checked_add(off).ok_or(EIO)?;
+            if let Some(what) = st.md.get(d).and_then(|m| m.overlap(pos, len)) {
+                return Err(self.overlap_error(st, d, what, pos));
+            }
             if let (Some(f), false) = (&fast, hdr.extended_l2()) {
                 f.map.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
             }
             match src {
                 Src::Bio(bio, boff) => {
-                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, h + off, fua, &self.inflight);
+                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
                     return Ok(false);
                 }
                 Src::Zero => {
                     let zero = IoBuf::new(len as usize)?;
-                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, h + off)?;
+                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, pos)?;
                     return Ok(false);
                 }
                 Src::Buf(b) => {
-                    delta.file.write_full(b.get(..len as usize).ok_or(EIO)?, h + off)?;
+                    delta.file.write_full(b.get(..len as usize).ok_or(EIO)?, pos)?;
                     return Ok(false);
                 }
             }
@@ -286,15 +301,33 @@ impl Inner {
         // copied, not reused, and loses our reference once we point elsewhere.
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let own = raw & fmt::L2E_COPIED != 0;
-        let (host, fresh) = match c {
-            Cluster::ZeroPrealloc { host } if own => (host, false),
-            _ => (md.alloc_cluster(&delta.file, hdr)?, true),
+        let (host, fresh, untouched) = match c {
+            Cluster::ZeroPrealloc { host } if own => (host, false, false),
+            _ => {
+                let (h, u) = md.alloc_cluster_untouched(&delta.file, hdr)?;
+                (h, true, u)
+            }
         };
+        if let (false, Some(what)) = (fresh, md.overlap(host, hdr.cluster_size())) {
+            return Err(self.overlap_error(st, d, what, host));
+        }
         let shared = match c {
             Cluster::Normal { host, copied: false } | Cluster::ZeroPrealloc { host } if !own => Some(host),
             Cluster::Extended { host: Some(h), copied: false, .. } => Some(h),
             _ => None,
         };
+        if let (Src::Bio(bio, boff), true) = (src, fresh) {
+            match self.needs_no_fill(st, d, &c, vaddr, len, untouched) {
+                Ok(true) => {
+                    return self.write_new_cluster(st, d, (bio, boff), (l2_off, host), vaddr, len, fua, shared);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.free_unused(st, d, host, hdr.cluster_size());
+                    return Err(e);
+                }
+            }
+        }
         let mut cow = st.cow.take().ok_or(EIO)?;
         let res = self.fill_cow(st, d, &mut cow, src, vaddr, len);
         let res = res.and_then(|()| {
@@ -334,6 +367,86 @@ impl Inner {
         Ok(true)
     }
 
+    /// Whether a write of `[vaddr, vaddr + len)` to a new host cluster of
+    /// delta `d` (whose entry was `c`) needs no copy-on-write fill: the host
+    /// cluster was never written (`untouched`: it reads as zeroes) and the
+    /// write covers the whole cluster or the chain shows zeroes around it.
+    /// Only untouched clusters: if the data I/O fails, the entry points at
+    /// zeroes, never at bytes a freed cluster held. Not for extended L2
+    /// entries (subclusters) or compressed clusters (their own path).
+    fn needs_no_fill(&self, st: &mut WorkerState, d: usize, c: &Cluster, vaddr: u64, len: u64, untouched: bool) -> Result<bool> {
+        let hdr = &st.delta(d)?.hdr;
+        if !untouched || hdr.extended_l2() {
+            return Ok(false);
+        }
+        let cs = hdr.cluster_size();
+        let off = hdr.offset_in_cluster(vaddr);
+        match c {
+            Cluster::Unallocated | Cluster::Zero | Cluster::ZeroPrealloc { .. } | Cluster::Normal { .. } => {}
+            _ => return Ok(false),
+        }
+        if off == 0 && len == cs {
+            return Ok(true);
+        }
+        match c {
+            Cluster::Zero | Cluster::ZeroPrealloc { .. } => Ok(true),
+            Cluster::Unallocated => {
+                // What the chain below shows of the whole cluster.
+                let (_, kind, rl) = self.resolve(st, d, vaddr - off, cs)?;
+                Ok(matches!(kind, RunKind::Zero | RunKind::Unallocated) && rl == cs)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Writes a bio's piece `[vaddr, vaddr + len)` straight into the new
+    /// host cluster `host` of delta `d` (no fill needed: `needs_no_fill`) and
+    /// points the L2 entry at `l2_off` at it; `shared`: the host cluster the
+    /// entry pointed at before, which loses our reference.
+    ///
+    /// The data I/O is asynchronous and started before the entry changes, so
+    /// any commit from then on (the next one's first step waits for data
+    /// I/O in flight, see `DeltaMd::commit`) finds it landed before the
+    /// fsync that must make it durable ahead of the entry. The bio completes
+    /// when its I/O does (with a FUA bio, after the commit too).
+    #[allow(clippy::too_many_arguments)]
+    fn write_new_cluster(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        (bio, boff): (&Bio, u32),
+        (l2_off, host): (u64, u64),
+        vaddr: u64,
+        len: u64,
+        fua: bool,
+        shared: Option<u64>,
+    ) -> Result<bool> {
+        let delta = st.delta(d)?;
+        let fast = st.fast_for(d);
+        let hdr = &delta.hdr;
+        let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
+        Self::hot_forget(fast.as_deref(), hdr, vaddr);
+        delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let res = md
+            .set_l2_entry(&delta.file, hdr, l2_off, vaddr, fmt::encode_l2_normal(host, true), 0)
+            .map_err(|e| self.md_error(e));
+        if let Err(e) = res {
+            // Nothing points at the cluster: free it, once the data I/O to
+            // it is over (it could be handed out again at once).
+            self.inflight.wait_idle();
+            self.free_unused(st, d, host, hdr.cluster_size());
+            return Err(e);
+        }
+        if let Some(f) = &fast {
+            f.map.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, host, true);
+        }
+        if let Some(old) = shared {
+            self.free(st, d, old, hdr.cluster_size());
+        }
+        Ok(true)
+    }
+
     /// Writes `[vaddr, vaddr + len)` of delta `d` into the subclusters it
     /// touches, in the cluster's host cluster (allocated if it has none):
     /// the rest of the first and last touched subcluster is filled with what
@@ -365,6 +478,12 @@ impl Inner {
             Some(h) => (h, false),
             None => (md.alloc_cluster(&delta.file, hdr)?, true),
         };
+        if !fresh {
+            let pos = host.checked_add(start).ok_or(EIO)?;
+            if let Some(what) = md.overlap(pos, end - start) {
+                return Err(self.overlap_error(st, d, what, pos));
+            }
+        }
         if !fresh && (off > start || off + len < end) {
             // The edges are read and written back whole: an in-place write
             // still in flight to them must land first, or it is undone.
@@ -409,6 +528,12 @@ impl Inner {
         let Some(md) = st.md.get_mut(d) else {
             return;
         };
+        if let Some(what) = md.overlap(start, len) {
+            // An entry pointed at metadata: dropping that reference would
+            // let the allocator hand the metadata out. Leaked instead.
+            self.overlap_error(st, d, what, start);
+            return;
+        }
         if let Err(e) = md.defer_free(start, len) {
             pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
             self.latch_wants_check();
@@ -452,10 +577,41 @@ impl Inner {
     }
 }
 
+/// Metadata overlap protection.
+impl Inner {
+    /// A write (or a reference's removal) of delta `d` at host offset `pos`
+    /// would have overwritten its `what`: the image's metadata is damaged
+    /// (an L2 entry points at metadata). Like QEMU, refuse it with EIO, say
+    /// so, and mark the image corrupt (v3: the incompatible bit, which makes
+    /// QEMU and us refuse it until `qemu-img check -r all`); the delta takes
+    /// no more writes, and the table may not be resumed (wants_check).
+    pub(crate) fn overlap_error(&self, st: &mut WorkerState, d: usize, what: &str, pos: u64) -> Error {
+        pr_err!(
+            "dm-qcow2: image {}: write at host offset {:#x} would overwrite its {}: refused, image marked corrupt (repair with qemu-img check -r all)\n",
+            d,
+            pos,
+            what
+        );
+        let first = st.md.get_mut(d).is_some_and(|m| m.set_corrupt());
+        if first {
+            // Writes in place through the fast path's table would skip the
+            // check above: off for good (its lookups no longer take writes).
+            self.fast_off(st);
+            if let Ok(delta) = st.delta(d) {
+                if let Err(e) = self.mark_corrupt(&delta) {
+                    pr_err!("dm-qcow2: image {}: cannot set the corrupt bit: {:?}\n", d, e);
+                }
+            }
+        }
+        self.latch_wants_check();
+        EIO
+    }
+}
+
 /// Discard and write-zeroes.
 impl Inner {
-    /// Discards or zeroes the range of `bio`; returns true (metadata
-    /// changed, to be made durable) like `write_bio`.
+    /// Discards or zeroes the range of `bio`; returns whether the bio must
+    /// wait for the batch's commit (FUA) like `write_bio`.
     pub(crate) fn zero_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
         let top = st.delta(d)?;
@@ -482,7 +638,7 @@ impl Inner {
             // A partial-cluster discard is a hint we may ignore.
             vaddr += len;
         }
-        Ok(true)
+        Ok(bio.is_fua())
     }
 
     /// A whole-cluster discard on a v2 image: deallocates the cluster of
@@ -511,6 +667,9 @@ impl Inner {
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
+        if md.is_corrupt() {
+            return Err(EIO);
+        }
         let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;

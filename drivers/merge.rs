@@ -23,6 +23,7 @@
 use crate::io::Src;
 use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
+use crate::kx::param;
 use crate::kx::task::{self, code::ebadslt};
 use crate::qcow2_format::Cluster;
 use crate::target::{Delta, Inner, WorkerState};
@@ -217,7 +218,16 @@ impl Inner {
             let mut st = self.state.lock();
             // A suspend cancels merges under this lock after raising the
             // flag: none may start behind its back.
-            if st.merge.is_some() || self.is_suspending() {
+            if self.is_suspending() {
+                return Err(EBUSY);
+            }
+            // A failed merge is over (its error stays for `progress` until
+            // now): cleaned up as by `cancel`, and the new one may start at
+            // once, as in the C target.
+            if st.merge.as_ref().is_some_and(|m| matches!(m.stage, Stage::Failed(_))) {
+                self.merge_cancel(&mut st)?;
+            }
+            if st.merge.is_some() {
                 return Err(EBUSY);
             }
             let n = st.deltas.len();
@@ -260,9 +270,13 @@ impl Inner {
             }
             st.md.get_mut(dst).ok_or(EIO)?.load_refcounts(&d.file, &d.hdr)?;
             let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;
-            // A crash while copying leaks clusters in dst at worst; the dirty
-            // bit makes QEMU repair them when it next opens the image.
-            self.set_dirty(&d, true)?;
+            // A crash while copying leaks clusters in dst at worst. With
+            // kernel_sets_dirty_bit (only then: otherwise the kernel never
+            // writes the bit, as the C target), dst is marked dirty while the
+            // merge runs, so QEMU repairs them when it next opens the image.
+            if param::kernel_sets_dirty_bit() {
+                self.set_dirty(&d, true)?;
+            }
             // Every bio goes through the locked path while a merge runs (it
             // must see guest writes); the switch below waits for bios the
             // fast path may have taken before.
@@ -321,9 +335,9 @@ impl Inner {
         // In-place writes started before now must land before we read.
         self.inflight.wait_idle();
         let mut res = self.copy_batch(st);
-        // The copies are committed with the next guest batch (or when the
-        // cache fills up); here only when the queued decrements grow long,
-        // and when everything is copied, so `ready` means durable.
+        // The copies are committed with the next commit (a guest flush, the
+        // periodic one, a full cache); here only when the queued decrements
+        // grow long, and when everything is copied, so `ready` means durable.
         let dst = m_dst(st);
         let wants = dst.and_then(|d| st.md.get(d)).is_some_and(|md| md.wants_commit());
         if matches!(res, Ok(false)) || (res.is_ok() && wants) {
@@ -470,7 +484,19 @@ impl Inner {
                 // dst becomes the base: it must not name a backing file.
                 self.clear_backing(&d)?;
             }
-            self.set_dirty(&d, false)?;
+            if param::kernel_sets_dirty_bit() {
+                // As the C target: the removed delta is left clean (dirty
+                // and autoclear bits cleared) where we may write it; dst
+                // stays dirty if it is now the live top (cleared on
+                // suspend), else it is clean again.
+                let s = st.delta(src)?;
+                if s.file.writable() {
+                    self.set_dirty(&s, false)?;
+                }
+                if src != st.top() {
+                    self.set_dirty(&d, false)?;
+                }
+            }
             let removed = st.unlink(src)?;
             st.merge = None;
             self.fast_on(&mut st);
@@ -498,7 +524,10 @@ impl Inner {
             self.trim(st, m.dst);
             let d = st.delta(m.dst)?;
             d.file.fsync()?;
-            self.set_dirty(&d, false)
+            if param::kernel_sets_dirty_bit() {
+                self.set_dirty(&d, false)?;
+            }
+            Ok(())
         })();
         self.fast_on(st);
         res

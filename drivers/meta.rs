@@ -10,10 +10,11 @@
 //! fixed by fsync barriers, never by submission order alone:
 //!
 //! 1. if anything was allocated or pointed at host data since the last
-//!    commit (the barrier): dirty refcount pages (together with data and
-//!    copy-on-write fills of new clusters, new refcount blocks and new L2
-//!    tables' contents, all written directly before), fsync; then dirty
-//!    refcount table pages, fsync;
+//!    commit (the barrier): wait for the table's data I/O in flight (new
+//!    clusters are written asynchronously, see `Inner::write_new_cluster`),
+//!    then dirty refcount pages (together with data and copy-on-write fills
+//!    of new clusters, new refcount blocks and new L2 tables' contents, all
+//!    written before), fsync; then dirty refcount table pages, fsync;
 //! 2. dirty L2 pages and dirty L1 pages (and refcount pages holding only
 //!    decrements, whose removals are durable already), fsync.
 //!
@@ -32,13 +33,14 @@
 //! page is left, or too many are dirty, the cache commits first).
 
 use crate::count::AllocCount;
-use crate::kx::file::{File, IoBuf, DIO_ALIGN};
+use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kx::param;
 use crate::kx::task::code::euclean;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::rbtree::RBTree;
+use kernel::sync::Arc;
 
 /// Size of a cached metadata page (and of every metadata write).
 pub(crate) const MD_PAGE: u64 = 4096;
@@ -244,8 +246,26 @@ pub(crate) struct DeltaMd {
     cluster_size: u64,
     /// File size as we last set it (it grows in `GROW_STEP`s).
     grown: u64,
+    /// Clusters at or past this offset were never written since the load
+    /// (the file grew past them sparsely): they read as zeroes.
+    untouched_from: u64,
+    /// The table's asynchronous data I/O: data written to new clusters may
+    /// still be in flight when their L2 entries are set; a commit waits for
+    /// it before the fsync that must cover it.
+    io: Arc<IoCounter>,
     /// Clusters mapping host data, for the status line (see `count`).
     pub(crate) count: AllocCount,
+    /// The metadata clusters the tables name (L2 tables of the active L1,
+    /// refcount blocks), by cluster index, while the delta takes writes:
+    /// with the header, L1 and refcount tables what [`overlap`] guards.
+    ///
+    /// [`overlap`]: DeltaMd::overlap
+    meta: RBTree<u64, &'static str>,
+    /// A write would have overwritten metadata (see [`overlap`]): the image
+    /// is marked corrupt and takes no more writes.
+    ///
+    /// [`overlap`]: DeltaMd::overlap
+    corrupt: bool,
 }
 
 /// Image files are extended (sparsely) in steps of this many bytes, so that
@@ -255,7 +275,7 @@ const GROW_STEP: u64 = 128 << 20;
 
 impl DeltaMd {
     /// Loads the tables of image `img`; the refcount table only if `writable`.
-    pub(crate) fn load(img: usize, file: &File, hdr: &Header, writable: bool) -> Result<Self> {
+    pub(crate) fn load(img: usize, file: &File, hdr: &Header, writable: bool, io: Arc<IoCounter>) -> Result<Self> {
         let l1 = read_table(file, hdr.l1_table_offset, hdr.l1_size as usize)?;
         let rt = if writable {
             let n = u64::from(hdr.refcount_table_clusters) * hdr.cluster_size() / 8;
@@ -280,22 +300,30 @@ impl DeltaMd {
             hint: 1,
             cluster_size: hdr.cluster_size(),
             grown: file.size(),
+            untouched_from: file.size().checked_next_multiple_of(hdr.cluster_size()).unwrap_or(u64::MAX),
+            io,
             count: AllocCount::new(),
+            meta: RBTree::new(),
+            corrupt: false,
         };
         if writable_rt {
-            md.check_metadata_refcounts(file, hdr)?;
+            md.note_metadata(file, hdr, true)?;
         }
         Ok(md)
     }
 
-    /// Every cluster in use as metadata (header, L1 table, refcount table
-    /// and blocks, L2 tables) must have a non-zero refcount before the image
-    /// takes writes: the allocator hands out refcount-0 clusters, and one
-    /// that holds metadata would be overwritten, spreading the damage (what
-    /// QEMU's overlap checks guard against). Checked once per load (our own
-    /// allocations keep it true); EUCLEAN with a dmesg line naming the
-    /// structure otherwise. Bounded by the L1 and refcount table sizes.
-    fn check_metadata_refcounts(&mut self, file: &File, hdr: &Header) -> Result {
+    /// Records the metadata clusters the tables name (for [`overlap`]) and,
+    /// if `check`, makes sure every cluster in use as metadata (header, L1
+    /// table, refcount table and blocks, L2 tables) has a non-zero refcount
+    /// before the image takes writes: the allocator hands out refcount-0
+    /// clusters, and one that holds metadata would be overwritten, spreading
+    /// the damage (what QEMU's overlap checks guard against). Done once per
+    /// load (our own allocations keep it true); EUCLEAN with a dmesg line
+    /// naming the structure otherwise. Bounded by the L1 and refcount table
+    /// sizes.
+    ///
+    /// [`overlap`]: DeltaMd::overlap
+    fn note_metadata(&mut self, file: &File, hdr: &Header, check: bool) -> Result {
         let cs = hdr.cluster_size();
         let span = |off: u64, bytes: u64| -> (u64, u64) {
             let first = off / cs;
@@ -310,7 +338,9 @@ impl DeltaMd {
         ];
         for (what, (first, end)) in fixed {
             for c in first..end {
-                self.check_in_use(file, hdr, c, what)?;
+                if check {
+                    self.check_in_use(file, hdr, c, what)?;
+                }
             }
         }
         // The clusters the two tables point at.
@@ -321,7 +351,10 @@ impl DeltaMd {
                 let raw = if rt { self.rt.get(i) } else { self.l1.get(i) };
                 let off = raw.copied().unwrap_or(0) & mask;
                 if off != 0 {
-                    self.check_in_use(file, hdr, off / cs, what)?;
+                    if check {
+                        self.check_in_use(file, hdr, off / cs, what)?;
+                    }
+                    self.note_meta(off, what)?;
                 }
                 if i % 1024 == 1023 {
                     crate::kx::task::cond_resched();
@@ -344,6 +377,60 @@ impl DeltaMd {
         Err(euclean())
     }
 
+    /// Records that the cluster at `off` holds metadata (`what`).
+    fn note_meta(&mut self, off: u64, what: &'static str) -> Result {
+        let c = self.cluster_of(off);
+        if self.meta.get(&c).is_none() {
+            self.meta.try_create_and_insert(c, what, GFP_KERNEL)?;
+        }
+        Ok(())
+    }
+
+    /// The cluster index of host offset `off`.
+    fn cluster_of(&self, off: u64) -> u64 {
+        // The cluster size is not zero (the header parser checked it).
+        off.checked_div(self.cluster_size).unwrap_or(0)
+    }
+
+    /// The metadata structure that host bytes `[off, off + len)` of this
+    /// delta overlap, if any: the header, the L1 table, the refcount table,
+    /// a refcount block or an L2 table of the active L1 (QEMU's default
+    /// overlap check, with every L2 table rather than the cached ones). Only
+    /// for a delta that takes writes (refcounts loaded); O(log n) per
+    /// cluster of the range, which callers keep to one or two clusters.
+    pub(crate) fn overlap(&self, off: u64, len: u64) -> Option<&'static str> {
+        if self.rt.is_empty() || len == 0 {
+            return None;
+        }
+        let cs = self.cluster_size;
+        let first = self.cluster_of(off);
+        let last = self.cluster_of(off.saturating_add(len - 1));
+        let hits = |start: u64, bytes: u64| -> bool {
+            let end = self.cluster_of(start.saturating_add(bytes.max(1) - 1));
+            first <= end && self.cluster_of(start) <= last
+        };
+        if first == 0 {
+            return Some("header");
+        }
+        if hits(self.l1_off, (self.l1.len() as u64).saturating_mul(8)) {
+            return Some("L1 table");
+        }
+        if hits(self.rt_off, self.rt_clusters.saturating_mul(cs)) {
+            return Some("refcount table");
+        }
+        (first..=last).find_map(|c| self.meta.get(&c).copied())
+    }
+
+    /// Whether a write found metadata in its way (the delta takes no more).
+    pub(crate) fn is_corrupt(&self) -> bool {
+        self.corrupt
+    }
+
+    /// Records that a write found metadata in its way; true the first time.
+    pub(crate) fn set_corrupt(&mut self) -> bool {
+        !core::mem::replace(&mut self.corrupt, true)
+    }
+
     /// The delta's img_id changed (a merge unlinked one below it).
     pub(crate) fn set_img(&mut self, img: usize) {
         self.img = img;
@@ -357,6 +444,7 @@ impl DeltaMd {
             self.rt = read_table(file, hdr.refcount_table_offset, usize::try_from(n).map_err(|_| EFBIG)?)?;
             self.rt_off = hdr.refcount_table_offset;
             self.rt_clusters = u64::from(hdr.refcount_table_clusters);
+            self.note_metadata(file, hdr, false)?;
         }
         Ok(())
     }
@@ -364,6 +452,11 @@ impl DeltaMd {
     /// Whether anything is waiting for a commit.
     pub(crate) fn is_dirty(&self) -> bool {
         self.barrier || self.cache.dirty() > 0 || !self.l1_dirty.is_empty() || !self.rt_dirty.is_empty()
+    }
+
+    /// Whether refcount decrements are queued (applied after commits).
+    pub(crate) fn has_frees(&self) -> bool {
+        !self.frees.is_empty() || !self.frees_ready.is_empty()
     }
 
     /// Whether refcount decrements may be applied (`apply_frees`).
@@ -382,6 +475,12 @@ impl DeltaMd {
     /// it fsynced. On error the pages not known durable stay dirty.
     pub(crate) fn commit(&mut self, file: &File, force: bool) -> Result<bool> {
         let mut synced = false;
+        // Data written to clusters allocated since the last commit lands
+        // before the fsync below covers it (it may have been submitted
+        // after the L2 entry pointing at it was set, see `write_piece`).
+        if self.barrier {
+            self.io.wait_idle();
+        }
         // 1. Refcounts (and the data, new refcount blocks and new L2 tables
         //    written directly) before anything that references them.
         //    Without a barrier the dirty refcounts are decrements only (of
@@ -594,8 +693,9 @@ impl DeltaMd {
                 let mut table = IoBuf::new(cs as usize)?;
                 file.read_full(&mut table, e.l2_offset)?;
                 let off = self.alloc_cluster(file, hdr)?;
-                let res = file
-                    .write_full(&table, off)
+                let res = self
+                    .note_meta(off, "L2 table")
+                    .and_then(|()| file.write_full(&table, off))
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(err) = res {
                     // Nothing points at it.
@@ -609,8 +709,9 @@ impl DeltaMd {
             None => {
                 let off = self.alloc_cluster(file, hdr)?;
                 let zero = IoBuf::new(hdr.cluster_size() as usize)?;
-                let res = file
-                    .write_full(&zero, off)
+                let res = self
+                    .note_meta(off, "L2 table")
+                    .and_then(|()| file.write_full(&zero, off))
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(e) = res {
                     // Nothing points at it.
@@ -701,6 +802,8 @@ impl DeltaMd {
         let end = self.used_end(file, hdr)?;
         if file.size() > end {
             file.truncate(end)?;
+            // Nothing past `end` is in use, and it is gone: holes from now on.
+            self.untouched_from = self.untouched_from.min(end);
         }
         self.grown = end.max(file.size());
         Ok(())
@@ -712,6 +815,26 @@ impl DeltaMd {
     /// its contents are written at once, its refcount table entry by the next
     /// commit, after an fsync.
     pub(crate) fn alloc_cluster(&mut self, file: &File, hdr: &Header) -> Result<u64> {
+        self.alloc_cluster_untouched(file, hdr).map(|(off, _)| off)
+    }
+
+    /// Where the next free-cluster search starts (a cluster index).
+    pub(crate) fn search_position(&self) -> u64 {
+        self.hint
+    }
+
+    /// Starts free-cluster searches at cluster `hint` (where an earlier load
+    /// of the same image had got to), at most at the end of the file of
+    /// `file_size` bytes (a suspend trims it). The search never goes back:
+    /// clusters below the position were in use, or skipped, before too
+    /// (only our own frees move it back).
+    pub(crate) fn resume_search_at(&mut self, hint: u64, file_size: u64) {
+        self.hint = hint.min(file_size.checked_div(self.cluster_size).unwrap_or(0)).max(1);
+    }
+
+    /// Like [`alloc_cluster`](Self::alloc_cluster); also returns whether the
+    /// cluster was never written since the load (it reads as zeroes).
+    pub(crate) fn alloc_cluster_untouched(&mut self, file: &File, hdr: &Header) -> Result<(u64, bool)> {
         let cs = hdr.cluster_size();
         let mut c = self.hint.max(1);
         loop {
@@ -722,6 +845,7 @@ impl DeltaMd {
                 continue;
             };
             if raw == 0 {
+                self.note_meta(off, "refcount block")?;
                 self.reserve(file, off + cs);
                 self.cache.invalidate(off, off + cs);
                 let mut blk = IoBuf::new(cs as usize)?;
@@ -733,6 +857,7 @@ impl DeltaMd {
                     *e = off;
                 }
                 self.barrier = true;
+                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
                 c += 1;
                 self.hint = c;
                 continue;
@@ -742,7 +867,9 @@ impl DeltaMd {
                 self.set_refcount(file, hdr, c, 1)?;
                 self.cache.invalidate(off, off + cs);
                 self.hint = c + 1;
-                return Ok(off);
+                let untouched = off >= self.untouched_from;
+                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
+                return Ok((off, untouched));
             }
             c += 1;
             // A long run of used clusters (a full image): let others run.
@@ -787,7 +914,9 @@ impl DeltaMd {
             fmt::set_table_entry(&mut tbl, i as u64, *e).ok_or(EIO)?;
         }
         fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
+        self.note_meta(blk_off, "refcount block")?;
         self.reserve(file, tbl_off + tbl_bytes);
+        self.untouched_from = self.untouched_from.max(tbl_off.saturating_add(tbl_bytes));
         file.write_full(&blk, blk_off)?;
         file.write_full(&tbl, tbl_off)?;
         file.fsync()?;
@@ -843,6 +972,9 @@ impl DeltaMd {
             }
             self.set_refcount(file, hdr, c, r - 1)?;
             if r == 1 {
+                // Free now: no longer metadata if it was (an L2 table a
+                // snapshot shared, a cluster allocated for one in vain).
+                self.meta.remove(&c);
                 self.cache.invalidate(c * cs, c * cs + cs);
                 self.hint = self.hint.min(c.max(1));
             }

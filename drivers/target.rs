@@ -30,8 +30,8 @@ use kernel::{c_str, new_mutex, new_spinlock};
 pub(crate) const SECTOR: u64 = 512;
 /// Header offsets of the backing file name's offset (u64) and size (u32).
 const HDR_BACKING: usize = 8;
-/// How long parked (ENOSPC) writes wait before they are retried, in 100 ms.
-const RETRY_SLICES: u32 = 10;
+/// The period of the commit of metadata no flush asked for, in 100 ms.
+const COMMIT_SLICES: u32 = 10;
 /// qcow2 compatible feature bit 0: refcounts may be updated lazily.
 const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// Header offsets of the v3 feature words.
@@ -153,6 +153,9 @@ pub(crate) struct WorkerState {
     stale: bool,
     /// The fast path's table while it is on (`Inner::fast_on`).
     pub(crate) fast: Option<Arc<Fast>>,
+    /// The table is being destroyed: the periodic commit is not armed any
+    /// more (its queue goes away; arming happens with the state locked).
+    no_timer: bool,
 }
 
 impl WorkerState {
@@ -255,6 +258,13 @@ pub(crate) struct Inner {
     /// The merge walker, which runs for a whole merge: a queue of its own
     /// (no rescuer: background work no I/O waits for).
     merge_wq: OwnedQueue,
+    /// The periodic commit's timer, which sleeps: a queue of its own (no
+    /// rescuer: flushes commit by themselves, nothing waits for it).
+    commit_wq: OwnedQueue,
+    /// The timer is queued or sleeping.
+    commit_armed: AtomicBool,
+    /// The timer ran out: the worker commits what the cache holds.
+    commit_due: AtomicBool,
     errors: Errors,
     /// An ENOSPC happened and `get_event` has not reported it yet.
     enospc_event: AtomicBool,
@@ -265,6 +275,10 @@ pub(crate) struct Inner {
     late_nospc: BioStack,
     /// Bios are parked since the last event (cleared when none is left).
     enospc_episode: AtomicBool,
+    /// Retries of parked bios so far.
+    retry_round: AtomicU64,
+    /// `retry_round` when the last ENOSPC event was raised.
+    event_round: AtomicU64,
     /// Suspending: parked bios fail instead of waiting for space.
     suspending: AtomicBool,
     /// Bios the fast path served (status INFO `fast_bios`).
@@ -283,12 +297,15 @@ pub(crate) struct Inner {
     merge_work: Work<Inner, 1>,
     #[pin]
     retry_work: Work<Inner, 2>,
+    #[pin]
+    commit_work: Work<Inner, 3>,
 }
 
 impl_has_work! {
     impl HasWork<Self, 0> for Inner { self.work }
     impl HasWork<Self, 1> for Inner { self.merge_work }
     impl HasWork<Self, 2> for Inner { self.retry_work }
+    impl HasWork<Self, 3> for Inner { self.commit_work }
 }
 
 /// The I/O worker: processes queued bios.
@@ -309,6 +326,11 @@ impl WorkItem<0> for Inner {
                 }
                 let mut list = this.pending.lock().take();
                 if list.is_empty() {
+                    if this.commit_due.load(Ordering::Acquire) {
+                        locked = true;
+                        let mut st = this.state.lock();
+                        parked |= this.sync_batch(&mut st);
+                    }
                     break;
                 }
                 // Taken after the bios: a merge that turned the fast path off
@@ -385,17 +407,40 @@ impl WorkItem<1> for Inner {
     }
 }
 
-/// Retries parked writes after a while.
-impl WorkItem<2> for Inner {
+/// The periodic commit: metadata changed by writes that did not wait for a
+/// commit (all but flushes and FUA) is written out within about
+/// `COMMIT_SLICES` tenths of a second, like dm-thin's commit period.
+impl WorkItem<3> for Inner {
     type Pointer = Arc<Inner>;
 
     fn run(this: Arc<Inner>) {
-        for _ in 0..RETRY_SLICES {
+        for _ in 0..COMMIT_SLICES {
             if this.suspending.load(Ordering::Acquire) {
                 break;
             }
             task::sleep_ms(100);
         }
+        this.commit_armed.store(false, Ordering::Release);
+        this.commit_due.store(true, Ordering::Release);
+        if let Some(q) = this.wq.queue() {
+            let _ = q.enqueue::<_, 0>(this.clone());
+        }
+    }
+}
+
+/// Retries parked writes after a while.
+impl WorkItem<2> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        // In slices, so that a suspend does not wait for the whole interval.
+        for _ in 0..param::enospc_retry_ms().div_ceil(100) {
+            if this.suspending.load(Ordering::Acquire) {
+                break;
+            }
+            task::sleep_ms(100);
+        }
+        this.retry_round.fetch_add(1, Ordering::AcqRel);
         this.unpark();
     }
 }
@@ -452,7 +497,7 @@ impl Inner {
     }
 
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
-    /// that starts an ENOSPC episode).
+    /// that raises a table event, see `note_enospc`).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
         let res = match bio.op() {
             Op::Read => self.read_bio(st, &bio).map(|()| false),
@@ -461,8 +506,8 @@ impl Inner {
             _ => Err(EIO),
         };
         match res {
-            // Its new mapping must be durable before it completes: one commit
-            // at the end of the batch covers every such bio.
+            // A flush, or a FUA write whose mapping must be durable before it
+            // completes: one commit at the end of the batch covers them all.
             Ok(true) => {
                 st.unsynced.push(bio);
                 false
@@ -471,8 +516,25 @@ impl Inner {
         }
     }
 
+    /// Notes that a write was parked on ENOSPC. The first of an episode,
+    /// and the first after each retry, arms `get_event`'s `event_ENOSPC`;
+    /// returns whether to raise a table event for it. (The C target raises
+    /// one on every ENOSPC; once per retry keeps a daemon hearing while
+    /// space is short, without a storm.)
+    fn note_enospc(&self) -> bool {
+        if !self.enospc_episode.swap(true, Ordering::AcqRel) {
+            pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
+        }
+        let round = self.retry_round.load(Ordering::Acquire);
+        if self.event_round.swap(round, Ordering::AcqRel) == round {
+            return false;
+        }
+        self.enospc_event.store(true, Ordering::Release);
+        true
+    }
+
     /// Ends `bio` with `res`, or parks it on ENOSPC (returns true if that
-    /// starts an ENOSPC episode).
+    /// raises a table event, see `note_enospc`).
     fn finish(&self, st: &mut WorkerState, bio: Bio, res: Result) -> bool {
         match res {
             // Not acknowledged: retried when there may be space again (what
@@ -480,13 +542,7 @@ impl Inner {
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
                 self.parked_count.fetch_add(1, Ordering::AcqRel);
                 st.parked.push(bio);
-                // One event per episode, not per retry.
-                let new = !self.enospc_episode.swap(true, Ordering::AcqRel);
-                if new {
-                    pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
-                    self.enospc_event.store(true, Ordering::Release);
-                }
-                new
+                self.note_enospc()
             }
             r => {
                 bio.end(r);
@@ -498,7 +554,7 @@ impl Inner {
     /// Parks the bios whose data I/O hit ENOSPC (`late_nospc`, counted in
     /// `parked_count` already); while suspending they go through the worker
     /// once more instead (and fail if there is still no space). Returns true
-    /// if that starts an ENOSPC episode.
+    /// if that raises a table event (`note_enospc`).
     fn park_late(&self, st: &mut WorkerState, mut late: BioList) -> bool {
         let mut new = false;
         while let Some(bio) = late.pop() {
@@ -508,23 +564,29 @@ impl Inner {
                 continue;
             }
             st.parked.push(bio);
-            if !self.enospc_episode.swap(true, Ordering::AcqRel) {
-                pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
-                self.enospc_event.store(true, Ordering::Release);
-                new = true;
-            }
+            new |= self.note_enospc();
         }
         new
     }
 
-    /// Ends the batch: commits the metadata of every delta (so everything
-    /// the batch's bios changed is durable, in order, see `meta`), completes
-    /// the bios that waited for it, then applies the refcount decrements of
-    /// removals the commit made durable. A failed commit fails the bios (or
-    /// parks them on ENOSPC) and keeps the decrements queued. Returns true if
-    /// an ENOSPC episode started.
-    fn sync_batch(&self, st: &mut WorkerState) -> bool {
+    /// Ends the batch. If a bio waits for a commit (a flush, FUA), commits
+    /// the metadata of every delta (so everything acknowledged so far is
+    /// durable, in order, see `meta`), completes those bios, then applies
+    /// the refcount decrements of removals the commit made durable. A failed
+    /// commit fails the bios (or parks them on ENOSPC) and keeps the
+    /// decrements queued. Otherwise commits only when the periodic commit is
+    /// due or the queued decrements grew large, and arms the periodic
+    /// commit while anything is left to write out. Returns true if parking a
+    /// bio raises a table event (`note_enospc`).
+    fn sync_batch(self: &Arc<Self>, st: &mut WorkerState) -> bool {
+        let due = self.commit_due.swap(false, Ordering::AcqRel);
         if st.unsynced.is_empty() && !st.flush {
+            // Not once suspended: the images are settled and may change.
+            if !st.stale && (due || st.md.iter().any(|m| m.wants_commit())) {
+                let _ = self.commit_all(st, false);
+                self.apply_frees(st);
+            }
+            self.arm_commit(st);
             return false;
         }
         let flush = core::mem::replace(&mut st.flush, false);
@@ -537,7 +599,23 @@ impl Inner {
             parked |= self.finish(st, bio, res);
         }
         self.apply_frees(st);
+        self.arm_commit(st);
         parked
+    }
+
+    /// Starts the periodic commit's timer if the cache holds anything not
+    /// written out yet (and the timer is not running).
+    fn arm_commit(self: &Arc<Self>, st: &WorkerState) {
+        if st.stale || st.no_timer || !st.md.iter().any(|m| m.is_dirty() || m.has_frees()) {
+            return;
+        }
+        if self.commit_armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queued = self.commit_wq.queue().is_some_and(|q| q.enqueue::<_, 3>(self.clone()).is_ok());
+        if !queued {
+            self.commit_armed.store(false, Ordering::Release);
+        }
     }
 
     /// Commits the dirty metadata of every delta (`flush`: fsync the top in
@@ -700,6 +778,20 @@ impl Inner {
         self.update_header(delta, Some(dirty))
     }
 
+    /// Sets the qcow2 "corrupt" incompatible bit of `delta` (v3; v2 has
+    /// none): QEMU then opens it only to repair it, and so do we.
+    pub(crate) fn mark_corrupt(&self, delta: &Delta) -> Result {
+        if delta.hdr.version < 3 {
+            return Ok(());
+        }
+        let mut page = IoBuf::new(DIO_ALIGN)?;
+        delta.file.read_full(&mut page, 0)?;
+        let incompat = be_u64(&page, HDR_INCOMPAT)? | fmt::incompat::CORRUPT;
+        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8).ok_or(EIO)?.copy_from_slice(&incompat.to_be_bytes());
+        delta.file.write_full(&page, 0)?;
+        delta.file.fsync()
+    }
+
     /// Makes `delta` name no backing file (it became the base).
     pub(crate) fn clear_backing(&self, delta: &Delta) -> Result {
         if !delta.hdr.has_backing_file() {
@@ -751,7 +843,17 @@ impl Inner {
             if let Some(old) = st.deltas.get(i) {
                 let _ = d.file.set_fault_ratio(old.file.fault_ratio());
             }
-            md.push(DeltaMd::load(i, &d.file, &d.hdr, self.writable && i + 1 == n)?, GFP_KERNEL)?;
+            let rw = self.writable && i + 1 == n;
+            let mut m = DeltaMd::load(i, &d.file, &d.hdr, rw, self.inflight.clone())?;
+            // The first-fit search goes on where it was (not from cluster 1
+            // again, a walk over every used cluster with the state locked),
+            // if the image still has the cluster size the position counts in.
+            if let (Some(old), Some(old_md)) = (st.deltas.get(i), st.md.get(i)) {
+                if old.hdr.cluster_size() == d.hdr.cluster_size() {
+                    m.resume_search_at(old_md.search_position(), d.file.size());
+                }
+            }
+            md.push(m, GFP_KERNEL)?;
         }
         // The images may have been rewritten with another cluster size while
         // we were suspended (same files, other content): the buffers sized
@@ -947,9 +1049,11 @@ impl dm::Target for Qcow2 {
 
         let cs = deltas.last().map_or(0, |d| d.hdr.cluster_size()) as usize;
         let bufs = ClusterBufs::new(cs).map_err(oom)?;
+        let inflight = IoCounter::new().map_err(oom)?;
         let mut md = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
         for (i, d) in deltas.iter().enumerate() {
-            let m = DeltaMd::load(i, &d.file, &d.hdr, writable && i + 1 == deltas.len()).map_err(|e| {
+            let rw = writable && i + 1 == deltas.len();
+            let m = DeltaMd::load(i, &d.file, &d.hdr, rw, inflight.clone()).map_err(|e| {
                 if e == euclean() {
                     ctr_err(e, c_str!("Metadata cluster with refcount 0: repair with qemu-img check -r all"))
                 } else {
@@ -979,12 +1083,13 @@ impl dm::Target for Qcow2 {
             stale: true,
             // Turned on by that first resume.
             fast: None,
+            no_timer: false,
         };
-        let inflight = IoCounter::new().map_err(oom)?;
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2"), true).map_err(oom)?;
         let retry_wq = OwnedQueue::new(c_str!("dm-qcow2-retry"), true).map_err(oom)?;
         let merge_wq = OwnedQueue::new(c_str!("dm-qcow2-merge"), false).map_err(oom)?;
+        let commit_wq = OwnedQueue::new(c_str!("dm-qcow2-commit"), false).map_err(oom)?;
         let (len_sectors, link) = (ti.len(), ti.link());
         let inner = Arc::pin_init(
             pin_init!(Inner {
@@ -996,11 +1101,16 @@ impl dm::Target for Qcow2 {
                 wq,
                 retry_wq,
                 merge_wq,
+                commit_wq,
+                commit_armed: AtomicBool::new(false),
+                commit_due: AtomicBool::new(false),
                 errors: Errors::default(),
                 enospc_event: AtomicBool::new(false),
                 parked_count: AtomicUsize::new(0),
                 late_nospc: BioStack::new(),
                 enospc_episode: AtomicBool::new(false),
+                retry_round: AtomicU64::new(0),
+                event_round: AtomicU64::new(u64::MAX),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
                 fast <- new_spinlock!(None, "dm_qcow2::fast"),
@@ -1009,6 +1119,7 @@ impl dm::Target for Qcow2 {
                 work <- new_work!("dm_qcow2::work"),
                 merge_work <- new_work!("dm_qcow2::merge_work"),
                 retry_work <- new_work!("dm_qcow2::retry_work"),
+                commit_work <- new_work!("dm_qcow2::commit_work"),
             }),
             GFP_KERNEL,
         )
@@ -1195,8 +1306,9 @@ impl dm::Target for Qcow2 {
 
     fn postsuspend(&self) {
         let inner = &self.inner;
-        // The retry may queue I/O work: it goes first. (The walker saw the
-        // merge cancelled by presuspend and stops.)
+        // The retry and the commit timer may queue I/O work: they go first.
+        // (The walker saw the merge cancelled by presuspend and stops.)
+        inner.commit_wq.flush();
         inner.retry_wq.flush();
         inner.merge_wq.flush();
         inner.wq.flush();
@@ -1295,6 +1407,10 @@ impl Drop for Qcow2 {
         // The retry and the walker first: the retry queues I/O work (on a
         // queue still alive); the I/O worker queues a retry only while bios
         // are parked, and none are now (then `retry_wq.queue()` is `None`).
+        // The I/O worker arms the commit timer with the state locked: once
+        // `no_timer` is seen it no longer does, and the timer's queue may go.
+        self.inner.state.lock().no_timer = true;
+        self.inner.commit_wq.shutdown();
         self.inner.retry_wq.shutdown();
         self.inner.merge_wq.shutdown();
         self.inner.wq.shutdown();

@@ -11,6 +11,14 @@ pub(crate) fn kernel_sets_dirty_bit() -> bool {
     unsafe { bindings::dmq_kernel_sets_dirty_bit() }
 }
 
+/// `enospc_retry_ms`: time between retries of writes parked on ENOSPC, in
+/// milliseconds (clamped to 100..600000).
+pub(crate) fn enospc_retry_ms() -> u32 {
+    // SAFETY: Reads an unsigned int the module owns (READ_ONCE in the shim).
+    let ms = unsafe { bindings::dmq_enospc_retry_ms() };
+    ms.clamp(100, 600_000)
+}
+
 /// `md_cache_pages`: metadata pages cached per image (at least 16).
 pub(crate) fn md_cache_pages() -> usize {
     // SAFETY: Reads an unsigned int the module owns (READ_ONCE in the shim).

@@ -29,6 +29,16 @@ module_param(md_cache_pages, uint, 0644);
 MODULE_PARM_DESC(md_cache_pages,
 		 "Metadata pages (4 KiB) cached per image before clean ones are dropped");
 
+static unsigned int enospc_retry_ms = 1000;
+module_param(enospc_retry_ms, uint, 0644);
+MODULE_PARM_DESC(enospc_retry_ms,
+		 "Milliseconds between retries of writes waiting for space (100..600000; the C target: 20000)");
+
+unsigned int dmq_enospc_retry_ms(void)
+{
+	return READ_ONCE(enospc_retry_ms);
+}
+
 unsigned int dmq_md_cache_pages(void)
 {
 	return READ_ONCE(md_cache_pages);

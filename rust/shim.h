@@ -26,6 +26,8 @@ struct module *dmq_this_module(void);
 
 /* Module parameter kernel_sets_dirty_bit. */
 bool dmq_kernel_sets_dirty_bit(void);
+/* Module parameter enospc_retry_ms. */
+unsigned int dmq_enospc_retry_ms(void);
 /* Module parameter md_cache_pages. */
 unsigned int dmq_md_cache_pages(void);
 

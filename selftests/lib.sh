@@ -46,7 +46,7 @@ DMQ_HELPER_FAIL=90	# dmq_open.py's own failure status
 DMQ_DMESG_BAD='BUG:|Oops|WARNING:|Kernel panic|KASAN|UBSAN|Call Trace|general protection|list_(add|del) corruption|refcount_t:|kernel BUG|possible (recursive|circular) locking|inconsistent lock state|lock held when returning|blocked for more than|soft lockup|hard LOCKUP|workqueue lockup|ODEBUG|unreferenced object|rcu_sched self-detected|INFO: task'
 # The target's own consistency errors: they fail a case unless the script
 # lists it in DMQ_FAULT_CASES (fault injection, ENOSPC, corrupt images).
-DMQ_DMESG_CONSISTENCY='freeing a free cluster|wants_check|refcount update failed|fsync of .* failed|cannot update the image header|cannot clear the dirty bit|truncate failed|merge of image .* failed'
+DMQ_DMESG_CONSISTENCY='freeing a free cluster|would overwrite its|metadata commit failed|wants_check|refcount update failed|fsync of .* failed|cannot update the image header|cannot clear the dirty bit|truncate failed|merge of image .* failed'
 DMQ_FAULT_CASES=${DMQ_FAULT_CASES:-}
 DMQ_LOOP=
 DMQ_BACKING=

@@ -685,7 +685,7 @@ enospc_exit() {
 # so, dmsetup status counts them; once the filler is removed the writes
 # complete within the 1 s retry period
 enospc_case() {
-	local full avail ev0 ev1 rc end
+	local full avail ev0 ev1 ev2 rc end
 	need fallocate
 	full=$(dmq_full_name v)
 	SMALL=$DMQ_CASE_DIR/small
@@ -725,10 +725,18 @@ enospc_case() {
 		sleep 0.2
 	done
 	echo "status: enospc=$ST_ENOSPC"
-	# still waiting after a few retries
+	# still waiting after a few retries (one a second by default), each of
+	# which hit ENOSPC again: get_event and a dm event say so again
 	sleep 3
 	kill -0 "$DD_PID" 2>/dev/null || { cat dd.err; dmq_fail "dd ended while the file system is full"; }
 	echo "dd waits while the file system is full"
+	[ -e /sys/module/dm_qcow2/parameters/enospc_retry_ms ] ||
+		dmq_fail "no enospc_retry_ms module parameter"
+	msg_ok v get_event
+	[ "$MSG_OUT" = event_ENOSPC ] || dmq_fail "get_event after retries: '$MSG_OUT'"
+	ev2=$("$DMSETUP" info -c --noheadings -o events "$full" | tr -d ' ')
+	[ "$ev2" -gt "$ev1" ] || dmq_fail "no dm event from the retries (event_nr $ev1 -> $ev2)"
+	echo "after retries: event_ENOSPC again, dm event_nr $ev1 -> $ev2"
 
 	rm -f "$SMALL/filler"
 	end=$((SECONDS + 30))

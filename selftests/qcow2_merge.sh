@@ -715,6 +715,11 @@ case_failed_eio() {
 	echo "failed with errno $MERR"
 	expect_msg_err v EBUSY merge_backward complete
 	msg_ok v set_fault_injection 0 0
+	# as the C target: a failed merge is over, a new start is allowed at
+	# once (no cancel first); this one is cancelled once ready
+	msg_ok v merge_backward start -1 0
+	wait_stage v merge_backward ready
+	echo "started again after the failure, without a cancel"
 	msg_ok v merge_backward cancel
 	expect_idle v merge_backward
 	expect_chain v "${CHAIN[@]}"
@@ -808,6 +813,71 @@ case_bad_args() {
 # Cases whose injected faults make the target log I/O and refcount errors.
 DMQ_FAULT_CASES="failed_eio"
 
+# expect_dirty IMG 0|1 WHEN: the qcow2 dirty bit (incompatible bit 0) of IMG
+expect_dirty() {
+	local f
+	f=$(dmq_header "$1" incompatible_features) || dmq_fail "header of $1"
+	[ $((f & 1)) = "$2" ] || dmq_fail "$1: dirty bit $((f & 1)) $3, expected $2"
+	echo "$1: dirty=$2 $3"
+}
+
+# module_with [PARAM=VALUE...]: dm-qcow2 loaded again with these parameters
+module_with() {
+	dmq_run rmmod dm_qcow2
+	dmq_run insmod "$DMQ_MODULE" "$@"
+}
+
+dirty_exit() {
+	on_exit
+	dmq_remove_all
+	rmmod dm_qcow2 2>/dev/null
+	insmod "$DMQ_MODULE" 2>/dev/null
+}
+
+# kernel_sets_dirty_bit (read-only parameter: the module is loaded again
+# with it). Off, the kernel never writes the dirty bit, a merge neither.
+# On, as the C target: resume sets it on the top and suspend clears it,
+# the merge target is dirty while the merge runs, complete clears the
+# removed delta's bit and leaves the delta now live (the top) dirty.
+case_dirty_bit() {
+	dmq_needs_kernel "module parameters"
+	[ -f "${DMQ_MODULE:-}" ] || dmq_skip "no DMQ_MODULE to load again"
+	mk_chain 2 cluster_size=64k
+	trap dirty_exit EXIT
+	chain_specs 0
+	map_rw "${SPECS[@]}"
+	expect_dirty o1.qcow2 0 "live, parameter off"
+	msg_ok v merge_backward start -1 0
+	expect_dirty base.qcow2 0 "merging, parameter off"
+	wait_stage v merge_backward ready
+	msg_ok v merge_backward complete
+	expect_dirty base.qcow2 0 "after complete, parameter off"
+	expect_dirty o1.qcow2 0 "removed, parameter off"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 o1.qcow2
+
+	mk_chain 2 cluster_size=64k
+	module_with kernel_sets_dirty_bit=1
+	map_rw "${SPECS[@]}"
+	expect_dirty o1.qcow2 1 "live"
+	expect_dirty base.qcow2 0 "live, below the top"
+	dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
+	expect_dirty o1.qcow2 0 "suspended"
+	dmq_run "$DMSETUP" resume "$(dmq_full_name v)"
+	expect_dirty o1.qcow2 1 "resumed"
+	msg_ok v merge_backward start -1 0
+	expect_dirty base.qcow2 1 "merging"
+	wait_stage v merge_backward ready
+	msg_ok v merge_backward complete
+	expect_chain v base.qcow2
+	expect_dirty o1.qcow2 0 "removed by the merge"
+	expect_dirty base.qcow2 1 "the live top after complete"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	expect_dirty base.qcow2 0 "removed"
+	dmq_check_images base.qcow2 o1.qcow2
+	module_with
+}
+
 DMQ_CASES=(
 	backward_d0
 	backward_d1
@@ -828,6 +898,7 @@ DMQ_CASES=(
 	suspend_cancels
 	failed_eio
 	bad_args
+	dirty_bit
 )
 
 dmq_md_cache_env

@@ -536,7 +536,69 @@ case_refcount64_4k() {
 
 # corrupt_writes: trimming the top on suspend reads the bad refcount table
 # entry ("truncate failed")
-DMQ_FAULT_CASES="corrupt_writes"
+DMQ_FAULT_CASES="corrupt_writes overlap_writes"
+
+# bytes LEN at OFF of IMG, as a sha256
+range_sum() {
+	"$PYTHON" -c 'import hashlib, sys
+f = open(sys.argv[1], "rb"); f.seek(int(sys.argv[2]))
+print(hashlib.sha256(f.read(int(sys.argv[3]))).hexdigest())' "$@"
+}
+
+# metadata overlap protection (QEMU's overlap-check): the top's L2 entry
+# at 1M points (COPIED) at its own L1 table, the one at 2M (shared, no
+# COPIED) at its refcount block. A write at 1M fails with EIO, a dmesg line
+# names the L1 table, the image gets the corrupt bit and takes no more
+# writes (not even in place, where the fast path could reach); the table
+# cannot be resumed. A discard at 2M on a second copy must not drop the
+# refcount block's reference. The L1 table and refcount block are unchanged;
+# the image is refused afterwards (by us and, writable, by QEMU).
+case_overlap_writes() {
+	local dev l1 rb info
+	dmq_needs_kernel "the target's overlap checks"
+	dmq_img_create top.qcow2 8M cluster_size=64k
+	dmq_write top.qcow2 r:1M:64k r:2M:64k r:3M:64k
+	l1=$(dmq_header top.qcow2 l1_table_offset) || dmq_fail "header"
+	rb=$(entry_val top.qcow2 reft 0) || dmq_fail "refcount table entry 0"
+	set_entry top.qcow2 l2 1M = "$(printf '0x%x' $((l1 | (1 << 63))))"
+	set_entry top.qcow2 l2 2M = "$(printf '0x%x' "$rb")"
+	dmq_run cp top.qcow2 second.qcow2
+	local l1sum rbsum
+	l1sum=$(range_sum top.qcow2 "$l1" 65536) && rbsum=$(range_sum top.qcow2 "$rb" 65536) ||
+		dmq_fail "sha256"
+
+	dmq_create w --rw top.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	# the cluster at 3M read first: the fast path knows it
+	dmq_run dd if="$dev" of=/dev/null bs=4k skip=768 count=1 iflag=direct status=none
+	write_4k "$dev" 256 eio
+	expect_kmsg "dm-qcow2: image 0: write at host offset $(printf '%#x' "$l1") would overwrite its L1 table"
+	write_4k "$dev" 768 eio
+	echo "the image takes no more writes"
+	dmq_run "$DMSETUP" suspend "$(dmq_full_name w)"
+	"$DMSETUP" resume "$(dmq_full_name w)" 2>/dev/null &&
+		dmq_fail "resume worked on an image found corrupt"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	[ "$(range_sum top.qcow2 "$l1" 65536)" = "$l1sum" ] || dmq_fail "the L1 table changed"
+	[ "$(range_sum top.qcow2 "$rb" 65536)" = "$rbsum" ] || dmq_fail "the refcount block changed"
+	info=$("$QEMU_IMG" info --output=json top.qcow2) || dmq_fail "qemu-img info"
+	"$PYTHON" -c 'import json, sys
+sys.exit(0 if json.loads(sys.argv[1])["format-specific"]["data"].get("corrupt") else 1)' "$info" ||
+		dmq_fail "the image is not marked corrupt: $info"
+	echo "top.qcow2 is marked corrupt; L1 table and refcount block unchanged"
+	dmq_expect_ctr_error w "Image is marked corrupt" -EOPNOTSUPP --rw top.qcow2
+
+	# a discard of the cluster that points at the refcount block
+	dmq_create w --rw second.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	dmq_run blkdiscard -o $((2 * 1024 * 1024)) -l 65536 "$dev"
+	expect_kmsg "would overwrite its refcount block"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	[ "$(range_sum second.qcow2 "$rb" 65536)" = "$rbsum" ] ||
+		dmq_fail "the refcount block changed: its reference was dropped"
+	dmq_expect_ctr_error w "Image is marked corrupt" -EOPNOTSUPP --rw second.qcow2
+	echo "second.qcow2: the refcount block kept its reference"
+}
 
 DMQ_CASES=(
 	cluster_4k
@@ -558,6 +620,7 @@ DMQ_CASES=(
 	corrupt_l2
 	corrupt_compressed
 	corrupt_writes
+	overlap_writes
 	chain3
 	odd_size
 	short_table

@@ -333,6 +333,78 @@ case_single_inplace() {
 		dmq_fail "overwrites allocated clusters: $n1 before, $n2 after"
 }
 
+# first writes of 4 KiB into fresh clusters of an image without a backing
+# file go straight to the new host cluster, with no 60 KiB zero fill (the
+# cluster was never written: it reads as zeroes): the image file grows by
+# about what was written. Then the data, through the device and QEMU.
+case_first_write_nofill() {
+	local before after i grown
+	dmq_needs_kernel "the image file as the target writes it"
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	dmq_run dd if=/dev/urandom of=w.bin bs=4k count=17 status=none
+	dmq_run truncate -s "$DEV_SIZE" exp.raw
+	map_rw a.qcow2
+	# the first write makes the L2 table (and fills its own cluster's
+	# allocation); the image's size in blocks is taken after it
+	dmq_run dd if=w.bin of="$DEV" bs=4k count=1 oflag=direct conv=fsync status=none
+	dmq_run dd if=w.bin of=exp.raw bs=4k count=1 conv=notrunc status=none
+	before=$(stat -c %b a.qcow2) || dmq_fail "stat"
+	# 16 writes of 4 KiB, 4 KiB into clusters 1..16
+	for i in $(seq 1 16); do
+		dmq_run dd if=w.bin of="$DEV" bs=4k skip="$i" seek=$((i * 16 + 1)) count=1 \
+			oflag=direct status=none
+		dmq_run dd if=w.bin of=exp.raw bs=4k skip="$i" seek=$((i * 16 + 1)) count=1 \
+			conv=notrunc status=none
+	done
+	dmq_run blockdev --flushbufs "$DEV"
+	after=$(stat -c %b a.qcow2) || dmq_fail "stat"
+	grown=$(((after - before) * 512))
+	echo "image grew by $grown bytes for 16 first writes of 4 KiB"
+	# 64 KiB written; with a fill it would be 1 MiB
+	[ "$grown" -le $((256 * 1024)) ] ||
+		dmq_fail "first writes filled their clusters: the image grew by $grown bytes"
+	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	cmp dev.raw exp.raw || dmq_fail "the device does not hold the writes"
+	check_top a.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 top.raw
+	cmp top.raw exp.raw || dmq_fail "QEMU does not read the writes"
+}
+
+# writes with no flush after them are committed by the periodic commit
+# (about a second): QEMU sees them in the live image (-U) a few seconds
+# later, before any flush or suspend
+case_commit_period() {
+	local map
+	dmq_needs_kernel "the image file as the target writes it"
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	dmq_run dd if=/dev/urandom of=w.bin bs=64k count=2 status=none
+	map_rw a.qcow2
+	dmq_run dd if=w.bin of="$DEV" bs=64k seek=10 count=1 oflag=direct status=none
+	dmq_run dd if=w.bin of="$DEV" bs=4k skip=16 seek=$((20 * 16 + 3)) count=1 \
+		oflag=direct status=none
+	sleep 4
+	map=$("$QEMU_IMG" map -U -f qcow2 --output=json a.qcow2) || dmq_fail "qemu-img map -U"
+	printf '%s\n' "$map" | "$PYTHON" -c '
+import json, sys
+m = json.load(sys.stdin)
+for off in (10 << 16, 20 << 16):
+    e = [x for x in m if x["start"] <= off < x["start"] + x["length"]]
+    if not e or not e[0]["data"]:
+        sys.exit("cluster at %#x not mapped in the live image: %s" % (off, e))
+print("both clusters mapped in the live image")
+' || dmq_fail "the periodic commit did not write the mapping out"
+	dmq_run dd if="$DEV" of=got.bin bs=64k skip=10 count=1 iflag=direct status=none
+	cmp got.bin <(head -c 65536 w.bin) || dmq_fail "the device does not hold the write"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top a.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 top.raw
+	cmp <(dd if=top.raw bs=64k skip=10 count=1 status=none) <(head -c 65536 w.bin) ||
+		dmq_fail "QEMU does not read the write"
+	cmp <(dd if=top.raw bs=4k skip=$((20 * 16 + 3)) count=1 status=none) \
+		<(dd if=w.bin bs=4k skip=16 count=1 status=none) || dmq_fail "QEMU does not read the 4k write"
+}
+
 # buffered writes (page cache, writeback); then drop the cache and verify
 # again with O_DIRECT (fio --verify_only) so the data comes from the target
 case_buffered() {
@@ -747,6 +819,8 @@ DMQ_CASES=(
 	chain3
 	compressed_base
 	single_inplace
+	first_write_nofill
+	commit_period
 	buffered
 	flush_fsync
 	fua_osync

@@ -486,7 +486,8 @@ def merge_msg(name, st, kind, words):
             os.fstat(efd)
         except OSError:
             raise MsgError(errno.EBADF)
-    if m:
+    # a failed merge is over: a new one may start at once (the C target)
+    if m and merge_stage(m)[0] != "failed":
         raise MsgError(errno.EBUSY)
     lo, hi = (0, n - 2) if kind == "backward" else (1, n - 1)
     if not lo <= depth <= hi:
