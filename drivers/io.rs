@@ -392,7 +392,10 @@ impl Inner {
             Cluster::Zero | Cluster::ZeroPrealloc { .. } => Ok(true),
             Cluster::Unallocated => {
                 // What the chain below shows of the whole cluster.
-                let (_, kind, rl) = self.resolve(st, d, vaddr - off, cs)?;
+                let Some(below) = d.checked_sub(1) else {
+                    return Ok(true);
+                };
+                let (_, kind, rl) = self.resolve(st, below, vaddr - off, cs)?;
                 Ok(matches!(kind, RunKind::Zero | RunKind::Unallocated) && rl == cs)
             }
             _ => Ok(false),

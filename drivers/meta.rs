@@ -176,15 +176,19 @@ impl MdCache {
     /// Drops the pages of `[start, end)`: the clusters there changed role
     /// (what they held, even if dirty, is of no use any more).
     fn invalidate(&mut self, start: u64, end: u64) {
-        let mut off = start;
-        while off < end {
-            if let Some(p) = self.pages.remove(&off) {
+        // One lookup per cached page in the range, plus one: it is usually
+        // empty (called for every allocation).
+        loop {
+            let key = match self.pages.cursor_lower_bound(&start) {
+                Some(c) if *c.current().0 < end => *c.current().0,
+                _ => return,
+            };
+            if let Some(p) = self.pages.remove(&key) {
                 self.count -= 1;
                 if let Some(k) = p.dirty {
                     self.count_dirty(k, false);
                 }
             }
-            off += MD_PAGE;
         }
     }
 
@@ -596,14 +600,17 @@ impl DeltaMd {
     /// The cached page at `off`, marked dirty (of `kind`) for the next commit.
     fn page_dirty(&mut self, file: &File, off: u64, kind: Kind) -> Result<&mut IoBuf> {
         self.page(file, off)?;
-        let newly = self.cache.pages.get(&off).ok_or(EIO)?.dirty.is_none();
-        if newly {
-            self.cache.dirty_keys.push(off, GFP_KERNEL)?;
-            self.cache.count_dirty(kind, true);
+        let cache = &mut self.cache;
+        let p = cache.pages.get_mut(&off).ok_or(EIO)?;
+        if p.dirty.is_none() {
+            cache.dirty_keys.push(off, GFP_KERNEL)?;
+            match kind {
+                Kind::Refcount => cache.dirty_rc += 1,
+                Kind::L2 => cache.dirty_l2 += 1,
+            }
         }
-        let p = self.cache.pages.get_mut(&off).ok_or(EIO)?;
         p.dirty = Some(kind);
-        self.cache.pages.get_mut(&off).map(|p| &mut p.buf).ok_or(EIO)
+        Ok(&mut p.buf)
     }
 
     /// The decoded L1 entry for `vaddr`.

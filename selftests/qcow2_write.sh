@@ -372,7 +372,7 @@ case_first_write_nofill() {
 }
 
 # writes with no flush after them are committed by the periodic commit
-# (about a second): QEMU sees them in the live image (-U) a few seconds
+# (every five seconds): QEMU sees them in the live image (-U) a few seconds
 # later, before any flush or suspend
 case_commit_period() {
 	local map
@@ -383,7 +383,7 @@ case_commit_period() {
 	dmq_run dd if=w.bin of="$DEV" bs=64k seek=10 count=1 oflag=direct status=none
 	dmq_run dd if=w.bin of="$DEV" bs=4k skip=16 seek=$((20 * 16 + 3)) count=1 \
 		oflag=direct status=none
-	sleep 4
+	sleep 9
 	map=$("$QEMU_IMG" map -U -f qcow2 --output=json a.qcow2) || dmq_fail "qemu-img map -U"
 	printf '%s\n' "$map" | "$PYTHON" -c '
 import json, sys

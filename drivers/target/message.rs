@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Messages (`dmsetup message`) and the status INFO line.
+
+use super::*;
+
+/// Parses message argument `i` as a decimal number of type `T`. Every
+/// message argument is untrusted: a missing word, anything but digits (with
+/// an optional sign where `T` has one) or a value outside `T`'s range is
+/// EINVAL. The parse itself cannot overflow (`FromStr` checks), and callers
+/// range-check the value without arithmetic that can.
+fn arg<T: core::str::FromStr>(args: &[&CStr], i: usize) -> Result<T> {
+    args.get(i)
+        .and_then(|a| a.to_str().ok())
+        .and_then(|s| s.parse::<T>().ok())
+        .ok_or(EINVAL)
+}
+
+/// The message has exactly `n` words (the command included): extra
+/// arguments are refused, not ignored.
+fn arity(args: &[&CStr], n: usize) -> Result {
+    if args.len() == n {
+        Ok(())
+    } else {
+        Err(EINVAL)
+    }
+}
+
+impl Qcow2 {
+    /// Completes the allocated-cluster count of every delta that needs it
+    /// (the first status after a load of the metadata), a batch at a time,
+    /// with the state unlocked in between; returns with it locked.
+    fn count_clusters(&self) -> Guard<'_, WorkerState, MutexBackend> {
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        for md in st.md.iter_mut() {
+            md.count.failed = false;
+        }
+        loop {
+            // Deltas may change while unlocked (a merge completes): look again.
+            let next = (0..st.deltas.len()).find(|&i| {
+                let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
+                    return false;
+                };
+                !md.count.failed && md.count.value(&d.hdr).is_none()
+            });
+            let Some(i) = next else {
+                return st;
+            };
+            if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
+                if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
+                    md.count.failed = true;
+                }
+            }
+            drop(st);
+            task::cond_resched();
+            st = inner.state.lock();
+        }
+    }
+
+    pub(super) fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
+        let inner = &self.inner;
+        let e = &inner.errors;
+        let st = self.count_clusters();
+        write!(
+            out,
+            "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
+            st.deltas.len(),
+            u8::from(inner.wants_check()),
+            e.md_writeback.load(Ordering::Relaxed),
+            e.truncate.load(Ordering::Relaxed),
+            inner.parked_count.load(Ordering::Acquire),
+        )?;
+        merge::describe(st.merge.as_ref(), out)?;
+        write!(out, " clusters=")?;
+        for (i, d) in st.deltas.iter().enumerate() {
+            // O(1): counted when the metadata was loaded, kept up to date since.
+            let n = st.md.get(i).and_then(|md| md.count.value(&d.hdr));
+            if i > 0 {
+                write!(out, ",")?;
+            }
+            match n {
+                Some(n) => write!(out, "{}", n)?,
+                None => write!(out, "?")?,
+            }
+        }
+        write!(out, " fast_bios={}", inner.fast_bios.load(Ordering::Relaxed))
+    }
+
+    /// `message`: every message of the C target, and ours.
+    pub(super) fn handle_message(&self, args: &[&CStr], out: &mut Emit<'_>) -> Result {
+        if !task::capable_sys_admin() {
+            return Err(EPERM);
+        }
+        let inner = &self.inner;
+        let cmd = args.first().ok_or(EINVAL)?.as_bytes();
+        let suspended = || inner.link.suspended();
+        match cmd {
+            b"get_img_name" | b"get_img_id" => {
+                arity(args, 2)?;
+                let id: usize = arg(args, 1)?;
+                let d = inner.state.lock().delta(id).ok();
+                if let Some(d) = d {
+                    let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
+                    let p = d.file.path(&mut buf)?;
+                    // No newline, as the C target (dmsetup adds one; ioctl
+                    // users see the exact path).
+                    let _ = write!(out, "{}", core::str::from_utf8(p).unwrap_or("?"));
+                }
+                Ok(())
+            }
+            b"get_img_fd" => {
+                arity(args, 2)?;
+                let id: usize = arg(args, 1)?;
+                // An unknown id: empty output and success, as the C target.
+                let d = inner.state.lock().delta(id).ok();
+                if let Some(d) = d {
+                    let fd = d.file.install_fd()?;
+                    let _ = writeln!(out, "{}", fd);
+                }
+                Ok(())
+            }
+            b"get_errors" => {
+                arity(args, 1)?;
+                // Each 0 or 1, as the C target (the status line has the
+                // errnos).
+                let e = &inner.errors;
+                let _ = write!(
+                    out,
+                    "wants_check={}\nmd_writeback_error={}\ntruncate_error={}\n",
+                    u8::from(inner.wants_check()),
+                    u8::from(e.md_writeback.load(Ordering::Relaxed) != 0),
+                    u8::from(e.truncate.load(Ordering::Relaxed) != 0)
+                );
+                Ok(())
+            }
+            b"get_event" => {
+                arity(args, 1)?;
+                if inner.enospc_event.swap(false, Ordering::AcqRel) {
+                    let _ = writeln!(out, "event_ENOSPC");
+                }
+                Ok(())
+            }
+            b"set_fault_injection" => {
+                arity(args, 3)?;
+                // Parsed (EINVAL) before the state is looked at.
+                let id: usize = arg(args, 1)?;
+                let ratio: u32 = arg(args, 2)?;
+                // Allowed while suspended, as get_img_name (the C target).
+                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
+                d.file.set_fault_ratio(ratio)
+            }
+            b"merge_backward" | b"merge_forward" => {
+                let dir = if cmd == b"merge_backward" { Dir::Backward } else { Dir::Forward };
+                let sub = args.get(1).ok_or(EINVAL)?.as_bytes();
+                match sub {
+                    b"start" => {
+                        if !(3..=4).contains(&args.len()) {
+                            return Err(EINVAL);
+                        }
+                        // An fd is an int; a depth any usize, range-checked
+                        // against the chain by `merge_start`.
+                        let efd: i32 = arg(args, 2)?;
+                        let depth = if args.len() > 3 { Some(arg::<usize>(args, 3)?) } else { None };
+                        if suspended() {
+                            return Err(EBUSY);
+                        }
+                        inner.merge_start(dir, efd, depth)
+                    }
+                    b"complete" => {
+                        arity(args, 2)?;
+                        if suspended() {
+                            return Err(EBUSY);
+                        }
+                        inner.merge_complete(dir)
+                    }
+                    b"cancel" => {
+                        arity(args, 2)?;
+                        let mut st = inner.state.lock();
+                        // Always succeeds, also with nothing (of this
+                        // direction) running, as the C target.
+                        if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
+                            return Ok(());
+                        }
+                        inner.merge_cancel(&mut st)
+                    }
+                    b"progress" => {
+                        arity(args, 2)?;
+                        let st = inner.state.lock();
+                        let m = st.merge.as_ref().filter(|m| m.dir == dir);
+                        let _ = merge::describe(m, out);
+                        let _ = writeln!(out);
+                        Ok(())
+                    }
+                    _ => Err(EINVAL),
+                }
+            }
+            // Unknown: ENOTTY, or EBUSY while suspended (the C target).
+            _ if suspended() => Err(EBUSY),
+            _ => Err(ENOTTY),
+        }
+    }
+}

@@ -1,0 +1,452 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The I/O worker and the work items beside it: bios taken in batches, the
+//! fast path for allocated clusters, the batch's commit and the periodic
+//! one, parking on ENOSPC and the retry, the merge walker's entry point.
+
+use super::*;
+
+/// The I/O worker: processes queued bios.
+impl WorkItem<0> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        let _noio = task::NoIo::enter();
+        let mut parked = false;
+        let mut locked = false;
+        loop {
+            loop {
+                let late = this.late_nospc.take();
+                if !late.is_empty() {
+                    locked = true;
+                    let mut st = this.state.lock();
+                    parked |= this.park_late(&mut st, late);
+                }
+                let mut list = this.pending.lock().take();
+                if list.is_empty() {
+                    if this.commit_due.load(Ordering::Acquire) {
+                        locked = true;
+                        let mut st = this.state.lock();
+                        parked |= this.sync_batch(&mut st);
+                    }
+                    break;
+                }
+                // Taken after the bios: a merge that turned the fast path off
+                // before they were mapped is seen.
+                let fp = this.fast.lock().clone();
+                let mut slow = BioList::new();
+                let mut fast = 0;
+                while let Some(bio) = list.pop() {
+                    let bio = match &fp {
+                        Some(f) => match this.try_fast(f, bio) {
+                            Ok(()) => {
+                                fast += 1;
+                                continue;
+                            }
+                            Err(bio) => bio,
+                        },
+                        None => bio,
+                    };
+                    slow.push(bio);
+                }
+                if fast > 0 {
+                    this.fast_bios.fetch_add(fast, Ordering::Relaxed);
+                }
+                if slow.is_empty() {
+                    continue;
+                }
+                locked = true;
+                let mut st = this.state.lock();
+                while let Some(bio) = slow.pop() {
+                    parked |= this.process(&mut st, bio);
+                }
+                parked |= this.sync_batch(&mut st);
+                // A merge waiting in `ready` copies what was written since
+                // in the background (bounded redo set).
+                if st.merge.as_mut().is_some_and(|m| core::mem::take(&mut m.redo_kick)) {
+                    drop(st);
+                    this.kick_merge();
+                }
+            }
+            // Retried writes whose I/O is still in flight may come back with
+            // ENOSPC (`late_nospc`): during an episode, wait for them before
+            // deciding below whether it is over.
+            if this.enospc_episode.load(Ordering::Acquire) {
+                this.inflight.wait_idle();
+                if !this.late_nospc.is_empty() {
+                    continue;
+                }
+            }
+            break;
+        }
+        // An episode ends when nothing is left parked, also when the retried
+        // bios all took the fast path.
+        if locked || this.enospc_episode.load(Ordering::Acquire) {
+            let st = this.state.lock();
+            if st.parked.is_empty() {
+                this.enospc_episode.store(false, Ordering::Release);
+            } else if let Some(q) = this.retry_wq.queue() {
+                let _ = q.enqueue::<_, 2>(this.clone());
+            }
+        }
+        if parked {
+            this.link.table_event();
+        }
+    }
+}
+
+/// The merge walker.
+impl WorkItem<1> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        let _noio = task::NoIo::enter();
+        this.merge_run();
+    }
+}
+
+/// The periodic commit: metadata changed by writes that did not wait for a
+/// commit (all but flushes and FUA) is written out within about
+/// `COMMIT_SLICES` tenths of a second (ext4's default commit interval; dm-thin
+/// commits every second, QEMU only on flush). A guest file system flushes at
+/// least that often itself; the commit bounds what a power cut loses of a
+/// workload that never flushes.
+impl WorkItem<3> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        for _ in 0..COMMIT_SLICES {
+            if this.suspending.load(Ordering::Acquire) {
+                break;
+            }
+            task::sleep_ms(100);
+        }
+        this.commit_armed.store(false, Ordering::Release);
+        this.commit_due.store(true, Ordering::Release);
+        if let Some(q) = this.wq.queue() {
+            let _ = q.enqueue::<_, 0>(this.clone());
+        }
+    }
+}
+
+/// Retries parked writes after a while.
+impl WorkItem<2> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        // In slices, so that a suspend does not wait for the whole interval.
+        for _ in 0..param::enospc_retry_ms().div_ceil(100) {
+            if this.suspending.load(Ordering::Acquire) {
+                break;
+            }
+            task::sleep_ms(100);
+        }
+        this.retry_round.fetch_add(1, Ordering::AcqRel);
+        this.unpark();
+    }
+}
+
+impl Inner {
+    /// Starts the I/O of `bio` if it lies in one cluster of the top that
+    /// `fp` knows (a write needs one the top owns); gives it back otherwise.
+    fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
+        let write = match bio.op() {
+            Op::Read => false,
+            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
+            _ => return Err(bio),
+        };
+        let top = &fp.top;
+        let hdr = &top.hdr;
+        let len = bio.size();
+        let cb = hdr.cluster_bits;
+        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
+            return Err(bio);
+        };
+        let end = vaddr.saturating_add(u64::from(len));
+        if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
+            return Err(bio);
+        }
+        match fp.map.lookup(cb, vaddr >> cb, write) {
+            Some(host) => {
+                let pos = host + hdr.offset_in_cluster(vaddr);
+                top.file.submit_bio_io(bio, 0, len, pos, false, &self.inflight);
+                Ok(())
+            }
+            None => Err(bio),
+        }
+    }
+
+    /// Turns the fast path off: every bio goes through the locked path.
+    /// Bios the worker already took may still use it: callers that need
+    /// them gone wait for the bios mapped before (`refs.switch_wait`).
+    pub(crate) fn fast_off(&self, st: &mut WorkerState) {
+        st.fast = None;
+        let old = self.fast.lock().take();
+        drop(old);
+    }
+
+    /// Turns the fast path on for the chain in `st` (unless a merge runs)
+    /// with a new, empty table; it stays off if that cannot be allocated.
+    pub(crate) fn fast_on(&self, st: &mut WorkerState) {
+        let new = match (&st.merge, st.deltas.last()) {
+            (None, Some(top)) => Fast::new(top.clone()).ok(),
+            _ => None,
+        };
+        st.fast = new.clone();
+        let old = core::mem::replace(&mut *self.fast.lock(), new);
+        drop(old);
+    }
+
+    /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
+    /// that raises a table event, see `note_enospc`).
+    fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
+        let res = match bio.op() {
+            Op::Read => self.read_bio(st, &bio).map(|()| false),
+            Op::Write | Op::Flush if self.writable => self.write_bio(st, &bio),
+            Op::Discard | Op::WriteZeroes if self.writable => self.zero_bio(st, &bio),
+            _ => Err(EIO),
+        };
+        match res {
+            // A flush, or a FUA write whose mapping must be durable before it
+            // completes: one commit at the end of the batch covers them all.
+            Ok(true) => {
+                st.unsynced.push(bio);
+                false
+            }
+            r => self.finish(st, bio, r.map(|_| ())),
+        }
+    }
+
+    /// Notes that a write was parked on ENOSPC. The first of an episode,
+    /// and the first after each retry, arms `get_event`'s `event_ENOSPC`;
+    /// returns whether to raise a table event for it. (The C target raises
+    /// one on every ENOSPC; once per retry keeps a daemon hearing while
+    /// space is short, without a storm.)
+    fn note_enospc(&self) -> bool {
+        if !self.enospc_episode.swap(true, Ordering::AcqRel) {
+            pr_warn!("dm-qcow2: no space left on the host file system: writes wait\n");
+        }
+        let round = self.retry_round.load(Ordering::Acquire);
+        if self.event_round.swap(round, Ordering::AcqRel) == round {
+            return false;
+        }
+        self.enospc_event.store(true, Ordering::Release);
+        true
+    }
+
+    /// Ends `bio` with `res`, or parks it on ENOSPC (returns true if that
+    /// raises a table event, see `note_enospc`).
+    fn finish(&self, st: &mut WorkerState, bio: Bio, res: Result) -> bool {
+        match res {
+            // Not acknowledged: retried when there may be space again (what
+            // was written of it so far is simply written again).
+            Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
+                self.parked_count.fetch_add(1, Ordering::AcqRel);
+                st.parked.push(bio);
+                self.note_enospc()
+            }
+            r => {
+                bio.end(r);
+                false
+            }
+        }
+    }
+
+    /// Parks the bios whose data I/O hit ENOSPC (`late_nospc`, counted in
+    /// `parked_count` already); while suspending they go through the worker
+    /// once more instead (and fail if there is still no space). Returns true
+    /// if that raises a table event (`note_enospc`).
+    fn park_late(&self, st: &mut WorkerState, mut late: BioList) -> bool {
+        let mut new = false;
+        while let Some(bio) = late.pop() {
+            if self.suspending.load(Ordering::Acquire) {
+                self.parked_count.fetch_sub(1, Ordering::AcqRel);
+                self.pending.lock().push(bio);
+                continue;
+            }
+            st.parked.push(bio);
+            new |= self.note_enospc();
+        }
+        new
+    }
+
+    /// Ends the batch. If a bio waits for a commit (a flush, FUA), commits
+    /// the metadata of every delta (so everything acknowledged so far is
+    /// durable, in order, see `meta`), completes those bios, then applies
+    /// the refcount decrements of removals the commit made durable. A failed
+    /// commit fails the bios (or parks them on ENOSPC) and keeps the
+    /// decrements queued. Otherwise commits only when the periodic commit is
+    /// due or the queued decrements grew large, and arms the periodic
+    /// commit while anything is left to write out. Returns true if parking a
+    /// bio raises a table event (`note_enospc`).
+    fn sync_batch(self: &Arc<Self>, st: &mut WorkerState) -> bool {
+        let due = self.commit_due.swap(false, Ordering::AcqRel);
+        if st.unsynced.is_empty() && !st.flush {
+            // Not once suspended: the images are settled and may change.
+            if !st.stale && (due || st.md.iter().any(|m| m.wants_commit())) {
+                let _ = self.commit_all(st, false);
+                self.apply_frees(st);
+            }
+            self.arm_commit(st);
+            return false;
+        }
+        let flush = core::mem::replace(&mut st.flush, false);
+        // The bios changed the top only; a merge's receiving delta failing
+        // its commit fails the merge instead.
+        let (res, _) = self.commit_all(st, flush);
+        let mut list = st.unsynced.take();
+        let mut parked = false;
+        while let Some(bio) = list.pop() {
+            parked |= self.finish(st, bio, res);
+        }
+        self.apply_frees(st);
+        self.arm_commit(st);
+        parked
+    }
+
+    /// Starts the periodic commit's timer if the cache holds anything not
+    /// written out yet (and the timer is not running).
+    fn arm_commit(self: &Arc<Self>, st: &WorkerState) {
+        if st.stale || st.no_timer || !st.md.iter().any(|m| m.is_dirty() || m.has_frees()) {
+            return;
+        }
+        if self.commit_armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queued = self.commit_wq.queue().is_some_and(|q| q.enqueue::<_, 3>(self.clone()).is_ok());
+        if !queued {
+            self.commit_armed.store(false, Ordering::Release);
+        }
+    }
+
+    /// Commits the dirty metadata of every delta (`flush`: fsync the top in
+    /// any case). Returns the top's result and the first error of any. On
+    /// error the cache keeps what is not durable as dirty (the next commit
+    /// writes it again) and the error is recorded; an error other than
+    /// ENOSPC latches wants_check (the image may keep refcounts of
+    /// references that never became durable: leaks); a merge whose
+    /// receiving delta (not the top) failed fails.
+    pub(crate) fn commit_all(&self, st: &mut WorkerState, flush: bool) -> (Result, Result) {
+        let top = st.top();
+        let (mut top_res, mut all) = (Ok(()), Ok(()));
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            let force = flush && d == top;
+            if !force && !md.is_dirty() {
+                continue;
+            }
+            let Err(e) = md.commit(&delta.file, force) else {
+                continue;
+            };
+            pr_err!("dm-qcow2: image {}: metadata commit failed: {:?}\n", d, e);
+            self.md_error(e);
+            if e != ENOSPC {
+                self.latch_wants_check();
+            }
+            if all.is_ok() {
+                all = Err(e);
+            }
+            if d == top {
+                top_res = Err(e);
+            } else if let Some(m) = st.merge.as_mut().filter(|m| m.dst == d) {
+                m.fail(e);
+            }
+        }
+        (top_res, all)
+    }
+
+    /// Applies the refcount decrements whose references' removal a commit
+    /// made durable. I/O in flight to the clusters (started before their
+    /// mapping changed) lands first.
+    pub(crate) fn apply_frees(&self, st: &mut WorkerState) {
+        if !st.md.iter().any(|m| m.has_ready_frees()) {
+            return;
+        }
+        self.inflight.wait_idle();
+        for d in 0..st.md.len() {
+            let Ok(delta) = st.delta(d) else { break };
+            let Some(md) = st.md.get_mut(d) else { break };
+            if let Err(e) = md.apply_frees(&delta.file, &delta.hdr) {
+                pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+                self.latch_wants_check();
+            }
+        }
+    }
+
+    /// Commits, applies the queued decrements and commits them too: the
+    /// images then hold exactly what the cache does (before a header change,
+    /// a trim, a suspend).
+    pub(crate) fn settle(&self, st: &mut WorkerState) -> Result {
+        self.commit_all(st, false).1?;
+        self.apply_frees(st);
+        self.commit_all(st, false).1
+    }
+
+    pub(super) fn queue(self: &Arc<Self>, bio: Bio) {
+        self.pending.lock().push(bio);
+        if let Some(q) = self.wq.queue() {
+            // Already queued: the running or pending pass will see the bio.
+            let _ = q.enqueue::<_, 0>(self.clone());
+        }
+    }
+
+    /// Queues the parked bios again.
+    pub(super) fn unpark(self: &Arc<Self>) {
+        let mut parked = self.state.lock().parked.take();
+        let mut n = 0;
+        {
+            let mut pending = self.pending.lock();
+            while let Some(bio) = parked.pop() {
+                pending.push(bio);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.parked_count.fetch_sub(n, Ordering::AcqRel);
+            if let Some(q) = self.wq.queue() {
+                let _ = q.enqueue::<_, 0>(self.clone());
+            }
+        }
+    }
+
+    /// Starts the merge walker (if it is not queued already).
+    pub(crate) fn kick_merge(self: &Arc<Self>) {
+        if let Some(q) = self.merge_wq.queue() {
+            let _ = q.enqueue::<_, 1>(self.clone());
+        }
+    }
+
+    /// A suspend is under way (or done): no background copying.
+    pub(crate) fn is_suspending(&self) -> bool {
+        self.suspending.load(Ordering::Acquire)
+    }
+
+    /// Writes wait for space: an in-flight switch would wait for them.
+    pub(crate) fn has_parked(&self) -> bool {
+        self.parked_count.load(Ordering::Acquire) != 0
+    }
+
+    /// Records an L1/L2 writeback error. Not ENOSPC: writes that hit it
+    /// wait for space and are retried (see "Running out of space").
+    pub(crate) fn md_error(&self, e: Error) -> Error {
+        if e != ENOSPC {
+            self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// The images need `qemu-img check` before this table may run again:
+    /// a refcount update, a metadata writeback or a truncate failed (the C
+    /// target's wants_check).
+    pub(crate) fn wants_check(&self) -> bool {
+        let e = &self.errors;
+        e.wants_check.load(Ordering::Acquire)
+            || e.md_writeback.load(Ordering::Relaxed) != 0
+            || e.truncate.load(Ordering::Relaxed) != 0
+    }
+
+    pub(crate) fn latch_wants_check(&self) {
+        self.errors.wants_check.store(true, Ordering::Release);
+    }
+}
