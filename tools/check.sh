@@ -177,6 +177,7 @@ pass_weight() {
 	qcow2_merge.sh) echo 10 ;;
 	qcow2_ctl.sh) echo 6 ;;
 	qcow2_crash.sh) echo 8 ;;
+	qcow2_compat.sh) echo 2 ;;
 	*) echo 5 ;;
 	esac
 }
