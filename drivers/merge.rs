@@ -25,8 +25,9 @@ use crate::kx::file::IoBuf;
 use crate::kx::inflight::EventFd;
 use crate::kx::param;
 use crate::kx::task::{self, code::ebadslt};
-use crate::qcow2_format::Cluster;
-use crate::target::{Delta, Inner, WorkerState};
+use crate::meta::corrupt;
+use crate::qcow2_format::{self as fmt, Cluster};
+use crate::target::{Delta, Inner, WorkerState, SECTOR};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::error::code::*;
@@ -36,6 +37,10 @@ use kernel::sync::Arc;
 
 /// Clusters copied per batch, with the state locked.
 const BATCH: u32 = 16;
+
+/// Copied clusters waiting to be dropped from the merged delta above which
+/// the walker commits (and drops them) early.
+const MOVE_BATCH: usize = 1024;
 
 /// While a merge waits in `ready`, guest writes behind the cursor are copied
 /// again in the background once this many wait, so the redo set (and the
@@ -87,6 +92,12 @@ pub(crate) struct Merge {
     /// copy. (A walker still queued for an earlier merge must not start
     /// this one early: the fast path may still write into the top then.)
     armed: bool,
+    /// Clusters are moved, not copied: a backward merge whose merged delta
+    /// may be written (its file is open read-write), as in the C target.
+    moving: bool,
+    /// Clusters (virtual addresses) copied into `dst` and not yet dropped
+    /// from `src`: dropped once a commit made the copies durable.
+    moved: KVec<u64>,
 }
 
 /// Source of `Merge::id`.
@@ -269,6 +280,13 @@ impl Inner {
                 return Err(ebadslt());
             }
             st.md.get_mut(dst).ok_or(EIO)?.load_refcounts(&d.file, &d.hdr)?;
+            // Backward merges move clusters where the merged delta may be
+            // written: each copy is dropped from it once durable, so the
+            // merge needs no more space than dst's growth.
+            let moving = dir == Dir::Backward && s.file.writable();
+            if moving {
+                st.md.get_mut(src).ok_or(EIO)?.load_refcounts(&s.file, &s.hdr)?;
+            }
             let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;
             // A crash while copying leaks clusters in dst at worst. With
             // kernel_sets_dirty_bit (only then: otherwise the kernel never
@@ -296,6 +314,8 @@ impl Inner {
                 buf: Some(buf),
                 id,
                 armed: false,
+                moving,
+                moved: KVec::new(),
             });
         }
         // Bios mapped before the merge existed finish before the walker
@@ -339,10 +359,17 @@ impl Inner {
         // periodic one, a full cache); here only when the queued decrements
         // grow long, and when everything is copied, so `ready` means durable.
         let dst = m_dst(st);
-        let wants = dst.and_then(|d| st.md.get(d)).is_some_and(|md| md.wants_commit());
+        let wants = dst.and_then(|d| st.md.get(d)).is_some_and(|md| md.wants_commit())
+            || st.merge.as_ref().is_some_and(|m| m.moved.len() >= MOVE_BATCH);
         if matches!(res, Ok(false)) || (res.is_ok() && wants) {
             if let Err(e) = self.commit_all(st, false).1 {
                 res = Err(e);
+            }
+            // The copies are durable: drop them from the merged delta.
+            if res.is_ok() {
+                if let Err(e) = self.drop_moved(st) {
+                    res = Err(e);
+                }
             }
             self.apply_frees(st);
         }
@@ -391,10 +418,69 @@ impl Inner {
         let (dir, src, dst) = (m.dir, m.src, m.dst);
         let mut buf = m.buf.take().ok_or(EIO)?;
         let res = self.copy_cluster_with(st, dir, src, dst, vaddr, &mut buf);
-        if let Some(m) = st.merge.as_mut() {
-            m.buf = Some(buf);
+        let Some(m) = st.merge.as_mut() else {
+            return res.map(|_| ());
+        };
+        m.buf = Some(buf);
+        if res? && m.moving {
+            m.moved.push(vaddr, GFP_KERNEL)?;
         }
-        res
+        Ok(())
+    }
+
+    /// Drops the clusters copied so far from the merged delta (its L2
+    /// entries cleared, its references queued for release), the copies
+    /// being durable (a commit since), and commits the removals: a crash
+    /// leaves every cluster readable from one of the two deltas. Clusters
+    /// written again since their copy are skipped (copied, and dropped,
+    /// again later).
+    fn drop_moved(&self, st: &mut WorkerState) -> Result {
+        let Some(m) = st.merge.as_mut() else {
+            return Ok(());
+        };
+        if m.moved.is_empty() {
+            return Ok(());
+        }
+        let moved = core::mem::replace(&mut m.moved, KVec::new());
+        let src = m.src;
+        for v in moved.iter() {
+            if st.merge.as_ref().is_some_and(|m| m.redo.get(v).is_some()) {
+                continue;
+            }
+            self.drop_cluster(st, src, *v)?;
+        }
+        self.commit_all(st, false).1
+    }
+
+    /// Makes the cluster of `vaddr` unallocated in delta `d` (reads fall
+    /// through to the delta below) and queues the release of what it held.
+    fn drop_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result {
+        let delta = st.delta(d)?;
+        let hdr = &delta.hdr;
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        if md.l1_entry(hdr, vaddr)?.is_none() {
+            return Ok(());
+        }
+        // A table shared with an internal snapshot gets its own copy first.
+        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr)?;
+        let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
+        let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        if unallocated(&c) {
+            return Ok(());
+        }
+        md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, 0, 0)?;
+        let cs = hdr.cluster_size();
+        match c {
+            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => self.free(st, d, host, cs),
+            Cluster::Extended { host: Some(h), .. } => self.free(st, d, h, cs),
+            Cluster::Compressed { host, len } => {
+                // As QEMU counts them (see `write_piece`).
+                let start = host & !(SECTOR - 1);
+                self.free(st, d, start, len.saturating_add(host - start));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn copy_cluster_with(
@@ -405,27 +491,28 @@ impl Inner {
         dst: usize,
         vaddr: u64,
         buf: &mut [u8],
-    ) -> Result {
+    ) -> Result<bool> {
         let sc = self.cluster(st, src, vaddr)?;
         if unallocated(&sc) {
-            return Ok(());
+            return Ok(false);
         }
         let dc = self.cluster(st, dst, vaddr)?;
         // Forward: what the upper delta defines itself stays as it is.
         if dir == Dir::Forward && covers(&dc) {
-            return Ok(());
+            return Ok(false);
         }
         let d = st.delta(dst)?;
         let cs = d.hdr.cluster_size();
         let base = vaddr - vaddr % cs;
         if all_zero(&sc) && d.hdr.version >= 3 && (dir == Dir::Backward || unallocated(&dc)) {
-            return self.zero_cluster(st, dst, base, true);
+            self.zero_cluster(st, dst, base, true)?;
+            return Ok(true);
         }
         let buf = buf.get_mut(..cs as usize).ok_or(EIO)?;
         // What the chain shows there, from the upper of the two down.
         self.read_into(st, src.max(dst), base, buf)?;
         self.write_piece(st, dst, Src::Buf(buf), base, cs, false)?;
-        Ok(())
+        Ok(true)
     }
 
     /// Called by the write path before it changes delta `d` at `vaddr`.
@@ -475,9 +562,14 @@ impl Inner {
                 }
             }
             // The copies (and every decrement they queued) are durable
-            // before the header changes below.
+            // before the header changes below; then the merged delta lets go
+            // of what was moved (it ends without data clusters) and its file
+            // is trimmed.
+            self.settle(&mut st)?;
+            self.drop_moved(&mut st)?;
             self.settle(&mut st)?;
             self.trim(&mut st, dst);
+            self.trim(&mut st, src);
             let d = st.delta(dst)?;
             d.file.fsync()?;
             if src == 0 {

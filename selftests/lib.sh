@@ -573,6 +573,31 @@ expect_msg_err() {
 	echo "message '$*': $err"
 }
 
+# dump DEV FILE: the whole device (O_DIRECT)
+dump() {
+	dmq_run dd if="$1" of="$2" bs=1M iflag=direct status=none
+}
+
+# same FILE1 FILE2 WHAT
+same() {
+	if ! cmp "$1" "$2"; then
+		cmp -l "$1" "$2" | head -n 8
+		echo "cmp -l: $(cmp -l "$1" "$2" | wc -l) bytes differ"
+		dmq_fail "$3"
+	fi
+}
+
+# convert IMG RAW: what QEMU reads of IMG's chain
+convert() {
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
+}
+
+# put FILE DEV OFFSET: FILE written to DEV at OFFSET (O_DIRECT, fsync)
+put() {
+	dmq_run dd if="$1" of="$2" bs=4k seek=$(($3 / 4096)) oflag=direct \
+		conv=notrunc,fsync status=none
+}
+
 # chain_len NAME: the image count of `dmsetup table` ("<n> v<ver> <cs>")
 chain_len() {
 	local t

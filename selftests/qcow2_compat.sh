@@ -24,29 +24,6 @@ set -u -o pipefail
 MIB=$((1 << 20))
 MSG_OUT=			# output of the last msg_ok
 
-dump() {
-	dmq_run dd if="$1" of="$2" bs=1M iflag=direct status=none
-}
-
-# same FILE1 FILE2 WHAT
-same() {
-	if ! cmp "$1" "$2"; then
-		cmp -l "$1" "$2" | head -n 8
-		echo "cmp -l: $(cmp -l "$1" "$2" | wc -l) bytes differ"
-		dmq_fail "$3"
-	fi
-}
-
-convert() {
-	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
-}
-
-# put FILE DEV OFFSET: FILE written to DEV at OFFSET (O_DIRECT, fsync)
-put() {
-	dmq_run dd if="$1" of="$2" bs=4k seek=$(($3 / 4096)) oflag=direct \
-		conv=notrunc,fsync status=none
-}
-
 # patch_into RAW OFFSET FILE: FILE written into the expected image RAW
 patch_into() {
 	dmq_run dd if="$3" of="$1" bs=4k seek=$(($2 / 4096)) conv=notrunc status=none

@@ -13,8 +13,8 @@
 # writable and runs epochs of concurrent O_DIRECT writes (copy-on-write from
 # the backing files and from the snapshot, allocating, overwriting),
 # write-zeroes and discards, each epoch ended by an fsync of the devices
-# and a log mark; it merges mid into base (merge_backward at depth 1) while
-# writing, grows grow.qcow2's refcount table, takes a snapshot by reload
+# and a log mark; it merges mid into base (merge_backward at depth 1; mid
+# opened read-write, so its clusters move) while writing, grows grow.qcow2's refcount table, takes a snapshot by reload
 # (new overlay over.qcow2) and writes on. Every completed operation is
 # recorded with its data's seed and sha256.
 #
@@ -26,9 +26,9 @@
 # read-only, `qemu-img check` of every image without corruption (leaks
 # allowed: rc 3); fresh read-only tables read, per 512-byte sector, what
 # was fsync'ed before the last mark, or the data of an operation issued
-# before the next mark, or what was there before; mid.qcow2 unchanged,
-# base.qcow2 unchanged until the merge started and base<-mid reading as
-# before the merge; top.qcow2 unchanged after the reload; the internal
+# before the next mark, or what was there before; mid.qcow2 and base.qcow2
+# unchanged until the merge started and base<-mid reading as before the
+# merge from then on (every byte in one of the two); top.qcow2 unchanged after the reload; the internal
 # snapshot s1 intact.
 #
 # usage: qcow2_crash.sh [-l] [CASE...]

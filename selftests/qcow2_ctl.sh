@@ -93,32 +93,9 @@ map_rw() {
 	[ "$(blockdev --getro "$DEV")" = 0 ] || dmq_fail "$DEV is read-only"
 }
 
-dump() {
-	dmq_run dd if="$1" of="$2" bs=1M iflag=direct status=none
-}
-
-# same FILE1 FILE2 WHAT
-same() {
-	if ! cmp "$1" "$2"; then
-		cmp -l "$1" "$2" | head -n 8
-		echo "cmp -l: $(cmp -l "$1" "$2" | wc -l) bytes differ"
-		dmq_fail "$3"
-	fi
-}
-
-convert() {
-	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
-}
-
 # random FILE SIZE
 random() {
 	dmq_run dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock status=none
-}
-
-# put FILE DEV OFFSET: write FILE to DEV at OFFSET with O_DIRECT
-put() {
-	dmq_run dd if="$1" of="$2" bs=4k seek=$(($3 / 4096)) oflag=direct \
-		conv=notrunc,fsync status=none
 }
 
 # expect_at DEV OFFSET FILE: DEV holds FILE at OFFSET (O_DIRECT read)
@@ -524,7 +501,8 @@ case_status_info() {
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	dmq_check_images base.qcow2 top.qcow2
 	[ "$(map_clusters base.qcow2)" = 30 ] || dmq_fail "qemu-img map: base.qcow2 has $(map_clusters base.qcow2) clusters"
-	[ "$(map_clusters top.qcow2)" = 7 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
+	# the merge moved the top's clusters into the base
+	[ "$(map_clusters top.qcow2)" = 0 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
 	convert base.qcow2 base.raw
 	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
 }

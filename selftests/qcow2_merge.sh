@@ -177,10 +177,6 @@ map_rw() {
 	[ "$(blockdev --getro "$DEV")" = 0 ] || dmq_fail "$DEV is read-only"
 }
 
-dump() {
-	dmq_run dd if="$1" of="$2" bs=1M iflag=direct status=none
-}
-
 # dump_before TOP: the device into before.raw, which must be what
 # `qemu-img convert` of TOP (the top of the mapped chain) gives
 dump_before() {
@@ -188,15 +184,6 @@ dump_before() {
 	convert "$1" chain.raw
 	same chain.raw before.raw "the device does not read like $1 (qemu-img convert)"
 	rm -f chain.raw
-}
-
-# same FILE1 FILE2 WHAT
-same() {
-	if ! cmp "$1" "$2"; then
-		cmp -l "$1" "$2" | head -n 8
-		echo "cmp -l: $(cmp -l "$1" "$2" | wc -l) bytes differ"
-		dmq_fail "$3"
-	fi
 }
 
 # no_backing IMG: qemu-img info IMG works and shows no backing file (the
@@ -214,10 +201,6 @@ print("yes" if "backing-filename" in d else "no" if "virtual-size" in d else "?"
 	yes) "$QEMU_IMG" info -U "$1"; dmq_fail "$1 still has a backing file" ;;
 	*) printf '%s\n' "$info"; dmq_fail "qemu-img info $1: no virtual-size" ;;
 	esac
-}
-
-convert() {
-	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
 }
 
 # on_exit: resume the device (a failed case may leave it suspended, with
@@ -396,6 +379,13 @@ backward_case() {
 
 	dmq_check_images "${CHAIN[@]}"
 	echo "qemu-img check clean: ${CHAIN[*]}"
+	# a merged top (writable) had its clusters moved, not copied
+	if [ "$m" -eq $((n - 1)) ]; then
+		local own
+		own=$(own_clusters "${CHAIN[m]}") || dmq_fail "qemu-img map ${CHAIN[m]}"
+		[ "$own" = 0 ] || dmq_fail "${CHAIN[m]} still holds $own data clusters: not moved"
+		echo "${CHAIN[m]} holds no data clusters: they were moved"
+	fi
 	# the merged file is untouched unless it was the writable top
 	if [ "$m" -ne $((n - 1)) ]; then
 		sha256sum -c --quiet merged.sha256 || dmq_fail "${CHAIN[m]} changed"
@@ -812,6 +802,13 @@ case_bad_args() {
 
 # Cases whose injected faults make the target log I/O and refcount errors.
 DMQ_FAULT_CASES="failed_eio"
+
+# own_clusters IMG: data clusters IMG holds itself (qemu-img map, depth 0)
+own_clusters() {
+	"$QEMU_IMG" map -f qcow2 --output=json "$1" | "$PYTHON" -c '
+import json, sys
+print(sum(1 for e in json.load(sys.stdin) if e.get("depth") == 0 and e.get("data")))'
+}
 
 # expect_dirty IMG 0|1 WHEN: the qcow2 dirty bit (incompatible bit 0) of IMG
 expect_dirty() {

@@ -440,9 +440,12 @@ def merge_msg(name, st, kind, words):
         if kind == "backward":
             top = n - 1 - m["depth"]
             if bug != "nocopy":
-                subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2",
-                                "-d", "-b", imgs[top - 1], imgs[top]],
-                               check=True)
+                # the target moves clusters out of a merged delta it may
+                # write (qemu-img commit empties it without -d)
+                rw = st["modes"][top] == "rw" or (st["writable"] and top == n - 1)
+                keep = [] if rw else ["-d", "-b", imgs[top - 1]]
+                subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2"] +
+                               keep + [imgs[top]], check=True)
             gone = top
         else:
             low = n - 1 - m["depth"]
