@@ -44,6 +44,7 @@ impl Inner {
     /// The L2 entry of `vaddr` in delta `d`.
     pub(crate) fn cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result<Cluster> {
         let delta = st.delta(d)?;
+        let is_top = d == st.top();
         let md = st.md.get_mut(d).ok_or(EIO)?;
         if vaddr >= delta.hdr.size {
             return Ok(Cluster::Unallocated);
@@ -53,14 +54,12 @@ impl Inner {
         };
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-        if let Cluster::Normal { host, copied } = c {
+        if let (Cluster::Normal { host, copied }, Some(f), true) = (c, &st.fast, is_top) {
             // Writes through the table skip the overlap check: a cluster
             // that is metadata goes in for reads only.
             let writable = copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
-            if let (Some(f), true) = (&st.fast, d == st.top()) {
-                let cb = delta.hdr.cluster_bits;
-                f.map.put(cb, vaddr >> cb, host, writable);
-            }
+            let cb = delta.hdr.cluster_bits;
+            f.map.put(cb, vaddr >> cb, host, writable);
         }
         Ok(c)
     }
@@ -353,10 +352,8 @@ impl Inner {
             }
             return Err(e);
         }
-        if let Cluster::Compressed { host: chost, len: clen } = c {
-            // Free the clusters the compressed data occupied, as QEMU counts them.
-            let start = chost & !(SECTOR - 1);
-            self.free(st, d, start, clen + (chost - start));
+        if let Cluster::Compressed { .. } = c {
+            self.free_entry(st, d, &c);
         }
         if let Some(old) = shared {
             // Normally still referenced by a snapshot; if this was the last
@@ -381,9 +378,8 @@ impl Inner {
         }
         let cs = hdr.cluster_size();
         let off = hdr.offset_in_cluster(vaddr);
-        match c {
-            Cluster::Unallocated | Cluster::Zero | Cluster::ZeroPrealloc { .. } | Cluster::Normal { .. } => {}
-            _ => return Ok(false),
+        if matches!(c, Cluster::Compressed { .. }) {
+            return Ok(false);
         }
         if off == 0 && len == cs {
             return Ok(true);
@@ -543,6 +539,25 @@ impl Inner {
         }
     }
 
+    /// Drops the references entry `c` of delta `d` held, once its removal
+    /// is durable (see `free`): its host cluster, or the clusters the data
+    /// of a compressed cluster occupies (as QEMU counts them).
+    pub(crate) fn free_entry(&self, st: &mut WorkerState, d: usize, c: &Cluster) {
+        let Ok(cs) = st.delta(d).map(|delta| delta.hdr.cluster_size()) else {
+            return;
+        };
+        match *c {
+            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } | Cluster::Extended { host: Some(host), .. } => {
+                self.free(st, d, host, cs)
+            }
+            Cluster::Compressed { host, len } => {
+                let start = host & !(SECTOR - 1);
+                self.free(st, d, start, len.saturating_add(host - start));
+            }
+            _ => {}
+        }
+    }
+
     /// Drops the reference of a cluster just allocated for delta `d` that
     /// nothing points at (what was to point at it failed): at once, so a
     /// retry (ENOSPC) allocates it again.
@@ -680,12 +695,12 @@ impl Inner {
         // Our reference to the host cluster, if any; only one we own outright
         // (COPIED) may stay as preallocation.
         let own = raw & fmt::L2E_COPIED != 0;
-        let referenced = match c {
+        let keep = match c {
+            _ if unmap || !own || hdr.version < 3 => None,
             Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => Some(host),
             Cluster::Extended { host: Some(h), .. } => Some(h),
             _ => None,
         };
-        let keep = if unmap || !own || hdr.version < 3 { None } else { referenced };
         let (nraw, nbitmap) = if hdr.version < 3 {
             (0, 0)
         } else if hdr.extended_l2() {
@@ -698,18 +713,12 @@ impl Inner {
         Self::hot_forget(fast.as_deref(), hdr, vaddr);
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;
-        // The entry no longer points there: now the space may go.
+        // The entry no longer points there: now the space may go. (An
+        // overlapping read or write may still be in flight to the old host
+        // cluster: `Inner::apply_frees` waits for it before the decrement
+        // lets the cluster be handed out again.)
         if keep.is_none() {
-            if let Some(h) = referenced {
-                // An overlapping read or write may still be in flight to the
-                // old host cluster: `Inner::apply_frees` waits for it before
-                // the decrement lets the cluster be handed out again.
-                self.free(st, d, h, hdr.cluster_size());
-            }
-        }
-        if let Cluster::Compressed { host: chost, len: clen } = c {
-            let start = chost & !(SECTOR - 1);
-            self.free(st, d, start, clen + (chost - start));
+            self.free_entry(st, d, &c);
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ use crate::kx::param;
 use crate::kx::task::{self, code::ebadslt};
 use crate::meta::corrupt;
 use crate::qcow2_format::{self as fmt, Cluster};
-use crate::target::{Delta, Inner, WorkerState, SECTOR};
+use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::error::code::*;
@@ -469,17 +469,7 @@ impl Inner {
             return Ok(());
         }
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, 0, 0)?;
-        let cs = hdr.cluster_size();
-        match c {
-            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } => self.free(st, d, host, cs),
-            Cluster::Extended { host: Some(h), .. } => self.free(st, d, h, cs),
-            Cluster::Compressed { host, len } => {
-                // As QEMU counts them (see `write_piece`).
-                let start = host & !(SECTOR - 1);
-                self.free(st, d, start, len.saturating_add(host - start));
-            }
-            _ => {}
-        }
+        self.free_entry(st, d, &c);
         Ok(())
     }
 
