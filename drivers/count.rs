@@ -11,7 +11,7 @@
 //! it is seen by the walk, so the result is exact either way.
 
 use crate::meta::DeltaMd;
-use crate::kx::file::File;
+use crate::kernel_abstractions::file::File;
 use crate::qcow2_format::{self as fmt, Cluster, Header};
 use kernel::error::Result;
 

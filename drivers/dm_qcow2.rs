@@ -13,10 +13,9 @@
 
 use kernel::prelude::*;
 
-// Abstractions with users still to come (the write path).
-#[allow(dead_code)]
+// The safe abstractions the kernel crate lacks (rust/; all unsafe code is there).
 #[path = "../rust/mod.rs"]
-mod kx;
+mod kernel_abstractions;
 mod count;
 mod hot;
 mod io;
@@ -34,12 +33,12 @@ module! {
 }
 
 struct DmQcow2 {
-    _reg: kx::dm::Registration<target::Qcow2>,
+    _reg: kernel_abstractions::dm::Registration<target::Qcow2>,
 }
 
 impl kernel::Module for DmQcow2 {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        let reg = kx::dm::Registration::new()?;
+        let reg = kernel_abstractions::dm::Registration::new()?;
         pr_info!("dm-qcow2 (Rust) registered\n");
         Ok(Self { _reg: reg })
     }

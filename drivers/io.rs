@@ -5,8 +5,8 @@
 //! chain; writes go to a delta `d` (the top for guest I/O, a merge target for
 //! merges) and copy on write what the chain shows from `d` down.
 
-use crate::kx::bio::{Bio, Op};
-use crate::kx::file::{IoBuf, DIO_ALIGN};
+use crate::kernel_abstractions::bio::{Bio, Op};
+use crate::kernel_abstractions::file::{IoBuf, DIO_ALIGN};
 use crate::hot::Fast;
 use crate::meta::corrupt;
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};

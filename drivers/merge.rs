@@ -21,10 +21,10 @@
 //! `complete`.
 
 use crate::io::Src;
-use crate::kx::file::IoBuf;
-use crate::kx::inflight::EventFd;
-use crate::kx::param;
-use crate::kx::task::{self, code::ebadslt};
+use crate::kernel_abstractions::file::IoBuf;
+use crate::kernel_abstractions::inflight::EventFd;
+use crate::kernel_abstractions::param;
+use crate::kernel_abstractions::task::{self, code::ebadslt};
 use crate::meta::corrupt;
 use crate::qcow2_format::{self as fmt, Cluster};
 use crate::target::{Delta, Inner, WorkerState};

@@ -33,9 +33,9 @@
 //! page is left, or too many are dirty, the cache commits first).
 
 use crate::count::AllocCount;
-use crate::kx::file::{File, IoBuf, IoCounter, DIO_ALIGN};
-use crate::kx::param;
-use crate::kx::task::code::euclean;
+use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kernel_abstractions::param;
+use crate::kernel_abstractions::task::code::euclean;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use kernel::error::code::*;
 use kernel::prelude::*;
@@ -361,7 +361,7 @@ impl DeltaMd {
                     self.note_meta(off, what)?;
                 }
                 if i % 1024 == 1023 {
-                    crate::kx::task::cond_resched();
+                    crate::kernel_abstractions::task::cond_resched();
                 }
             }
         }
@@ -792,7 +792,7 @@ impl DeltaMd {
                     return (c + 1).checked_mul(cs).ok_or(EIO);
                 }
                 if c % 8192 == 0 {
-                    crate::kx::task::cond_resched();
+                    crate::kernel_abstractions::task::cond_resched();
                 }
             }
         }
@@ -881,7 +881,7 @@ impl DeltaMd {
             c += 1;
             // A long run of used clusters (a full image): let others run.
             if c % 8192 == 0 {
-                crate::kx::task::cond_resched();
+                crate::kernel_abstractions::task::cond_resched();
             }
         }
     }

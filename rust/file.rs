@@ -150,12 +150,6 @@ impl File {
         to_result(unsafe { bindings::dmq_file_truncate(self.as_raw(), len) })
     }
 
-    /// Bytes of storage the file occupies (holes excluded).
-    pub(crate) fn allocated(&self) -> u64 {
-        // SAFETY: The file is valid while we hold a reference.
-        unsafe { bindings::dmq_file_allocated(self.as_raw()) }
-    }
-
     /// Opened for reading.
     pub(crate) fn readable(&self) -> bool {
         // SAFETY: The file is valid while we hold a reference.
@@ -216,12 +210,6 @@ impl File {
     pub(crate) fn dma_alignment(&self) -> u32 {
         // SAFETY: The file is valid while we hold a reference.
         unsafe { bindings::dmq_file_dma_alignment(self.as_raw()) }
-    }
-
-    /// Block size of the file system.
-    pub(crate) fn fs_block_size(&self) -> u32 {
-        // SAFETY: The file is valid while we hold a reference.
-        unsafe { bindings::dmq_file_fs_block_size(self.as_raw()) }
     }
 
     /// Fills `buf` from `pos`, synchronously. What lies past the end of the

@@ -142,11 +142,6 @@ unsigned int dmq_file_dma_alignment(struct file *file)
 	return bdev ? bdev_dma_alignment(bdev) : SECTOR_SIZE - 1;
 }
 
-unsigned int dmq_file_fs_block_size(struct file *file)
-{
-	return file_inode(file)->i_sb->s_blocksize;
-}
-
 bool dmq_file_is_reg(struct file *file)
 {
 	return S_ISREG(file_inode(file)->i_mode);
@@ -431,11 +426,6 @@ int dmq_file_install_fd(struct file *file)
 int dmq_file_truncate(struct file *file, loff_t len)
 {
 	return vfs_truncate(&file->f_path, len);
-}
-
-u64 dmq_file_allocated(struct file *file)
-{
-	return (u64)file_inode(file)->i_blocks << 9;
 }
 
 void dmq_eventfd_signal(struct eventfd_ctx *ctx)

@@ -41,7 +41,6 @@ int dmq_bio_copy_to(struct bio *bio, u32 off, void *dst, u32 len);
 /* File helpers. */
 loff_t dmq_file_size(struct file *file);
 unsigned int dmq_file_logical_block_size(struct file *file);
-unsigned int dmq_file_fs_block_size(struct file *file);
 unsigned int dmq_file_dma_alignment(struct file *file);
 bool dmq_file_is_reg(struct file *file);
 bool dmq_file_readable(struct file *file);
@@ -107,7 +106,6 @@ int dmq_file_install_fd(struct file *file);
 /* Truncates (or sparsely extends) @file to @len bytes. */
 int dmq_file_truncate(struct file *file, loff_t len);
 /* Bytes of storage allocated to @file (i_blocks). */
-u64 dmq_file_allocated(struct file *file);
 
 /* eventfd_signal() is a static inline. */
 void dmq_eventfd_signal(struct eventfd_ctx *ctx);

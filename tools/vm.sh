@@ -22,6 +22,8 @@ opts+=(--rodir "$DMQ_ROOT")
 # A log large enough for a whole suite on the debug kernel (the runner scans
 # all of it at the end; nothing is cleared between cases).
 opts+=(--append "log_buf_len=16M")
+# Extra kernel parameters for an experiment (DMQ_VM_APPEND="a=b c").
+[ -n "${DMQ_VM_APPEND:-}" ] && opts+=(--append "$DMQ_VM_APPEND")
 # The host's root reaches the guest over 9p, by default without a page
 # cache: every exec and library load goes back to the host (a bare /bin/true
 # cost 55 ms, python3 0.8 s). The guest only reads it and the host does not
