@@ -214,11 +214,6 @@ impl Inner {
     /// `merge_* start`: checks, prepares the receiving delta and starts the
     /// walker. `depth` counts from the top (0).
     pub(crate) fn merge_start(self: &Arc<Self>, dir: Dir, eventfd: i32, depth: Option<usize>) -> Result {
-        // Parked writes hold in-flight references until there is space:
-        // the switch below would wait for them.
-        if self.has_parked() {
-            return Err(EBUSY);
-        }
         let eventfd = match eventfd {
             -1 => None,
             fd if fd < 0 => return Err(EBADF),
@@ -532,9 +527,6 @@ impl Inner {
     /// `merge_* complete`: copies what was written since `ready`, makes the
     /// receiving delta durable and unlinks the merged one.
     pub(crate) fn merge_complete(&self, dir: Dir) -> Result {
-        if self.has_parked() {
-            return Err(EBUSY);
-        }
         let removed = {
             let mut st = self.state.lock();
             let m = st.merge.as_ref().ok_or(EBUSY)?;

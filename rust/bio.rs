@@ -4,7 +4,9 @@
 //!
 //! C header: [`include/linux/bio.h`](srctree/include/linux/bio.h)
 //!
-//! A [`Bio`] is one completion reference of a bio a target received in `map`.
+//! A [`Bio`] is one completion reference of a bio a target registered with
+//! `dm::Registration` received in `map` (so it carries that abstraction's
+//! per-bio data).
 //! Every reference ends exactly once: explicitly with [`Bio::end`], or, if it
 //! is dropped, with an I/O error (a forgotten bio must never hang its
 //! submitter). [`Bio::split_ref`] makes another reference so that several
@@ -54,7 +56,9 @@ impl Bio {
     /// # Safety
     ///
     /// `ptr` must be a valid bio whose completion the caller owns (one reference,
-    /// as handed to a target's `map`), and it must stay valid until ended.
+    /// as handed to a target's `map`), and it must stay valid until ended. It
+    /// must be a bio device-mapper passed to `map` of a target registered
+    /// with `dm::Registration`, after `map` wrote its per-bio data.
     pub(crate) unsafe fn from_raw(ptr: *mut bindings::bio) -> Self {
         // SAFETY: The caller guarantees `ptr` is valid, hence non-null.
         Self(unsafe { NonNull::new_unchecked(ptr) })

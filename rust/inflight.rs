@@ -6,11 +6,12 @@
 //! C header: [`include/linux/percpu-refcount.h`](srctree/include/linux/percpu-refcount.h)
 //!
 //! Two per-cpu refcounts and an index. A request takes a reference on the
-//! current index ([`InflightRefs::get`], lock-free) and drops it when it
-//! ends. [`InflightRefs::switch_wait`] flips the index, kills the old
-//! refcount and sleeps until it drains, then makes it usable again. The
-//! device-mapper abstraction does the get/put around every bio of targets
-//! that opt in (see `dm::Target::inflight`).
+//! current index (lock-free) and drops it when it ends.
+//! [`InflightRefs::switch_wait`] flips the index, kills the old refcount and
+//! sleeps until it drains, then makes it usable again. The device-mapper
+//! abstraction does the get/put around every bio of targets that opt in
+//! (see `dm::Target::inflight`; a target gives a bio's reference up while
+//! it keeps the bio parked, `dm::release_inflight`).
 
 use super::bindings;
 use core::ptr::NonNull;
@@ -25,10 +26,6 @@ unsafe impl Send for InflightRefs {}
 // SAFETY: As above: every operation is thread-safe.
 unsafe impl Sync for InflightRefs {}
 
-/// The index a reference was taken on; dropped with [`InflightRefs::put`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct RefIndex(pub(super) u32);
-
 impl InflightRefs {
     /// Both refcounts live, index 0.
     pub(crate) fn new() -> Result<Self> {
@@ -37,20 +34,11 @@ impl InflightRefs {
         NonNull::new(p).map(Self).ok_or(ENOMEM)
     }
 
-    /// Takes a reference on the current index. Never sleeps.
-    pub(super) fn get(&self) -> RefIndex {
-        // SAFETY: `self.0` is alive until drop.
-        RefIndex(unsafe { bindings::dmq_inflight_get(self.0.as_ptr()) })
-    }
-
-    /// Drops a reference taken by [`get`](Self::get). Any context.
-    ///
-    /// # Safety
-    ///
-    /// `idx` must come from a `get` on `self` whose reference was not dropped yet.
-    pub(super) unsafe fn put(&self, idx: RefIndex) {
-        // SAFETY: `self.0` is alive; the caller owns the reference on `idx`.
-        unsafe { bindings::dmq_inflight_put(self.0.as_ptr(), idx.0) };
+    /// The C object, for the device-mapper abstraction, which takes and
+    /// drops the references of bios (`dmq_inflight_get`/`_put`, never
+    /// sleeping) while `self` is alive.
+    pub(super) fn as_raw(&self) -> *mut bindings::dmq_inflight {
+        self.0.as_ptr()
     }
 
     /// Sleeps until every reference taken before this call is dropped.

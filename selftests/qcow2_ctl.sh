@@ -545,6 +545,46 @@ case_status_counts() {
 	[ "$(map_clusters base.qcow2)" = 32 ] || dmq_fail "qemu-img map: base.qcow2 has $(map_clusters base.qcow2) clusters"
 }
 
+# dmsetup status in a loop while fio writes (allocating, copy-on-write)
+# and verifies: every line parses, the top's cluster count never goes down
+# (nothing frees clusters here), fio's data is intact, and the last count
+# is what qemu-img map finds. (What the loop costs fio is measured by the
+# bench's status-under-fio job, not here: no timing in tests.)
+case_status_under_fio() {
+	local rc n=0 prev=0 top
+	need "$FIO"
+	dmq_img_create base.qcow2 32M cluster_size=64k
+	dmq_write base.qcow2 t:0:8M r:8M:8M
+	dmq_img_create top.qcow2 32M cluster_size=64k base.qcow2
+	trap on_exit EXIT
+	map_rw base.qcow2 top.qcow2
+	"$FIO" --output=fio.log --filename="$DEV" --direct=1 --ioengine=libaio \
+		--rw=randwrite --bsrange=4k-64k --iodepth=8 --size=32M \
+		--io_size=8M --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+		--randseed=7 --name=j0 &
+	BG_PIDS+=($!)
+	while kill -0 "${BG_PIDS[0]}" 2>/dev/null; do
+		status v
+		top=${ST_CLUSTERS##*,}
+		[ "$top" -ge "$prev" ] || dmq_fail "top's clusters went down: $prev -> $top ('$STATUS')"
+		prev=$top
+		n=$((n + 1))
+	done
+	wait "${BG_PIDS[0]}"
+	rc=$?
+	if [ "$rc" -ne 0 ] || grep -qEi 'verify|bad magic|bad header|crc32c|err= *[1-9]' fio.log; then
+		cat fio.log
+		dmq_fail "fio failed (rc=$rc)"
+	fi
+	status v
+	top=${ST_CLUSTERS##*,}
+	echo "$n status lines while fio wrote; the top's clusters 0 -> $top"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	[ "$(map_clusters top.qcow2)" = "$top" ] ||
+		dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters, status said $top"
+}
+
 # ------------------------------------------------------- fault injection
 
 case_fault_injection() {
@@ -758,6 +798,92 @@ case_enospc_inplace() {
 	enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
+# writes wait for space in the top (on a full 24M tmpfs) while a backward
+# merge moves the top into the base (on the scratch file system): start and
+# complete work with writes parked (they hold no in-flight reference, as in
+# the C target), and the parked writes then land in the base, the new top,
+# without any space freed on the tmpfs. OPTS: the top's qemu-img options.
+enospc_merge_case() {
+	local avail end rc p
+	need fallocate
+	SMALL=$DMQ_CASE_DIR/small
+	mkdir -p "$SMALL"
+	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
+		dmq_skip "cannot mount a 24M tmpfs"
+	trap enospc_exit EXIT
+	dmq_img_create base.qcow2 64M cluster_size=64k
+	dmq_write base.qcow2 r:16M:4M t:40M:1M
+	# (qemu-img refuses preallocation with a backing file: set it after)
+	dmq_img_create "$SMALL/top.qcow2" 64M "$1"
+	dmq_run "$QEMU_IMG" rebase -u -f qcow2 -F qcow2 -b "$PWD/base.qcow2" "$SMALL/top.qcow2"
+	dmq_write "$SMALL/top.qcow2" P0x5a:18M:1M r:30M:2M
+	convert "$SMALL/top.qcow2" before.raw
+	random pat.bin 8M
+	map_rw rw:base.qcow2 "$SMALL/top.qcow2"
+	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
+		dmq_fail "statvfs"
+	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
+	dd if=pat.bin of="$DEV" bs=1M count=8 oflag=direct conv=fsync status=none 2>dd.err &
+	DD_PID=$!
+	end=$((SECONDS + 30))
+	while status v && [ "$ST_ENOSPC" = 0 ]; do
+		kill -0 "$DD_PID" 2>/dev/null || { cat dd.err; dmq_fail "dd ended without waiting for space"; }
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no parked writes after 30 s: '$STATUS'"
+		sleep 0.2
+	done
+	echo "writes parked: enospc=$ST_ENOSPC"
+
+	msg_ok v merge_backward start -1 0
+	echo "merge_backward start: accepted with writes parked"
+	end=$((SECONDS + 60))
+	while :; do
+		msg_ok v merge_backward progress
+		p=$MSG_OUT
+		case $p in
+		*stage=ready*) break ;;
+		*stage=copying*) ;;
+		*) dmq_fail "merge: '$p'" ;;
+		esac
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no stage=ready after 60 s: '$p'"
+		sleep 0.2
+	done
+	echo "merge progress: $p"
+	kill -0 "$DD_PID" 2>/dev/null || echo "(dd already done: the merge's moves freed tmpfs space)"
+	msg_ok v merge_backward complete
+	echo "merge_backward complete: accepted"
+	[ "$(chain_len v)" = 1 ] || dmq_fail "the chain still has $(chain_len v) images"
+	end=$((SECONDS + 30))
+	while kill -0 "$DD_PID" 2>/dev/null; do
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "dd still waiting 30 s after complete"
+		sleep 0.2
+	done
+	wait "$DD_PID"
+	rc=$?
+	DD_PID=
+	[ "$rc" = 0 ] || { cat dd.err; dmq_fail "dd failed (rc=$rc)"; }
+	echo "dd completed into the base"
+	status v
+	[ "$ST_ENOSPC" = 0 ] || dmq_fail "enospc=$ST_ENOSPC after dd completed"
+	dump "$DEV" dev.raw
+	cmp -n $((8 * MIB)) dev.raw pat.bin || dmq_fail "the device does not hold what dd wrote"
+	cmp -i $((8 * MIB)) dev.raw before.raw || dmq_fail "the device changed past 8M"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	convert base.qcow2 base.raw
+	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+	echo "base.qcow2 alone reads like the device"
+}
+
+# new clusters: the writes park in the worker
+case_enospc_merge() {
+	enospc_merge_case cluster_size=64k
+}
+
+# preallocated metadata (v2): in place, ENOSPC from the data I/O (end_io)
+case_enospc_merge_inplace() {
+	enospc_merge_case cluster_size=64k,compat=0.10,preallocation=metadata
+}
+
 # ----------------------------------------------------------- suspend/resume
 
 # fio writes and verifies while the device is suspended and resumed every
@@ -920,7 +1046,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc enospc_inplace"
+DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -929,9 +1055,12 @@ DMQ_CASES=(
 	suspended_busy
 	status_info
 	status_counts
+	status_under_fio
 	fault_injection
 	enospc
 	enospc_inplace
+	enospc_merge
+	enospc_merge_inplace
 	suspend_loop
 	snapshot_reload
 	resume_cluster_size

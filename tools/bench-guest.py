@@ -6,6 +6,7 @@
 and MB/s with ratios to raw and to each peer. No assertions: numbers only.
 
 usage: bench-guest.py ROOT OUTDIR
+       bench-guest.py --status-loop DM_NAME SECONDS   (the poller below)
 
 DMQ_BENCH_FS=ext4 puts the images on ext4 over a loop device (a sparse
 file on a tmpfs) instead of the tmpfs itself: there direct I/O is
@@ -13,6 +14,13 @@ asynchronous and fsync reaches a block device, so the cost of the target's
 ordered metadata commit shows. DMQ_BENCH_JOBS (comma-separated job names)
 and DMQ_BENCH_PEERS (peer names) pick a subset; DMQ_BENCH_MODULE another
 dm-qcow2.ko (an A/B of two builds).
+
+The job "status-under-fio" (dm-qcow2 only) runs 4k random reads three
+times: alone, with a process asking for the device's status in a tight
+loop (DM_TABLE_STATUS ioctls, as `dmsetup status` does, without a fork and
+exec per call), and with the same loop on a dm-zero device instead (what
+the loop itself costs the 2 vCPUs). The target's share is the second
+against the third.
 """
 
 import json
@@ -38,7 +46,28 @@ JOBS = [
     ("1M-write", "write", "1M", True),
     ("4k-first-write", "randwrite", "4k", False),
     ("64k-first-write", "randwrite", "64k", False),
+    ("status-under-fio", "randread", "4k", True),
 ]
+
+DM_IOCTL_SIZE = 312          # struct dm_ioctl
+DM_TABLE_STATUS = (3 << 30) | (DM_IOCTL_SIZE << 16) | (0xfd << 8) | 12
+
+
+def status_loop(name, secs):
+    """Asks for the status of dm device NAME until SECS pass; prints calls."""
+    import fcntl
+    import struct
+    size = 16384
+    fd = os.open("/dev/mapper/control", os.O_RDWR)
+    n, end = 0, time.time() + secs
+    while time.time() < end:
+        buf = bytearray(size)
+        # version 4.0.0, data_size, data_start; name at offset 48
+        struct.pack_into("=3III", buf, 0, 4, 0, 0, size, DM_IOCTL_SIZE)
+        buf[48:48 + len(name)] = name.encode()
+        fcntl.ioctl(fd, DM_TABLE_STATUS, buf)
+        n += 1
+    print(n)
 
 
 def sh(cmd, check=True, **kw):
@@ -148,6 +177,43 @@ class Rublk(Peer):
         sh(f"{self.exe} del -a", check=False)
 
 
+def status_under_fio(rw, bs):
+    """fio on dm-qcow2 alone, beside a status poller on it, beside the same
+    poller on a dm-zero device: lines for the table."""
+    img = f"{WORK}/img"
+    make_image(img, True)
+    p = DmQcow2("dm-qcow2")
+    secs = RUNTIME + 4
+    runs = {}
+    try:
+        dev = p.up(img)
+        sh(f"dmsetup create bench-zero --table '0 {SIZE * 2048} zero'")
+        for what, target in (("alone", None), ("status loop on it", "bench"),
+                             ("status loop on dm-zero", "bench-zero"),
+                             ("alone, again", None)):
+            poller = None
+            if target:
+                poller = subprocess.Popen([sys.executable, __file__, "--status-loop", target, str(secs)],
+                                          stdout=subprocess.PIPE, text=True)
+                time.sleep(0.5)
+            r = fio(dev, rw, bs)
+            calls = poller.communicate()[0].strip() if poller else "-"
+            runs[what] = (r, calls)
+            log(f"status-under-fio {what:24} " + (f"{r[0]:10.0f} IOPS" if r else "failed") + f", status calls {calls}")
+    finally:
+        sh("dmsetup remove bench-zero", check=False)
+        p.down()
+    lines = ["", f"status under fio: {bs} {rw}, dm-qcow2 on an allocated image; "
+             "a process doing DM_TABLE_STATUS ioctls in a tight loop"]
+    for what, (r, calls) in runs.items():
+        lines.append(f"  {what:24} " + (f"{r[0]:10.0f} IOPS" if r else "    failed") + f"   status calls: {calls}")
+    on, zero = runs.get("status loop on it", (None,))[0], runs.get("status loop on dm-zero", (None,))[0]
+    if on and zero and zero[0]:
+        lines.append(f"  with the loop on dm-qcow2 / with it on dm-zero: {on[0] / zero[0]:.2f}x "
+                     "(the target's own cost of status; the loop's CPU is in both)")
+    return lines
+
+
 def mount_work():
     os.makedirs(WORK, exist_ok=True)
     if FS == "tmpfs":
@@ -180,7 +246,11 @@ def main():
         jobs = [j for j in JOBS if j[0] in want]
 
     results = {}
+    extra = []
     for name, rw, bs, allocated in jobs:
+        if name == "status-under-fio":
+            extra += status_under_fio(rw, bs)
+            continue
         for p in peers:
             img = f"{WORK}/img"
             if isinstance(p, Raw):
@@ -205,6 +275,8 @@ def main():
     hdr += "  " + " ".join(f"{'dm/' + n:>12}" for n in names if n != "dm-qcow2")
     lines += [hdr]
     for name, *_ in jobs:
+        if name == "status-under-fio":
+            continue
         row = f"{name:16} "
         for n in names:
             r = results.get((name, n))
@@ -218,6 +290,7 @@ def main():
         lines.append(row)
     lines.append("")
     lines.append("cells: IOPS/MB/s; ratios: dm-qcow2 IOPS divided by the column's IOPS")
+    lines += extra
     text = "\n".join(lines)
     print(text)
     with open(f"{OUT}/bench.txt", "w") as f:
@@ -225,4 +298,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--status-loop":
+        status_loop(sys.argv[2], float(sys.argv[3]))
+    else:
+        main()

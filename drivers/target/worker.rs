@@ -241,6 +241,9 @@ impl Inner {
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
             Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
+                // Parked, it holds no in-flight reference: a merge may
+                // start or complete meanwhile (as in the C target).
+                dm::release_inflight(&bio);
                 self.parked_count.fetch_add(1, Ordering::AcqRel);
                 st.parked.push(bio);
                 self.note_enospc()
@@ -261,6 +264,7 @@ impl Inner {
         while let Some(bio) = late.pop() {
             if self.suspending.load(Ordering::Acquire) {
                 self.parked_count.fetch_sub(1, Ordering::AcqRel);
+                dm::retake_inflight(&bio);
                 self.pending.lock().push(bio);
                 continue;
             }
@@ -398,6 +402,8 @@ impl Inner {
         {
             let mut pending = self.pending.lock();
             while let Some(bio) = parked.pop() {
+                // Back to work: under the mapping of now, seen by switches.
+                dm::retake_inflight(&bio);
                 pending.push(bio);
                 n += 1;
             }
@@ -420,11 +426,6 @@ impl Inner {
     /// A suspend is under way (or done): no background copying.
     pub(crate) fn is_suspending(&self) -> bool {
         self.suspending.load(Ordering::Acquire)
-    }
-
-    /// Writes wait for space: an in-flight switch would wait for them.
-    pub(crate) fn has_parked(&self) -> bool {
-        self.parked_count.load(Ordering::Acquire) != 0
     }
 
     /// Records an L1/L2 writeback error. Not ENOSPC: writes that hit it
