@@ -416,6 +416,16 @@ def cmd_fill(args):
     return 0
 
 
+def _logical_block_size(fd):
+    """BLKSSZGET of a block device; 512 for anything else."""
+    import fcntl
+    import stat
+    import struct
+    if not stat.S_ISBLK(os.fstat(fd).st_mode):
+        return 512
+    return struct.unpack("i", fcntl.ioctl(fd, 0x1268, b"\0" * 4))[0]
+
+
 def _direct_read(fd, off, length):
     """One pread of LENGTH bytes at OFF into a page-aligned buffer."""
     import mmap
@@ -436,8 +446,10 @@ def _first_diff(a, b):
     return len(a)
 
 
-def cmp_ranges(size, cluster, extra, nrandom, seed):
-    """The ranges to compare: (offset, length, direct?)."""
+def cmp_ranges(size, cluster, extra, nrandom, seed, lbs=512):
+    """The ranges to compare: (offset, length, direct?). Direct reads only
+    where offset and length are multiples of LBS, the device's logical
+    block size (the others are read buffered only)."""
     import random
     c = cluster
     ranges = []
@@ -445,7 +457,7 @@ def cmp_ranges(size, cluster, extra, nrandom, seed):
     def add(off, length, direct):
         if off < 0 or length <= 0 or off + length > size:
             return
-        if direct and (off % 512 or length % 512):
+        if direct and (off % lbs or length % lbs):
             direct = False
         ranges.append((off, length, direct))
 
@@ -477,7 +489,7 @@ def cmp_ranges(size, cluster, extra, nrandom, seed):
                              rnd.randint(1, 64) * 512,
                              min(2 * c + 4096, 4 << 20)))
         off = max(0, min(off, size - length))
-        add(off // 512 * 512, length, True)
+        add(off // lbs * lbs, length, True)
         boff = rnd.randrange(0, max(1, size - 1))
         add(boff, min(rnd.randint(1, 3 * c), size - boff, 1 << 20), False)
     return ranges
@@ -492,8 +504,8 @@ def cmd_cmp(args):
     with open(args.raw, "rb") as rf:
         rf.seek(0, 2)
         size = rf.tell()
-    ranges = cmp_ranges(size, cluster, extra, args.random, args.seed)
     dfd = os.open(args.dev, os.O_RDONLY | os.O_DIRECT)
+    ranges = cmp_ranges(size, cluster, extra, args.random, args.seed, _logical_block_size(dfd))
     bfd = os.open(args.dev, os.O_RDONLY)
     rfd = os.open(args.raw, os.O_RDONLY)
     bad = 0
