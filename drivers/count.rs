@@ -3,9 +3,9 @@
 //! Allocated-cluster counts for the status line (`clusters=`), kept up to
 //! date instead of walking every L2 table on each `dmsetup status`.
 //!
-//! Each delta's count is built once (after every load of its metadata) by a
-//! walk over its L2 tables in batches, the state mutex dropped between
-//! them; from then on every change of an L2 entry adjusts it
+//! Each delta's count is built once (after every load of its metadata, by
+//! a work item queued at resume) by a walk over its L2 tables in batches,
+//! the state mutex dropped between them; from then on every change of an L2 entry adjusts it
 //! (`DeltaMd::set_l2_entry` calls [`AllocCount::note`]). While the walk is
 //! under way, a change behind its cursor adjusts the count and one ahead of
 //! it is seen by the walk, so the result is exact either way.

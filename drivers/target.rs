@@ -33,7 +33,6 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
-use kernel::sync::lock::{mutex::MutexBackend, Guard};
 use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
@@ -188,6 +187,9 @@ pub(crate) struct Inner {
     /// The periodic commit's timer, which sleeps: a queue of its own (no
     /// rescuer: flushes commit by themselves, nothing waits for it).
     commit_wq: OwnedQueue,
+    /// The allocated-cluster count after a load of the metadata (see
+    /// `count`): a queue of its own that the status line may wait for.
+    count_wq: OwnedQueue,
     /// The timer is queued or sleeping.
     commit_armed: AtomicBool,
     /// The timer ran out: the worker commits what the cache holds.
@@ -226,6 +228,8 @@ pub(crate) struct Inner {
     retry_work: Work<Inner, 2>,
     #[pin]
     commit_work: Work<Inner, 3>,
+    #[pin]
+    count_work: Work<Inner, 4>,
 }
 
 impl_has_work! {
@@ -233,6 +237,7 @@ impl_has_work! {
     impl HasWork<Self, 1> for Inner { self.merge_work }
     impl HasWork<Self, 2> for Inner { self.retry_work }
     impl HasWork<Self, 3> for Inner { self.commit_work }
+    impl HasWork<Self, 4> for Inner { self.count_work }
 }
 
 /// Per-table state kept in `ti->private`.
@@ -358,6 +363,7 @@ impl Drop for Qcow2 {
         // `no_timer` is seen it no longer does, and the timer's queue may go.
         self.inner.state.lock().no_timer = true;
         self.inner.commit_wq.shutdown();
+        self.inner.count_wq.shutdown();
         self.inner.retry_wq.shutdown();
         self.inner.merge_wq.shutdown();
         self.inner.wq.shutdown();

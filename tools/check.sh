@@ -136,35 +136,101 @@ kselftests() {
 		for spec in "${g[@]}"; do
 			local fs=${spec%%,*} rest=${spec#*,}
 			local sector=${rest%%:*} t=${rest#*:}
-			local log=$out/$t-$fs-$sector.log
 			echo "== $t on $fs, $sector-byte sectors"
-			if [ ! -f "$log" ]; then
-				echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); continue
-			fi
-			cat "$log"
-			local tot
-			tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
-			if [ -z "$tot" ]; then
-				echo "$t: no KTAP totals (rc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)): counting one failure"
-				fail=$((fail + 1)); continue
-			fi
-			local p f s x
-			# " pass:" and " fail:" with the space: not "xpass:"/"xfail:".
-			p=$(sed -E 's/.* pass:([0-9]+).*/\1/' <<<"$tot")
-			f=$(sed -E 's/.* fail:([0-9]+).*/\1/' <<<"$tot")
-			x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
-			s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
-			pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
-			# The script's own exit status must agree with its totals.
-			local trc; trc=$(cat "$out/$t-$fs-$sector.rc" 2>/dev/null)
-			if [ "$trc" != 0 ] && [ "$trc" != 4 ] && [ "$f" = 0 ]; then
-				echo "not ok: $t exited $trc with no failed case"; fail=$((fail + 1))
-			fi
+			count_log "$out" "$t-$fs-$sector" "$t" "$rc"
 		done
 		run_checks "$out"
 		crash_host_check "$out"
 		rm -rf "$out"
 	done
+}
+
+# In CI a skipped case is a failure: a missing tool must not pass quietly.
+ci_skips() {
+	if [ "${CI:-}" = true ] && [ "$skip" -gt 0 ]; then
+		echo "CI=true: counting $skip skipped cases as failures"
+		fail=$((fail + skip))
+	fi
+}
+
+# count_log OUT BASE SCRIPT VMRC: the pass's KTAP log OUT/BASE.log (and
+# its exit status in OUT/BASE.rc) into the totals; no log, no totals, or an
+# exit status that disagrees with them is a failure.
+count_log() {
+	local out=$1 base=$2 t=$3 rc=$4 log=$1/$2.log
+	if [ ! -f "$log" ]; then
+		echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); return
+	fi
+	cat "$log"
+	local tot
+	tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
+	if [ -z "$tot" ]; then
+		echo "$t: no KTAP totals (rc=$(cat "$out/$base.rc" 2>/dev/null)): counting one failure"
+		fail=$((fail + 1)); return
+	fi
+	local p f s x
+	# " pass:" and " fail:" with the space: not "xpass:"/"xfail:".
+	p=$(sed -E 's/.* pass:([0-9]+).*/\1/' <<<"$tot")
+	f=$(sed -E 's/.* fail:([0-9]+).*/\1/' <<<"$tot")
+	x=$(sed -nE 's/.* error:([0-9]+).*/\1/p' <<<"$tot")
+	s=$(sed -nE 's/.* skip:([0-9]+).*/\1/p' <<<"$tot")
+	pass=$((pass + p)); fail=$((fail + f + ${x:-0})); skip=$((skip + ${s:-0}))
+	# The script's own exit status must agree with its totals.
+	local trc; trc=$(cat "$out/$base.rc" 2>/dev/null)
+	if [ "$trc" != 0 ] && [ "$trc" != 4 ] && [ "$f" = 0 ]; then
+		echo "not ok: $t exited $trc with no failed case"; fail=$((fail + 1))
+	fi
+}
+
+# The runner's own checks, each fed one planted defect (no VM): every one
+# must count a failure, and a clean run none. `tools/check.sh host` runs it.
+runner_test() {
+	local d ok=0 bad=0 name want
+	d=$(mktemp -d /tmp/dmq-runner-test.XXXXXX)
+	# plant NAME: a clean pass's output in $d/NAME (totals, rc, log, rmmod)
+	plant() {
+		mkdir -p "$d/$1"
+		printf 'TAP version 13\n1..2\nok 1 a\nok 2 b\n# Totals: pass:2 fail:0 xfail:0 xpass:0 skip:0 error:0\n' \
+			>"$d/$1/t.sh-ext4-512.log"
+		echo 0 >"$d/$1/t.sh-ext4-512.rc"
+		printf '[    1.0] Linux version 6.12\n[    2.0] dm_qcow2: loaded\n' >"$d/$1/dmesg.log"
+		echo 0 >"$d/$1/rmmod.rc"
+	}
+	plant clean
+	plant dmesg_bug; echo '[    3.0] BUG: KASAN: slab-use-after-free in dm_qcow2' >>"$d/dmesg_bug/dmesg.log"
+	plant dmesg_lockdep; echo '[    3.0] WARNING: possible circular locking dependency detected' >>"$d/dmesg_lockdep/dmesg.log"
+	plant dmesg_hung; echo '[  300.0] INFO: task kworker/0:1:42 blocked for more than 60 seconds.' >>"$d/dmesg_hung/dmesg.log"
+	plant no_dmesg; rm "$d/no_dmesg/dmesg.log"
+	plant rmmod; echo 1 >"$d/rmmod/rmmod.rc"; echo "rmmod: ERROR: Module dm_qcow2 is in use" >"$d/rmmod/rmmod.log"
+	plant kmemleak; printf 'unreferenced object 0xffff888 (size 64):\n  backtrace:\n    kmalloc\n    dm_qcow2_ctr+0x40/0x900 [dm_qcow2]\n' >"$d/kmemleak/kmemleak.log"
+	plant no_totals; sed -i '/Totals/d' "$d/no_totals/t.sh-ext4-512.log"
+	plant rc_disagrees; echo 1 >"$d/rc_disagrees/t.sh-ext4-512.rc"
+	plant failed_case; sed -i 's/^ok 2 b/not ok 2 b/; s/pass:2 fail:0/pass:1 fail:1/' "$d/failed_case/t.sh-ext4-512.log"
+	plant no_log; rm "$d/no_log/t.sh-ext4-512.log"
+	for name in clean dmesg_bug dmesg_lockdep dmesg_hung no_dmesg rmmod kmemleak no_totals rc_disagrees failed_case no_log; do
+		want=1; [ "$name" = clean ] && want=0
+		local got
+		got=$( (pass=0 fail=0 skip=0
+			count_log "$d/$name" t.sh-ext4-512 t.sh 0 >/dev/null
+			run_checks "$d/$name" >/dev/null
+			echo "$fail") )
+		if { [ "$want" = 0 ] && [ "$got" = 0 ]; } || { [ "$want" = 1 ] && [ "$got" -gt 0 ]; }; then
+			ok=$((ok + 1))
+		else
+			echo "not ok: runner check '$name': $got failures counted"
+			bad=$((bad + 1))
+		fi
+	done
+	# CI=true turns a skipped case into a failure
+	local got
+	got=$( (CI=true skip=1 fail=0; ci_skips >/dev/null; echo "$fail") )
+	if [ "$got" = 1 ]; then ok=$((ok + 1)); else echo "not ok: CI=true skip"; bad=$((bad + 1)); fi
+	rm -rf "$d"
+	if [ "$bad" = 0 ]; then
+		echo "ok: the runner's checks each caught their planted defect ($ok)"; pass=$((pass + 1))
+	else
+		fail=$((fail + 1))
+	fi
 }
 
 # pass_weight FS,SECTOR:SCRIPT: its minutes in the VM, roughly (measured on
@@ -249,17 +315,14 @@ run_checks() {
 }
 
 case "$what" in
-host) host_tests; fake_start; fake_wait ;;
+host) host_tests; runner_test; fake_start; fake_wait ;;
+runner-test) runner_test ;;
 kselftest) kselftests "$@" ;;
-all) host_tests; fake_start; kselftests "$@"; fake_wait ;;
+all) host_tests; runner_test; fake_start; kselftests "$@"; fake_wait ;;
 *) die "usage: $0 all|host|kselftest [test...]" ;;
 esac
 
-# In CI a skipped case is a failure: a missing tool must not pass quietly.
-if [ "${CI:-}" = true ] && [ "$skip" -gt 0 ]; then
-	echo "CI=true: counting $skip skipped cases as failures"
-	fail=$((fail + skip))
-fi
+ci_skips
 line="$pass passed, $fail failed"
 [ "$skip" -gt 0 ] && line+=", $skip skipped"
 echo "$line"

@@ -180,6 +180,7 @@ impl Qcow2 {
         let retry_wq = OwnedQueue::new(c_str!("dm-qcow2-retry"), true).map_err(oom)?;
         let merge_wq = OwnedQueue::new(c_str!("dm-qcow2-merge"), false).map_err(oom)?;
         let commit_wq = OwnedQueue::new(c_str!("dm-qcow2-commit"), false).map_err(oom)?;
+        let count_wq = OwnedQueue::new(c_str!("dm-qcow2-count"), false).map_err(oom)?;
         let (len_sectors, link) = (ti.len(), ti.link());
         let inner = Arc::pin_init(
             pin_init!(Inner {
@@ -192,6 +193,7 @@ impl Qcow2 {
                 retry_wq,
                 merge_wq,
                 commit_wq,
+                count_wq,
                 commit_armed: AtomicBool::new(false),
                 commit_due: AtomicBool::new(false),
                 errors: Errors::default(),
@@ -210,6 +212,7 @@ impl Qcow2 {
                 merge_work <- new_work!("dm_qcow2::merge_work"),
                 retry_work <- new_work!("dm_qcow2::retry_work"),
                 commit_work <- new_work!("dm_qcow2::commit_work"),
+                count_work <- new_work!("dm_qcow2::count_work"),
             }),
             GFP_KERNEL,
         )

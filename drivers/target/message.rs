@@ -27,41 +27,17 @@ fn arity(args: &[&CStr], n: usize) -> Result {
 }
 
 impl Qcow2 {
-    /// Completes the allocated-cluster count of every delta that needs it
-    /// (the first status after a load of the metadata), a batch at a time,
-    /// with the state unlocked in between; returns with it locked.
-    fn count_clusters(&self) -> Guard<'_, WorkerState, MutexBackend> {
-        let inner = &self.inner;
-        let mut st = inner.state.lock();
-        for md in st.md.iter_mut() {
-            md.count.failed = false;
-        }
-        loop {
-            // Deltas may change while unlocked (a merge completes): look again.
-            let next = (0..st.deltas.len()).find(|&i| {
-                let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
-                    return false;
-                };
-                !md.count.failed && md.count.value(&d.hdr).is_none()
-            });
-            let Some(i) = next else {
-                return st;
-            };
-            if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
-                if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
-                    md.count.failed = true;
-                }
-            }
-            drop(st);
-            task::cond_resched();
-            st = inner.state.lock();
-        }
-    }
-
     pub(super) fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
         let inner = &self.inner;
         let e = &inner.errors;
-        let st = self.count_clusters();
+        // The counts are built in the background after every load of the
+        // metadata (resume); the status never reads metadata itself, and
+        // waits for that work without the state locked if it is not done.
+        if !inner.counted() {
+            inner.kick_count();
+            inner.count_wq.flush();
+        }
+        let st = inner.state.lock();
         write!(
             out,
             "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",

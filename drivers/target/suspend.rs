@@ -250,5 +250,8 @@ impl Qcow2 {
     /// `resume`.
     pub(super) fn resume_end(&self) {
         self.inner.suspending.store(false, Ordering::Release);
+        // The metadata was (re)loaded: count what the status line shows now,
+        // in the background, so that `dmsetup status` finds it done.
+        self.inner.kick_count();
     }
 }

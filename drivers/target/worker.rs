@@ -105,6 +105,18 @@ impl WorkItem<1> for Inner {
     }
 }
 
+/// The allocated-cluster counts (status INFO `clusters=`) of every delta
+/// whose metadata was loaded since, a batch at a time, with the state
+/// unlocked in between (guest I/O goes on).
+impl WorkItem<4> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        let _noio = task::NoIo::enter();
+        this.count_all();
+    }
+}
+
 /// The periodic commit: metadata changed by writes that did not wait for a
 /// commit (all but flushes and FUA) is written out within about
 /// `COMMIT_SLICES` tenths of a second (ext4's default commit interval; dm-thin
@@ -413,6 +425,50 @@ impl Inner {
             if let Some(q) = self.wq.queue() {
                 let _ = q.enqueue::<_, 0>(self.clone());
             }
+        }
+    }
+
+    /// Whether every delta's allocated-cluster count is known (or its walk
+    /// failed: the status shows `?`).
+    pub(crate) fn counted(&self) -> bool {
+        let st = self.state.lock();
+        st.deltas.iter().zip(st.md.iter()).all(|(d, md)| md.count.failed || md.count.value(&d.hdr).is_some())
+    }
+
+    /// Starts the count (if it is not queued already).
+    pub(crate) fn kick_count(self: &Arc<Self>) {
+        if let Some(q) = self.count_wq.queue() {
+            let _ = q.enqueue::<_, 4>(self.clone());
+        }
+    }
+
+    /// Completes the allocated-cluster count of every delta that needs it,
+    /// a batch at a time, with the state unlocked in between. A delta whose
+    /// walk fails (an unreadable L2 table) is tried again by the next call.
+    fn count_all(&self) {
+        let mut st = self.state.lock();
+        for md in st.md.iter_mut() {
+            md.count.failed = false;
+        }
+        loop {
+            // Deltas may change while unlocked (a merge completes): look again.
+            let next = (0..st.deltas.len()).find(|&i| {
+                let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
+                    return false;
+                };
+                !md.count.failed && md.count.value(&d.hdr).is_none()
+            });
+            let Some(i) = next else {
+                return;
+            };
+            if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
+                if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
+                    md.count.failed = true;
+                }
+            }
+            drop(st);
+            task::cond_resched();
+            st = self.state.lock();
         }
     }
 

@@ -66,5 +66,21 @@ else
 	done
 	"$here/../qcow2_ctl.sh" messages nonroot suspended_busy status_info \
 		suspend_loop snapshot_reload || rc=$?
+	# The framework's per-case checks, each fed a planted defect: the
+	# script must fail, with exactly these results.
+	out=$("$here/runner_cases.sh" 2>&1)
+	prc=$?
+	printf '%s\n' "$out"
+	want=$(printf '%s\n' "ok 1 ok_clean" "not ok 2 bad_left_device" \
+		"not ok 3 bad_consistency" "ok 4 ok_consistency_declared" \
+		"not ok 5 bad_report" "ok 6 skip_skipped # SKIP")
+	got=$(grep -E '^(not )?ok [0-9]+ ' <<<"$out")
+	if [ "$got" != "$want" ] || [ "$prc" = 0 ]; then
+		echo "not ok: runner_cases.sh (rc=$prc): expected"
+		printf '%s\n' "$want"
+		rc=1
+	else
+		echo "ok: runner_cases.sh: each planted defect failed its case"
+	fi
 fi
 exit "$rc"
