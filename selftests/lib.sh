@@ -173,6 +173,20 @@ dmq_size() {
 	echo $((e))
 }
 
+# dmq_extl2_cluster SIZE: SIZE in bytes, or the smallest power-of-two
+# multiple of it whose subclusters (1/32 of a cluster) are not smaller than
+# the scratch device's logical block size: extended-L2 cases run on the
+# 4 KiB-sector pass with 128k clusters instead of 64k (the target refuses
+# the smaller subclusters there: qcow2_ctr_errors.sh subclusters_below_block).
+dmq_extl2_cluster() {
+	local c ss=${DMQ_SCRATCH_SECTOR:-512}
+	c=$(dmq_size "$1")
+	while [ $((c / 32)) -lt "$ss" ]; do
+		c=$((c * 2))
+	done
+	echo "$c"
+}
+
 # dmq_img_create FILE SIZE [qemu-img create -o options] [BACKING]
 #   dmq_img_create base.qcow2 64M cluster_size=64k
 #   dmq_img_create top.qcow2 128M cluster_size=64k base.qcow2

@@ -160,8 +160,11 @@ case_v3_on_v2() {
 
 # -------------------------------------------------------------- extended L2
 
+# (128k clusters on the 4 KiB-sector pass: dmq_extl2_cluster)
 case_extl2_64k() {
-	local o=cluster_size=64k,extended_l2=on
+	local c o
+	c=$(dmq_extl2_cluster 64k)
+	o=cluster_size=$c,extended_l2=on
 	dmq_img_create base.qcow2 16M "$o"
 	dmq_write base.qcow2 t:0:1M r:3M:512k P0x44:8M+60k:8k r:10M+3k:1k
 	dmq_img_create top.qcow2 16M "$o" base.qcow2
@@ -171,8 +174,8 @@ case_extl2_64k() {
 	need_extents top.qcow2 "partial subcluster data" \
 		'e["depth"] == 0 and e["data"] and e["length"] < 65536'
 	EXTRA_RANGES=(8M+56k:16k 10M:64k 12M+28k:8k)
-	check_map 64k base.qcow2
-	check_map 64k base.qcow2 top.qcow2
+	check_map "$c" base.qcow2
+	check_map "$c" base.qcow2 top.qcow2
 	dmq_check_images base.qcow2 top.qcow2
 }
 
@@ -219,7 +222,7 @@ case_compressed_2m() {
 }
 
 case_compressed_extl2() {
-	compressed_case 64k 8M extended_l2=on
+	compressed_case "$(dmq_extl2_cluster 64k)" 8M extended_l2=on
 }
 
 case_compressed_overlay() {
@@ -256,7 +259,9 @@ case_zero_clusters() {
 }
 
 case_zero_extl2() {
-	local o=cluster_size=64k,extended_l2=on
+	local c o
+	c=$(dmq_extl2_cluster 64k)
+	o=cluster_size=$c,extended_l2=on
 	dmq_img_create base.qcow2 8M "$o"
 	dmq_write base.qcow2 P0xcc:0:4M t:4M:2M
 	dmq_img_create top.qcow2 8M "$o" base.qcow2
@@ -269,7 +274,7 @@ case_zero_extl2() {
 	need_extents top.qcow2 "zero subclusters in allocated clusters" \
 		'e["depth"] == 0 and e["zero"] and "offset" in e'
 	EXTRA_RANGES=(4M+28k:16k 5M:8k 5M+128k:64k)
-	check_map 64k base.qcow2 top.qcow2
+	check_map "$c" base.qcow2 top.qcow2
 	dmq_check_images base.qcow2 top.qcow2
 }
 

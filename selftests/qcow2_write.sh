@@ -225,9 +225,12 @@ case_v2_single() {
 	[ "$(dmq_header a.qcow2 version)" = 2 ] || dmq_fail "not a v2 image"
 }
 
+# (128k clusters on the 4 KiB-sector pass: dmq_extl2_cluster)
 case_extl2_64k() {
+	local c
 	FIO_SEED=64
-	write_case cluster_size=64k,extended_l2=on 64k chain
+	c=$(dmq_extl2_cluster 64k)
+	write_case "cluster_size=$c,extended_l2=on" "$c" chain
 }
 
 case_extl2_1m() {
@@ -236,8 +239,10 @@ case_extl2_1m() {
 }
 
 case_extl2_single() {
+	local c
 	FIO_SEED=66
-	write_case cluster_size=64k,extended_l2=on 64k single
+	c=$(dmq_extl2_cluster 64k)
+	write_case "cluster_size=$c,extended_l2=on" "$c" single
 }
 
 case_refcount1() {
@@ -505,9 +510,10 @@ expect_bytes() {
 # discards and write-zeroes must make both read as zeroes (the C target lets
 # lower data show through), free the top's clusters, leave no leaks. On v2
 # (no zero flag; OPTS with compat=0.10) a discard over lower data is
-# ignored: the data stays.
+# ignored: the data stays. CL: the cluster size OPTS give (64k if not
+# given).
 discard_case() {
-	local opts=$1 cl=65536 top_z=0 low_z=0
+	local opts=$1 cl=${2:-65536} top_z=0 low_z=0
 	need blkdiscard
 	dmq_img_create base.qcow2 16M "$opts"
 	dmq_write base.qcow2 P0xaa:0:16M
@@ -519,14 +525,14 @@ discard_case() {
 	dmq_run blkdiscard -o $((1024 * 1024)) -l $((4 * cl)) "$DEV"
 	dmq_run blkdiscard -o $((4 * 1024 * 1024)) -l $((2 * cl)) "$DEV"
 	# write-zeroes, keeping the allocation, and an unaligned one
-	dmq_run blkdiscard -z -o $((1536 * 1024)) -l "$cl" "$DEV"
+	dmq_run blkdiscard -z -o $((1024 * 1024 + 5 * cl)) -l "$cl" "$DEV"
 	dmq_run blkdiscard -z -o $((6 * 1024 * 1024 + 4096)) -l 12288 "$DEV"
 	case $opts in *compat=0.10*) top_z=0x5c low_z=0xaa ;; esac
 	expect_bytes "$DEV" $((1024 * 1024)) "$cl" "$top_z"
 	expect_bytes "$DEV" $((1024 * 1024 + cl)) $((3 * cl)) "$top_z"
-	expect_bytes "$DEV" $((1536 * 1024)) "$cl" 0
+	expect_bytes "$DEV" $((1024 * 1024 + 5 * cl)) "$cl" 0
 	expect_bytes "$DEV" $((4 * 1024 * 1024)) $((2 * cl)) "$low_z"
-	expect_bytes "$DEV" $((1536 * 1024)) "$cl" 0
+	expect_bytes "$DEV" $((1024 * 1024 + 5 * cl)) "$cl" 0
 	expect_bytes "$DEV" $((6 * 1024 * 1024 + 4096)) 12288 0
 	expect_bytes "$DEV" $((6 * 1024 * 1024)) 4096 0xaa
 	expect_bytes "$DEV" $((1024 * 1024 + 4 * cl)) "$cl" 0x5c
@@ -572,7 +578,11 @@ case_discard_v2_dealloc() {
 	echo "v2, 64 MiB: $after data clusters after a default mkfs.ext4"
 	[ "$after" -lt 512 ] || dmq_fail "a default mkfs filled the v2 image ($after of 1024 clusters)"
 }
-case_discard_extl2() { discard_case cluster_size=64k,extended_l2=on; }
+case_discard_extl2() {
+	local c
+	c=$(dmq_extl2_cluster 64k)
+	discard_case "cluster_size=$c,extended_l2=on" "$c"
+}
 
 # -------------------------------------------------- fast path vs. discard
 
