@@ -135,8 +135,10 @@ kselftests() {
 		local out=${outs[k]}
 		for spec in "${g[@]}"; do
 			local fs=${spec%%,*} rest=${spec#*,}
-			local sector=${rest%%:*} t=${rest#*:}
-			echo "== $t on $fs, $sector-byte sectors"
+			local sector=${rest%%:*} t=${rest#*:} some=
+			[[ $t == *+* ]] && some=" (cases ${t#*+})"
+			t=${t%%+*}
+			echo "== $t on $fs, $sector-byte sectors${some//+/ }"
 			count_log "$out" "$t-$fs-$sector" "$t" "$rc"
 		done
 		run_checks "$out"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs inside the VM: loads dm-qcow2 and runs kselftest passes, writing into
-# the results directory $1, for each pass FS,SECTOR:TEST (e.g.
-# ext4,512:qcow2_read.sh), TEST-FS-SECTOR.log (KTAP) and .rc; at the end
+# the results directory $1, for each pass FS,SECTOR:TEST[+CASE...] (e.g.
+# ext4,512:qcow2_read.sh, or xfs,512:qcow2_write.sh+ext4+numjobs for some
+# cases only), TEST-FS-SECTOR.log (KTAP) and .rc; at the end
 # kmemleak.log (the module's leaks), rmmod.rc and dmesg.log (the whole
 # run's kernel log, read after rmmod). A case that hangs past its timeout
 # gets a sysrq-w dump (blocked tasks) in the log, then is killed.
@@ -49,9 +50,14 @@ run_one() {
 
 for spec in "$@"; do
 	fs=${spec%%,*}; rest=${spec#*,}; sector=${rest%%:*}; t=${rest#*:}
+	cases=()
+	if [[ $t == *+* ]]; then
+		IFS=+ read -r -a cases <<<"${t#*+}"
+		t=${t%%+*}
+	fi
 	name=$t-$fs-$sector
-	echo "== $t on $fs (sector $sector)"
-	DMQ_SCRATCH_FS=$fs DMQ_SCRATCH_SECTOR=$sector run_one "$out/$name.log" "./$t"
+	echo "== $t on $fs (sector $sector)${cases[*]:+: ${cases[*]}}"
+	DMQ_SCRATCH_FS=$fs DMQ_SCRATCH_SECTOR=$sector run_one "$out/$name.log" "./$t" "${cases[@]}"
 	echo $? >"$out/$name.rc"
 done
 

@@ -428,11 +428,11 @@ impl Inner {
         }
     }
 
-    /// Whether every delta's allocated-cluster count is known (or its walk
-    /// failed: the status shows `?`).
+    /// Whether every delta's allocated-cluster count is known. (Not after a
+    /// failed walk: the status asks for another try, then shows `?`.)
     pub(crate) fn counted(&self) -> bool {
         let st = self.state.lock();
-        st.deltas.iter().zip(st.md.iter()).all(|(d, md)| md.count.failed || md.count.value(&d.hdr).is_some())
+        st.deltas.iter().zip(st.md.iter()).all(|(d, md)| md.count.value(&d.hdr).is_some())
     }
 
     /// Starts the count (if it is not queued already).
@@ -444,7 +444,8 @@ impl Inner {
 
     /// Completes the allocated-cluster count of every delta that needs it,
     /// a batch at a time, with the state unlocked in between. A delta whose
-    /// walk fails (an unreadable L2 table) is tried again by the next call.
+    /// walk fails (an unreadable L2 table) is tried again by the next run
+    /// (the next status line queues one).
     fn count_all(&self) {
         let mut st = self.state.lock();
         for md in st.md.iter_mut() {
