@@ -200,40 +200,56 @@ class Rublk(Peer):
         sh(f"{self.exe} del -a", check=False)
 
 
+STATUS_ROUNDS = int(os.environ.get("DMQ_BENCH_STATUS_ROUNDS", "3"))
+
+
 def status_under_fio(rw, bs):
     """fio on dm-qcow2 alone, beside a status poller on it, beside the same
-    poller on a dm-zero device: lines for the table."""
+    poller on a dm-zero device, in STATUS_ROUNDS alternating rounds (a slow
+    drift of the host's load falls on all three alike): lines for the table
+    with the median of each."""
     img = f"{WORK}/img"
     make_image(img, True)
     p = DmQcow2("dm-qcow2")
     secs = RUNTIME + 4
-    runs = {}
+    kinds = (("alone", None), ("status poller on it", "bench"), ("status poller on dm-zero", "bench-zero"))
+    runs = {what: [] for what, _ in kinds}
     try:
         dev = p.up(img)
         sh(f"dmsetup create bench-zero --table '0 {SIZE * 2048} zero'")
-        for what, target in (("alone", None), ("status loop on it", "bench"),
-                             ("status loop on dm-zero", "bench-zero"),
-                             ("alone, again", None)):
-            poller = None
-            if target:
-                poller = subprocess.Popen([sys.executable, __file__, "--status-loop", target, str(secs)],
-                                          stdout=subprocess.PIPE, text=True)
-                time.sleep(0.5)
-            r = fio(dev, rw, bs)
-            calls = poller.communicate()[0].strip() if poller else "-"
-            runs[what] = (r, calls)
-            log(f"status-under-fio {what:24} " + (f"{r[0]:10.0f} IOPS" if r else "failed") + f", status calls {calls}")
+        for _ in range(STATUS_ROUNDS):
+            for what, target in kinds:
+                poller = None
+                if target:
+                    poller = subprocess.Popen([sys.executable, __file__, "--status-loop", target, str(secs)],
+                                              stdout=subprocess.PIPE, text=True)
+                    time.sleep(0.5)
+                r = fio(dev, rw, bs)
+                calls = poller.communicate()[0].strip() if poller else "-"
+                if r:
+                    runs[what].append(r[0])
+                log(f"status-under-fio {what:26} " + (f"{r[0]:10.0f} IOPS" if r else "failed") +
+                    f", status calls {calls}")
     finally:
         sh("dmsetup remove bench-zero", check=False)
         p.down()
-    lines = ["", f"status under fio: {bs} {rw}, dm-qcow2 on an allocated image; "
-             f"a process doing {STATUS_RATE} DM_TABLE_STATUS ioctls a second"]
-    for what, (r, calls) in runs.items():
-        lines.append(f"  {what:24} " + (f"{r[0]:10.0f} IOPS" if r else "    failed") + f"   status calls: {calls}")
-    on, zero = runs.get("status loop on it", (None,))[0], runs.get("status loop on dm-zero", (None,))[0]
-    if on and zero and zero[0]:
-        lines.append(f"  with the loop on dm-qcow2 / with it on dm-zero: {on[0] / zero[0]:.2f}x "
-                     "(the target's own cost of status; the loop's CPU is in both)")
+
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if v else None
+
+    med = {what: median(v) for what, v in runs.items()}
+    lines = ["", f"status under fio: {bs} {rw} on dm-qcow2 (an allocated image), "
+             f"median of {STATUS_ROUNDS} alternating rounds; the poller does {STATUS_RATE} "
+             "DM_TABLE_STATUS ioctls a second"]
+    for what, _ in kinds:
+        m = med[what]
+        lines.append(f"  {what:26} " + (f"{m:10.0f} IOPS" if m else "    failed") +
+                     "   (" + ", ".join(f"{x:.0f}" for x in runs[what]) + ")")
+    on, zero = med["status poller on it"], med["status poller on dm-zero"]
+    if on and zero:
+        lines.append(f"  poller on dm-qcow2 / poller on dm-zero: {on / zero:.3f}x "
+                     "(what the target's status costs fio; the poller's own CPU is in both)")
     return lines
 
 
