@@ -512,12 +512,15 @@ case_chain3() {
 }
 
 # virtual sizes that are not a multiple of the cluster size
+# (sizes in whole logical blocks of the scratch device: a table's length
+# must be, so 5M+3*512 on 512-byte sectors, 5M+3*4096 on the 4 KiB pass)
 case_odd_size() {
-	dmq_img_create base.qcow2 5M+1536 cluster_size=64k
-	dmq_write base.qcow2 r:0:3k t:5M-10k:10k+1536
-	dmq_img_create top.qcow2 7M+512 cluster_size=64k base.qcow2
-	dmq_write top.qcow2 r:5M:4k P0x71:7M-1k:1k+512
-	EXTRA_RANGES=(5M-4k:5k+512 5M:4k)
+	local ss=${DMQ_SCRATCH_SECTOR:-512}
+	dmq_img_create base.qcow2 "5M+$((3 * ss))" cluster_size=64k
+	dmq_write base.qcow2 r:0:3k "t:5M-10k:10k+$((3 * ss))"
+	dmq_img_create top.qcow2 "7M+$ss" cluster_size=64k base.qcow2
+	dmq_write top.qcow2 r:5M:4k "P0x71:7M-1k:1k+$ss"
+	EXTRA_RANGES=("5M-4k:5k+$ss" 5M:4k)
 	check_map 64k base.qcow2
 	check_map 64k base.qcow2 top.qcow2
 	dmq_check_images base.qcow2 top.qcow2
@@ -527,7 +530,8 @@ case_odd_size() {
 case_short_table() {
 	dmq_img_create a.qcow2 32M cluster_size=64k
 	dmq_write a.qcow2 t:0:1M t:9M:2M
-	check_map 64k --length $(((10 << 20) / 512 + 1)) a.qcow2
+	# one logical block past 10M (a sector, or 8 on the 4 KiB pass)
+	check_map 64k --length $(((10 << 20) / 512 + ${DMQ_SCRATCH_SECTOR:-512} / 512)) a.qcow2
 	dmq_check_images a.qcow2
 }
 

@@ -24,6 +24,7 @@ set -u -o pipefail
 FIO=${FIO:-fio}
 DEV_SIZE=32M			# virtual size of the images the cases write
 FIO_IO=${DMQ_FIO_IO:-10M}	# written by each of the two fio jobs
+MINBS=${DMQ_SCRATCH_SECTOR:-512}	# smallest fio write: the scratch device's logical block
 FIO_SEED=1			# --randseed of the first job (cases change it)
 DEV=				# the mapped device (map_rw)
 
@@ -71,7 +72,7 @@ fio_write() {
 	half=$(($(blockdev --getsize64 "$dev") / 2))
 	size=$((half - half / 16))
 	local args=(--output=fio.log --filename="$dev" --direct=1
-		--ioengine=libaio --rw=randwrite --bsrange=512-192k --iodepth=8
+		--ioengine=libaio --rw=randwrite --bsrange="$MINBS"-192k --iodepth=8
 		--size="$size" --io_size="$FIO_IO" --verify=crc32c
 		--verify_fatal=1 --randrepeat=1 "$@"
 		--name=j0 --offset=0 --randseed="$FIO_SEED" --write_iolog=j0.iolog
@@ -180,7 +181,7 @@ case_numjobs() {
 	map_rw base.qcow2 top.qcow2
 	q=$(($(blockdev --getsize64 "$DEV") / 4))
 	"$FIO" --output=fio.log --name=n --filename="$DEV" --direct=1 \
-		--ioengine=libaio --rw=randwrite --bsrange=512-128k --iodepth=16 \
+		--ioengine=libaio --rw=randwrite --bsrange="$MINBS"-128k --iodepth=16 \
 		--numjobs=4 --offset_increment="$q" --size=$((q - q / 16)) \
 		--io_size=4M --verify=crc32c --verify_fatal=1 --randrepeat=1 \
 		--randseed=77 --group_reporting
