@@ -156,29 +156,50 @@ impl Merge {
     }
 }
 
-/// Writes the `merge_* progress` / status fields of `m` (or of no merge).
-pub(crate) fn describe(m: Option<&Merge>, out: &mut impl Write) -> core::fmt::Result {
-    match m {
-        None => write!(out, "merge=none depth=0 stage=none progress=0 error=0"),
-        Some(m) => {
-            let dir = match m.dir {
-                Dir::Backward => "backward",
-                Dir::Forward => "forward",
-            };
-            let err = match m.stage {
-                Stage::Failed(e) => e,
-                _ => 0,
-            };
-            write!(
-                out,
-                "merge={} depth={} stage={} progress={} error={}",
-                dir,
-                m.depth,
-                m.stage_name(),
-                m.progress(),
-                err
-            )
+/// What `merge_* progress` and the status line show of a merge, copied out
+/// of the state (see `StatusView`).
+#[derive(Clone, Copy)]
+pub(crate) struct MergeView {
+    dir: Option<Dir>,
+    depth: usize,
+    stage: &'static str,
+    progress: u64,
+    error: i32,
+}
+
+impl MergeView {
+    /// No merge.
+    pub(crate) const NONE: Self = Self { dir: None, depth: 0, stage: "none", progress: 0, error: 0 };
+
+    /// The view of `m` (or of no merge).
+    pub(crate) fn of(m: Option<&Merge>) -> Self {
+        match m {
+            None => Self::NONE,
+            Some(m) => Self {
+                dir: Some(m.dir),
+                depth: m.depth,
+                stage: m.stage_name(),
+                progress: m.progress(),
+                error: match m.stage {
+                    Stage::Failed(e) => e,
+                    _ => 0,
+                },
+            },
         }
+    }
+
+    /// Writes the `merge_* progress` / status fields.
+    pub(crate) fn describe(&self, out: &mut impl Write) -> core::fmt::Result {
+        let dir = match self.dir {
+            None => "none",
+            Some(Dir::Backward) => "backward",
+            Some(Dir::Forward) => "forward",
+        };
+        write!(
+            out,
+            "merge={} depth={} stage={} progress={} error={}",
+            dir, self.depth, self.stage, self.progress, self.error
+        )
     }
 }
 
@@ -221,7 +242,7 @@ impl Inner {
         };
         let id = MERGE_IDS.fetch_add(1, Ordering::Relaxed);
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock_state();
             // A suspend cancels merges under this lock after raising the
             // flag: none may start behind its back.
             if self.is_suspending() {
@@ -316,7 +337,7 @@ impl Inner {
         // Bios mapped before the merge existed finish before the walker
         // starts; later ones see it.
         self.refs.switch_wait();
-        if let Some(m) = self.state.lock().merge.as_mut().filter(|m| m.id == id) {
+        if let Some(m) = self.lock_state().merge.as_mut().filter(|m| m.id == id) {
             m.armed = true;
         }
         self.kick_merge();
@@ -326,7 +347,7 @@ impl Inner {
     /// Runs (in the merge work item) until the merge is ready, failed or gone.
     pub(crate) fn merge_run(&self) {
         loop {
-            let mut st = self.state.lock();
+            let mut st = self.lock_state();
             if !self.merge_batch(&mut st) {
                 break;
             }
@@ -528,7 +549,7 @@ impl Inner {
     /// receiving delta durable and unlinks the merged one.
     pub(crate) fn merge_complete(&self, dir: Dir) -> Result {
         let removed = {
-            let mut st = self.state.lock();
+            let mut st = self.lock_state();
             let m = st.merge.as_ref().ok_or(EBUSY)?;
             if m.stage != Stage::Ready || m.dir != dir {
                 return Err(EBUSY);

@@ -33,6 +33,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
+use kernel::sync::lock::{mutex::MutexBackend, Guard};
 use kernel::sync::{Arc, Mutex, SpinLock};
 use kernel::workqueue::{impl_has_work, new_work, Work, WorkItem};
 use kernel::{c_str, new_mutex, new_spinlock};
@@ -151,6 +152,48 @@ impl ClusterBufs {
     }
 }
 
+/// What the status lines show of the state, copied out whenever the state
+/// is unlocked (`StateGuard`): `dmsetup status` reads it under a spinlock
+/// and never waits for the state mutex, which the worker holds for whole
+/// batches (and a status caller preempted while holding it would stall the
+/// worker behind it).
+pub(crate) struct StatusView {
+    /// Deltas in the chain.
+    pub(crate) images: usize,
+    /// Clusters each delta references, base first (`None`: not counted
+    /// yet): the first `images` entries (sized for the chain at ctr).
+    pub(crate) counts: KVec<Option<u64>>,
+    pub(crate) merge: merge::MergeView,
+    /// The top's qcow2 version and cluster size in sectors (status TABLE).
+    pub(crate) top: (u32, u64),
+}
+
+/// The locked state. Unlocking it refreshes the status view.
+pub(crate) struct StateGuard<'a> {
+    inner: &'a Inner,
+    guard: Guard<'a, WorkerState, MutexBackend>,
+}
+
+impl core::ops::Deref for StateGuard<'_> {
+    type Target = WorkerState;
+
+    fn deref(&self) -> &WorkerState {
+        &self.guard
+    }
+}
+
+impl core::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut WorkerState {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.publish_status(&self.guard);
+    }
+}
+
 /// Error state reported by `get_errors` and the status line.
 #[derive(Default)]
 struct Errors {
@@ -218,8 +261,12 @@ pub(crate) struct Inner {
     fast: SpinLock<Option<Arc<Fast>>>,
     #[pin]
     pending: SpinLock<BioList>,
+    /// Locked through `lock_state`.
     #[pin]
-    pub(crate) state: Mutex<WorkerState>,
+    state: Mutex<WorkerState>,
+    /// What the status lines show (see `StatusView`).
+    #[pin]
+    status: SpinLock<StatusView>,
     #[pin]
     work: Work<Inner, 0>,
     #[pin]
@@ -238,6 +285,36 @@ impl_has_work! {
     impl HasWork<Self, 2> for Inner { self.retry_work }
     impl HasWork<Self, 3> for Inner { self.commit_work }
     impl HasWork<Self, 4> for Inner { self.count_work }
+}
+
+impl Inner {
+    /// Locks the state (the chain, the metadata, the merge).
+    pub(crate) fn lock_state(&self) -> StateGuard<'_> {
+        StateGuard { inner: self, guard: self.state.lock() }
+    }
+
+    /// Copies what the status lines show out of `st`. O(chain length), no
+    /// allocation: `counts` was sized for the chain at ctr, and a chain
+    /// only gets shorter (merges).
+    fn publish_status(&self, st: &WorkerState) {
+        let top = st.deltas.last().map_or((0, 0), |t| (t.hdr.version, t.hdr.cluster_size() / SECTOR));
+        let merge = merge::MergeView::of(st.merge.as_ref());
+        let mut v = self.status.lock();
+        let v = &mut *v;
+        let mut n = 0;
+        for ((d, md), slot) in st.deltas.iter().zip(st.md.iter()).zip(v.counts.iter_mut()) {
+            *slot = md.count.value(&d.hdr);
+            n += 1;
+        }
+        v.images = n;
+        v.merge = merge;
+        v.top = top;
+    }
+
+    /// Each delta's count in the status view, base first.
+    pub(crate) fn status_counts<'a>(v: &'a StatusView) -> impl Iterator<Item = &'a Option<u64>> + 'a {
+        v.counts.iter().take(v.images)
+    }
 }
 
 /// Per-table state kept in `ti->private`.
@@ -271,17 +348,8 @@ impl dm::Target for Qcow2 {
     fn status(&self, kind: StatusType, out: &mut Emit<'_>) {
         let _ = match kind {
             StatusType::Table => {
-                let st = self.inner.state.lock();
-                match st.deltas.last() {
-                    Some(top) => write!(
-                        out,
-                        "{} v{} {}",
-                        st.deltas.len(),
-                        top.hdr.version,
-                        top.hdr.cluster_size() / SECTOR
-                    ),
-                    None => Ok(()),
-                }
+                let v = self.inner.status.lock();
+                write!(out, "{} v{} {}", v.images, v.top.0, v.top.1)
             }
             StatusType::Info => self.status_info(out),
             StatusType::Ima => Ok(()),
@@ -327,7 +395,7 @@ impl dm::Target for Qcow2 {
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
-        let st = self.inner.state.lock();
+        let st = self.inner.lock_state();
         // The strictest of the devices under the image files.
         let strictest = |f: fn(&File) -> u32| st.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
         let lbs = strictest(File::logical_block_size).clamp(SECTOR as u32, DIO_ALIGN as u32);
@@ -361,7 +429,7 @@ impl Drop for Qcow2 {
         // are parked, and none are now (then `retry_wq.queue()` is `None`).
         // The I/O worker arms the commit timer with the state locked: once
         // `no_timer` is seen it no longer does, and the timer's queue may go.
-        self.inner.state.lock().no_timer = true;
+        self.inner.lock_state().no_timer = true;
         self.inner.commit_wq.shutdown();
         self.inner.count_wq.shutdown();
         self.inner.retry_wq.shutdown();
@@ -372,7 +440,7 @@ impl Drop for Qcow2 {
         // same reason nothing is written once the table was suspended (it
         // settled its metadata then); a table never suspended writes out
         // what it holds.
-        let mut st = self.inner.state.lock();
+        let mut st = self.inner.lock_state();
         if !st.stale {
             if let Err(e) = self.inner.settle(&mut st) {
                 pr_err!("dm-qcow2: metadata writeback failed: {:?}\n", e);

@@ -175,6 +175,14 @@ impl Qcow2 {
             fast: None,
             no_timer: false,
         };
+        // The status view: sized for the chain now (see `publish_status`),
+        // filled when the state is first unlocked below.
+        let status = StatusView {
+            images: 0,
+            counts: KVec::from_elem(None, st.deltas.len(), GFP_KERNEL).map_err(oom)?,
+            merge: merge::MergeView::NONE,
+            top: (0, 0),
+        };
         let refs = InflightRefs::new().map_err(oom)?;
         let wq = OwnedQueue::new(c_str!("dm-qcow2"), true).map_err(oom)?;
         let retry_wq = OwnedQueue::new(c_str!("dm-qcow2-retry"), true).map_err(oom)?;
@@ -208,6 +216,7 @@ impl Qcow2 {
                 fast <- new_spinlock!(None, "dm_qcow2::fast"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
                 state <- new_mutex!(st, "dm_qcow2::state"),
+                status <- new_spinlock!(status, "dm_qcow2::status"),
                 work <- new_work!("dm_qcow2::work"),
                 merge_work <- new_work!("dm_qcow2::merge_work"),
                 retry_work <- new_work!("dm_qcow2::retry_work"),
@@ -217,6 +226,8 @@ impl Qcow2 {
             GFP_KERNEL,
         )
         .map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
+        // Fill the status view.
+        drop(inner.lock_state());
 
         ti.set_num_flush_bios(1);
         ti.set_flush_supported(true);

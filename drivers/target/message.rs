@@ -27,31 +27,31 @@ fn arity(args: &[&CStr], n: usize) -> Result {
 }
 
 impl Qcow2 {
+    /// The status INFO line, from counters and the state's view
+    /// (`StatusView`): no metadata read, no wait for the state mutex (which
+    /// the worker holds for whole batches).
     pub(super) fn status_info(&self, out: &mut Emit<'_>) -> core::fmt::Result {
         let inner = &self.inner;
         let e = &inner.errors;
         // The counts are built in the background after every load of the
-        // metadata (resume); the status never reads metadata itself, and
-        // waits for that work without the state locked if it is not done.
+        // metadata (resume); a status that comes first waits for that work.
         if !inner.counted() {
             inner.kick_count();
             inner.count_wq.flush();
         }
-        let st = inner.state.lock();
+        let v = inner.status.lock();
         write!(
             out,
             "images={} wants_check={} md_writeback_error={} truncate_error={} enospc={} ",
-            st.deltas.len(),
+            v.images,
             u8::from(inner.wants_check()),
             e.md_writeback.load(Ordering::Relaxed),
             e.truncate.load(Ordering::Relaxed),
             inner.parked_count.load(Ordering::Acquire),
         )?;
-        merge::describe(st.merge.as_ref(), out)?;
+        v.merge.describe(out)?;
         write!(out, " clusters=")?;
-        for (i, d) in st.deltas.iter().enumerate() {
-            // O(1): counted when the metadata was loaded, kept up to date since.
-            let n = st.md.get(i).and_then(|md| md.count.value(&d.hdr));
+        for (i, n) in Inner::status_counts(&v).enumerate() {
             if i > 0 {
                 write!(out, ",")?;
             }
@@ -75,7 +75,7 @@ impl Qcow2 {
             b"get_img_name" | b"get_img_id" => {
                 arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
-                let d = inner.state.lock().delta(id).ok();
+                let d = inner.lock_state().delta(id).ok();
                 if let Some(d) = d {
                     let mut buf = KVec::from_elem(0u8, 4096, GFP_KERNEL)?;
                     let p = d.file.path(&mut buf)?;
@@ -89,7 +89,7 @@ impl Qcow2 {
                 arity(args, 2)?;
                 let id: usize = arg(args, 1)?;
                 // An unknown id: empty output and success, as the C target.
-                let d = inner.state.lock().delta(id).ok();
+                let d = inner.lock_state().delta(id).ok();
                 if let Some(d) = d {
                     let fd = d.file.install_fd()?;
                     let _ = writeln!(out, "{}", fd);
@@ -123,7 +123,7 @@ impl Qcow2 {
                 let id: usize = arg(args, 1)?;
                 let ratio: u32 = arg(args, 2)?;
                 // Allowed while suspended, as get_img_name (the C target).
-                let d = inner.state.lock().delta(id).map_err(|_| ENOENT)?;
+                let d = inner.lock_state().delta(id).map_err(|_| ENOENT)?;
                 d.file.set_fault_ratio(ratio)
             }
             b"merge_backward" | b"merge_forward" => {
@@ -152,7 +152,7 @@ impl Qcow2 {
                     }
                     b"cancel" => {
                         arity(args, 2)?;
-                        let mut st = inner.state.lock();
+                        let mut st = inner.lock_state();
                         // Always succeeds, also with nothing (of this
                         // direction) running, as the C target.
                         if st.merge.as_ref().map(|m| m.dir) != Some(dir) {
@@ -162,9 +162,9 @@ impl Qcow2 {
                     }
                     b"progress" => {
                         arity(args, 2)?;
-                        let st = inner.state.lock();
+                        let st = inner.lock_state();
                         let m = st.merge.as_ref().filter(|m| m.dir == dir);
-                        let _ = merge::describe(m, out);
+                        let _ = merge::MergeView::of(m).describe(out);
                         let _ = writeln!(out);
                         Ok(())
                     }

@@ -174,7 +174,7 @@ impl Qcow2 {
         let inner = &self.inner;
         inner.suspending.store(true, Ordering::Release);
         {
-            let mut st = inner.state.lock();
+            let mut st = inner.lock_state();
             if st.merge.is_some() {
                 pr_info!("dm-qcow2: suspend cancels the merge\n");
                 if let Err(e) = inner.merge_cancel(&mut st) {
@@ -202,7 +202,7 @@ impl Qcow2 {
         inner.retry_wq.flush();
         inner.merge_wq.flush();
         inner.wq.flush();
-        let mut st = inner.state.lock();
+        let mut st = inner.lock_state();
         // Everything the cache holds goes to the images before they are
         // trimmed, marked clean or read again.
         let settled = inner.settle(&mut st);
@@ -232,7 +232,7 @@ impl Qcow2 {
             pr_err!("dm-qcow2: metadata may be inconsistent (wants_check): reload the table after qemu-img check -r all\n");
             return Err(EIO);
         }
-        let mut st = inner.state.lock();
+        let mut st = inner.lock_state();
         if st.stale {
             inner.reload(&mut st)?;
             st.stale = false;

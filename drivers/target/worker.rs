@@ -19,14 +19,14 @@ impl WorkItem<0> for Inner {
                 let late = this.late_nospc.take();
                 if !late.is_empty() {
                     locked = true;
-                    let mut st = this.state.lock();
+                    let mut st = this.lock_state();
                     parked |= this.park_late(&mut st, late);
                 }
                 let mut list = this.pending.lock().take();
                 if list.is_empty() {
                     if this.commit_due.load(Ordering::Acquire) {
                         locked = true;
-                        let mut st = this.state.lock();
+                        let mut st = this.lock_state();
                         parked |= this.sync_batch(&mut st);
                     }
                     break;
@@ -56,7 +56,7 @@ impl WorkItem<0> for Inner {
                     continue;
                 }
                 locked = true;
-                let mut st = this.state.lock();
+                let mut st = this.lock_state();
                 while let Some(bio) = slow.pop() {
                     parked |= this.process(&mut st, bio);
                 }
@@ -82,7 +82,7 @@ impl WorkItem<0> for Inner {
         // An episode ends when nothing is left parked, also when the retried
         // bios all took the fast path.
         if locked || this.enospc_episode.load(Ordering::Acquire) {
-            let st = this.state.lock();
+            let st = this.lock_state();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
             } else if let Some(q) = this.retry_wq.queue() {
@@ -409,7 +409,7 @@ impl Inner {
 
     /// Queues the parked bios again.
     pub(super) fn unpark(self: &Arc<Self>) {
-        let mut parked = self.state.lock().parked.take();
+        let mut parked = self.lock_state().parked.take();
         let mut n = 0;
         {
             let mut pending = self.pending.lock();
@@ -431,8 +431,7 @@ impl Inner {
     /// Whether every delta's allocated-cluster count is known. (Not after a
     /// failed walk: the status asks for another try, then shows `?`.)
     pub(crate) fn counted(&self) -> bool {
-        let st = self.state.lock();
-        st.deltas.iter().zip(st.md.iter()).all(|(d, md)| md.count.value(&d.hdr).is_some())
+        Self::status_counts(&self.status.lock()).all(Option::is_some)
     }
 
     /// Starts the count (if it is not queued already).
@@ -447,7 +446,7 @@ impl Inner {
     /// walk fails (an unreadable L2 table) is tried again by the next run
     /// (the next status line queues one).
     fn count_all(&self) {
-        let mut st = self.state.lock();
+        let mut st = self.lock_state();
         for md in st.md.iter_mut() {
             md.count.failed = false;
         }
@@ -469,7 +468,7 @@ impl Inner {
             }
             drop(st);
             task::cond_resched();
-            st = self.state.lock();
+            st = self.lock_state();
         }
     }
 
