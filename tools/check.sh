@@ -50,16 +50,27 @@ fake_wait() {
 	rm -f "$fake_log"
 }
 
-# The passes: every script on ext4 over a 512-byte-sector loop device.
-# DMQ_4K=1 adds the read and write scripts over a 4 KiB-sector one (not in
-# CI until the suite's time on ext4 is measured). DMQ_PASSES overrides:
-# "FS,SECTOR:SCRIPT ..."; with test names given, those on ext4/512 only.
+# The passes: every script on ext4 over a 512-byte-sector loop device; the
+# read and write scripts again over a 4 KiB-sector one (alignment, the
+# device's logical block size); the write cases that depend most on the
+# host file system again on xfs (its direct I/O, fallocate and punch-hole
+# paths differ from ext4's; not first_write_nofill, whose measure, the
+# file's allocated blocks, is ext4's: xfs zeroes and preallocates around
+# EOF). DMQ_4K=0 and DMQ_XFS=0 leave those out.
+# DMQ_PASSES overrides: "FS,SECTOR:SCRIPT[+CASE...] ..."; with test names
+# given, those on ext4/512 only.
+XFS_WRITE_CASES=cluster_64k+extl2_64k+single_inplace+flush_fsync+fua_osync+ext4+discard_v3+numjobs
 default_passes() {
 	local t
 	for t in "$@"; do echo "ext4,512:$t"; done
-	[ "${DMQ_4K:-0}" = 1 ] || return 0
 	for t in "$@"; do
-		case "$t" in qcow2_read.sh | qcow2_write.sh) echo "ext4,4096:$t" ;; esac
+		case "$t" in
+		qcow2_read.sh) [ "${DMQ_4K:-1}" = 0 ] || echo "ext4,4096:$t" ;;
+		qcow2_write.sh)
+			[ "${DMQ_4K:-1}" = 0 ] || echo "ext4,4096:$t"
+			[ "${DMQ_XFS:-1}" = 0 ] || echo "xfs,512:$t+$XFS_WRITE_CASES"
+			;;
+		esac
 	done
 }
 
@@ -239,6 +250,7 @@ runner_test() {
 # ext4/512, one VM alone on 2 cores): to balance the VMs.
 pass_weight() {
 	case "${1#*:}" in
+	*+*) echo 4 ;;
 	qcow2_ctr_errors.sh) echo 7 ;;
 	qcow2_read.sh) echo 12 ;;
 	qcow2_write.sh) echo 15 ;;
