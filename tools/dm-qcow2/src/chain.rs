@@ -30,8 +30,6 @@ pub struct Image {
     pub hdr: Header,
     /// The backing-file name stored in the header, if any.
     pub backing: Option<String>,
-    /// File length in bytes.
-    pub file_len: u64,
 }
 
 impl Image {
@@ -79,7 +77,7 @@ pub fn read_from(f: &File, path: &Path) -> Result<Image> {
     } else {
         None
     };
-    Ok(Image { path: path.to_path_buf(), hdr, backing, file_len })
+    Ok(Image { path: path.to_path_buf(), hdr, backing })
 }
 
 /// `pread` until `buf` is full or the file ends; returns the bytes read.
@@ -186,4 +184,81 @@ pub fn check_chain(chain: &[Image], writable: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{mk, Scratch};
+
+    fn names(c: &[Image]) -> Vec<String> {
+        c.iter().map(|i| i.path.file_name().unwrap().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn relative_and_absolute_names() {
+        let s = Scratch::new("chain");
+        std::fs::create_dir(s.path("sub")).unwrap();
+        mk(&s.path("base.qcow2"), 1 << 20, None);
+        // relative to the directory of the image naming it
+        mk(&s.path("sub/mid.qcow2"), 1 << 20, Some("../base.qcow2"));
+        let abs = s.path("sub/mid.qcow2").to_string_lossy().into_owned();
+        mk(&s.path("top.qcow2"), 2 << 20, Some(&abs));
+        let c = discover(&s.path("top.qcow2")).unwrap();
+        assert_eq!(names(&c), ["base.qcow2", "mid.qcow2", "top.qcow2"]);
+        check_chain(&c, true).unwrap();
+        // from another working directory, through a relative top path
+        let rel = discover(Path::new(&s.path("sub/mid.qcow2"))).unwrap();
+        assert_eq!(rel.len(), 2);
+    }
+
+    #[test]
+    fn loop_refused() {
+        let s = Scratch::new("loop");
+        mk(&s.path("a.qcow2"), 1 << 20, Some("b.qcow2"));
+        mk(&s.path("b.qcow2"), 1 << 20, Some("a.qcow2"));
+        let e = format!("{:#}", discover(&s.path("a.qcow2")).unwrap_err());
+        assert!(e.contains("loop in the backing chain"), "{e}");
+        mk(&s.path("self.qcow2"), 1 << 20, Some("self.qcow2"));
+        assert!(discover(&s.path("self.qcow2")).is_err());
+    }
+
+    #[test]
+    fn missing_file_named() {
+        let s = Scratch::new("missing");
+        mk(&s.path("top.qcow2"), 1 << 20, Some("gone.qcow2"));
+        let e = format!("{:#}", discover(&s.path("top.qcow2")).unwrap_err());
+        assert!(e.contains("backing file 'gone.qcow2' of") && e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn target_refusals() {
+        let s = Scratch::new("refuse");
+        mk(&s.path("base.qcow2"), 2 << 20, None);
+        mk(&s.path("top.qcow2"), 1 << 20, Some("base.qcow2"));
+        // a lower delta larger than the one above
+        let e = format!("{:#}", check_chain(&discover(&s.path("top.qcow2")).unwrap(), true).unwrap_err());
+        assert!(e.contains("lower delta larger"), "{e}");
+        // dirty + lazy refcounts: refused as a writable top only
+        let p = s.path("dirty.qcow2");
+        mk(&p, 1 << 20, None);
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&1u64.to_be_bytes(), 72).unwrap(); // incompatible: dirty
+        f.write_all_at(&1u64.to_be_bytes(), 80).unwrap(); // compatible: lazy refcounts
+        let c = discover(&p).unwrap();
+        let e = format!("{:#}", check_chain(&c, true).unwrap_err());
+        assert!(e.contains("qemu-img check -r all"), "{e}");
+        check_chain(&c, false).unwrap();
+        // corrupt bit: Header::parse refuses it, with the kernel's words
+        f.write_all_at(&2u64.to_be_bytes(), 72).unwrap();
+        let e = format!("{:#}", discover(&p).unwrap_err());
+        assert!(e.contains("Image is marked corrupt"), "{e}");
+        // not qcow2
+        std::fs::write(s.path("raw.img"), vec![0u8; 4096]).unwrap();
+        let e = format!("{:#}", discover(&s.path("raw.img")).unwrap_err());
+        assert!(e.contains("Bad qcow2 magic"), "{e}");
+        // an explicit chain whose base has a backing file
+        let e = format!("{:#}", check_chain(&explicit(&[s.path("top.qcow2")]).unwrap(), true).unwrap_err());
+        assert!(e.contains("base image has a backing file"), "{e}");
+    }
 }

@@ -85,8 +85,6 @@ pub struct TableLine {
 /// What `list`/`status` show about a device.
 #[derive(Debug, Clone)]
 pub struct DevInfo {
-    /// Device name.
-    pub name: String,
     /// Major number.
     pub major: u32,
     /// Minor number.
@@ -228,7 +226,6 @@ impl Dm {
         let i = self.dm.device_info(&id).map_err(|e| call_err(name.to_string(), &e))?;
         let d = i.device();
         Ok(DevInfo {
-            name: name.to_string(),
             major: d.major,
             minor: d.minor,
             read_only: i.flags().contains(DmFlags::DM_READONLY),

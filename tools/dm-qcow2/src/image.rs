@@ -72,7 +72,7 @@ impl Layout {
     /// (the blocks and the table describe themselves too).
     fn new(cs: u64, l1_entries: u64) -> Layout {
         let per_block = cs * 8 / (1 << REFCOUNT_ORDER);
-        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
         let mut l = Layout { reftable_clusters: 1, refblocks: 1, l1_clusters };
         loop {
             let blocks = l.total().div_ceil(per_block);
@@ -124,7 +124,8 @@ fn build(o: &CreateOpts) -> Result<Vec<u8>> {
     let lay = Layout::new(cs, l1_entries);
     hdr.l1_size = u32::try_from(l1_entries).context("size too large for one L1 table")?;
     hdr.refcount_table_clusters = u32::try_from(lay.reftable_clusters).context("size too large")?;
-    hdr.l1_table_offset = (1 + lay.reftable_clusters + lay.refblocks) * cs;
+    // An empty L1 table has no cluster (QEMU writes offset 0 then too).
+    hdr.l1_table_offset = if l1_entries == 0 { 0 } else { (1 + lay.reftable_clusters + lay.refblocks) * cs };
 
     let total = lay.total();
     let len = usize::try_from(total * cs).context("image metadata too large")?;
@@ -322,6 +323,80 @@ mod tests {
         assert_eq!(parse_size("1G").unwrap(), 1 << 30);
         assert!(parse_size("1x").is_err());
         assert!(parse_size("99999999999E").is_err());
+    }
+
+    use crate::testutil::{mk, qemu_img, run_qemu_img, Scratch};
+
+    fn info(p: &Path) -> serde_json::Value {
+        serde_json::from_str(&run_qemu_img(&["info", "--output=json", p.to_str().unwrap()])).unwrap()
+    }
+
+    #[test]
+    fn create_checked_by_qemu_img() {
+        let Some(_) = qemu_img() else { return };
+        let s = Scratch::new("create");
+        let cases = [
+            (65536u64, false, 1u64 << 30),
+            (4096, false, 10 << 30),
+            (4096, false, 2 << 40), // many refcount blocks and L1 clusters
+            (16384, true, 100 << 20),
+            (2 << 20, true, 512),
+            (65536, false, 0),
+        ];
+        for (i, &(cs, ext, size)) in cases.iter().enumerate() {
+            let p = s.path(&format!("img{i}.qcow2"));
+            create(&p, &CreateOpts { size, cluster_size: cs, extended_l2: ext, backing: None }).unwrap();
+            run_qemu_img(&["check", p.to_str().unwrap()]);
+            let j = info(&p);
+            assert_eq!(j["virtual-size"], size, "{p:?}");
+            assert_eq!(j["cluster-size"], cs, "{p:?}");
+            assert_eq!(j["format-specific"]["data"]["extended-l2"], ext, "{p:?}");
+            assert_eq!(j["format-specific"]["data"]["compat"], "1.1");
+        }
+        // an overlay: QEMU sees the backing file and its format
+        let b = s.path("img0.qcow2");
+        let o = s.path("over.qcow2");
+        create(&o, &CreateOpts { size: 1 << 30, cluster_size: 65536, extended_l2: false,
+            backing: Some("img0.qcow2".into()) }).unwrap();
+        run_qemu_img(&["check", o.to_str().unwrap()]);
+        let j = info(&o);
+        assert_eq!(j["backing-filename"], "img0.qcow2");
+        assert_eq!(j["backing-filename-format"], "qcow2");
+        assert_eq!(j["full-backing-filename"], b.to_str().unwrap());
+        // and can write to it
+        let out = std::process::Command::new("qemu-io")
+            .args(["-c", "write -P 7 0 1M", o.to_str().unwrap()]).output();
+        if let Ok(out) = out {
+            assert!(out.status.success());
+            run_qemu_img(&["check", o.to_str().unwrap()]);
+        }
+        assert!(create(&o, &CreateOpts { size: 512, cluster_size: 65536, extended_l2: false, backing: None }).is_err(),
+            "an existing file is never overwritten");
+    }
+
+    #[test]
+    fn backing_name_and_grow() {
+        let Some(_) = qemu_img() else { return };
+        let s = Scratch::new("rename");
+        mk(&s.path("a.qcow2"), 1 << 20, None);
+        mk(&s.path("b.qcow2"), 1 << 20, None);
+        mk(&s.path("top.qcow2"), 1 << 20, Some("a.qcow2"));
+        let top = s.path("top.qcow2");
+        set_backing_name(&top, "b.qcow2").unwrap();
+        assert_eq!(info(&top)["backing-filename"], "b.qcow2");
+        let long = s.path("b.qcow2").to_string_lossy().into_owned();
+        set_backing_name(&top, &long).unwrap();
+        assert_eq!(info(&top)["backing-filename"], long.as_str());
+        set_backing_name(&top, "a.qcow2").unwrap();
+        assert_eq!(info(&top)["backing-filename"], "a.qcow2");
+        run_qemu_img(&["check", top.to_str().unwrap()]);
+        assert_eq!(backing_name_for(&top, &s.path("b.qcow2")).unwrap(), "b.qcow2");
+
+        grow(&top, 3 << 40).unwrap();
+        assert_eq!(info(&top)["virtual-size"], 3u64 << 40);
+        run_qemu_img(&["check", top.to_str().unwrap()]);
+        assert!(grow(&top, 1 << 20).is_err(), "shrinking refused");
+        assert!(grow(&top, 5 << 40).is_err(), "beyond the L1 clusters refused");
     }
 
     #[test]

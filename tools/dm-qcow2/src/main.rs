@@ -11,6 +11,8 @@ mod device;
 mod dm;
 mod image;
 mod merge;
+#[cfg(test)]
+mod testutil;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
