@@ -146,7 +146,10 @@ pub fn swap_table(
             let _ = dm.clear(name);
         })?;
         // Resume swaps the tables: from here the old table is gone.
-        dm.resume(name).map(|_| true).map_err(|e| anyhow!(Swapped(e.to_string())))
+        dm.resume(name).map_err(|e| anyhow!(Swapped(format!("{e:#}"))))?;
+        // Tests: a failure after the swap (the old table must come back).
+        fault("after-resume").map_err(|e| anyhow!(Swapped(format!("{e:#}"))))?;
+        Ok(true)
     })();
     match res {
         Ok(true) => Ok(()),
@@ -213,7 +216,7 @@ pub fn snapshot(dm: &Dm, name: &str, new: &Path) -> Result<PathBuf> {
     let top_name = cur.names.last().context("empty chain")?;
     let top_path = PathBuf::from(top_name);
     let top = Image::read(&top_path)?;
-    let backing = image::backing_name_for(new, &top_path)?;
+    let backing = image::backing_name_for(new, &top_path).with_context(|| format!("snapshot {name}"))?;
     let opts = image::CreateOpts {
         size: top.hdr.size,
         cluster_size: top.hdr.cluster_size(),
