@@ -12,6 +12,8 @@
 #     names the tool rewrote) as the device did, files intact.
 #   merge_forward: `merge --forward`, `merge --no-wait` then `merge` to
 #     finish it, `merge --cancel`.
+#   merge_interrupt: SIGINT during a merge cancels it cleanly.
+#   resize: grow online (header and L1 while suspended, new length).
 #   refusals: a dirty image with lazy refcounts, a missing backing file, a
 #     non-root caller, a busy device on disconnect (then --deferred), a
 #     table the kernel refuses (its constructor message shown), usage.
@@ -283,6 +285,70 @@ case_refusals() {
 	echo "every refusal gave its message"
 }
 
+case_resize() {
+	local full dev
+	full=$(dmq_full_name z)
+	mk_chain3
+	tool connect --name "$full" sub/top.qcow2
+	dev=$TOOL_OUT
+	convert sub/top.qcow2 want.raw
+	tool resize "$full" 40M
+	[ "$(blockdev --getsize64 "$dev")" = $((40 * MIB)) ] ||
+		dmq_fail "size after resize: $(blockdev --getsize64 "$dev")"
+	dmq_run truncate -s 40M want.raw
+	dmq_run dd if=/dev/urandom of=a.bin bs=64k count=2 status=none
+	put a.bin "$dev" $((39 * MIB))
+	dmq_run dd if=a.bin of=want.raw bs=4k seek=$((39 * MIB / 4096)) conv=notrunc status=none
+	dump "$dev" dev.raw
+	same want.raw dev.raw "the device after resize"
+	tool_fails 1 "shrinking is not supported" resize "$full" 32M
+	tool disconnect "$full"
+	dmq_check_images sub/top.qcow2
+	convert sub/top.qcow2 qemu.raw
+	same want.raw qemu.raw "QEMU reads the resized image differently"
+	echo "resized 24M -> 40M online; shrinking refused"
+}
+
+# Ctrl-C during a merge cancels it: the chain and the data stay as before.
+case_merge_interrupt() {
+	local full dev pid rc i st
+	full=$(dmq_full_name i)
+	dmq_img_create base.qcow2 256M cluster_size=64k
+	dmq_img_create top.qcow2 256M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 r:0:96M
+	convert top.qcow2 want.raw
+	tool connect --name "$full" top.qcow2
+	dev=$TOOL_OUT
+	"$DMQ_TOOL" merge "$full" >merge.out 2>&1 &
+	pid=$!
+	for ((i = 0; i < 200; i++)); do
+		st=$("$DMSETUP" status "$full")
+		case $st in *stage=copying*) break ;; esac
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -INT "$pid"
+	wait "$pid"
+	rc=$?
+	cat merge.out
+	if [ "$rc" = 0 ]; then
+		# the merge won the race: it completed, which is fine too
+		[ "$(chain_len i)" = 1 ] || dmq_fail "merge exited 0 but the chain has $(chain_len i) images"
+		echo "the merge completed before the signal (no cancel tested)"
+	else
+		grep -q "merge cancelled (interrupted)" merge.out || dmq_fail "rc=$rc without the cancel message"
+		[ "$(chain_len i)" = 2 ] || dmq_fail "chain after the cancel: $(chain_len i)"
+		st=$("$DMSETUP" status "$full")
+		case $st in *merge=none*) ;; *) dmq_fail "status after the cancel: $st" ;; esac
+		active i || dmq_fail "device not active after the cancel"
+		echo "interrupted merge cancelled: $st"
+	fi
+	dump "$dev" dev.raw
+	same want.raw dev.raw "the device after the interrupted merge"
+	tool disconnect "$full"
+	dmq_check_images base.qcow2 top.qcow2
+}
+
 # unchanged NAME WANT...: the device is active, its chain is WANT, it reads
 # as before.raw
 unchanged() {
@@ -339,6 +405,8 @@ DMQ_CASES=(
 	connect_chain
 	snapshot_merge_ext4
 	merge_forward
+	merge_interrupt
+	resize
 	refusals
 	snapshot_fails
 )

@@ -38,6 +38,7 @@ pub fn errno_of(e: &DmError) -> Option<i32> {
 fn reason(e: &DmError) -> String {
     match errno_of(e) {
         Some(libc::EPERM) | Some(libc::EACCES) => NEEDS_ROOT.to_string(),
+        Some(libc::ENXIO) => "no such device".to_string(),
         Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
         None => e.to_string(),
     }

@@ -383,6 +383,20 @@ mod tests {
     }
 
     #[test]
+    fn man_pages_and_completions() {
+        let s = crate::testutil::Scratch::new("man");
+        gen_man(&s.0).unwrap();
+        for page in ["dm-qcow2.1", "dm-qcow2-connect.1", "dm-qcow2-merge.1", "dm-qcow2-snapshot.1"] {
+            let t = std::fs::read_to_string(s.path(page)).unwrap();
+            assert!(t.contains(".TH"), "{page}");
+        }
+        assert!(!s.path("dm-qcow2-gen-man.1").exists(), "hidden verbs get no page");
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "dm-qcow2", &mut out);
+        assert!(String::from_utf8(out).unwrap().contains("disconnect"));
+    }
+
+    #[test]
     fn parses_verbs() {
         let c = Cli::try_parse_from(["dm-qcow2", "connect", "--read-only", "-n", "vm0", "top.qcow2"]).unwrap();
         assert!(matches!(c.cmd, Cmd::Connect { read_only: true, ref name, .. } if name.as_deref() == Some("vm0")));
