@@ -251,7 +251,7 @@ pub fn resize(dm: &Dm, name: &str, size: u64) -> Result<()> {
     }
     let top_path = PathBuf::from(cur.names.last().context("empty chain")?);
     let top = Image::read(&top_path)?;
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         bail!("size {size} is not a multiple of 512");
     }
     if size < top.hdr.size {

@@ -96,7 +96,7 @@ fn build(o: &CreateOpts) -> Result<Vec<u8>> {
     if o.extended_l2 && cs < 16 << 10 {
         bail!("extended L2 needs a cluster size of at least 16 KiB");
     }
-    if o.size % 512 != 0 {
+    if !o.size.is_multiple_of(512) {
         bail!("size {} is not a multiple of 512", o.size);
     }
     let cluster_bits = cs.trailing_zeros();

@@ -343,7 +343,7 @@ fn print_long(d: &Described) {
     let g = |k: &str| d.status.get(k).map_or("?", String::as_str);
     println!("device:     {}", d.device);
     println!("size:       {} ({} bytes){}", human(d.size), d.size, if d.read_only { ", read-only" } else { "" });
-    println!("state:      {}{}, open {} times", if d.suspended { "suspended" } else { "active" }, "", d.open_count);
+    println!("state:      {}, open {} times", if d.suspended { "suspended" } else { "active" }, d.open_count);
     println!("chain:      (base first)");
     let clusters: Vec<&str> = g("clusters").split(',').collect();
     for (i, c) in d.chain.iter().enumerate() {
