@@ -220,6 +220,10 @@ case_merge_forward() {
 	same want.raw dev.raw "the device after merge --forward"
 	# a merge started without waiting, finished by a second call
 	tool merge "$full" --no-wait
+	# a suspend would cancel it: snapshot and resize refuse meanwhile
+	tool_fails 1 "a merge is running" snapshot "$full" x.qcow2
+	[ -e x.qcow2 ] && dmq_fail "x.qcow2 created while refusing"
+	tool_fails 1 "a merge is running" resize "$full" 32M
 	tool merge "$full"
 	[ "$(chain_len f)" = 1 ] || dmq_fail "chain after merge --no-wait + merge: $(chain_len f)"
 	dump "$dev" dev.raw

@@ -210,9 +210,22 @@ pub fn current(dm: &Dm, name: &str) -> Result<Current> {
     Ok(Current { len: line.len, read_only: info.read_only, names })
 }
 
+/// Refuses to suspend a device whose merge runs: the suspend would cancel
+/// it (presuspend), silently.
+fn no_merge_running(dm: &Dm, name: &str) -> Result<()> {
+    let st = dm::parse_status(&dm.qcow2_line(name, false)?.params);
+    match st.get("stage").map(String::as_str) {
+        Some("copying") | Some("ready") => {
+            bail!("{name}: a merge is running (finish it with `dm-qcow2 merge {name}` or cancel it with --cancel)")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `snapshot`: a new overlay on the current top, made the device's top.
 pub fn snapshot(dm: &Dm, name: &str, new: &Path) -> Result<PathBuf> {
     let cur = current(dm, name)?;
+    no_merge_running(dm, name)?;
     let top_name = cur.names.last().context("empty chain")?;
     let top_path = PathBuf::from(top_name);
     let top = Image::read(&top_path)?;
@@ -246,6 +259,7 @@ pub fn snapshot(dm: &Dm, name: &str, new: &Path) -> Result<PathBuf> {
 /// `resize`: grows the virtual size of the top image and the device.
 pub fn resize(dm: &Dm, name: &str, size: u64) -> Result<()> {
     let cur = current(dm, name)?;
+    no_merge_running(dm, name)?;
     if cur.read_only {
         bail!("{name}: read-only device");
     }

@@ -326,6 +326,10 @@ fn mknod_block(node: &Path, major: u32, minor: u32) -> Result<()> {
 /// of a qcow2 device (compared by canonical path with `get_img_name`).
 pub fn find_device(dm: &Dm, what: &str) -> Result<String> {
     let p = Path::new(what);
+    // A device name wins over a file of the same name in the working dir.
+    if !what.contains('/') && dm.info(what).is_ok() {
+        return Ok(what.to_string());
+    }
     if let Some(n) = what.strip_prefix("/dev/mapper/") {
         return Ok(n.to_string());
     }
