@@ -31,7 +31,7 @@ help:
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
-	@echo "make host-test - cargo tests of the format logic only"
+	@echo "make host-test - cargo tests (format logic, the dm-qcow2 command)"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
 	@echo "make crashtest - the crash-replay kselftest with many more crash states (not in CI)"
 	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"

@@ -112,6 +112,13 @@ kselftests() {
 		groups[best]+="$spec "
 		load[best]=$((load[best] + $(pass_weight "$spec")))
 	done
+	# qcow2_tool.sh runs the dm-qcow2 command built here (the guest sees
+	# this tree): build it first
+	if printf '%s\n' "${passes[@]}" | grep -q 'qcow2_tool\.sh'; then
+		echo "== cargo build --release -p dm-qcow2 (for qcow2_tool.sh)"
+		cargo build --release -p dm-qcow2 || {
+			echo "not ok: cargo build --release -p dm-qcow2"; fail=$((fail + 1)); }
+	fi
 	echo "== kselftests in $nvm VM(s) (kernel: $(basename "$(dmq_kdir)")): ${passes[*]}"
 	# A hung VM still gets a verdict: each pass has its own deadline in the
 	# guest, and the VM as a whole one more.
@@ -259,6 +266,7 @@ pass_weight() {
 	qcow2_ctl.sh) echo 6 ;;
 	qcow2_crash.sh) echo 8 ;;
 	qcow2_compat.sh) echo 2 ;;
+	qcow2_tool.sh) echo 3 ;;
 	*) echo 5 ;;
 	esac
 }

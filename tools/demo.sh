@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job: build a 3-deep qcow2 chain holding an ext4 file system on the
 # host (compressed base, overlays with only the changed clusters), boot the
-# test kernel in a VM, map the chain with dmsetup, mount it and show files;
-# then map it writable, write files, merge the top into the image below it
-# while mounted, and read them back on the host with
+# test kernel in a VM, map the chain with the dm-qcow2 command (chain found
+# from the headers), mount it and show files; then map it writable, write
+# files, merge the top into the image below it while mounted (dm-qcow2
+# merge), and read them back on the host with
 # QEMU's own qcow2 code (qemu-img) after a clean qemu-img check.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -38,11 +39,17 @@ want=$(sha256sum < top.raw | cut -d' ' -f1)
 for i in base mid; do sha256sum < $i.qcow2 > $i.sha0; done
 sha256sum content/random.bin | cut -d' ' -f1 > random.sha
 
+echo "== building the dm-qcow2 command (cargo build --release -p dm-qcow2)"
+(cd "$DMQ_ROOT" && cargo build --release -q -p dm-qcow2)
+tool=$DMQ_ROOT/target/release/dm-qcow2
+
 cat > guest.sh <<GUEST
 set -e
 insmod $DMQ_ROOT/dm-qcow2.ko
 cd $work
-$DMQ_ROOT/selftests/dmq_open.py demo base.qcow2 mid.qcow2 top.qcow2
+echo "--- dm-qcow2 connect --read-only --name demo top.qcow2"
+$tool connect --read-only --name demo top.qcow2
+$tool list
 echo "dmsetup table: \$(dmsetup table demo)"
 echo "img 2 is: \$(dmsetup message demo 0 get_img_name 2)"
 got=\$(sha256sum < /dev/mapper/demo | cut -d' ' -f1)
@@ -57,28 +64,23 @@ echo "--- added-mid.txt: \$(cat mnt/added-mid.txt)"
 [ "\$(sha256sum < mnt/random.bin | cut -d' ' -f1)" = "\$(cat random.sha)" ] &&
 	echo "--- random.bin matches its checksum"
 umount mnt
-dmsetup remove demo
-echo "--- now writable: the top image takes the writes"
-$DMQ_ROOT/selftests/dmq_open.py --rw demo base.qcow2 rw:mid.qcow2 top.qcow2
+$tool disconnect demo
+echo "--- now writable: dm-qcow2 connect --name demo top.qcow2"
+$tool connect --name demo top.qcow2
 mount /dev/mapper/demo mnt
 echo "Written through dm-qcow2 in the VM." > mnt/written.txt
 head -c 2M /dev/urandom > mnt/new.bin
 sha256sum < mnt/new.bin | cut -d' ' -f1 > new.sha
 sync
-echo "--- merging the top into mid while mounted: merge_backward at depth 0"
-dmsetup message demo 0 -- merge_backward start -1 0
-for i in \$(seq 600); do
-	p=\$(dmsetup message demo 0 merge_backward progress)
-	case "\$p" in *stage=ready*) break ;; *stage=copying*) sleep 0.1 ;; *) echo "\$p"; exit 1 ;; esac
-done
-echo "progress: \$p"
-dmsetup message demo 0 merge_backward complete
+echo "--- merging the top into mid while mounted: dm-qcow2 merge demo"
+$tool merge demo
 echo "dmsetup table: \$(dmsetup table demo) (one image less)"
 echo "img 1 is now: \$(dmsetup message demo 0 get_img_name 1)"
 echo "--- written.txt, still mounted: \$(cat mnt/written.txt)"
 echo "Written after the merge." > mnt/after-merge.txt
 umount mnt
-dmsetup remove demo
+$tool status demo
+$tool disconnect demo
 rmmod dm_qcow2
 echo DEMO-OK > $work/result
 GUEST
