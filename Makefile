@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -28,6 +28,8 @@ help:
 	@echo "make deps      - install everything on a fresh Debian 12 (root, idempotent)"
 	@echo "make kernel    - build (or reuse) the cached test kernel (DMQ_KERNEL=debug|release)"
 	@echo "make module    - build dm-qcow2.ko against it"
+	@echo "make modules KDIR=<dir> - build dm-qcow2.ko against any kernel (preflight first)"
+	@echo "make preflight [KDIR=<dir>] - can the module be built against that kernel? (exit 77: no Rust)"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
@@ -42,8 +44,22 @@ deps:
 kernel:
 	tools/build-kernel.sh
 
+# The kernel's own compiler: LLVM=1 for a clang-built kernel (our test
+# kernels), GCC otherwise. clippy when it is installed (CLIPPY= turns it off).
+DMQ_LLVM = $(if $(shell grep -sx CONFIG_CC_IS_CLANG=y $(KDIR)/include/config/auto.conf $(KDIR)/.config),LLVM=1)
+CLIPPY ?= $(if $(shell command -v clippy-driver),1)
+DMQ_KBUILD = $(MAKE) -C $(KDIR) M=$(CURDIR) $(DMQ_LLVM) $(if $(filter 1,$(CLIPPY)),CLIPPY=1)
+
+# Against our cached test kernel (built first when missing).
 module: kernel
-	$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 CLIPPY=1 modules
+	$(MAKE) modules KDIR=$(KDIR)
+
+# Against any kernel's build or headers directory (also DKMS's command).
+modules: preflight
+	$(DMQ_KBUILD) modules
+
+preflight:
+	scripts/preflight.sh $(KDIR)
 
 host-test:
 	tools/check.sh host
@@ -75,5 +91,5 @@ bench-deps:
 	command -v rublk >/dev/null || [ -x $$HOME/.cargo/bin/rublk ] || cargo install --locked rublk
 
 clean:
-	-$(MAKE) -C $(KDIR) M=$(CURDIR) LLVM=1 clean
+	-$(MAKE) -C $(KDIR) M=$(CURDIR) $(DMQ_LLVM) clean
 	rm -f rust/bindings_generated.rs

@@ -27,6 +27,21 @@ host_tests() {
 	rm -f "$log"
 }
 
+# The packaging checks (scripts/): the preflight's verdicts on our kernel,
+# kernels without Rust, missing Rust files, another rustc (seconds).
+packaging_tests() {
+	echo "== packaging: preflight cases (scripts/test-preflight.sh)"
+	local log; log=$(mktemp)
+	scripts/test-preflight.sh "$(dmq_kdir)" 2>&1 | tee "$log"
+	local rc=${PIPESTATUS[0]} p f
+	p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
+	pass=$((pass + p)); fail=$((fail + f))
+	if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
+		echo "not ok: scripts/test-preflight.sh exited $rc"; fail=$((fail + 1))
+	fi
+	rm -f "$log"
+}
+
 # The test scripts themselves, against a fake dmsetup (no kernel): started
 # in the background (it mostly waits on qemu-img), collected by fake_wait.
 fake_pid=
@@ -338,10 +353,10 @@ run_checks() {
 }
 
 case "$what" in
-host) host_tests; runner_test; fake_start; fake_wait ;;
+host) host_tests; runner_test; packaging_tests; fake_start; fake_wait ;;
 runner-test) runner_test ;;
 kselftest) kselftests "$@" ;;
-all) host_tests; runner_test; fake_start; kselftests "$@"; fake_wait ;;
+all) host_tests; runner_test; packaging_tests; fake_start; kselftests "$@"; fake_wait ;;
 *) die "usage: $0 all|host|kselftest [test...]" ;;
 esac
 
