@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -30,6 +30,7 @@ help:
 	@echo "make module    - build dm-qcow2.ko against it"
 	@echo "make modules KDIR=<dir> - build dm-qcow2.ko against any kernel (preflight first)"
 	@echo "make preflight [KDIR=<dir>] - can the module be built against that kernel? (exit 77: no Rust)"
+	@echo "make headers-test - build the module against a headers-only copy of the test kernel"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
@@ -45,9 +46,11 @@ kernel:
 	tools/build-kernel.sh
 
 # The kernel's own compiler: LLVM=1 for a clang-built kernel (our test
-# kernels), GCC otherwise. clippy when it is installed (CLIPPY= turns it off).
+# kernels), GCC otherwise. clippy when it is installed and the kernel tree
+# has its clippy configuration (.clippy.toml: the kernel's MSRV and lints;
+# headers packages lack it and clippy's defaults differ); CLIPPY= turns it off.
 DMQ_LLVM = $(if $(shell grep -sx CONFIG_CC_IS_CLANG=y $(KDIR)/include/config/auto.conf $(KDIR)/.config),LLVM=1)
-CLIPPY ?= $(if $(shell command -v clippy-driver),1)
+CLIPPY ?= $(if $(shell command -v clippy-driver),$(if $(wildcard $(KDIR)/.clippy.toml $(KDIR)/source/.clippy.toml),1))
 DMQ_KBUILD = $(MAKE) -C $(KDIR) M=$(CURDIR) $(DMQ_LLVM) $(if $(filter 1,$(CLIPPY)),CLIPPY=1)
 
 # Against our cached test kernel (built first when missing).
@@ -60,6 +63,11 @@ modules: preflight
 
 preflight:
 	scripts/preflight.sh $(KDIR)
+
+# The module built against a headers-only copy of the test kernel (as a
+# distribution's headers package with its Rust files), in a temp dir.
+headers-test: kernel
+	scripts/test-headers-build.sh $(KDIR)
 
 host-test:
 	tools/check.sh host
