@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight headers-test deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deb dkms-test deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -31,6 +31,8 @@ help:
 	@echo "make modules KDIR=<dir> - build dm-qcow2.ko against any kernel (preflight first)"
 	@echo "make preflight [KDIR=<dir>] - can the module be built against that kernel? (exit 77: no Rust)"
 	@echo "make headers-test - build the module against a headers-only copy of the test kernel"
+	@echo "make deb       - out/deb/dm-qcow2-dkms_<version>_all.deb (debhelper + dh-dkms)"
+	@echo "make dkms-test - DKMS builds in a temp DKMS tree (headers-only kernel, no-Rust kernel, other rustc)"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
@@ -68,6 +70,16 @@ preflight:
 # distribution's headers package with its Rust files), in a temp dir.
 headers-test: kernel
 	scripts/test-headers-build.sh $(KDIR)
+
+# The DKMS source package: out/deb/dm-qcow2-dkms_<version>_all.deb
+deb:
+	scripts/mk-deb.sh $(CURDIR)/out/deb
+
+# DKMS builds in a throwaway DKMS tree: headers-only tree of the test
+# kernel (builds), a kernel without Rust (skipped), another rustc (fails
+# with the preflight's message).
+dkms-test: kernel
+	scripts/test-dkms.sh $(KDIR)
 
 host-test:
 	tools/check.sh host

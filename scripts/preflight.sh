@@ -102,7 +102,7 @@ fi
 # bindgen and its libclang
 if ! bgv=$("$bindgen" --version 2>/dev/null); then
 	problem "bindgen not found: install bindgen-cli (cargo install --locked bindgen-cli; Debian: the bindgen package) and libclang (Debian: libclang-dev)"
-elif ! "$bindgen" "$here/libclang_version.h" 2>&1 | grep -q 'clang version'; then
+elif ! [[ $("$bindgen" "$here/libclang_version.h" 2>&1) == *"clang version"* ]]; then
 	problem "$bgv cannot run libclang: install libclang (Debian/Ubuntu: libclang-dev; Arch: clang; Fedora: clang-devel)"
 fi
 

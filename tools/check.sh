@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: host tests (cargo) and the kselftests inside the VM.
-#   tools/check.sh all|host|kselftest [test-name...]
+#   tools/check.sh all|host|kselftest|packaging [test-name...]
 # Ends with one line 'N passed, N failed' (', N skipped' when any skipped);
 # exits non-zero if anything failed or nothing ran.
 set -uo pipefail
@@ -31,6 +31,10 @@ host_tests() {
 # kernels without Rust, missing Rust files, another rustc (seconds).
 packaging_tests() {
 	echo "== packaging: preflight cases (scripts/test-preflight.sh)"
+	if [ ! -f "$(dmq_kdir)/include/config/auto.conf" ]; then
+		echo "skip: no built test kernel at $(dmq_kdir) (make kernel)"; skip=$((skip + 1))
+		return
+	fi
 	local log; log=$(mktemp)
 	scripts/test-preflight.sh "$(dmq_kdir)" 2>&1 | tee "$log"
 	local rc=${PIPESTATUS[0]} p f
@@ -40,6 +44,31 @@ packaging_tests() {
 		echo "not ok: scripts/test-preflight.sh exited $rc"; fail=$((fail + 1))
 	fi
 	rm -f "$log"
+}
+
+# The packaging builds (scripts/test-headers-build.sh, test-dkms.sh): the
+# module against a headers-only copy of the test kernel, and through DKMS
+# (a minute or two of CPU): in the background during the kselftests.
+pkg_pid=
+pkg_log=
+packaging_start() {
+	pkg_log=$(mktemp)
+	echo "== packaging: headers-only and DKMS builds (scripts/test-*.sh), in the background"
+	{ scripts/test-headers-build.sh "$(dmq_kdir)"; scripts/test-dkms.sh "$(dmq_kdir)"; } >"$pkg_log" 2>&1 &
+	pkg_pid=$!
+}
+packaging_wait() {
+	[ -n "$pkg_pid" ] || return 0
+	wait "$pkg_pid"
+	local rc=$? p f
+	echo "== packaging: headers-only and DKMS builds"
+	cat "$pkg_log"
+	p=$(grep -c '^ok ' "$pkg_log"); f=$(grep -c '^not ok ' "$pkg_log")
+	pass=$((pass + p)); fail=$((fail + f))
+	if [ "$rc" != 0 ] && [ "$f" = 0 ]; then
+		echo "not ok: the packaging builds exited $rc"; fail=$((fail + 1))
+	fi
+	rm -f "$pkg_log"
 }
 
 # The test scripts themselves, against a fake dmsetup (no kernel): started
@@ -356,8 +385,9 @@ case "$what" in
 host) host_tests; runner_test; packaging_tests; fake_start; fake_wait ;;
 runner-test) runner_test ;;
 kselftest) kselftests "$@" ;;
-all) host_tests; runner_test; packaging_tests; fake_start; kselftests "$@"; fake_wait ;;
-*) die "usage: $0 all|host|kselftest [test...]" ;;
+packaging) packaging_tests; packaging_start; packaging_wait ;;
+all) host_tests; runner_test; packaging_tests; fake_start; packaging_start; kselftests "$@"; fake_wait; packaging_wait ;;
+*) die "usage: $0 all|host|kselftest|runner-test|packaging [test...]" ;;
 esac
 
 ci_skips
