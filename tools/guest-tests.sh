@@ -11,7 +11,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=$1; shift
 . "$root/tools/lib.sh"
 export KDIR=${KDIR:-$(dmq_kdir)}
-export DMQ_MODULE=$root/dm-qcow2.ko
+# another build of the module (DKMS, in-tree) when DMQ_MODULE names one
+export DMQ_MODULE=${DMQ_MODULE:-$root/dm-qcow2.ko}
 export KTAP_HELPERS=$KDIR/tools/testing/selftests/kselftest/ktap_helpers.sh
 # the repository is read-only here: compiled helpers go to the guest's tmpfs
 export PYTHONPYCACHEPREFIX=/tmp/dmq-pycache
