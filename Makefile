@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight headers-test deb dkms-test deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deb dkms-test patches patches-test kernel-deb deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -33,6 +33,9 @@ help:
 	@echo "make headers-test - build the module against a headers-only copy of the test kernel"
 	@echo "make deb       - out/deb/dm-qcow2-dkms_<version>_all.deb (debhelper + dh-dkms)"
 	@echo "make dkms-test - DKMS builds in a temp DKMS tree (headers-only kernel, no-Rust kernel, other rustc)"
+	@echo "make patches   - the kernel patch series (drivers/md/dm-qcow2/) into out/patches/"
+	@echo "make patches-test - the series applies to linux-source-6.12 and builds in-tree (root)"
+	@echo "make kernel-deb - Debian kernel packages with CONFIG_DM_QCOW2=m (a full kernel build; not in CI)"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
@@ -80,6 +83,21 @@ deb:
 # with the preflight's message).
 dkms-test: kernel
 	scripts/test-dkms.sh $(KDIR)
+
+# The kernel patch series (git format-patch) into out/patches/
+patches:
+	scripts/mk-patches.sh $(CURDIR)/out/patches $(KDIR)
+
+# It applies to pristine linux-source-6.12 (git am) and the module builds
+# in-tree with CONFIG_DM_QCOW2=m (overlay over the cached tree; root).
+# DMQ_PATCH_FULL=1: git am onto the whole extracted tree (minutes more).
+patches-test: kernel
+	scripts/test-patches.sh $(KDIR)
+
+# Debian kernel packages (bindeb-pkg) of the patched linux-source-6.12
+# with CONFIG_DM_QCOW2=m into out/kernel-deb/: a full kernel build, not in CI.
+kernel-deb: kernel
+	KDIR=$(KDIR) scripts/mk-kernel-deb.sh $(CURDIR)/out/kernel-deb
 
 host-test:
 	tools/check.sh host

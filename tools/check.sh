@@ -46,22 +46,28 @@ packaging_tests() {
 	rm -f "$log"
 }
 
-# The packaging builds (scripts/test-headers-build.sh, test-dkms.sh): the
-# module against a headers-only copy of the test kernel, and through DKMS
-# (a minute or two of CPU): in the background during the kselftests.
+# The packaging builds (scripts/test-headers-build.sh, test-dkms.sh,
+# test-patches.sh): the module against a headers-only copy of the test
+# kernel, through DKMS, and in-tree from the patch series applied to
+# pristine sources (about a minute of CPU, 3-6 minutes on a loaded
+# machine): in the background during the kselftests.
 pkg_pid=
 pkg_log=
 packaging_start() {
 	pkg_log=$(mktemp)
-	echo "== packaging: headers-only and DKMS builds (scripts/test-*.sh), in the background"
-	{ scripts/test-headers-build.sh "$(dmq_kdir)"; scripts/test-dkms.sh "$(dmq_kdir)"; } >"$pkg_log" 2>&1 &
+	echo "== packaging: headers-only, DKMS and in-tree builds (scripts/test-*.sh), in the background"
+	{
+		scripts/test-headers-build.sh "$(dmq_kdir)"
+		scripts/test-dkms.sh "$(dmq_kdir)"
+		scripts/test-patches.sh "$(dmq_kdir)"
+	} >"$pkg_log" 2>&1 &
 	pkg_pid=$!
 }
 packaging_wait() {
 	[ -n "$pkg_pid" ] || return 0
 	wait "$pkg_pid"
 	local rc=$? p f
-	echo "== packaging: headers-only and DKMS builds"
+	echo "== packaging: headers-only, DKMS and in-tree builds"
 	cat "$pkg_log"
 	p=$(grep -c '^ok ' "$pkg_log"); f=$(grep -c '^not ok ' "$pkg_log")
 	pass=$((pass + p)); fail=$((fail + f))
