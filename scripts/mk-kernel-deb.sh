@@ -24,7 +24,7 @@ die() { echo "kernel-deb: $*" >&2; exit 1; }
 [ -f "$config" ] || die "no kernel configuration at $config (make kernel, or DMQ_KDEB_CONFIG=)"
 grep -qx CONFIG_RUST=y "$config" || die "$config has no CONFIG_RUST=y"
 
-top=$(tar -tJf "$tar" | head -1 | cut -d/ -f1)
+top=$(tar -tJf "$tar" 2>/dev/null | head -1 | cut -d/ -f1 || true)
 src=$out/$top
 rm -rf "$src"
 echo "kernel-deb: extracting $tar into $out"
