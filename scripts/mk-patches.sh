@@ -20,8 +20,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 out=${1:-$root/out/patches}
 ksrc=${2:-${KSRC:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}}
-name=$(git -C "$root" config user.name)
-email=$(git -C "$root" config user.email)
+# (HEAD's author where no identity is configured, as on CI)
+name=$(git -C "$root" config user.name || git -C "$root" log -1 --format=%an)
+email=$(git -C "$root" config user.email || git -C "$root" log -1 --format=%ae)
 head=$(git -C "$root" rev-parse --short HEAD)
 tmp=$(mktemp -d /tmp/dmq-patches.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
