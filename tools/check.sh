@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite: host tests (cargo) and the kselftests inside the VM.
-#   tools/check.sh all|host|kselftest|packaging [test-name...]
+#   tools/check.sh all|host|kselftest|runner-test|packaging [test-name...]
 # Ends with one line 'N passed, N failed' (', N skipped' when any skipped);
 # exits non-zero if anything failed or nothing ran.
 set -uo pipefail
