@@ -10,8 +10,8 @@
 //! under way, a change behind its cursor adjusts the count and one ahead of
 //! it is seen by the walk, so the result is exact either way.
 
-use crate::meta::DeltaMd;
 use crate::kernel_abstractions::file::File;
+use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, Cluster, Header};
 use kernel::error::Result;
 
@@ -34,7 +34,11 @@ fn maps_data(hdr: &Header, raw: u64, bitmap: u64) -> bool {
     let bitmap = if hdr.extended_l2() { bitmap } else { 0 };
     match fmt::decode_l2(hdr, raw, bitmap) {
         Ok(Cluster::Normal { .. } | Cluster::Compressed { .. }) => true,
-        Ok(Cluster::Extended { host: Some(_), alloc, .. }) => alloc != 0,
+        Ok(Cluster::Extended {
+            host: Some(_),
+            alloc,
+            ..
+        }) => alloc != 0,
         _ => false,
     }
 }
@@ -42,7 +46,11 @@ fn maps_data(hdr: &Header, raw: u64, bitmap: u64) -> bool {
 impl AllocCount {
     /// Nothing counted yet.
     pub(crate) const fn new() -> Self {
-        Self { cursor: 0, n: 0, failed: false }
+        Self {
+            cursor: 0,
+            n: 0,
+            failed: false,
+        }
     }
 
     /// The count, once the walk is done.

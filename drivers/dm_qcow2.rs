@@ -14,11 +14,11 @@
 use kernel::prelude::*;
 
 // The safe abstractions the kernel crate lacks (rust/; all unsafe code is there).
-#[path = "../rust/mod.rs"]
-mod kernel_abstractions;
 mod count;
 mod hot;
 mod io;
+#[path = "../rust/mod.rs"]
+mod kernel_abstractions;
 mod merge;
 mod meta;
 pub mod qcow2_format;

@@ -65,7 +65,10 @@ impl HotMap {
         for _ in 0..n {
             slots.push(AtomicU64::new(0), GFP_KERNEL)?;
         }
-        Ok(Self { slots, bits: n.trailing_zeros() })
+        Ok(Self {
+            slots,
+            bits: n.trailing_zeros(),
+        })
     }
 
     fn slot(&self, vci: u64) -> Option<&AtomicU64> {

@@ -5,9 +5,9 @@
 //! chain; writes go to a delta `d` (the top for guest I/O, a merge target for
 //! merges) and copy on write what the chain shows from `d` down.
 
+use crate::hot::Fast;
 use crate::kernel_abstractions::bio::{Bio, Op};
 use crate::kernel_abstractions::file::{IoBuf, DIO_ALIGN};
-use crate::hot::Fast;
 use crate::meta::corrupt;
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
@@ -57,7 +57,8 @@ impl Inner {
         if let (Cluster::Normal { host, copied }, Some(f), true) = (c, &st.fast, is_top) {
             // Writes through the table skip the overlap check: a cluster
             // that is metadata goes in for reads only.
-            let writable = copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
+            let writable =
+                copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
             let cb = delta.hdr.cluster_bits;
             f.map.put(cb, vaddr >> cb, host, writable);
         }
@@ -75,7 +76,13 @@ impl Inner {
     /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
     /// from delta `d` down: returns the delta that holds it, what it is and
     /// its length. Unallocated everywhere, or past a delta's end, is zero.
-    fn resolve(&self, st: &mut WorkerState, d: usize, vaddr: u64, mut len: u64) -> Result<(usize, RunKind, u64)> {
+    fn resolve(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        vaddr: u64,
+        mut len: u64,
+    ) -> Result<(usize, RunKind, u64)> {
         let mut d = Some(d);
         while let Some(i) = d {
             let delta = st.delta(i)?;
@@ -99,7 +106,14 @@ impl Inner {
         Ok((0, RunKind::Zero, len))
     }
 
-    fn read_piece(&self, st: &mut WorkerState, bio: &Bio, vaddr: u64, boff: u32, len: u64) -> Result {
+    fn read_piece(
+        &self,
+        st: &mut WorkerState,
+        bio: &Bio,
+        vaddr: u64,
+        boff: u32,
+        len: u64,
+    ) -> Result {
         let mut pos = 0u64;
         while pos < len {
             let (d, kind, rl) = self.resolve(st, st.top(), vaddr + pos, len - pos)?;
@@ -155,7 +169,11 @@ impl Inner {
         let cs = delta.hdr.cluster_size() as usize;
         let dst = st.zout.get_mut(..cs).ok_or(EIO)?;
         if st.inflater.inflate_raw(src, dst).is_err() {
-            pr_err!("dm-qcow2: image {}: bad compressed cluster at {:#x}\n", d, host);
+            pr_err!(
+                "dm-qcow2: image {}: bad compressed cluster at {:#x}\n",
+                d,
+                host
+            );
             return Err(EIO);
         }
         st.zkey = Some((d, host));
@@ -164,7 +182,13 @@ impl Inner {
 
     /// Reads what delta `d` and those below it show at `[vaddr, vaddr +
     /// buf.len())` (inside one cluster) into `buf`, synchronously.
-    pub(crate) fn read_into(&self, st: &mut WorkerState, d: usize, vaddr: u64, buf: &mut [u8]) -> Result {
+    pub(crate) fn read_into(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        vaddr: u64,
+        buf: &mut [u8],
+    ) -> Result {
         let len = buf.len() as u64;
         let mut pos = 0u64;
         while pos < len {
@@ -245,7 +269,9 @@ impl Inner {
         if md.is_corrupt() {
             return Err(EIO);
         }
-        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
+        let l2_off = md
+            .ensure_l2(&delta.file, hdr, vaddr)
+            .map_err(|e| self.md_error(e))?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         // A running merge must see this change of `d`.
@@ -254,11 +280,12 @@ impl Inner {
         // Clusters (or subclusters) of our own are overwritten in place.
         let in_place = match c {
             Cluster::Normal { host, copied: true } => Some(host),
-            Cluster::Extended { host: Some(h), copied: true, alloc, .. }
-                if subclusters_set(hdr, alloc, off, len) =>
-            {
-                Some(h)
-            }
+            Cluster::Extended {
+                host: Some(h),
+                copied: true,
+                alloc,
+                ..
+            } if subclusters_set(hdr, alloc, off, len) => Some(h),
             _ => None,
         };
         if let Some(h) = in_place {
@@ -267,20 +294,32 @@ impl Inner {
                 return Err(self.overlap_error(st, d, what, pos));
             }
             if let (Some(f), false) = (&fast, hdr.extended_l2()) {
-                f.map.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
+                f.map
+                    .put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, h, true);
             }
             match src {
                 Src::Bio(bio, boff) => {
-                    delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
+                    delta.file.submit_bio_io(
+                        bio.split_ref(),
+                        boff,
+                        len as u32,
+                        pos,
+                        fua,
+                        &self.inflight,
+                    );
                     return Ok(false);
                 }
                 Src::Zero => {
                     let zero = IoBuf::new(len as usize)?;
-                    delta.file.write_full(zero.get(..len as usize).ok_or(EIO)?, pos)?;
+                    delta
+                        .file
+                        .write_full(zero.get(..len as usize).ok_or(EIO)?, pos)?;
                     return Ok(false);
                 }
                 Src::Buf(b) => {
-                    delta.file.write_full(b.get(..len as usize).ok_or(EIO)?, pos)?;
+                    delta
+                        .file
+                        .write_full(b.get(..len as usize).ok_or(EIO)?, pos)?;
                     return Ok(false);
                 }
             }
@@ -288,7 +327,10 @@ impl Inner {
 
         // Extended L2: only the subclusters the write touches are written
         // (and filled from what reads showed), in our own host cluster.
-        if let Cluster::Extended { host, alloc, zero, .. } = c {
+        if let Cluster::Extended {
+            host, alloc, zero, ..
+        } = c
+        {
             if host.is_none() || raw & fmt::L2E_COPIED != 0 {
                 return self.write_subclusters(st, d, l2_off, (host, alloc, zero), src, vaddr, len);
             }
@@ -311,14 +353,35 @@ impl Inner {
             return Err(self.overlap_error(st, d, what, host));
         }
         let shared = match c {
-            Cluster::Normal { host, copied: false } | Cluster::ZeroPrealloc { host } if !own => Some(host),
-            Cluster::Extended { host: Some(h), copied: false, .. } => Some(h),
+            Cluster::Normal {
+                host,
+                copied: false,
+            }
+            | Cluster::ZeroPrealloc { host }
+                if !own =>
+            {
+                Some(host)
+            }
+            Cluster::Extended {
+                host: Some(h),
+                copied: false,
+                ..
+            } => Some(h),
             _ => None,
         };
         if let (Src::Bio(bio, boff), true) = (src, fresh) {
             match self.needs_no_fill(st, d, &c, vaddr, len, untouched) {
                 Ok(true) => {
-                    return self.write_new_cluster(st, d, (bio, boff), (l2_off, host), vaddr, len, fua, shared);
+                    return self.write_new_cluster(
+                        st,
+                        d,
+                        (bio, boff),
+                        (l2_off, host),
+                        vaddr,
+                        len,
+                        fua,
+                        shared,
+                    );
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -371,7 +434,15 @@ impl Inner {
     /// Only untouched clusters: if the data I/O fails, the entry points at
     /// zeroes, never at bytes a freed cluster held. Not for extended L2
     /// entries (subclusters) or compressed clusters (their own path).
-    fn needs_no_fill(&self, st: &mut WorkerState, d: usize, c: &Cluster, vaddr: u64, len: u64, untouched: bool) -> Result<bool> {
+    fn needs_no_fill(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        c: &Cluster,
+        vaddr: u64,
+        len: u64,
+        untouched: bool,
+    ) -> Result<bool> {
         let hdr = &st.delta(d)?.hdr;
         if !untouched || hdr.extended_l2() {
             return Ok(false);
@@ -425,10 +496,19 @@ impl Inner {
         let hdr = &delta.hdr;
         let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
         Self::hot_forget(fast.as_deref(), hdr, vaddr);
-        delta.file.submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
+        delta
+            .file
+            .submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = md
-            .set_l2_entry(&delta.file, hdr, l2_off, vaddr, fmt::encode_l2_normal(host, true), 0)
+            .set_l2_entry(
+                &delta.file,
+                hdr,
+                l2_off,
+                vaddr,
+                fmt::encode_l2_normal(host, true),
+                0,
+            )
             .map_err(|e| self.md_error(e));
         if let Err(e) = res {
             // Nothing points at the cluster: free it, once the data I/O to
@@ -438,7 +518,8 @@ impl Inner {
             return Err(e);
         }
         if let Some(f) = &fast {
-            f.map.put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, host, true);
+            f.map
+                .put(hdr.cluster_bits, vaddr >> hdr.cluster_bits, host, true);
         }
         if let Some(old) = shared {
             self.free(st, d, old, hdr.cluster_size());
@@ -499,7 +580,10 @@ impl Inner {
                 Src::Buf(b) => mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?),
             }
             self.read_into(st, d, vaddr + len, tail)?;
-            delta.file.write_full(cow.get(start as usize..end as usize).ok_or(EIO)?, host + start)
+            delta.file.write_full(
+                cow.get(start as usize..end as usize).ok_or(EIO)?,
+                host + start,
+            )
         })();
         st.cow = Some(cow);
         let md = st.md.get_mut(d).ok_or(EIO)?;
@@ -507,8 +591,15 @@ impl Inner {
             // Data is on disk: now make it reachable.
             let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
             Self::hot_forget(fast.as_deref(), hdr, vaddr);
-            md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, host | fmt::L2E_COPIED, bitmap)
-                .map_err(|e| self.md_error(e))
+            md.set_l2_entry(
+                &delta.file,
+                hdr,
+                l2_off,
+                vaddr,
+                host | fmt::L2E_COPIED,
+                bitmap,
+            )
+            .map_err(|e| self.md_error(e))
         });
         if let Err(e) = res {
             if fresh {
@@ -534,7 +625,11 @@ impl Inner {
             return;
         }
         if let Err(e) = md.defer_free(start, len) {
-            pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+            pr_err!(
+                "dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n",
+                d,
+                e
+            );
             self.latch_wants_check();
         }
     }
@@ -547,9 +642,11 @@ impl Inner {
             return;
         };
         match *c {
-            Cluster::Normal { host, .. } | Cluster::ZeroPrealloc { host } | Cluster::Extended { host: Some(host), .. } => {
-                self.free(st, d, host, cs)
-            }
+            Cluster::Normal { host, .. }
+            | Cluster::ZeroPrealloc { host }
+            | Cluster::Extended {
+                host: Some(host), ..
+            } => self.free(st, d, host, cs),
             Cluster::Compressed { host, len } => {
                 let start = host & !(SECTOR - 1);
                 self.free(st, d, start, len.saturating_add(host - start));
@@ -569,14 +666,26 @@ impl Inner {
             return;
         };
         if let Err(e) = md.free_range(&delta.file, &delta.hdr, start, len) {
-            pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+            pr_err!(
+                "dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n",
+                d,
+                e
+            );
             self.latch_wants_check();
         }
     }
 
     /// Fills `cow` with the whole cluster of `vaddr`: what delta `d` shows
     /// outside the write, the new data inside it.
-    fn fill_cow(&self, st: &mut WorkerState, d: usize, cow: &mut [u8], src: Src<'_>, vaddr: u64, len: u64) -> Result {
+    fn fill_cow(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        cow: &mut [u8],
+        src: Src<'_>,
+        vaddr: u64,
+        len: u64,
+    ) -> Result {
         let hdr = &st.delta(d)?.hdr;
         let cs = hdr.cluster_size();
         let off = hdr.offset_in_cluster(vaddr);
@@ -603,7 +712,13 @@ impl Inner {
     /// so, and mark the image corrupt (v3: the incompatible bit, which makes
     /// QEMU and us refuse it until `qemu-img check -r all`); the delta takes
     /// no more writes, and the table may not be resumed (wants_check).
-    pub(crate) fn overlap_error(&self, st: &mut WorkerState, d: usize, what: &str, pos: u64) -> Error {
+    pub(crate) fn overlap_error(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        what: &str,
+        pos: u64,
+    ) -> Error {
         pr_err!(
             "dm-qcow2: image {}: write at host offset {:#x} would overwrite its {}: refused, image marked corrupt (repair with qemu-img check -r all)\n",
             d,
@@ -617,7 +732,11 @@ impl Inner {
             self.fast_off(st);
             if let Ok(delta) = st.delta(d) {
                 if let Err(e) = self.mark_corrupt(&delta) {
-                    pr_err!("dm-qcow2: image {}: cannot set the corrupt bit: {:?}\n", d, e);
+                    pr_err!(
+                        "dm-qcow2: image {}: cannot set the corrupt bit: {:?}\n",
+                        d,
+                        e
+                    );
                 }
             }
         }
@@ -680,7 +799,13 @@ impl Inner {
     /// the zero flag (v3), freeing its host cluster if `unmap` (else keeping
     /// it preallocated). On v2 (no zero flag) the entry is cleared instead:
     /// only for callers that know the deltas below read zeroes there.
-    pub(crate) fn zero_cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64, unmap: bool) -> Result {
+    pub(crate) fn zero_cluster(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        vaddr: u64,
+        unmap: bool,
+    ) -> Result {
         let delta = st.delta(d)?;
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
@@ -688,7 +813,9 @@ impl Inner {
         if md.is_corrupt() {
             return Err(EIO);
         }
-        let l2_off = md.ensure_l2(&delta.file, hdr, vaddr).map_err(|e| self.md_error(e))?;
+        let l2_off = md
+            .ensure_l2(&delta.file, hdr, vaddr)
+            .map_err(|e| self.md_error(e))?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         self.merge_note_write(st, d, vaddr)?;
@@ -705,7 +832,10 @@ impl Inner {
             (0, 0)
         } else if hdr.extended_l2() {
             // All subclusters zero; the host offset may stay as preallocation.
-            (keep.map_or(0, |h| h | fmt::L2E_COPIED), u64::from(u32::MAX) << 32)
+            (
+                keep.map_or(0, |h| h | fmt::L2E_COPIED),
+                u64::from(u32::MAX) << 32,
+            )
         } else {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };

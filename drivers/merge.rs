@@ -140,7 +140,12 @@ impl Merge {
     /// Fails the merge with `e` (unless it failed already).
     pub(crate) fn fail(&mut self, e: Error) {
         if !matches!(self.stage, Stage::Failed(_)) {
-            pr_err!("dm-qcow2: merge of image {} into {} failed: {:?}\n", self.src, self.dst, e);
+            pr_err!(
+                "dm-qcow2: merge of image {} into {} failed: {:?}\n",
+                self.src,
+                self.dst,
+                e
+            );
             self.set_stage(Stage::Failed(-e.to_errno()));
         }
     }
@@ -169,7 +174,13 @@ pub(crate) struct MergeView {
 
 impl MergeView {
     /// No merge.
-    pub(crate) const NONE: Self = Self { dir: None, depth: 0, stage: "none", progress: 0, error: 0 };
+    pub(crate) const NONE: Self = Self {
+        dir: None,
+        depth: 0,
+        stage: "none",
+        progress: 0,
+        error: 0,
+    };
 
     /// The view of `m` (or of no merge).
     pub(crate) fn of(m: Option<&Merge>) -> Self {
@@ -210,7 +221,15 @@ fn m_dst(st: &WorkerState) -> Option<usize> {
 
 /// Whether `c` allocates nothing (reads fall through to the delta below).
 fn unallocated(c: &Cluster) -> bool {
-    matches!(c, Cluster::Unallocated) || matches!(c, Cluster::Extended { alloc: 0, zero: 0, .. })
+    matches!(c, Cluster::Unallocated)
+        || matches!(
+            c,
+            Cluster::Extended {
+                alloc: 0,
+                zero: 0,
+                ..
+            }
+        )
 }
 
 /// Whether `c` defines every byte of its cluster itself.
@@ -234,7 +253,12 @@ fn all_zero(c: &Cluster) -> bool {
 impl Inner {
     /// `merge_* start`: checks, prepares the receiving delta and starts the
     /// walker. `depth` counts from the top (0).
-    pub(crate) fn merge_start(self: &Arc<Self>, dir: Dir, eventfd: i32, depth: Option<usize>) -> Result {
+    pub(crate) fn merge_start(
+        self: &Arc<Self>,
+        dir: Dir,
+        eventfd: i32,
+        depth: Option<usize>,
+    ) -> Result {
         let eventfd = match eventfd {
             -1 => None,
             fd if fd < 0 => return Err(EBADF),
@@ -251,7 +275,11 @@ impl Inner {
             // A failed merge is over (its error stays for `progress` until
             // now): cleaned up as by `cancel`, and the new one may start at
             // once, as in the C target.
-            if st.merge.as_ref().is_some_and(|m| matches!(m.stage, Stage::Failed(_))) {
+            if st
+                .merge
+                .as_ref()
+                .is_some_and(|m| matches!(m.stage, Stage::Failed(_)))
+            {
                 self.merge_cancel(&mut st)?;
             }
             if st.merge.is_some() {
@@ -295,13 +323,19 @@ impl Inner {
             if d.hdr.size < s.hdr.size {
                 return Err(ebadslt());
             }
-            st.md.get_mut(dst).ok_or(EIO)?.load_refcounts(&d.file, &d.hdr)?;
+            st.md
+                .get_mut(dst)
+                .ok_or(EIO)?
+                .load_refcounts(&d.file, &d.hdr)?;
             // Backward merges move clusters where the merged delta may be
             // written: each copy is dropped from it once durable, so the
             // merge needs no more space than dst's growth.
             let moving = dir == Dir::Backward && s.file.writable();
             if moving {
-                st.md.get_mut(src).ok_or(EIO)?.load_refcounts(&s.file, &s.hdr)?;
+                st.md
+                    .get_mut(src)
+                    .ok_or(EIO)?
+                    .load_refcounts(&s.file, &s.hdr)?;
             }
             let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;
             // A crash while copying leaks clusters in dst at worst. With
@@ -365,7 +399,10 @@ impl Inner {
         };
         // In `ready`, only the clusters written since (the redo set).
         let redo_only = m.stage == Stage::Ready;
-        if !(m.stage == Stage::Copying || (redo_only && m.redo_len > 0)) || !m.armed || self.is_suspending() {
+        if !(m.stage == Stage::Copying || (redo_only && m.redo_len > 0))
+            || !m.armed
+            || self.is_suspending()
+        {
             return false;
         }
         // In-place writes started before now must land before we read.
@@ -375,8 +412,13 @@ impl Inner {
         // periodic one, a full cache); here only when the queued decrements
         // grow long, and when everything is copied, so `ready` means durable.
         let dst = m_dst(st);
-        let wants = dst.and_then(|d| st.md.get(d)).is_some_and(|md| md.wants_commit())
-            || st.merge.as_ref().is_some_and(|m| m.moved.len() >= MOVE_BATCH);
+        let wants = dst
+            .and_then(|d| st.md.get(d))
+            .is_some_and(|md| md.wants_commit())
+            || st
+                .merge
+                .as_ref()
+                .is_some_and(|m| m.moved.len() >= MOVE_BATCH);
         if matches!(res, Ok(false)) || (res.is_ok() && wants) {
             if let Err(e) = self.commit_all(st, false).1 {
                 res = Err(e);

@@ -62,7 +62,9 @@ fn read_table(file: &File, off: u64, n: usize) -> Result<KVVec<u64>> {
     let mut buf = IoBuf::new(CHUNK.min(n * 8).max(DIO_ALIGN))?;
     let mut pos = off;
     while t.len() < n {
-        let want = ((n - t.len()) * 8).next_multiple_of(DIO_ALIGN).min(buf.len());
+        let want = ((n - t.len()) * 8)
+            .next_multiple_of(DIO_ALIGN)
+            .min(buf.len());
         let chunk = buf.get_mut(..want).ok_or(EINVAL)?;
         // Past the end of the file a table reads as zeroes (unallocated).
         file.read_full(chunk, pos)?;
@@ -132,7 +134,14 @@ struct MdCache {
 
 impl MdCache {
     fn new() -> Self {
-        Self { pages: RBTree::new(), count: 0, dirty_rc: 0, dirty_l2: 0, dirty_keys: KVec::new(), hand: 0 }
+        Self {
+            pages: RBTree::new(),
+            count: 0,
+            dirty_rc: 0,
+            dirty_l2: 0,
+            dirty_keys: KVec::new(),
+            hand: 0,
+        }
     }
 
     fn dirty(&self) -> usize {
@@ -279,11 +288,21 @@ const GROW_STEP: u64 = 128 << 20;
 
 impl DeltaMd {
     /// Loads the tables of image `img`; the refcount table only if `writable`.
-    pub(crate) fn load(img: usize, file: &File, hdr: &Header, writable: bool, io: Arc<IoCounter>) -> Result<Self> {
+    pub(crate) fn load(
+        img: usize,
+        file: &File,
+        hdr: &Header,
+        writable: bool,
+        io: Arc<IoCounter>,
+    ) -> Result<Self> {
         let l1 = read_table(file, hdr.l1_table_offset, hdr.l1_size as usize)?;
         let rt = if writable {
             let n = u64::from(hdr.refcount_table_clusters) * hdr.cluster_size() / 8;
-            read_table(file, hdr.refcount_table_offset, usize::try_from(n).map_err(|_| EFBIG)?)?
+            read_table(
+                file,
+                hdr.refcount_table_offset,
+                usize::try_from(n).map_err(|_| EFBIG)?,
+            )?
         } else {
             KVVec::new()
         };
@@ -304,7 +323,10 @@ impl DeltaMd {
             hint: 1,
             cluster_size: hdr.cluster_size(),
             grown: file.size(),
-            untouched_from: file.size().checked_next_multiple_of(hdr.cluster_size()).unwrap_or(u64::MAX),
+            untouched_from: file
+                .size()
+                .checked_next_multiple_of(hdr.cluster_size())
+                .unwrap_or(u64::MAX),
             io,
             count: AllocCount::new(),
             meta: RBTree::new(),
@@ -348,7 +370,10 @@ impl DeltaMd {
             }
         }
         // The clusters the two tables point at.
-        let tables = [(true, fmt::REFT_OFFSET_MASK, "refcount block"), (false, fmt::L1E_OFFSET_MASK, "L2 table")];
+        let tables = [
+            (true, fmt::REFT_OFFSET_MASK, "refcount block"),
+            (false, fmt::L1E_OFFSET_MASK, "L2 table"),
+        ];
         for (rt, mask, what) in tables {
             let n = if rt { self.rt.len() } else { self.l1.len() };
             for i in 0..n {
@@ -445,7 +470,11 @@ impl DeltaMd {
     pub(crate) fn load_refcounts(&mut self, file: &File, hdr: &Header) -> Result {
         if self.rt.is_empty() {
             let n = u64::from(hdr.refcount_table_clusters) * hdr.cluster_size() / 8;
-            self.rt = read_table(file, hdr.refcount_table_offset, usize::try_from(n).map_err(|_| EFBIG)?)?;
+            self.rt = read_table(
+                file,
+                hdr.refcount_table_offset,
+                usize::try_from(n).map_err(|_| EFBIG)?,
+            )?;
             self.rt_off = hdr.refcount_table_offset;
             self.rt_clusters = u64::from(hdr.refcount_table_clusters);
             self.note_metadata(file, hdr, false)?;
@@ -455,7 +484,10 @@ impl DeltaMd {
 
     /// Whether anything is waiting for a commit.
     pub(crate) fn is_dirty(&self) -> bool {
-        self.barrier || self.cache.dirty() > 0 || !self.l1_dirty.is_empty() || !self.rt_dirty.is_empty()
+        self.barrier
+            || self.cache.dirty() > 0
+            || !self.l1_dirty.is_empty()
+            || !self.rt_dirty.is_empty()
     }
 
     /// Whether refcount decrements are queued (applied after commits).
@@ -530,7 +562,11 @@ impl DeltaMd {
         // decrement was queued): the decrements may be applied.
         if self.frees_ready.is_empty() {
             self.frees_ready = core::mem::replace(&mut self.frees, KVec::new());
-        } else if self.frees_ready.extend_from_slice(&self.frees, GFP_KERNEL).is_ok() {
+        } else if self
+            .frees_ready
+            .extend_from_slice(&self.frees, GFP_KERNEL)
+            .is_ok()
+        {
             self.frees = KVec::new();
         }
         Ok(synced)
@@ -548,7 +584,9 @@ impl DeltaMd {
         // two compressed clusters' data may share a host cluster, which then
         // loses one reference for each (one decrement per range and cluster).
         if let Some(last) = self.frees.last_mut() {
-            if last.0.checked_add(last.1) == Some(start) && start.checked_rem(self.cluster_size) == Some(0) {
+            if last.0.checked_add(last.1) == Some(start)
+                && start.checked_rem(self.cluster_size) == Some(0)
+            {
                 last.1 += len;
                 return Ok(());
             }
@@ -591,10 +629,16 @@ impl DeltaMd {
             }
             let mut buf = IoBuf::new(MD_PAGE as usize)?;
             file.read_full(&mut buf, off)?;
-            self.cache.pages.try_create_and_insert(off, Page { buf, dirty: None }, GFP_KERNEL)?;
+            self.cache
+                .pages
+                .try_create_and_insert(off, Page { buf, dirty: None }, GFP_KERNEL)?;
             self.cache.count += 1;
         }
-        self.cache.pages.get_mut(&off).map(|p| &mut p.buf).ok_or(EIO)
+        self.cache
+            .pages
+            .get_mut(&off)
+            .map(|p| &mut p.buf)
+            .ok_or(EIO)
     }
 
     /// The cached page at `off`, marked dirty (of `kind`) for the next commit.
@@ -631,7 +675,13 @@ impl DeltaMd {
     }
 
     /// The raw L2 entry (and extended-L2 bitmap, else 0) for `vaddr`.
-    pub(crate) fn l2_entry(&mut self, file: &File, hdr: &Header, l2_off: u64, vaddr: u64) -> Result<(u64, u64)> {
+    pub(crate) fn l2_entry(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+        l2_off: u64,
+        vaddr: u64,
+    ) -> Result<(u64, u64)> {
         let pos = Self::l2_pos(hdr, l2_off, vaddr)?;
         let page = self.page(file, pos & !(MD_PAGE - 1))?;
         let at = (pos & (MD_PAGE - 1)) as usize;
@@ -674,7 +724,8 @@ impl DeltaMd {
         // The status line's count follows every change of an entry.
         let ext = hdr.extended_l2();
         let was = (old.0.unwrap_or(0), if ext { old.1.unwrap_or(0) } else { 0 });
-        self.count.note(hdr, vaddr, was, (raw, if ext { bitmap } else { 0 }));
+        self.count
+            .note(hdr, vaddr, was, (raw, if ext { bitmap } else { 0 }));
         Ok(())
     }
 
@@ -735,8 +786,12 @@ impl DeltaMd {
     /// what the refcount table can describe.
     fn refcount_slot(&mut self, hdr: &Header, c: u64) -> Result<Option<(u64, u64)>> {
         let (ti, bi) = fmt::refcount_split(hdr, c);
-        let raw = *usize::try_from(ti).ok().and_then(|i| self.rt.get(i)).ok_or(ENOSPC)?;
-        let Some(blk) = fmt::refcount_block_offset(hdr, raw).map_err(|e| corrupt(self.img, e))? else {
+        let raw = *usize::try_from(ti)
+            .ok()
+            .and_then(|i| self.rt.get(i))
+            .ok_or(ENOSPC)?;
+        let Some(blk) = fmt::refcount_block_offset(hdr, raw).map_err(|e| corrupt(self.img, e))?
+        else {
             return Ok(None);
         };
         let per_page = (MD_PAGE * 8) >> hdr.refcount_order;
@@ -836,18 +891,28 @@ impl DeltaMd {
     /// clusters below the position were in use, or skipped, before too
     /// (only our own frees move it back).
     pub(crate) fn resume_search_at(&mut self, hint: u64, file_size: u64) {
-        self.hint = hint.min(file_size.checked_div(self.cluster_size).unwrap_or(0)).max(1);
+        self.hint = hint
+            .min(file_size.checked_div(self.cluster_size).unwrap_or(0))
+            .max(1);
     }
 
     /// Like [`alloc_cluster`](Self::alloc_cluster); also returns whether the
     /// cluster was never written since the load (it reads as zeroes).
-    pub(crate) fn alloc_cluster_untouched(&mut self, file: &File, hdr: &Header) -> Result<(u64, bool)> {
+    pub(crate) fn alloc_cluster_untouched(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+    ) -> Result<(u64, bool)> {
         let cs = hdr.cluster_size();
         let mut c = self.hint.max(1);
         loop {
             let off = c.checked_mul(cs).ok_or(ENOSPC)?;
             let (ti, bi) = fmt::refcount_split(hdr, c);
-            let Some(raw) = usize::try_from(ti).ok().and_then(|i| self.rt.get(i)).copied() else {
+            let Some(raw) = usize::try_from(ti)
+                .ok()
+                .and_then(|i| self.rt.get(i))
+                .copied()
+            else {
                 self.grow_refcount_table(file, hdr)?;
                 continue;
             };
@@ -906,7 +971,10 @@ impl DeltaMd {
             .next_multiple_of(cs);
         let tbl_clusters = tbl_bytes / cs;
         if tbl_clusters + 1 > per_block || tbl_bytes > fmt::MAX_REFTABLE_BYTES {
-            pr_err!("dm-qcow2: image {}: refcount table cannot grow further\n", self.img);
+            pr_err!(
+                "dm-qcow2: image {}: refcount table cannot grow further\n",
+                self.img
+            );
             return Err(ENOSPC);
         }
         let blk_off = start.checked_mul(cs).ok_or(ENOSPC)?;
@@ -931,9 +999,13 @@ impl DeltaMd {
         // refcount_table_offset (u64 at 48) and _clusters (u32 at 56) share a sector.
         let mut page = IoBuf::new(DIO_ALIGN)?;
         file.read_full(&mut page, 0)?;
-        page.get_mut(48..56).ok_or(EIO)?.copy_from_slice(&tbl_off.to_be_bytes());
+        page.get_mut(48..56)
+            .ok_or(EIO)?
+            .copy_from_slice(&tbl_off.to_be_bytes());
         let clusters = u32::try_from(tbl_clusters).map_err(|_| ENOSPC)?;
-        page.get_mut(56..60).ok_or(EIO)?.copy_from_slice(&clusters.to_be_bytes());
+        page.get_mut(56..60)
+            .ok_or(EIO)?
+            .copy_from_slice(&clusters.to_be_bytes());
         file.write_full(&page, 0)?;
         file.fsync()?;
 
@@ -974,7 +1046,11 @@ impl DeltaMd {
         for c in first..=last {
             let r = self.refcount(file, hdr, c)?;
             if r == 0 {
-                pr_err!("dm-qcow2: image {}: freeing a free cluster {:#x}\n", self.img, c * cs);
+                pr_err!(
+                    "dm-qcow2: image {}: freeing a free cluster {:#x}\n",
+                    self.img,
+                    c * cs
+                );
                 continue;
             }
             self.set_refcount(file, hdr, c, r - 1)?;

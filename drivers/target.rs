@@ -15,16 +15,21 @@ mod message;
 mod suspend;
 mod worker;
 
+use crate::count;
+use crate::hot::Fast;
 use crate::kernel_abstractions::bio::{Bio, BioList, BioStack, Op};
-use crate::kernel_abstractions::dm::{self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink};
+use crate::kernel_abstractions::dm::{
+    self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink,
+};
 use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kernel_abstractions::inflight::InflightRefs;
 use crate::kernel_abstractions::param;
-use crate::kernel_abstractions::task::{self, code::{ebadslt, eopnotsupp, euclean}};
+use crate::kernel_abstractions::task::{
+    self,
+    code::{ebadslt, eopnotsupp, euclean},
+};
 use crate::kernel_abstractions::wq::OwnedQueue;
 use crate::kernel_abstractions::zlib::Inflater;
-use crate::count;
-use crate::hot::Fast;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
@@ -142,8 +147,15 @@ impl ClusterBufs {
     fn new(cs: usize) -> Result<Self> {
         // A compressed cluster spans at most two clusters of input, plus
         // alignment slack on both ends.
-        let zin_len = cs.checked_mul(2).and_then(|n| n.checked_add(2 * DIO_ALIGN)).ok_or(ENOMEM)?;
-        Ok(Self { cow: IoBuf::new(cs)?, zin: IoBuf::new(zin_len)?, zout: IoBuf::new(cs)? })
+        let zin_len = cs
+            .checked_mul(2)
+            .and_then(|n| n.checked_add(2 * DIO_ALIGN))
+            .ok_or(ENOMEM)?;
+        Ok(Self {
+            cow: IoBuf::new(cs)?,
+            zin: IoBuf::new(zin_len)?,
+            zout: IoBuf::new(cs)?,
+        })
     }
 
     /// Whether the buffers of `st` are sized for clusters of `cs` bytes.
@@ -290,14 +302,20 @@ impl_has_work! {
 impl Inner {
     /// Locks the state (the chain, the metadata, the merge).
     pub(crate) fn lock_state(&self) -> StateGuard<'_> {
-        StateGuard { inner: self, guard: self.state.lock() }
+        StateGuard {
+            inner: self,
+            guard: self.state.lock(),
+        }
     }
 
     /// Copies what the status lines show out of `st`. O(chain length), no
     /// allocation: `counts` was sized for the chain at ctr, and a chain
     /// only gets shorter (merges).
     fn publish_status(&self, st: &WorkerState) {
-        let top = st.deltas.last().map_or((0, 0), |t| (t.hdr.version, t.hdr.cluster_size() / SECTOR));
+        let top = st
+            .deltas
+            .last()
+            .map_or((0, 0), |t| (t.hdr.version, t.hdr.cluster_size() / SECTOR));
         let merge = merge::MergeView::of(st.merge.as_ref());
         let mut v = self.status.lock();
         let v = &mut *v;
@@ -312,7 +330,9 @@ impl Inner {
     }
 
     /// Each delta's count in the status view, base first.
-    pub(crate) fn status_counts<'a>(v: &'a StatusView) -> impl Iterator<Item = &'a Option<u64>> + 'a {
+    pub(crate) fn status_counts<'a>(
+        v: &'a StatusView,
+    ) -> impl Iterator<Item = &'a Option<u64>> + 'a {
         v.counts.iter().take(v.images)
     }
 }
@@ -334,7 +354,9 @@ impl dm::Target for Qcow2 {
     fn map(&self, bio: Bio) {
         match bio.op() {
             Op::Read if bio.size() > 0 => self.inner.queue(bio),
-            Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => self.inner.queue(bio),
+            Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => {
+                self.inner.queue(bio)
+            }
             // Read-only table: an empty flush has nothing to make durable.
             _ if bio.size() == 0 => bio.end(Ok(())),
             _ => bio.end(Err(EIO)),
@@ -397,7 +419,8 @@ impl dm::Target for Qcow2 {
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
         let st = self.inner.lock_state();
         // The strictest of the devices under the image files.
-        let strictest = |f: fn(&File) -> u32| st.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
+        let strictest =
+            |f: fn(&File) -> u32| st.deltas.iter().map(|d| f(&d.file)).max().unwrap_or(0);
         let lbs = strictest(File::logical_block_size).clamp(SECTOR as u32, DIO_ALIGN as u32);
         let dma = strictest(File::dma_alignment).max(lbs - 1);
         limits.set_logical_block_size(lbs);

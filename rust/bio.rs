@@ -129,7 +129,9 @@ impl Bio {
         let len = u32::try_from(src.len()).map_err(|_| EINVAL)?;
         // SAFETY: The bio is valid, `src` is readable for `len` bytes and the
         // shim checks the range against `bi_size`.
-        to_result(unsafe { bindings::dmq_bio_copy_from(self.as_raw(), off, src.as_ptr().cast(), len) })
+        to_result(unsafe {
+            bindings::dmq_bio_copy_from(self.as_raw(), off, src.as_ptr().cast(), len)
+        })
     }
 
     /// Copies the data at `off` into `dst`.
@@ -137,7 +139,9 @@ impl Bio {
         let len = u32::try_from(dst.len()).map_err(|_| EINVAL)?;
         // SAFETY: The bio is valid, `dst` is writable for `len` bytes and the
         // shim checks the range against `bi_size`.
-        to_result(unsafe { bindings::dmq_bio_copy_to(self.as_raw(), off, dst.as_mut_ptr().cast(), len) })
+        to_result(unsafe {
+            bindings::dmq_bio_copy_to(self.as_raw(), off, dst.as_mut_ptr().cast(), len)
+        })
     }
 
     /// Makes another completion reference of the same bio.
@@ -163,7 +167,10 @@ impl Bio {
         // Only statuses that mean something to the submitter: others (e.g.
         // -EREMCHG, device-mapper's internal requeue) become plain I/O errors.
         let errno = e.to_errno();
-        let sts = if [ENOSPC, super::task::code::eopnotsupp(), ENOMEM].iter().any(|c| c.to_errno() == errno) {
+        let sts = if [ENOSPC, super::task::code::eopnotsupp(), ENOMEM]
+            .iter()
+            .any(|c| c.to_errno() == errno)
+        {
             // SAFETY: `errno_to_blk_status` is a pure lookup.
             unsafe { bindings::errno_to_blk_status(errno) }
         } else {
@@ -201,7 +208,10 @@ impl BioStack {
             // SAFETY: We own `raw` (its reference passes to the stack);
             // `bi_next` is free for the owner's use while it is not submitted.
             unsafe { (*raw).bi_next = head };
-            match self.0.compare_exchange_weak(head, raw, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .0
+                .compare_exchange_weak(head, raw, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return,
                 Err(h) => head = h,
             }
@@ -258,7 +268,10 @@ unsafe impl Send for BioList {}
 impl BioList {
     /// An empty list.
     pub(crate) const fn new() -> Self {
-        Self { head: None, tail: core::ptr::null_mut() }
+        Self {
+            head: None,
+            tail: core::ptr::null_mut(),
+        }
     }
 
     /// Whether the list is empty.

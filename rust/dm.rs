@@ -12,12 +12,12 @@
 
 use super::bindings;
 use super::bio::{Bio, Op};
-use core::mem::ManuallyDrop;
 use super::inflight::InflightRefs;
 use core::fmt;
-use core::sync::atomic::{AtomicU32, Ordering};
 use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::error::{code::ENOMEM, Error, Result};
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
@@ -373,7 +373,11 @@ pub(crate) fn retake_inflight(bio: &Bio) {
     // SAFETY: `slot.refs` are the live refs of the bio's target (it
     // outlives its bios); taking a reference never sleeps.
     let idx = unsafe { bindings::dmq_inflight_get(slot.refs) };
-    if slot.tag.compare_exchange(0, REF_TAKEN | idx, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if slot
+        .tag
+        .compare_exchange(0, REF_TAKEN | idx, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         // Another reference of the bio retook it first: give ours back.
         // SAFETY: We took it just now on the same refs.
         unsafe { bindings::dmq_inflight_put(slot.refs, idx) };
@@ -480,12 +484,20 @@ impl<T: Target> Vtable<T> {
         let t = unsafe { Self::private(ti) };
         let (refs, tag) = match t.inflight() {
             // SAFETY: The target's refs are alive; taking a reference never sleeps.
-            Some(r) => (r.as_raw(), REF_TAKEN | unsafe { bindings::dmq_inflight_get(r.as_raw()) }),
+            Some(r) => (
+                r.as_raw(),
+                REF_TAKEN | unsafe { bindings::dmq_inflight_get(r.as_raw()) },
+            ),
             None => (core::ptr::null_mut(), 0),
         };
         // SAFETY: `bio` was passed to this target, registered here: its per-bio
         // data is ours while the bio is, and no `Bio` of it exists yet.
-        unsafe { ref_slot(bio).write(RefSlot { refs, tag: AtomicU32::new(tag) }) };
+        unsafe {
+            ref_slot(bio).write(RefSlot {
+                refs,
+                tag: AtomicU32::new(tag),
+            })
+        };
         // SAFETY: device-mapper hands us the bio; with DM_MAPIO_SUBMITTED we own
         // its completion, which `Bio` guarantees to perform exactly once.
         t.map(unsafe { Bio::from_raw(bio) });
@@ -548,7 +560,11 @@ impl<T: Target> Vtable<T> {
         if let Some(b) = buf.first_mut() {
             *b = 0;
         }
-        let mut out = Emit { buf, pos: 0, attempted: false };
+        let mut out = Emit {
+            buf,
+            pos: 0,
+            attempted: false,
+        };
         // SAFETY: `status` runs only on a constructed target.
         unsafe { Self::private(ti) }.status(kind, &mut out);
     }
@@ -574,7 +590,11 @@ impl<T: Target> Vtable<T> {
         let Ok(mut own) = KVec::from_elem(0u8, maxlen as usize, GFP_KERNEL) else {
             return ENOMEM.to_errno();
         };
-        let mut out = Emit { buf: &mut own, pos: 0, attempted: false };
+        let mut out = Emit {
+            buf: &mut own,
+            pos: 0,
+            attempted: false,
+        };
         // SAFETY: `message` runs only on a constructed target.
         let r = unsafe { Self::private(ti) }.message(&args, &mut out);
         let (n, wrote) = (out.pos, out.attempted);
@@ -651,7 +671,10 @@ impl<T: Target> Vtable<T> {
     /// # Safety
     ///
     /// Called by device-mapper with a valid target and arguments.
-    unsafe extern "C" fn io_hints(ti: *mut bindings::dm_target, limits: *mut bindings::queue_limits) {
+    unsafe extern "C" fn io_hints(
+        ti: *mut bindings::dm_target,
+        limits: *mut bindings::queue_limits,
+    ) {
         // SAFETY: `limits` is valid and exclusively ours for the duration of the call.
         let mut l = QueueLimits(unsafe { &mut *limits });
         // SAFETY: Runs only on a constructed target.
@@ -702,7 +725,10 @@ impl<T: Target> Registration<T> {
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
-        Ok(Self { tt, _p: PhantomData })
+        Ok(Self {
+            tt,
+            _p: PhantomData,
+        })
     }
 }
 

@@ -7,11 +7,11 @@
 use super::bindings;
 use super::bio::{Bio, Op};
 use core::mem::ManuallyDrop;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use kernel::sync::Arc;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use kernel::error::{code::*, to_result, Error, Result};
 use kernel::prelude::*;
+use kernel::sync::Arc;
 
 /// A reference to a `struct file` (dropped with `fput`).
 ///
@@ -93,7 +93,10 @@ impl File {
     }
 
     fn from_ptr(ptr: NonNull<bindings::file>) -> Self {
-        Self { ptr, fault: AtomicU32::new(0) }
+        Self {
+            ptr,
+            fault: AtomicU32::new(0),
+        }
     }
 
     /// Another reference to the same file (fault injection off).
@@ -233,7 +236,15 @@ impl File {
         let pos = i64::try_from(pos).map_err(|_| EINVAL)?;
         // SAFETY: The file is valid and `buf` is writable for its length; the
         // shim reads into it synchronously (done when the call returns).
-        let r = unsafe { bindings::dmq_file_rw_sync(self.as_raw(), buf.as_mut_ptr().cast(), buf.len(), pos, false) };
+        let r = unsafe {
+            bindings::dmq_file_rw_sync(
+                self.as_raw(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                pos,
+                false,
+            )
+        };
         if r < 0 {
             return Err(Error::from_errno(r as i32));
         }
@@ -251,7 +262,13 @@ impl File {
             // the shim only reads it (`ITER_SOURCE`), synchronously. The
             // buffer is not written through the `*mut` the C prototype takes.
             let r = unsafe {
-                bindings::dmq_file_rw_sync(self.as_raw(), rest.as_ptr().cast_mut().cast(), rest.len(), ipos, true)
+                bindings::dmq_file_rw_sync(
+                    self.as_raw(),
+                    rest.as_ptr().cast_mut().cast(),
+                    rest.len(),
+                    ipos,
+                    true,
+                )
             };
             if r < 0 {
                 return Err(Error::from_errno(r as i32));
@@ -279,9 +296,17 @@ impl File {
         let len = i32::try_from(buf.len()).map_err(|_| EINVAL)?;
         // SAFETY: The file and its `f_path` are valid while we hold a reference;
         // `buf` is writable for `len` bytes.
-        let p = unsafe { bindings::d_path(&raw const (*self.as_raw()).f_path, buf.as_mut_ptr().cast(), len) };
+        let p = unsafe {
+            bindings::d_path(
+                &raw const (*self.as_raw()).f_path,
+                buf.as_mut_ptr().cast(),
+                len,
+            )
+        };
         let p = kernel::error::from_err_ptr(p)?;
-        let start = (p as usize).checked_sub(buf.as_ptr() as usize).ok_or(EINVAL)?;
+        let start = (p as usize)
+            .checked_sub(buf.as_ptr() as usize)
+            .ok_or(EINVAL)?;
         let tail = buf.get(start..).ok_or(EINVAL)?;
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
         Ok(&tail[..end])

@@ -38,7 +38,10 @@ impl OwnedQueue {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
         let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
-        Ok(Self { ptr, dead: AtomicBool::new(false) })
+        Ok(Self {
+            ptr,
+            dead: AtomicBool::new(false),
+        })
     }
 
     /// The queue, for enqueueing work; `None` once shut down.

@@ -26,9 +26,13 @@ impl Inflater {
         let ws = usize::try_from(ws).map_err(|_| EINVAL)?;
         let mut workspace = KVVec::from_elem(0u8, ws, GFP_KERNEL)?;
         // SAFETY: All-zeroes is a valid `z_stream` (a plain C struct).
-        let mut strm: KBox<bindings::z_stream> = KBox::new(unsafe { core::mem::zeroed() }, GFP_KERNEL)?;
+        let mut strm: KBox<bindings::z_stream> =
+            KBox::new(unsafe { core::mem::zeroed() }, GFP_KERNEL)?;
         strm.workspace = workspace.as_mut_ptr().cast();
-        Ok(Self { strm, _workspace: workspace })
+        Ok(Self {
+            strm,
+            _workspace: workspace,
+        })
     }
 
     /// Inflates raw deflate data `src` into `dst`, which it must fill

@@ -50,7 +50,10 @@ impl Delta {
             return Err(ctr_err(EACCES, c_str!("Image is not opened for reading")));
         }
         if is_top && writable && !file.writable() {
-            return Err(ctr_err(EACCES, c_str!("Top image is not opened for writing")));
+            return Err(ctr_err(
+                EACCES,
+                c_str!("Top image is not opened for writing"),
+            ));
         }
 
         let hdr = Self::read_header(&file, is_top && writable)?;
@@ -59,14 +62,18 @@ impl Delta {
 
     /// Reads and checks the header of `file` (`rw`: the image takes writes).
     pub(crate) fn read_header(file: &File, rw: bool) -> Result<Header, CtrError> {
-        let mut buf = IoBuf::new(Header::MIN_READ).map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
+        let mut buf =
+            IoBuf::new(Header::MIN_READ).map_err(|e| ctr_err(e, c_str!("Out of memory")))?;
         let n = file
             .read_at(&mut buf, 0)
             .map_err(|e| ctr_err(e, c_str!("Cannot read image header")))?;
         // Only what was read: a truncated header must fail as such.
         let hdr = Header::parse(buf.get(..n).unwrap_or(&[])).map_err(fmt_err)?;
         if u64::from(hdr.cluster_bits) < u64::from(kernel::bindings::PAGE_SHIFT) {
-            return Err(ctr_err(eopnotsupp(), c_str!("Cluster size below PAGE_SIZE")));
+            return Err(ctr_err(
+                eopnotsupp(),
+                c_str!("Cluster size below PAGE_SIZE"),
+            ));
         }
         // O_DIRECT cannot address less than the host's logical block.
         if hdr.subcluster_size() < u64::from(file.logical_block_size()) {
@@ -76,7 +83,10 @@ impl Delta {
             ));
         }
         if file.size() > hdr.max_file_size() {
-            return Err(ctr_err(EFBIG, c_str!("File larger than its refcount table describes")));
+            return Err(ctr_err(
+                EFBIG,
+                c_str!("File larger than its refcount table describes"),
+            ));
         }
         // Lazy refcounts left dirty by a crash are stale: allocating from them
         // could hand out clusters in use.
@@ -84,7 +94,10 @@ impl Delta {
             && hdr.incompatible_features & fmt::incompat::DIRTY != 0
             && hdr.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
         {
-            return Err(ctr_err(EINVAL, c_str!("Image is dirty: repair it with qemu-img check -r all")));
+            return Err(ctr_err(
+                EINVAL,
+                c_str!("Image is dirty: repair it with qemu-img check -r all"),
+            ));
         }
         Ok(hdr)
     }
@@ -92,7 +105,9 @@ impl Delta {
 
 impl Qcow2 {
     pub(super) fn check_chain(deltas: &[Delta], len_sectors: u64) -> Result<(), CtrError> {
-        let base = deltas.first().ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
+        let base = deltas
+            .first()
+            .ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
         if base.hdr.has_backing_file() {
             return Err(ctr_err(ENOENT, c_str!("Base image has a backing file")));
         }
@@ -105,12 +120,23 @@ impl Qcow2 {
                 return Err(ctr_err(EXDEV, c_str!("Deltas differ in extended L2")));
             }
             if lo.size > up.size {
-                return Err(ctr_err(ebadslt(), c_str!("Lower delta larger than the one above it")));
+                return Err(ctr_err(
+                    ebadslt(),
+                    c_str!("Lower delta larger than the one above it"),
+                ));
             }
         }
-        let top = deltas.last().ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
-        if len_sectors.checked_mul(SECTOR).map_or(true, |l| l > top.hdr.size) {
-            return Err(ctr_err(ebadslt(), c_str!("Top image smaller than the table")));
+        let top = deltas
+            .last()
+            .ok_or_else(|| ctr_err(EINVAL, c_str!("No images given")))?;
+        if len_sectors
+            .checked_mul(SECTOR)
+            .map_or(true, |l| l > top.hdr.size)
+        {
+            return Err(ctr_err(
+                ebadslt(),
+                c_str!("Top image smaller than the table"),
+            ));
         }
         Ok(())
     }
@@ -131,7 +157,10 @@ impl Qcow2 {
             // read as a lower delta (or merged into itself): refuse it, also
             // through another fd, path or hard link.
             if deltas.iter().any(|o: &Delta| o.file.same_file(&d.file)) {
-                return Err(ctr_err(EINVAL, c_str!("Same image file given twice in the chain")));
+                return Err(ctr_err(
+                    EINVAL,
+                    c_str!("Same image file given twice in the chain"),
+                ));
             }
             deltas.push(d, GFP_KERNEL).map_err(oom)?;
         }
@@ -145,7 +174,12 @@ impl Qcow2 {
             let rw = writable && i + 1 == deltas.len();
             let m = DeltaMd::load(i, &d.file, &d.hdr, rw, inflight.clone()).map_err(|e| {
                 if e == euclean() {
-                    ctr_err(e, c_str!("Metadata cluster with refcount 0: repair with qemu-img check -r all"))
+                    ctr_err(
+                        e,
+                        c_str!(
+                            "Metadata cluster with refcount 0: repair with qemu-img check -r all"
+                        ),
+                    )
                 } else {
                     ctr_err(e, c_str!("Cannot read image metadata"))
                 }
@@ -154,7 +188,8 @@ impl Qcow2 {
         }
         let mut arcs = KVec::with_capacity(deltas.len(), GFP_KERNEL).map_err(oom)?;
         for d in deltas {
-            arcs.push(Arc::new(d, GFP_KERNEL).map_err(oom)?, GFP_KERNEL).map_err(oom)?;
+            arcs.push(Arc::new(d, GFP_KERNEL).map_err(oom)?, GFP_KERNEL)
+                .map_err(oom)?;
         }
         let st = WorkerState {
             deltas: arcs,

@@ -60,7 +60,11 @@ impl Qcow2 {
                 None => write!(out, "?")?,
             }
         }
-        write!(out, " fast_bios={}", inner.fast_bios.load(Ordering::Relaxed))
+        write!(
+            out,
+            " fast_bios={}",
+            inner.fast_bios.load(Ordering::Relaxed)
+        )
     }
 
     /// `message`: every message of the C target, and ours.
@@ -127,7 +131,11 @@ impl Qcow2 {
                 d.file.set_fault_ratio(ratio)
             }
             b"merge_backward" | b"merge_forward" => {
-                let dir = if cmd == b"merge_backward" { Dir::Backward } else { Dir::Forward };
+                let dir = if cmd == b"merge_backward" {
+                    Dir::Backward
+                } else {
+                    Dir::Forward
+                };
                 let sub = args.get(1).ok_or(EINVAL)?.as_bytes();
                 match sub {
                     b"start" => {
@@ -137,7 +145,11 @@ impl Qcow2 {
                         // An fd is an int; a depth any usize, range-checked
                         // against the chain by `merge_start`.
                         let efd: i32 = arg(args, 2)?;
-                        let depth = if args.len() > 3 { Some(arg::<usize>(args, 3)?) } else { None };
+                        let depth = if args.len() > 3 {
+                            Some(arg::<usize>(args, 3)?)
+                        } else {
+                            None
+                        };
                         if suspended() {
                             return Err(EBUSY);
                         }

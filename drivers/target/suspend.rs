@@ -26,8 +26,12 @@ impl Inner {
         if incompat == be_u64(&page, HDR_INCOMPAT)? && be_u64(&page, HDR_AUTOCLEAR)? == 0 {
             return Ok(());
         }
-        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8).ok_or(EIO)?.copy_from_slice(&incompat.to_be_bytes());
-        page.get_mut(HDR_AUTOCLEAR..HDR_AUTOCLEAR + 8).ok_or(EIO)?.fill(0);
+        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8)
+            .ok_or(EIO)?
+            .copy_from_slice(&incompat.to_be_bytes());
+        page.get_mut(HDR_AUTOCLEAR..HDR_AUTOCLEAR + 8)
+            .ok_or(EIO)?
+            .fill(0);
         delta.file.write_full(&page, 0)?;
         delta.file.fsync()
     }
@@ -46,7 +50,9 @@ impl Inner {
         let mut page = IoBuf::new(DIO_ALIGN)?;
         delta.file.read_full(&mut page, 0)?;
         let incompat = be_u64(&page, HDR_INCOMPAT)? | fmt::incompat::CORRUPT;
-        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8).ok_or(EIO)?.copy_from_slice(&incompat.to_be_bytes());
+        page.get_mut(HDR_INCOMPAT..HDR_INCOMPAT + 8)
+            .ok_or(EIO)?
+            .copy_from_slice(&incompat.to_be_bytes());
         delta.file.write_full(&page, 0)?;
         delta.file.fsync()
     }
@@ -58,7 +64,9 @@ impl Inner {
         }
         let mut page = IoBuf::new(DIO_ALIGN)?;
         delta.file.read_full(&mut page, 0)?;
-        page.get_mut(HDR_BACKING..HDR_BACKING + 12).ok_or(EIO)?.fill(0);
+        page.get_mut(HDR_BACKING..HDR_BACKING + 12)
+            .ok_or(EIO)?
+            .fill(0);
         delta.file.write_full(&page, 0)?;
         delta.file.fsync()
     }
@@ -88,10 +96,20 @@ impl Inner {
         for (i, old) in st.deltas.iter().enumerate() {
             let rw = self.writable && i + 1 == n;
             let hdr = Delta::read_header(&old.file, rw).map_err(|e| {
-                pr_err!("dm-qcow2: image {}: {}\n", i, e.msg.to_str().unwrap_or("bad header"));
+                pr_err!(
+                    "dm-qcow2: image {}: {}\n",
+                    i,
+                    e.msg.to_str().unwrap_or("bad header")
+                );
                 e.err
             })?;
-            deltas.push(Delta { file: old.file.try_clone(), hdr }, GFP_KERNEL)?;
+            deltas.push(
+                Delta {
+                    file: old.file.try_clone(),
+                    hdr,
+                },
+                GFP_KERNEL,
+            )?;
         }
         Qcow2::check_chain(&deltas, self.len_sectors).map_err(|e| {
             pr_err!("dm-qcow2: {}\n", e.msg.to_str().unwrap_or("bad chain"));
@@ -122,9 +140,16 @@ impl Inner {
             None
         } else {
             let old = st.zout.len();
-            pr_info!("dm-qcow2: cluster size changed from {} to {} bytes\n", old, cs);
+            pr_info!(
+                "dm-qcow2: cluster size changed from {} to {} bytes\n",
+                old,
+                cs
+            );
             Some(ClusterBufs::new(cs).inspect_err(|_| {
-                pr_err!("dm-qcow2: no memory for buffers of the new cluster size {}\n", cs);
+                pr_err!(
+                    "dm-qcow2: no memory for buffers of the new cluster size {}\n",
+                    cs
+                );
             })?)
         };
         let mut arcs = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -167,7 +192,6 @@ impl Qcow2 {
             }
         }
     }
-
 
     /// `presuspend`: a running merge is cancelled, parked writes get a last try.
     pub(super) fn suspend_begin(&self) {
@@ -229,7 +253,7 @@ impl Qcow2 {
     pub(super) fn resume_begin(&self) -> Result {
         let inner = &self.inner;
         if inner.wants_check() {
-            pr_err!("dm-qcow2: metadata may be inconsistent (wants_check): reload the table after qemu-img check -r all\n");
+            pr_err!("dm-qcow2: metadata may be inconsistent: reload after qemu-img check -r all\n");
             return Err(EIO);
         }
         let mut st = inner.lock_state();

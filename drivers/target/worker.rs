@@ -63,7 +63,11 @@ impl WorkItem<0> for Inner {
                 parked |= this.sync_batch(&mut st);
                 // A merge waiting in `ready` copies what was written since
                 // in the background (bounded redo set).
-                if st.merge.as_mut().is_some_and(|m| core::mem::take(&mut m.redo_kick)) {
+                if st
+                    .merge
+                    .as_mut()
+                    .is_some_and(|m| core::mem::take(&mut m.redo_kick))
+                {
                     drop(st);
                     this.kick_merge();
                 }
@@ -181,7 +185,8 @@ impl Inner {
         match fp.map.lookup(cb, vaddr >> cb, write) {
             Some(host) => {
                 let pos = host + hdr.offset_in_cluster(vaddr);
-                top.file.submit_bio_io(bio, 0, len, pos, false, &self.inflight);
+                top.file
+                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight);
                 Ok(())
             }
             None => Err(bio),
@@ -252,7 +257,11 @@ impl Inner {
         match res {
             // Not acknowledged: retried when there may be space again (what
             // was written of it so far is simply written again).
-            Err(e) if e == ENOSPC && bio.op() != Op::Read && !self.suspending.load(Ordering::Acquire) => {
+            Err(e)
+                if e == ENOSPC
+                    && bio.op() != Op::Read
+                    && !self.suspending.load(Ordering::Acquire) =>
+            {
                 // Parked, it holds no in-flight reference: a merge may
                 // start or complete meanwhile (as in the C target).
                 dm::release_inflight(&bio);
@@ -329,7 +338,10 @@ impl Inner {
         if self.commit_armed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let queued = self.commit_wq.queue().is_some_and(|q| q.enqueue::<_, 3>(self.clone()).is_ok());
+        let queued = self
+            .commit_wq
+            .queue()
+            .is_some_and(|q| q.enqueue::<_, 3>(self.clone()).is_ok());
         if !queued {
             self.commit_armed.store(false, Ordering::Release);
         }
@@ -384,7 +396,11 @@ impl Inner {
             let Ok(delta) = st.delta(d) else { break };
             let Some(md) = st.md.get_mut(d) else { break };
             if let Err(e) = md.apply_frees(&delta.file, &delta.hdr) {
-                pr_err!("dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n", d, e);
+                pr_err!(
+                    "dm-qcow2: image {}: refcount update failed ({:?}): wants_check\n",
+                    d,
+                    e
+                );
                 self.latch_wants_check();
             }
         }
@@ -488,7 +504,9 @@ impl Inner {
     /// wait for space and are retried (see "Running out of space").
     pub(crate) fn md_error(&self, e: Error) -> Error {
         if e != ENOSPC {
-            self.errors.md_writeback.store(-e.to_errno(), Ordering::Relaxed);
+            self.errors
+                .md_writeback
+                .store(-e.to_errno(), Ordering::Relaxed);
         }
         e
     }
