@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight headers-test deb dkms-test patches patches-test kernel-deb deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deb deb-test dkms-test patches patches-test kernel-deb rustfmt rustfmtcheck deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -31,7 +31,8 @@ help:
 	@echo "make modules KDIR=<dir> - build dm-qcow2.ko against any kernel (preflight first)"
 	@echo "make preflight [KDIR=<dir>] - can the module be built against that kernel? (exit 77: no Rust)"
 	@echo "make headers-test - build the module against a headers-only copy of the test kernel"
-	@echo "make deb       - out/deb/dm-qcow2-dkms_<version>_all.deb (debhelper + dh-dkms)"
+	@echo "make deb       - out/deb/: dm-qcow2-dkms_<version>_all.deb and dm-qcow2-tools_<version>_<arch>.deb"
+	@echo "make deb-test  - both packages built in a temp dir and their contents checked"
 	@echo "make dkms-test - DKMS builds in a temp DKMS tree (headers-only kernel, no-Rust kernel, other rustc)"
 	@echo "make patches   - the kernel patch series (drivers/md/dm-qcow2/) into out/patches/"
 	@echo "make patches-test - the series applies to linux-source-6.12 and builds in-tree (root)"
@@ -40,6 +41,7 @@ help:
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
 	@echo "make host-test - cargo tests (format logic, the dm-qcow2 command)"
+	@echo "make rustfmt   - format the module's sources (the kernel's .rustfmt.toml); rustfmtcheck checks"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
 	@echo "make crashtest - the crash-replay kselftest with many more crash states (not in CI)"
 	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"
@@ -74,9 +76,14 @@ preflight:
 headers-test: kernel
 	scripts/test-headers-build.sh $(KDIR)
 
-# The DKMS source package: out/deb/dm-qcow2-dkms_<version>_all.deb
+# The Debian packages into out/deb/: dm-qcow2-dkms (the module's sources for
+# DKMS) and dm-qcow2-tools (the command, its man pages and completions)
 deb:
 	scripts/mk-deb.sh $(CURDIR)/out/deb
+
+# Both packages built into a temp dir and looked into (nothing installed).
+deb-test:
+	scripts/test-deb.sh
 
 # DKMS builds in a throwaway DKMS tree: headers-only tree of the test
 # kernel (builds), a kernel without Rust (skipped), another rustc (fails
@@ -98,6 +105,14 @@ patches-test: kernel
 # with CONFIG_DM_QCOW2=m into out/kernel-deb/: a full kernel build, not in CI.
 kernel-deb: kernel
 	KDIR=$(KDIR) scripts/mk-kernel-deb.sh $(CURDIR)/out/kernel-deb
+
+# The kernel's Rust style (.rustfmt.toml is the kernel tree's): the crate
+# root pulls in every file of the module.
+rustfmt:
+	rustfmt --edition 2021 --config-path .rustfmt.toml drivers/dm_qcow2.rs
+
+rustfmtcheck:
+	rustfmt --check --edition 2021 --config-path .rustfmt.toml drivers/dm_qcow2.rs
 
 host-test:
 	tools/check.sh host

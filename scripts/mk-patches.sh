@@ -46,10 +46,35 @@ commit() { # SUBJECT BODY: commit everything with a Signed-off-by
 $2"
 }
 
+# The MAINTAINERS entry, written (again) with the F: patterns given: each
+# patch lists the files it adds, so each touches MAINTAINERS (checkpatch).
+maintainers() {
+	python3 - "$r" "$name" "$email" "$@" <<'EOF'
+import re, sys
+r, name, email, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+p = r + "/MAINTAINERS"
+s = open(p).read()
+title = "DEVICE-MAPPER QCOW2 TARGET\n"
+entry = title + f"""M:\t{name} <{email}>
+L:\tdm-devel@lists.linux.dev
+L:\trust-for-linux@vger.kernel.org
+S:\tMaintained
+""" + "".join(f"F:\t{f}\n" for f in sorted(files)) + "\n"
+if title in s:
+    s = re.sub(re.escape(title) + r"(?:[A-Z]:\t[^\n]*\n)*\n", lambda m: entry, s, count=1)
+else:
+    anchor = "DEVICE-MAPPER VDO TARGET\n"
+    assert anchor in s
+    s = s.replace(anchor, entry + anchor, 1)
+open(p, "w").write(s)
+EOF
+}
+
 # 1. the abstractions (no build yet: nothing refers to them)
 mkdir -p "$d/rust"
 cp "$root"/rust/*.rs "$root"/rust/shim.c "$root"/rust/shim.h "$root"/rust/bindings_helper.h "$d/rust/"
 rm -f "$d/rust/bindings_generated.rs"
+maintainers drivers/md/dm-qcow2/rust/
 commit "dm qcow2: add Rust abstractions for device-mapper targets" \
 "The qcow2 target added by the next patch is written in Rust. The kernel
 crate of 6.12 has no bindings for device-mapper targets, bios owned by a
@@ -64,7 +89,9 @@ the C declarations the kernel crate does not cover. Every unsafe block
 of the driver lives here, each with a SAFETY comment.
 
 Nothing builds these files yet; the next patch adds the target and its
-Makefile."
+Makefile. Add a MAINTAINERS entry for the new directory, with the lists
+to copy: dm-devel for device-mapper and rust-for-linux for the Rust
+code."
 
 # 2. the target, its Makefile, Kconfig and drivers/md/Makefile entries
 for f in "$root"/drivers/*.rs; do cp "$f" "$d/"; done
@@ -117,6 +144,7 @@ assert anchor in s
 s = s.replace(anchor, anchor + "obj-$(CONFIG_DM_QCOW2)\t\t+= dm-qcow2/\n", 1)
 open(p, "w").write(s)
 EOF
+maintainers drivers/md/dm-qcow2/
 commit "dm qcow2: add a target for qcow2 image chains" \
 "Add the qcow2 device-mapper target: it maps a chain of qcow2 images
 (v2 and v3: a base image and its overlays, each one a delta, handed to
@@ -152,38 +180,16 @@ cp "$root/Documentation/admin-guide/device-mapper/dm-qcow2.rst" "$r/Documentatio
 sed -i 's/^    dm-log$/    dm-log\n    dm-qcow2/' "$r/Documentation/admin-guide/device-mapper/index.rst"
 grep -qx '    dm-qcow2' "$r/Documentation/admin-guide/device-mapper/index.rst" ||
 	{ echo "mk-patches: no index.rst entry" >&2; exit 1; }
+maintainers Documentation/admin-guide/device-mapper/dm-qcow2.rst drivers/md/dm-qcow2/
 commit "docs: dm-qcow2: document the qcow2 target" \
 "Describe the qcow2 device-mapper target: the table line, the messages
 and status, the module parameter, merges and what the target does on a
-crash, and link the page from the device-mapper index."
-
-# 4. MAINTAINERS
-python3 - "$r" "$name" "$email" <<'EOF'
-import sys
-r, name, email = sys.argv[1:4]
-p = r + "/MAINTAINERS"
-s = open(p).read()
-entry = f'''DEVICE-MAPPER QCOW2 TARGET
-M:	{name} <{email}>
-L:	dm-devel@lists.linux.dev
-L:	rust-for-linux@vger.kernel.org
-S:	Maintained
-F:	Documentation/admin-guide/device-mapper/dm-qcow2.rst
-F:	drivers/md/dm-qcow2/
-
-'''
-anchor = "DEVICE-MAPPER VDO TARGET\n"
-assert anchor in s
-s = s.replace(anchor, entry + anchor, 1)
-open(p, "w").write(s)
-EOF
-commit "MAINTAINERS: add an entry for the dm-qcow2 target" \
-"Add the maintainers of the qcow2 device-mapper target and the lists to
-copy: dm-devel for device-mapper and rust-for-linux for the Rust code."
+crash, and link the page from the device-mapper index and the target's
+MAINTAINERS entry."
 
 rm -rf "$out"
 mkdir -p "$out"
-g format-patch -q --cover-letter -o "$out" HEAD~4
+g format-patch -q --cover-letter -o "$out" HEAD~3
 cover=$(ls "$out"/0000-*.patch)
 python3 - "$cover" "$head" <<'EOF'
 import sys
@@ -197,8 +203,8 @@ It is a drop-in for Virtuozzo's C target of the same name (same table
 line, messages and status).
 
 Patch 1 adds the abstractions, patch 2 the target with its Kconfig and
-Makefile entries, patch 3 the documentation and patch 4 a MAINTAINERS
-entry. It applies to linux 6.12 and needs CONFIG_RUST=y.
+Makefile entries, patch 3 the documentation; each extends the target's
+MAINTAINERS entry by the files it adds. It applies to linux 6.12 and needs CONFIG_RUST=y.
 
 Built from dm-qcow2 {head}.""")
 open(p, "w").write(s)

@@ -3,6 +3,7 @@
 #
 # The kernel patch series (scripts/mk-patches.sh), as root:
 #   scripts/test-patches.sh [KDIR]     (the built test kernel; ours by default)
+# 0. every patch is clean for the kernel's scripts/checkpatch.pl;
 # 1. it applies with `git am` to a pristine linux-source-6.12 extraction
 #    (DMQ_KSRC_TAR): of the paths the series touches (git am reads no
 #    other), or of the whole tree with DMQ_PATCH_FULL=1 (minutes);
@@ -38,6 +39,17 @@ rc=$?
 [ "$rc" = 0 ] || cat "$tmp/mk.log"
 result "$rc" "make patches: $(ls "$tmp/patches" 2>/dev/null | grep -vc '^0000-') patches"
 patches=("$tmp"/patches/000[1-9]-*.patch)
+
+# 0. checkpatch: no error, no warning (the kernel tree's own script)
+cp_log=$tmp/checkpatch.log
+: >"$cp_log"
+cp_rc=0
+for p in "${patches[@]}"; do
+	"$kdir/scripts/checkpatch.pl" --no-tree --terse "$p" >>"$cp_log" 2>&1 || cp_rc=1
+done
+grep -q 'WARNING\|ERROR' "$cp_log" && cp_rc=1
+[ "$cp_rc" = 0 ] || cat "$cp_log"
+result "$cp_rc" "scripts/checkpatch.pl: $(grep -c '^total: 0 errors, 0 warnings' "$cp_log") of ${#patches[@]} patches clean"
 
 # 1. git am on a pristine extraction
 start=$(date +%s)

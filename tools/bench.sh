@@ -7,7 +7,7 @@ out=$(mktemp -d /tmp/dmq-bench-out.XXXXXX)
 KDIR=$(dmq_kdir)
 cp "$KDIR/drivers/block/nbd.ko" "$KDIR/drivers/block/ublk_drv.ko" "$out/"
 env=
-for v in DMQ_BENCH_FS DMQ_BENCH_JOBS DMQ_BENCH_PEERS DMQ_BENCH_MODULE DMQ_BENCH_SIZE_MB DMQ_BENCH_RUNTIME DMQ_BENCH_CLUSTER; do
+for v in DMQ_BENCH_FS DMQ_BENCH_JOBS DMQ_BENCH_PEERS DMQ_BENCH_MODULE DMQ_BENCH_SIZE_MB DMQ_BENCH_RUNTIME DMQ_BENCH_CLUSTER DMQ_BENCH_STATUS_ROUNDS DMQ_BENCH_STATUS_RATE; do
 	[ -n "${!v:-}" ] && env+="$v=${!v} "
 done
 DMQ_VM_RWDIR=$out "$DMQ_ROOT/tools/vm.sh" \

@@ -27,6 +27,17 @@ host_tests() {
 	rm -f "$log"
 }
 
+# The kernel's Rust style: the module's sources as rustfmt formats them
+# with the kernel's .rustfmt.toml (a copy at the top; `make rustfmt`).
+style_tests() {
+	echo "== style: rustfmt --check (the kernel's .rustfmt.toml)"
+	if rustfmt --check --edition 2021 --config-path .rustfmt.toml drivers/dm_qcow2.rs; then
+		echo "ok: the module's sources are rustfmt-clean"; pass=$((pass + 1))
+	else
+		echo "not ok: rustfmt --check (make rustfmt fixes it)"; fail=$((fail + 1))
+	fi
+}
+
 # The packaging checks (scripts/): the preflight's verdicts on our kernel,
 # kernels without Rust, missing Rust files, another rustc (seconds).
 packaging_tests() {
@@ -47,19 +58,20 @@ packaging_tests() {
 }
 
 # The packaging builds (scripts/test-headers-build.sh, test-dkms.sh,
-# test-patches.sh): the module against a headers-only copy of the test
-# kernel, through DKMS, and in-tree from the patch series applied to
-# pristine sources (about a minute of CPU, 3-6 minutes on a loaded
+# test-patches.sh, test-deb.sh): the module against a headers-only copy of
+# the test kernel, through DKMS, and in-tree from the patch series applied
+# to pristine sources (checkpatch-clean), and the two .deb packages (about a minute of CPU, 3-6 minutes on a loaded
 # machine): in the background during the kselftests.
 pkg_pid=
 pkg_log=
 packaging_start() {
 	pkg_log=$(mktemp)
-	echo "== packaging: headers-only, DKMS and in-tree builds (scripts/test-*.sh), in the background"
+	echo "== packaging: headers-only, DKMS, in-tree builds and .debs (scripts/test-*.sh), in the background"
 	{
 		scripts/test-headers-build.sh "$(dmq_kdir)"
 		scripts/test-dkms.sh "$(dmq_kdir)"
 		scripts/test-patches.sh "$(dmq_kdir)"
+		scripts/test-deb.sh
 	} >"$pkg_log" 2>&1 &
 	pkg_pid=$!
 }
@@ -67,7 +79,7 @@ packaging_wait() {
 	[ -n "$pkg_pid" ] || return 0
 	wait "$pkg_pid"
 	local rc=$? p f
-	echo "== packaging: headers-only, DKMS and in-tree builds"
+	echo "== packaging: headers-only, DKMS, in-tree builds and .debs"
 	cat "$pkg_log"
 	p=$(grep -c '^ok ' "$pkg_log"); f=$(grep -c '^not ok ' "$pkg_log")
 	pass=$((pass + p)); fail=$((fail + f))
@@ -389,11 +401,11 @@ run_checks() {
 }
 
 case "$what" in
-host) host_tests; runner_test; packaging_tests; fake_start; fake_wait ;;
+host) host_tests; style_tests; runner_test; packaging_tests; fake_start; fake_wait ;;
 runner-test) runner_test ;;
 kselftest) kselftests "$@" ;;
 packaging) packaging_tests; packaging_start; packaging_wait ;;
-all) host_tests; runner_test; packaging_tests; fake_start; packaging_start; kselftests "$@"; fake_wait; packaging_wait ;;
+all) host_tests; style_tests; runner_test; packaging_tests; fake_start; packaging_start; kselftests "$@"; fake_wait; packaging_wait ;;
 *) die "usage: $0 all|host|kselftest|runner-test|packaging [test...]" ;;
 esac
 

@@ -45,6 +45,7 @@ fi
 
 command -v rustup >/dev/null || die "rustup not found: install the Rust toolchain with rustup first"
 rustup component list --installed | grep -q '^rust-src' || rustup component add rust-src
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
 if [ "$(bindgen --version 2>/dev/null | awk '{print $2}')" != "$BINDGEN_VERSION" ]; then
 	cargo install --locked --quiet bindgen-cli --version "$BINDGEN_VERSION"
 fi
