@@ -355,7 +355,7 @@ fn print_long(d: &Described) {
     println!("fast path:  {} bios", g("fast_bios"));
 }
 
-/// Writes dm-qcow2.1 and dm-qcow2-VERB.1 into `dir`.
+/// Writes dm-qcow2.8 and dm-qcow2-VERB.8 (section 8: a command for root) into `dir`.
 fn gen_man(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     let cmd = Cli::command();
@@ -366,8 +366,8 @@ fn gen_man(dir: &Path) -> Result<()> {
     }
     for (n, c) in pages {
         let mut buf = Vec::new();
-        clap_mangen::Man::new(c).render(&mut buf)?;
-        let p = dir.join(format!("{n}.1"));
+        clap_mangen::Man::new(c).section("8").render(&mut buf)?;
+        let p = dir.join(format!("{n}.8"));
         std::fs::write(&p, buf).with_context(|| p.display().to_string())?;
     }
     Ok(())
@@ -386,11 +386,11 @@ mod tests {
     fn man_pages_and_completions() {
         let s = crate::testutil::Scratch::new("man");
         gen_man(&s.0).unwrap();
-        for page in ["dm-qcow2.1", "dm-qcow2-connect.1", "dm-qcow2-merge.1", "dm-qcow2-snapshot.1"] {
+        for page in ["dm-qcow2.8", "dm-qcow2-connect.8", "dm-qcow2-merge.8", "dm-qcow2-snapshot.8"] {
             let t = std::fs::read_to_string(s.path(page)).unwrap();
             assert!(t.contains(".TH"), "{page}");
         }
-        assert!(!s.path("dm-qcow2-gen-man.1").exists(), "hidden verbs get no page");
+        assert!(!s.path("dm-qcow2-gen-man.8").exists(), "hidden verbs get no page");
         let mut out = Vec::new();
         clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "dm-qcow2", &mut out);
         assert!(String::from_utf8(out).unwrap().contains("disconnect"));
