@@ -30,9 +30,12 @@ rm -rf "$src"
 echo "kernel-deb: extracting $tar into $out"
 tar -xJf "$tar" -C "$out"
 "$here/mk-patches.sh" "$out/patches" "$src" >/dev/null
+# patch(1), not git apply: inside another git work tree (out/ of a checkout)
+# git apply skips, silently, every path outside the current directory
 for p in "$out"/patches/000[1-9]-*.patch; do
-	(cd "$src" && git apply "$p") || die "$(basename "$p") does not apply"
+	patch -d "$src" -p1 -s --forward --no-backup-if-mismatch <"$p" || die "$(basename "$p") does not apply"
 done
+[ -f "$src/drivers/md/dm-qcow2/dm_qcow2.rs" ] || die "the series left no drivers/md/dm-qcow2/ in $src"
 cp "$config" "$src/.config"
 llvm=
 grep -qx CONFIG_CC_IS_CLANG=y "$config" && llvm=LLVM=1
