@@ -21,6 +21,10 @@ kdir=${KDIR:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}
 config=${DMQ_KDEB_CONFIG:-$kdir/.config}
 export PATH="$HOME/.cargo/bin:$PATH"
 die() { echo "kernel-deb: $*" >&2; exit 1; }
+# bindeb-pkg's build dependencies (dpkg-checkbuilddeps would stop late)
+for t in rsync dpkg-buildpackage patch; do
+	command -v "$t" >/dev/null || die "no $t: apt install rsync dpkg-dev patch"
+done
 [ -f "$config" ] || die "no kernel configuration at $config (make kernel, or DMQ_KDEB_CONFIG=)"
 grep -qx CONFIG_RUST=y "$config" || die "$config has no CONFIG_RUST=y"
 

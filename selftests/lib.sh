@@ -571,6 +571,35 @@ msg_ok() {
 	}
 }
 
+# dmq_wait_ready NAME KIND [SECS]: polls "KIND progress" (merge_backward,
+# merge_forward) until stage=ready, SECS seconds at most (120); any stage
+# but copying and ready fails. The last progress line stays in MSG_OUT.
+dmq_wait_ready() {
+	local end=$((SECONDS + ${3:-120}))
+	while :; do
+		msg_ok "$1" "$2" progress
+		case $MSG_OUT in
+		*stage=ready*) return 0 ;;
+		*stage=copying*) ;;
+		*) dmq_fail "$2 progress: '$MSG_OUT'" ;;
+		esac
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no stage=ready after ${3:-120} s: '$MSG_OUT'"
+		sleep 0.2
+	done
+}
+
+# dmq_wait_exit PID SECS WHAT: waits for the background job PID to end,
+# SECS seconds at most (then fails: "WHAT still running after SECS s");
+# returns its exit status.
+dmq_wait_exit() {
+	local end=$((SECONDS + $2))
+	while kill -0 "$1" 2>/dev/null; do
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "$3 still running after $2 s"
+		sleep 0.2
+	done
+	wait "$1"
+}
+
 # expect_msg_err NAME ERRNO WORD...: the message fails with ERRNO (dmsetup
 # prints "device-mapper: message ioctl on NAME  failed: <strerror>")
 expect_msg_err() {

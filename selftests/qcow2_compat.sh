@@ -184,18 +184,7 @@ case_vendor_library() {
 
 	# merge by message
 	msg_ok l merge_backward start -1 0
-	local end=$((SECONDS + 120)) p
-	while :; do
-		msg_ok l merge_backward progress
-		p=$MSG_OUT
-		case $p in
-		*stage=ready*) break ;;
-		*stage=copying*) ;;
-		*) dmq_fail "merge: '$p'" ;;
-		esac
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "merge not ready: '$p'"
-		sleep 0.2
-	done
+	dmq_wait_ready l merge_backward
 	msg_ok l merge_backward complete
 	[ "$(chain_len l)" = 1 ] || dmq_fail "chain after the merge: $(chain_len l) images"
 	dump "$dev" dev.raw

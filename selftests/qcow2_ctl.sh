@@ -55,21 +55,6 @@ merge_idle() {
 		dmq_fail "merge_backward progress: '$MSG_OUT'"
 }
 
-# wait_ready NAME KIND: poll "KIND progress" until stage=ready (120 s)
-wait_ready() {
-	local end=$((SECONDS + 120))
-	while :; do
-		msg_ok "$1" "$2" progress
-		case $MSG_OUT in
-		*" stage=ready "*) return 0 ;;
-		*" stage=copying "*) ;;
-		*) dmq_fail "$2 progress: '$MSG_OUT'" ;;
-		esac
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "no stage=ready: '$MSG_OUT'"
-		sleep 0.2
-	done
-}
-
 # expect_chain NAME IMG...: the table has these images, base first
 expect_chain() {
 	local name=$1 i=0 img n
@@ -283,7 +268,7 @@ case_message_args() {
 	put w.bin "$DEV" $((4 * MIB + 8192))
 	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
 	msg_ok v merge_backward start -1 0
-	wait_ready v merge_backward
+	dmq_wait_ready v merge_backward
 	msg_ok v merge_backward complete
 	expect_chain v base.qcow2
 	expect_at "$DEV" $((4 * MIB + 8192)) w.bin
@@ -363,7 +348,7 @@ case_suspended_busy() {
 	dmq_run "$DMSETUP" resume "$(dmq_full_name v)"
 	echo "resumed: a merge starts now"
 	msg_ok v merge_backward start -1 0
-	wait_ready v merge_backward
+	dmq_wait_ready v merge_backward
 	msg_ok v merge_backward cancel
 	merge_idle v
 	msg_ok v set_fault_injection 1 0
@@ -485,7 +470,7 @@ case_status_info() {
 	echo "status: $STATUS"
 	[ "$ST_MERGE" = backward ] || dmq_fail "merge=$ST_MERGE during a merge"
 	case $ST_STAGE in copying | ready) ;; *) dmq_fail "stage=$ST_STAGE" ;; esac
-	wait_ready v merge_backward
+	dmq_wait_ready v merge_backward
 	status v
 	echo "status: $STATUS"
 	[ "$ST_MERGE $ST_STAGE $ST_PCT" = "backward ready 100" ] ||
@@ -757,13 +742,8 @@ enospc_case() {
 	echo "after retries: event_ENOSPC again, dm event_nr $ev1 -> $ev2"
 
 	rm -f "$SMALL/filler"
-	end=$((SECONDS + 30))
-	while kill -0 "$DD_PID" 2>/dev/null; do
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "dd still waiting 30 s after rm"
-		sleep 0.2
-	done
-	wait "$DD_PID"
-	rc=$?
+	rc=0
+	dmq_wait_exit "$DD_PID" 30 "dd, after the filler's rm," || rc=$?
 	DD_PID=
 	[ "$rc" = 0 ] || { cat dd.err; dmq_fail "dd failed (rc=$rc)"; }
 	echo "dd completed after the filler was removed"
@@ -835,30 +815,14 @@ enospc_merge_case() {
 
 	msg_ok v merge_backward start -1 0
 	echo "merge_backward start: accepted with writes parked"
-	end=$((SECONDS + 60))
-	while :; do
-		msg_ok v merge_backward progress
-		p=$MSG_OUT
-		case $p in
-		*stage=ready*) break ;;
-		*stage=copying*) ;;
-		*) dmq_fail "merge: '$p'" ;;
-		esac
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "no stage=ready after 60 s: '$p'"
-		sleep 0.2
-	done
-	echo "merge progress: $p"
+	dmq_wait_ready v merge_backward 60
+	echo "merge progress: $MSG_OUT"
 	kill -0 "$DD_PID" 2>/dev/null || echo "(dd already done: the merge's moves freed tmpfs space)"
 	msg_ok v merge_backward complete
 	echo "merge_backward complete: accepted"
 	[ "$(chain_len v)" = 1 ] || dmq_fail "the chain still has $(chain_len v) images"
-	end=$((SECONDS + 30))
-	while kill -0 "$DD_PID" 2>/dev/null; do
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "dd still waiting 30 s after complete"
-		sleep 0.2
-	done
-	wait "$DD_PID"
-	rc=$?
+	rc=0
+	dmq_wait_exit "$DD_PID" 30 "dd, after complete," || rc=$?
 	DD_PID=
 	[ "$rc" = 0 ] || { cat dd.err; dmq_fail "dd failed (rc=$rc)"; }
 	echo "dd completed into the base"

@@ -14,7 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt_pkgs=(linux-source-6.12 clang lld llvm libclang-dev flex bison bc libelf-dev
 	libssl-dev cpio busybox-static kmod qemu-utils udev dmsetup fio python3
 	python3-pip xz-utils zstd e2fsprogs xfsprogs util-linux libdevmapper-dev pkg-config
-	debhelper dh-dkms dkms patch)
+	debhelper dh-dkms dkms patch rsync)
 
 missing=()
 for p in "${apt_pkgs[@]}" qemu-system-x86; do
