@@ -23,4 +23,7 @@
 pub(crate) use kernel::bindings::*;
 use kernel::ffi;
 
-include!("bindings_generated.rs");
+// By the absolute path Kbuild passes (`DMQ_BINDINGS_RS`): the file is
+// generated in the object directory, which `make O=` puts apart from the
+// sources.
+include!(env!("DMQ_BINDINGS_RS"));

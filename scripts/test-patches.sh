@@ -43,13 +43,18 @@ patches=("$tmp"/patches/000[1-9]-*.patch)
 # 0. checkpatch: no error, no warning (the kernel tree's own script)
 cp_log=$tmp/checkpatch.log
 : >"$cp_log"
-cp_rc=0
+clean=0
 for p in "${patches[@]}"; do
-	"$kdir/scripts/checkpatch.pl" --no-tree --terse "$p" >>"$cp_log" 2>&1 || cp_rc=1
+	if out=$("$kdir/scripts/checkpatch.pl" --no-tree --terse "$p" 2>&1) && ! grep -q 'WARNING\|ERROR' <<<"$out"; then
+		clean=$((clean + 1))
+	else
+		printf '%s\n' "$out" >>"$cp_log"
+	fi
 done
-grep -q 'WARNING\|ERROR' "$cp_log" && cp_rc=1
+[ "$clean" = "${#patches[@]}" ]
+cp_rc=$?
 [ "$cp_rc" = 0 ] || cat "$cp_log"
-result "$cp_rc" "scripts/checkpatch.pl: $(grep -c '^total: 0 errors, 0 warnings' "$cp_log") of ${#patches[@]} patches clean"
+result "$cp_rc" "scripts/checkpatch.pl: $clean of ${#patches[@]} patches clean (no error, no warning)"
 
 # 1. git am on a pristine extraction
 start=$(date +%s)
