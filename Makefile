@@ -44,7 +44,7 @@ help:
 	@echo "make rustfmt   - format the module's sources (the kernel's .rustfmt.toml); rustfmtcheck checks"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
 	@echo "make crashtest - the crash-replay kselftest with many more crash states (not in CI)"
-	@echo "make bench     - fio in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk (make bench-deps)"
+	@echo "make bench     - fio, discard, merge in the VM: dm-qcow2 vs raw file, qemu-nbd, rublk; table + chart (make bench-deps)"
 
 deps:
 	tools/setup.sh
@@ -139,9 +139,12 @@ demo: module
 bench: module
 	tools/bench.sh
 
-# The rublk peer for make bench (a userspace ublk qcow2 server from crates.io).
+# The rublk peer for make bench (a userspace ublk qcow2 server from crates.io)
+# and matplotlib for its chart (bench-last.svg).
 bench-deps:
 	command -v rublk >/dev/null || [ -x $$HOME/.cargo/bin/rublk ] || cargo install --locked rublk
+	dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q 'ok installed' || \
+		apt-get install -y -qq --no-install-recommends python3-matplotlib
 
 clean:
 	-$(MAKE) -C $(KDIR) M=$(CURDIR) $(DMQ_LLVM) clean

@@ -2,33 +2,76 @@
 # SPDX-License-Identifier: GPL-2.0
 """Benchmarks inside the VM: fio on a tmpfs, dm-qcow2 beside a raw file
 (O_DIRECT) and beside the userspace peers serving the same qcow2 image
-(qemu-nbd + nbd.ko, rublk + ublk_drv when present). Prints a table of IOPS
-and MB/s with ratios to raw and to each peer. No assertions: numbers only.
+(qemu-nbd + nbd.ko, rublk + ublk_drv when present), all in one run.
+Prints a table (bench.txt in OUTDIR) and writes bench.json there for the
+host's chart (tools/bench-chart.py). No assertions: numbers only.
 
 usage: bench-guest.py ROOT OUTDIR
        bench-guest.py --status-loop DM_NAME SECONDS   (the poller below)
 
-DMQ_BENCH_FS=ext4 puts the images on ext4 over a loop device (a sparse
-file on a tmpfs) instead of the tmpfs itself: there direct I/O is
-asynchronous and fsync reaches a block device, so the cost of the target's
-ordered metadata commit shows. DMQ_BENCH_JOBS (comma-separated job names)
-and DMQ_BENCH_PEERS (peer names) pick a subset; DMQ_BENCH_MODULE another
-dm-qcow2.ko (an A/B of two builds).
+For each job and peer: IOPS and MB/s (fio jobs) or time and MB/s (timed
+jobs), the p50/p99 completion latency of the QD1 jobs, the guest's CPU
+time (/proc/stat, both vCPUs, every process: fio, the target's workers,
+qemu-nbd or rublk) during fio's I/O phase per I/O, or during a timed job,
+and dm-qcow2's rate and CPU divided by each column's. A job or peer that
+fails prints "failed" and why; the rest goes on.
 
-The job "status-under-fio" (dm-qcow2 only) runs 4k random reads four
-times: alone, with a process asking for the device's status 1000 times a
-second (DM_TABLE_STATUS ioctls, as `dmsetup status` does, without a fork
-and exec per call; DMQ_BENCH_STATUS_RATE), with the same poller on a
-dm-zero device instead (what the poller itself costs the 2 vCPUs), and
-alone again. The target's share is the second against the third.
+The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
+  4k-randread, 4k-randwrite          libaio, iodepth 32, one fio job
+  4k-randread-2jobs, -randwrite-2jobs the same with numjobs 2 (2 vCPUs)
+  4k-randread-qd1, 4k-randwrite-qd1  iodepth 1, with p50/p99 latency
+  1M-read, 1M-write                  sequential, iodepth 32
+  4k-first-write, 64k-first-write    on an empty image, against a sparse
+                                     raw file (and a written one beside)
+  sparse-randread   4k random reads over a DMQ_BENCH_SPARSE_GB (64) GiB
+                    image with DMQ_BENCH_SPARSE_TOUCH_MB (2048) MiB of
+                    clusters written at random (the raw file: the same
+                    clusters of a sparse file): metadata cache misses
+  discard           a timed whole-device blkdiscard of a fully written
+                    DMQ_BENCH_DISCARD_MB (1024) MiB image; raw is a loop
+                    device over the written raw file (the loop driver
+                    punches holes in the file, as the block layer brings
+                    the discard to the target), and "raw-punch" beside it
+                    is `fallocate --punch-hole` on the file itself
+  merge-depth0, merge-depth1  (dm-qcow2 only) a timed backward merge of a
+                    delta holding DMQ_BENCH_MERGE_MB (512) MiB into an
+                    empty base (merge_backward start, eventfd and progress
+                    until stage=ready, complete), at depth 0 (the top) and
+                    depth 1 (below an empty top; the merged delta is then
+                    open read-only, so it is copied, not moved, as
+                    `dm-qcow2 merge` does it), against `cp
+                    --sparse=always` of the delta's file plus `sync` of
+                    the copy on the same file system ("cp")
+  status-under-fio  (dm-qcow2 only) see below
+
+DMQ_BENCH_PEERS (raw, dm-qcow2, qemu-nbd, rublk) picks peers; an absent
+one (rublk not installed) is skipped. DMQ_BENCH_SIZE_MB (512) is the
+image of the fio jobs, DMQ_BENCH_RUNTIME (8) seconds per fio run,
+DMQ_BENCH_CLUSTER (64k) the cluster size. DMQ_BENCH_FS=ext4 puts the
+images on ext4 over a loop device (a sparse file on a tmpfs) instead of
+the tmpfs itself: there direct I/O is asynchronous and fsync reaches a
+block device, so the cost of the target's ordered metadata commit shows.
+DMQ_BENCH_MODULE loads another dm-qcow2.ko (an A/B of two builds).
+
+The job "status-under-fio" runs 4k random reads in DMQ_BENCH_STATUS_ROUNDS
+(3) rounds
+of three: alone, with a process asking for the device's status 1000 times
+a second (DM_TABLE_STATUS ioctls, as `dmsetup status` does, without a fork
+and exec per call; DMQ_BENCH_STATUS_RATE), and with the same poller on a
+dm-zero device instead (what the poller itself costs the 2 vCPUs). The
+target's share is the second against the third.
 """
 
 import json
 import os
+import random
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 ROOT, OUT = sys.argv[1], sys.argv[2]
 WORK = "/tmp/dmq-bench"
@@ -37,23 +80,74 @@ RUNTIME = int(os.environ.get("DMQ_BENCH_RUNTIME", "8"))
 CLUSTER = os.environ.get("DMQ_BENCH_CLUSTER", "64k")
 FS = os.environ.get("DMQ_BENCH_FS", "tmpfs")
 MODULE = os.environ.get("DMQ_BENCH_MODULE", f"{ROOT}/dm-qcow2.ko")
+DISCARD_MB = int(os.environ.get("DMQ_BENCH_DISCARD_MB", "1024"))
+MERGE_MB = int(os.environ.get("DMQ_BENCH_MERGE_MB", "512"))
+SPARSE_GB = int(os.environ.get("DMQ_BENCH_SPARSE_GB", "64"))
+SPARSE_TOUCH_MB = int(os.environ.get("DMQ_BENCH_SPARSE_TOUCH_MB", "2048"))
+STATUS_ROUNDS = int(os.environ.get("DMQ_BENCH_STATUS_ROUNDS", "3"))
+STATUS_RATE = int(os.environ.get("DMQ_BENCH_STATUS_RATE", "1000"))
+MERGE_TIMEOUT = 1800  # seconds to stage=ready
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    kind: str                # fio, sparse, discard, merge, status
+    rw: str = "randread"
+    bs: str = "4k"
+    allocated: bool = True   # fio jobs: on a fully written image
+    iodepth: int = 32
+    numjobs: int = 1
+    depth: int = 0           # merge: the merged delta (0 = top)
+
 
 JOBS = [
-    # name, rw, bs, on a fully allocated image?
-    ("4k-randread", "randread", "4k", True),
-    ("4k-randwrite", "randwrite", "4k", True),
-    ("1M-read", "read", "1M", True),
-    ("1M-write", "write", "1M", True),
-    ("4k-first-write", "randwrite", "4k", False),
-    ("64k-first-write", "randwrite", "64k", False),
-    ("status-under-fio", "randread", "4k", True),
+    Job("4k-randread", "fio"),
+    Job("4k-randwrite", "fio", "randwrite"),
+    Job("4k-randread-2jobs", "fio", numjobs=2),
+    Job("4k-randwrite-2jobs", "fio", "randwrite", numjobs=2),
+    Job("4k-randread-qd1", "fio", iodepth=1),
+    Job("4k-randwrite-qd1", "fio", "randwrite", iodepth=1),
+    Job("1M-read", "fio", "read", "1M"),
+    Job("1M-write", "fio", "write", "1M"),
+    Job("4k-first-write", "fio", "randwrite", allocated=False),
+    Job("64k-first-write", "fio", "randwrite", "64k", allocated=False),
+    Job("sparse-randread", "sparse"),
+    Job("discard", "discard"),
+    Job("merge-depth0", "merge", depth=0),
+    Job("merge-depth1", "merge", depth=1),
+    Job("status-under-fio", "status"),
 ]
+
+
+@dataclass
+class Result:
+    """One job on one peer. rate() is what the ratios compare."""
+    iops: float = None
+    mbps: float = None
+    secs: float = None       # timed jobs: wall time
+    cpu_s: float = None      # guest CPU time (not idle) while it ran
+    ios: int = None          # fio jobs: I/Os completed
+    p50_us: float = None
+    p99_us: float = None
+    note: str = ""
+    error: str = None
+
+    def rate(self):
+        return self.iops if self.iops is not None else self.mbps
+
+    def cpu_us_per_io(self):
+        if self.cpu_s is None or not self.ios:
+            return None
+        return self.cpu_s * 1e6 / self.ios
+
+
+class BenchError(Exception):
+    pass
+
 
 DM_IOCTL_SIZE = 312          # struct dm_ioctl
 DM_TABLE_STATUS = (3 << 30) | (DM_IOCTL_SIZE << 16) | (0xfd << 8) | 12
-
-
-STATUS_RATE = int(os.environ.get("DMQ_BENCH_STATUS_RATE", "1000"))
 
 
 def status_loop(name, secs):
@@ -95,18 +189,82 @@ def log(msg):
     print(msg, flush=True)
 
 
-def fio(dev, rw, bs):
-    r = sh(f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
-           f"--iodepth=32 --rw={rw} --bs={bs} --runtime={RUNTIME} --time_based "
-           f"--size={SIZE}M --randrepeat=0 --norandommap --group_reporting "
-           f"--output-format=json", check=False)
+def describe(e):
+    """One line saying why a step failed."""
+    if isinstance(e, subprocess.CalledProcessError):
+        out = (e.stdout or "").strip().replace("\n", " | ")
+        return f"`{e.cmd}` exited {e.returncode}: {out[-300:]}"
+    return f"{type(e).__name__}: {e}"
+
+
+def busy_of(cpu_line):
+    """Seconds not idle in a /proc/stat "cpu" line (user, nice, system,
+    irq, softirq, steal; guest time is inside user already)."""
+    v = [int(x) for x in cpu_line.split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds():
+    """CPU time the guest spent not idle so far, all CPUs."""
+    with open("/proc/stat") as f:
+        return busy_of(f.readline())
+
+
+def timed(fn, *args):
+    """Runs FN(*ARGS); returns (its value, wall seconds, guest CPU seconds)."""
+    c0, t0 = busy_seconds(), time.monotonic()
+    value = fn(*args)
+    return value, time.monotonic() - t0, busy_seconds() - c0
+
+
+def cluster_bytes():
+    units = {"k": 1 << 10, "m": 1 << 20}
+    c = CLUSTER.lower()
+    return int(c[:-1]) * units[c[-1]] if c[-1] in units else int(c)
+
+
+def fio_cmd(dev, job, size):
+    # exec_prerun/postrun: fio saves their output in b.prerun.txt and
+    # b.postrun.txt in its directory (the last job's, with numjobs 2).
+    return (f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
+            f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
+            f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
+            f"--randrepeat=0 --norandommap --group_reporting --output-format=json "
+            f"'--exec_prerun=head -1 /proc/stat' '--exec_postrun=head -1 /proc/stat'")
+
+
+def io_phase_cpu(d):
+    """The guest's CPU seconds between fio's prerun and postrun snapshots
+    in directory D (its I/O, without its start and exit), or None."""
+    try:
+        with open(f"{d}/b.prerun.txt") as a, open(f"{d}/b.postrun.txt") as b:
+            pre, post = a.readline(), b.readline()
+        if pre.startswith("cpu ") and post.startswith("cpu "):
+            return busy_of(post) - busy_of(pre)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def fio(dev, job, size):
+    """fio on DEV as JOB says, SIZE (fio's syntax) of it: a Result."""
+    d = tempfile.mkdtemp(prefix="dmq-fio.")
+    try:
+        r, _, cpu = timed(lambda: sh(fio_cmd(dev, job, size), check=False, cwd=d))
+        cpu = io_phase_cpu(d) or cpu
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
     if r.returncode != 0:
-        log(f"fio failed on {dev}: {r.stdout[-500:]}")
-        return None
+        raise BenchError(f"fio exited {r.returncode}: {r.stdout[-300:]}")
     j = json.loads(r.stdout[r.stdout.index("{"):])
-    job = j["jobs"][0]
-    side = job["read"] if "read" in rw else job["write"]
-    return side["iops"], side["bw_bytes"] / 1e6
+    side = j["jobs"][0]["read" if "read" in job.rw else "write"]
+    res = Result(iops=side["iops"], mbps=side["bw_bytes"] / 1e6,
+                 cpu_s=cpu, ios=side["total_ios"])
+    if job.iodepth == 1:
+        pct = side["clat_ns"].get("percentile", {})
+        res.p50_us = pct.get("50.000000", 0) / 1e3 or None
+        res.p99_us = pct.get("99.000000", 0) / 1e3 or None
+    return res
 
 
 def load_module(name, args=""):
@@ -128,22 +286,36 @@ def wait_for(path, seconds=10):
         time.sleep(0.1)
 
 
-def make_image(path, allocated):
+def make_image(path, allocated, mb=SIZE, backing=None):
     sh(f"rm -f {path}")
-    sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {path} {SIZE}M")
+    b = f"-b {backing} -F qcow2 " if backing else ""
+    sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {b}{path} {mb}M")
     if allocated:
-        sh(f"qemu-io -f qcow2 -c 'write -P 0x5a 0 {SIZE}M' {path}")
+        sh(f"qemu-io -f qcow2 -c 'write -P 0x5a 0 {mb}M' {path}")
 
 
-def make_raw(path, allocated):
+def make_raw(path, allocated, mb=SIZE):
     """The raw file, like the image: written in full for the jobs on an
     allocated image, sparse (as `qemu-img create -f raw` or `truncate`
     leave it) for first writes, which then allocate in the host file system
     for the raw file too."""
     if allocated:
-        sh(f"rm -f {path}; dd if=/dev/zero of={path} bs=1M count={SIZE} status=none")
+        sh(f"rm -f {path}; dd if=/dev/zero of={path} bs=1M count={mb} status=none")
     else:
-        sh(f"rm -f {path}; truncate -s {SIZE}M {path}")
+        sh(f"rm -f {path}; truncate -s {mb}M {path}")
+
+
+def timed_result(mib, secs, cpu, note=""):
+    """A timed job's Result: MIB handled in SECS."""
+    return Result(secs=secs, mbps=mib * 1.048576 / max(secs, 1e-6), cpu_s=cpu, note=note)
+
+
+def allocated_mb(path):
+    return os.stat(path).st_blocks * 512 / (1 << 20)
+
+
+def drop_caches():
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches", check=False)
 
 
 class Peer:
@@ -152,7 +324,7 @@ class Peer:
     def __init__(self, name):
         self.name = name
 
-    def up(self, img):
+    def up(self, img, block=False):
         raise NotImplementedError
 
     def down(self):
@@ -160,12 +332,25 @@ class Peer:
 
 
 class Raw(Peer):
-    def up(self, img):
-        return img  # fio on the file itself
+    """The raw file itself for fio; a loop device over it where a block
+    device is needed (blkdiscard)."""
+
+    loop = None
+
+    def up(self, img, block=False):
+        if not block:
+            return img
+        self.loop = sh(f"losetup -f --show {img}").stdout.strip()
+        return self.loop
+
+    def down(self):
+        if self.loop:
+            sh(f"losetup -d {self.loop}", check=False)
+            self.loop = None
 
 
 class DmQcow2(Peer):
-    def up(self, img):
+    def up(self, img, block=False):
         sh(f"{ROOT}/selftests/dmq_open.py --rw bench {img}")
         return "/dev/mapper/bench"
 
@@ -174,9 +359,12 @@ class DmQcow2(Peer):
 
 
 class QemuNbd(Peer):
-    def up(self, img):
+    def up(self, img, block=False):
         load_module("nbd", "nbds_max=2")
-        sh(f"qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native {img}")
+        # --discard=unmap: discards free the image's clusters (qemu-nbd
+        # ignores them by default), as dm-qcow2 does.
+        sh(f"qemu-nbd -c /dev/nbd0 -f qcow2 --cache=none --aio=native "
+           f"--discard=unmap {img}")
         wait_for("/sys/block/nbd0/pid")
         return "/dev/nbd0"
 
@@ -190,7 +378,7 @@ class Rublk(Peer):
         super().__init__(name)
         self.exe = exe
 
-    def up(self, img):
+    def up(self, img, block=False):
         load_module("ublk_drv")
         sh(f"{self.exe} add qcow2 --file {img}")
         wait_for("/dev/ublkb0")
@@ -200,49 +388,307 @@ class Rublk(Peer):
         sh(f"{self.exe} del -a", check=False)
 
 
-STATUS_ROUNDS = int(os.environ.get("DMQ_BENCH_STATUS_ROUNDS", "3"))
+def result_line(job_name, peer, r):
+    if r.error:
+        return f"{job_name:20} {peer:11} failed: {r.error}"
+    parts = []
+    if r.iops is not None:
+        parts.append(f"{r.iops:10.0f} IOPS")
+    if r.secs is not None:
+        parts.append(f"{r.secs:8.2f} s")
+    if r.mbps is not None:
+        parts.append(f"{r.mbps:9.1f} MB/s")
+    if r.p50_us is not None:
+        parts.append(f"p50 {r.p50_us:.0f} us p99 {r.p99_us or 0:.0f} us")
+    if r.cpu_us_per_io() is not None:
+        parts.append(f"CPU {r.cpu_us_per_io():.1f} us/IO")
+    elif r.cpu_s is not None:
+        parts.append(f"CPU {r.cpu_s:.2f} s")
+    if r.note:
+        parts.append(r.note)
+    return f"{job_name:20} {peer:11} " + ", ".join(parts)
 
 
-def status_under_fio(rw, bs):
-    """fio on dm-qcow2 alone, beside a status poller on it, beside the same
-    poller on a dm-zero device, in STATUS_ROUNDS alternating rounds (a slow
-    drift of the host's load falls on all three alike): lines for the table
-    with the median of each."""
+def attempt(fn, *args):
+    """FN(*ARGS) as a Result; a failure becomes a Result saying why."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 -- any failure is reported, the rest goes on
+        return Result(error=describe(e))
+
+
+def on_each_peer(job, peers, prepare, measure, block=False, finish=None):
+    """For each peer: PREPARE(img, peer) makes the file, the peer serves it
+    (a block device if BLOCK), MEASURE(dev, img) gives the Result, the peer
+    goes down, FINISH(img, result) may add to it. {peer name: Result}."""
+    img = f"{WORK}/img"
+    out = {}
+    for p in peers:
+        def one():
+            try:
+                prepare(img, p)
+                return measure(p.up(img, block), img)
+            finally:
+                p.down()
+        r = out[p.name] = attempt(one)
+        if finish and not r.error:
+            attempt(finish, img, r)
+        log(result_line(job.name, p.name, r))
+    return out
+
+
+def run_fio_job(job, peers):
+    """A fio job on each peer, on a fresh image each; first writes also on
+    a written raw file ("raw-written")."""
+    def prepare(img, p):
+        if isinstance(p, Raw):
+            make_raw(img, job.allocated)
+        else:
+            make_image(img, job.allocated)
+    res = on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SIZE}M"))
+    if not job.allocated and any(isinstance(p, Raw) for p in peers):
+        # Against a written raw file (no allocation in the host file system
+        # at all): the figure older tables compared with.
+        def written():
+            img = f"{WORK}/img"
+            make_raw(img, True)
+            return fio(img, job, f"{SIZE}M")
+        res["raw-written"] = attempt(written)
+        log(result_line(job.name, "raw-written", res["raw-written"]))
+    return res
+
+
+def touched_offsets():
+    """SPARSE_TOUCH_MB of clusters of the SPARSE_GB image, at random (the
+    same ones every run), in random order."""
+    cs = cluster_bytes()
+    total = (SPARSE_GB << 30) // cs
+    n = min(total, (SPARSE_TOUCH_MB << 20) // cs)
+    return [c * cs for c in random.Random(14).sample(range(total), n)]
+
+
+def make_sparse_image(path, offsets):
+    """A SPARSE_GB image with a cluster written at each offset (one
+    qemu-io reading the writes from stdin)."""
+    sh(f"rm -f {path}")
+    sh(f"qemu-img create -q -f qcow2 -o cluster_size={CLUSTER} {path} {SPARSE_GB}G")
+    cs = cluster_bytes()
+    cmds = "".join(f"write -q -P 0x5a {off} {cs}\n" for off in offsets)
+    sh(f"qemu-io -f qcow2 {path} >/dev/null", input=cmds)
+    if allocated_mb(path) < len(offsets) * cs / (1 << 20):
+        raise BenchError(f"qemu-io left only {allocated_mb(path):.0f} MiB in {path}")
+
+
+def make_sparse_raw(path, offsets):
+    sh(f"rm -f {path}; truncate -s {SPARSE_GB}G {path}")
+    cs = cluster_bytes()
+    data = b"\x5a" * cs
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off in offsets:
+            os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_sparse_job(job, peers):
+    """4k random reads over the whole sparse image; the qcow2 image is
+    built once for all its peers (they only read it)."""
+    offsets = touched_offsets()
+    built = {"kind": None}
+
+    def prepare(img, p):
+        kind = "raw" if isinstance(p, Raw) else "qcow2"
+        if built["kind"] == kind:
+            return
+        built["kind"] = None
+        (make_sparse_raw if kind == "raw" else make_sparse_image)(img, offsets)
+        built["kind"] = kind
+    return on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SPARSE_GB}G"))
+
+
+def discard_device(dev, img):
+    """A timed blkdiscard of all of DEV."""
+    before = allocated_mb(img)
+    _, secs, cpu = timed(sh, f"blkdiscard {dev}")
+    return timed_result(DISCARD_MB, secs, cpu, f"file {before:.0f} MiB allocated before")
+
+
+def note_allocated_after(img, r):
+    r.note += f", {allocated_mb(img):.0f} MiB after"
+
+
+def punch_raw_file():
+    """`fallocate --punch-hole` over a written raw file, timed."""
+    img = f"{WORK}/img"
+    make_raw(img, True, DISCARD_MB)
+    _, secs, cpu = timed(sh, f"fallocate --punch-hole --offset 0 --length {DISCARD_MB}MiB {img}")
+    return timed_result(DISCARD_MB, secs, cpu, f"{allocated_mb(img):.0f} MiB allocated after")
+
+
+def run_discard_job(job, peers):
+    def prepare(img, p):
+        if isinstance(p, Raw):
+            make_raw(img, True, DISCARD_MB)
+        else:
+            make_image(img, True, DISCARD_MB)
+    res = on_each_peer(job, peers, prepare, discard_device, block=True,
+                       finish=note_allocated_after)
+    if any(isinstance(p, Raw) for p in peers):
+        res["raw-punch"] = attempt(punch_raw_file)
+        log(result_line(job.name, "raw-punch", res["raw-punch"]))
+    return res
+
+
+def dm_message(name, msg, **kw):
+    return sh(f"dmsetup message {name} 0 -- {msg}", **kw).stdout.strip()
+
+
+def merge_chain(depth):
+    """An empty base, the delta with MERGE_MB written, and at depth 1 an
+    empty top above it; the specs for dmq_open.py (the base read-write:
+    it receives the merge)."""
+    base, delta, top = (f"{WORK}/{n}" for n in ("base", "delta", "top"))
+    make_image(base, False, MERGE_MB)
+    make_image(delta, True, MERGE_MB, backing=base)
+    if depth == 0:
+        return delta, [f"rw:{base}", f"rw:{delta}"]
+    make_image(top, False, MERGE_MB, backing=delta)
+    return delta, [f"rw:{base}", f"ro:{delta}", f"rw:{top}"]
+
+
+def wait_merge_ready(efd):
+    """Until progress says stage=ready: wakes on the eventfd (or every
+    0.2 s without one) and asks for progress."""
+    end = time.monotonic() + MERGE_TIMEOUT
+    while True:
+        p = dm_message("bench", "merge_backward progress")
+        if "stage=ready" in p:
+            return
+        if "stage=copying" not in p:
+            raise BenchError(f"merge_backward progress: {p}")
+        if time.monotonic() > end:
+            raise BenchError(f"no stage=ready after {MERGE_TIMEOUT} s: {p}")
+        if efd is None:
+            time.sleep(0.2)
+        elif select.select([efd], [], [], 1.0)[0]:
+            os.read(efd, 8)
+
+
+def merge_backward(depth):
+    """start (with an eventfd), wait for ready, complete."""
+    efd = os.eventfd(0) if hasattr(os, "eventfd") else None
+    try:
+        fd_arg = -1 if efd is None else efd
+        dm_message("bench", f"merge_backward start {fd_arg} {depth}",
+                   pass_fds=() if efd is None else (efd,))
+        wait_merge_ready(efd)
+        dm_message("bench", "merge_backward complete")
+    finally:
+        if efd is not None:
+            os.close(efd)
+
+
+def merge_on_dm_qcow2(depth, specs):
+    drop_caches()
+    sh(f"{ROOT}/selftests/dmq_open.py --rw bench {' '.join(specs)}")
+    try:
+        _, secs, cpu = timed(merge_backward, depth)
+        # "0 LEN qcow2 <nr_images> v<version> <cluster sectors>"
+        left = sh("dmsetup table bench").stdout.split()[3]
+    finally:
+        dm_message("bench", "merge_backward cancel", check=False)
+        sh("dmsetup remove bench", check=False)
+    return timed_result(MERGE_MB, secs, cpu, f"{len(specs)} images, {left} after")
+
+
+def cp_delta(delta):
+    """`cp --sparse=always` of the delta's file, and `sync` of the copy."""
+    copy = f"{WORK}/copy"
+    drop_caches()
+    try:
+        _, secs, cpu = timed(sh, f"cp --sparse=always {delta} {copy} && sync {copy}")
+        size = allocated_mb(copy)
+    finally:
+        sh(f"rm -f {copy}", check=False)
+    return timed_result(MERGE_MB, secs, cpu, f"{size:.0f} MiB allocated in the copy")
+
+
+def run_merge_job(job, peers):
+    """dm-qcow2 only: the merge of the delta, and cp of the same file."""
+    if not any(isinstance(p, DmQcow2) for p in peers):
+        log(f"{job.name}: dm-qcow2 not among the peers, skipped")
+        return {}
+    res = {}
+    try:
+        delta, specs = merge_chain(job.depth)
+    except Exception as e:  # noqa: BLE001
+        log(f"{job.name:20} failed: building the chain: {describe(e)}")
+        return {"dm-qcow2": Result(error=describe(e))}
+    res["cp"] = attempt(cp_delta, delta)
+    log(result_line(job.name, "cp", res["cp"]))
+    res["dm-qcow2"] = attempt(merge_on_dm_qcow2, job.depth, specs)
+    log(result_line(job.name, "dm-qcow2", res["dm-qcow2"]))
+    sh(f"rm -f {WORK}/base {WORK}/delta {WORK}/top", check=False)
+    return res
+
+
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if v else None
+
+
+STATUS_KINDS = (("alone", None), ("status poller on it", "bench"),
+                ("status poller on dm-zero", "bench-zero"))
+
+
+def fio_beside_poller(job, dev, target):
+    """fio on DEV, with the status poller on dm device TARGET if any: IOPS
+    (None if fio failed) and the poller's calls."""
+    poller = None
+    if target:
+        poller = subprocess.Popen([sys.executable, __file__, "--status-loop", target,
+                                   str(RUNTIME + 4)], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+    r = attempt(fio, dev, job, f"{SIZE}M")
+    calls = poller.communicate()[0].strip() if poller else "-"
+    return (None if r.error else r.iops), calls
+
+
+def status_rounds(job):
+    """STATUS_ROUNDS rounds of the three kinds: {kind: [IOPS...]}."""
     img = f"{WORK}/img"
     make_image(img, True)
     p = DmQcow2("dm-qcow2")
-    secs = RUNTIME + 4
-    kinds = (("alone", None), ("status poller on it", "bench"), ("status poller on dm-zero", "bench-zero"))
-    runs = {what: [] for what, _ in kinds}
+    runs = {what: [] for what, _ in STATUS_KINDS}
     try:
         dev = p.up(img)
         sh(f"dmsetup create bench-zero --table '0 {SIZE * 2048} zero'")
         for _ in range(STATUS_ROUNDS):
-            for what, target in kinds:
-                poller = None
-                if target:
-                    poller = subprocess.Popen([sys.executable, __file__, "--status-loop", target, str(secs)],
-                                              stdout=subprocess.PIPE, text=True)
-                    time.sleep(0.5)
-                r = fio(dev, rw, bs)
-                calls = poller.communicate()[0].strip() if poller else "-"
-                if r:
-                    runs[what].append(r[0])
-                log(f"status-under-fio {what:26} " + (f"{r[0]:10.0f} IOPS" if r else "failed") +
+            for what, target in STATUS_KINDS:
+                iops, calls = fio_beside_poller(job, dev, target)
+                if iops:
+                    runs[what].append(iops)
+                log(f"status-under-fio {what:26} " + (f"{iops:10.0f} IOPS" if iops else "failed") +
                     f", status calls {calls}")
     finally:
         sh("dmsetup remove bench-zero", check=False)
         p.down()
+    return runs
 
-    def median(v):
-        v = sorted(v)
-        return v[len(v) // 2] if v else None
 
+def status_under_fio(job):
+    """fio on dm-qcow2 alone, beside a status poller on it, beside the same
+    poller on a dm-zero device, in STATUS_ROUNDS alternating rounds (a slow
+    drift of the host's load falls on all three alike): lines for the table
+    with the median of each."""
+    runs = status_rounds(job)
     med = {what: median(v) for what, v in runs.items()}
-    lines = ["", f"status under fio: {bs} {rw} on dm-qcow2 (an allocated image), "
+    lines = ["", f"status under fio: {job.bs} {job.rw} on dm-qcow2 (an allocated image), "
              f"median of {STATUS_ROUNDS} alternating rounds; the poller does {STATUS_RATE} "
              "DM_TABLE_STATUS ioctls a second"]
-    for what, _ in kinds:
+    for what, _ in STATUS_KINDS:
         m = med[what]
         lines.append(f"  {what:26} " + (f"{m:10.0f} IOPS" if m else "    failed") +
                      "   (" + ", ".join(f"{x:.0f}" for x in runs[what]) + ")")
@@ -253,23 +699,31 @@ def status_under_fio(rw, bs):
     return lines
 
 
+def work_mb():
+    """The tmpfs's limit: the largest set of files a job keeps at once."""
+    return max(SIZE * 3, DISCARD_MB * 2, MERGE_MB * 3, SPARSE_TOUCH_MB * 2) + 256
+
+
 def mount_work():
     os.makedirs(WORK, exist_ok=True)
+    mb = work_mb()
     if FS == "tmpfs":
-        sh(f"mountpoint -q {WORK} || mount -t tmpfs -o size={SIZE * 3 + 256}M tmpfs {WORK}")
+        sh(f"mountpoint -q {WORK} || mount -t tmpfs -o size={mb}M tmpfs {WORK}")
         return
     back = WORK + ".backing"
     os.makedirs(back, exist_ok=True)
-    sh(f"mountpoint -q {back} || mount -t tmpfs -o size={SIZE * 3 + 512}M tmpfs {back}")
-    sh(f"truncate -s {SIZE * 3 + 256}M {back}/disk")
+    sh(f"mountpoint -q {back} || mount -t tmpfs -o size={mb + 256}M tmpfs {back}")
+    sh(f"truncate -s {mb}M {back}/disk")
     loop = sh(f"losetup -f --show {back}/disk").stdout.strip()
     sh(f"mkfs.ext4 -q -F {loop}")
     sh(f"mount -t ext4 {loop} {WORK}")
 
 
-def main():
-    mount_work()
-    sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {MODULE}")
+def pick_peers():
+    try:
+        sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {MODULE}")
+    except subprocess.CalledProcessError as e:
+        log(f"loading dm-qcow2 failed: {describe(e)}")
     peers = [Raw("raw"), DmQcow2("dm-qcow2"), QemuNbd("qemu-nbd")]
     rublk = shutil.which("rublk") or "/root/.cargo/bin/rublk"
     if os.access(rublk, os.X_OK):
@@ -279,73 +733,145 @@ def main():
     if os.environ.get("DMQ_BENCH_PEERS"):
         want = os.environ["DMQ_BENCH_PEERS"].split(",")
         peers = [p for p in peers if p.name in want]
-    jobs = JOBS
-    if os.environ.get("DMQ_BENCH_JOBS"):
-        want = os.environ["DMQ_BENCH_JOBS"].split(",")
-        jobs = [j for j in JOBS if j[0] in want]
+    return peers
 
-    results = {}
-    extra = []
-    for name, rw, bs, allocated in jobs:
-        if name == "status-under-fio":
-            extra += status_under_fio(rw, bs)
-            continue
-        for p in peers:
-            img = f"{WORK}/img"
-            if isinstance(p, Raw):
-                make_raw(img, allocated)
+
+def pick_jobs():
+    if not os.environ.get("DMQ_BENCH_JOBS"):
+        return JOBS
+    want = os.environ["DMQ_BENCH_JOBS"].split(",")
+    unknown = set(want) - {j.name for j in JOBS}
+    if unknown:
+        log(f"unknown jobs {', '.join(sorted(unknown))} (known: {', '.join(j.name for j in JOBS)})")
+    return [j for j in JOBS if j.name in want]
+
+
+RUNNERS = {"fio": run_fio_job, "sparse": run_sparse_job,
+           "discard": run_discard_job, "merge": run_merge_job}
+
+
+def run_jobs(jobs, peers):
+    """{job name: {column: Result}} and the status job's lines."""
+    results, extra = {}, []
+    for job in jobs:
+        try:
+            if job.kind == "status":
+                extra += status_under_fio(job)
             else:
-                make_image(img, allocated)
-            try:
-                dev = p.up(img)
-                results[(name, p.name)] = fio(dev, rw, bs)
-            except subprocess.CalledProcessError as e:
-                log(f"{p.name}: {e.cmd}: {e.stdout[-300:] if e.stdout else ''}")
-                results[(name, p.name)] = None
-            finally:
-                p.down()
-            r = results[(name, p.name)]
-            log(f"{name:16} {p.name:10} " + (f"{r[0]:10.0f} IOPS {r[1]:9.1f} MB/s" if r else "failed"))
-            if isinstance(p, Raw) and not allocated:
-                # Also against a written raw file (no allocation in the host
-                # file system at all): the figure older tables compared with.
-                make_raw(img, True)
-                r = fio(img, rw, bs)
-                results[(name, "raw-written")] = r
-                log(f"{name:16} {'raw-written':10} " + (f"{r[0]:10.0f} IOPS {r[1]:9.1f} MB/s" if r else "failed"))
+                results[job.name] = RUNNERS[job.kind](job, peers)
+        except Exception as e:  # noqa: BLE001 -- the other jobs go on
+            log(f"{job.name:20} failed: {describe(e)}")
+            extra.append(f"{job.name}: failed: {describe(e)}")
+    return results, extra
 
-    names = [p.name for p in peers]
-    lines = [f"fio: libaio, iodepth 32, {RUNTIME}s per job, {SIZE} MiB, "
-             f"cluster {CLUSTER}, {FS} in a TCG VM (2 vCPUs)", ""]
-    hdr = f"{'job':16} " + " ".join(f"{n:>20}" for n in names)
-    hdr += "  " + " ".join(f"{'dm/' + n:>12}" for n in names if n != "dm-qcow2")
-    lines += [hdr]
-    for name, *_ in jobs:
-        if name == "status-under-fio":
-            continue
-        row = f"{name:16} "
-        for n in names:
-            r = results.get((name, n))
-            row += f"{(f'{r[0]:.0f}/{r[1]:.1f}MB' if r else '-'):>20} "
-        dm = results.get((name, "dm-qcow2"))
-        for n in names:
-            if n == "dm-qcow2":
-                continue
-            r = results.get((name, n))
-            row += f" {(f'{dm[0] / r[0]:.2f}x' if dm and r and r[0] else '-'):>12}"
-        lines.append(row)
-    lines.append("")
-    lines.append("cells: IOPS/MB/s; ratios: dm-qcow2 IOPS divided by the column's IOPS")
-    lines.append("raw: a written file for the jobs on an allocated image, a sparse one for first writes")
-    for name, *_ in jobs:
-        w, dm = results.get((name, "raw-written")), results.get((name, "dm-qcow2"))
-        if w and dm and w[0]:
-            lines.append(f"{name}: dm-qcow2 / a written raw file (overwrites, no allocation): {dm[0] / w[0]:.2f}x")
-    lines += extra
-    text = "\n".join(lines)
+
+def ratio(dm, r):
+    """dm-qcow2's rate over R's, as text ("-" where either is missing)."""
+    if not dm or not r or dm.error or r.error:
+        return "-"
+    a, b = (dm.iops, r.iops) if dm.iops is not None and r.iops is not None else (dm.mbps, r.mbps)
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def num(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+DETAIL_HDR = (f"{'job':20} {'column':11} {'IOPS':>9} {'MB/s':>8} {'time s':>7} "
+              f"{'p50 us':>7} {'p99 us':>7} {'CPU us/IO':>9} {'CPU s':>6} {'dm/this':>8}")
+
+
+def detail_row(job_name, col, r, dm):
+    if r.error:
+        return f"{job_name:20} {col:11} failed: {r.error}"
+    row = (f"{job_name:20} {col:11} {num(r.iops, '.0f'):>9} {num(r.mbps, '.1f'):>8} "
+           f"{num(r.secs, '.2f'):>7} {num(r.p50_us, '.0f'):>7} {num(r.p99_us, '.0f'):>7} "
+           f"{num(r.cpu_us_per_io(), '.1f'):>9} {num(r.cpu_s, '.2f'):>6} "
+           f"{ratio(dm, r) if col != 'dm-qcow2' else '':>8}")
+    return row + (f"  {r.note}" if r.note else "")
+
+
+def cpu_ratio(dm, r):
+    """dm-qcow2's CPU per I/O (timed jobs: CPU seconds) over R's, as text."""
+    if not dm or not r or dm.error or r.error:
+        return "-"
+    a, b = dm.cpu_us_per_io(), r.cpu_us_per_io()
+    if a is None or b is None:
+        a, b = dm.cpu_s, r.cpu_s
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def summary_lines(results, cols, of=ratio):
+    """Jobs by dm-qcow2's ratio to each column (OF: ratio or cpu_ratio)."""
+    lines = [f"{'job':20} " + " ".join(f"{'dm/' + c:>13}" for c in cols)]
+    for name, res in results.items():
+        dm = res.get("dm-qcow2")
+        lines.append(f"{name:20} " + " ".join(f"{of(dm, res.get(c)):>13}" for c in cols))
+    return lines
+
+
+def header(results):
+    """What ran: fio's settings and the sizes of the jobs that ran."""
+    h = (f"fio: libaio, iodepth 32 (1 for -qd1), numjobs 1 (2 for -2jobs), {RUNTIME}s a run, "
+         f"{SIZE} MiB, cluster {CLUSTER}, {FS} in a TCG VM (2 vCPUs)")
+    if "sparse-randread" in results:
+        h += f"; sparse-randread {SPARSE_GB} GiB with {SPARSE_TOUCH_MB} MiB written"
+    if "discard" in results:
+        h += f"; discard {DISCARD_MB} MiB"
+    if any(n.startswith("merge-") for n in results):
+        h += f"; merges {MERGE_MB} MiB"
+    return h
+
+
+def table(peers, results):
+    lines = [header(results), "", DETAIL_HDR]
+    for name, res in results.items():
+        for col, r in res.items():
+            lines.append(detail_row(name, col, r, res.get("dm-qcow2")))
+    cols = [p.name for p in peers if p.name != "dm-qcow2"]
+    cols += [c for c in ("raw-written", "raw-punch", "cp")
+             if any(c in res for res in results.values())]
+    lines += ["", "dm-qcow2's rate (IOPS, or MB/s for the timed jobs) divided by the column's:"]
+    lines += summary_lines(results, cols)
+    lines += ["", "dm-qcow2's CPU per I/O (timed jobs: CPU seconds) divided by the column's:"]
+    lines += summary_lines(results, cols, cpu_ratio)
+    lines += ["", *LEGEND]
+    return lines
+
+
+LEGEND = [
+    "CPU: guest CPU time not idle (/proc/stat, both vCPUs, every process: fio, the",
+    "  target's workers, qemu-nbd/rublk) between fio's exec_prerun and exec_postrun",
+    "  snapshots (its I/O phase), per I/O; for the timed jobs (discard, merge-*) while",
+    "  they ran (time s; MB/s = image size / time).",
+    "raw: a written file for the jobs on an allocated image, a sparse one for first",
+    "  writes (raw-written: a written one); discard: blkdiscard of a loop device over",
+    "  the written raw file (raw-punch: fallocate --punch-hole on the file itself).",
+    "merge-*: dm-qcow2 merge_backward start..ready..complete (its fsyncs included);",
+    "  cp: cp --sparse=always of the delta's file + sync of the copy, same file system,",
+    "  page cache dropped before each. qemu-nbd: --cache=none --aio=native --discard=unmap.",
+]
+
+
+def write_outputs(peers, results, extra):
+    text = "\n".join(table(peers, results) + extra)
     print(text)
     with open(f"{OUT}/bench.txt", "w") as f:
         f.write(text + "\n")
+    data = {"fs": FS, "runtime": RUNTIME, "size_mb": SIZE, "cluster": CLUSTER,
+            "peers": [p.name for p in peers],
+            "jobs": {name: {col: asdict(r) for col, r in res.items()}
+                     for name, res in results.items()}}
+    with open(f"{OUT}/bench.json", "w") as f:
+        json.dump(data, f, indent=1)
+
+
+def main():
+    mount_work()
+    peers = pick_peers()
+    jobs = pick_jobs()
+    results, extra = run_jobs(jobs, peers)
+    write_outputs(peers, results, extra)
 
 
 if __name__ == "__main__":
