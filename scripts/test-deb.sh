@@ -14,13 +14,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 export PATH="$HOME/.cargo/bin:$PATH"
-tmp=$(mktemp -d /tmp/dmq-debtest.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
-n=0 failed=0
-result() {
-	n=$((n + 1))
-	if [ "$1" = 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=$((failed + 1)); fi
-}
+. "$here/tap.sh" debtest
 ver=0.0.0.test
 start=$(date +%s)
 DMQ_VERSION=$ver "$here/mk-deb.sh" "$tmp/out" >"$tmp/build.log" 2>&1
@@ -61,5 +55,4 @@ th=$(zcat "$tmp/x/usr/share/man/man8/dm-qcow2-snapshot.8.gz" 2>/dev/null | grep 
 [[ "$v" == dm-qcow2\ * ]] && [[ "$th" == *dm-qcow2-snapshot*\ 8* ]]
 result $? "the packaged command runs ('$v'); its page is in section 8 ('$th')"
 
-echo "# deb: $((n - failed)) passed, $failed failed"
-[ "$failed" = 0 ]
+tap_done deb

@@ -17,13 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 kdir=${1:-${KDIR:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}}
 export PATH="$HOME/.cargo/bin:$PATH"
-tmp=$(mktemp -d /tmp/dmq-dkms.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
-n=0 failed=0
-result() {
-	n=$((n + 1))
-	if [ "$1" = 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=$((failed + 1)); fi
-}
+. "$here/tap.sh" dkms
 command -v dkms >/dev/null || { echo "not ok 1 - dkms is not installed (make deps)"; exit 1; }
 
 ver=0.0.0.test
@@ -87,5 +81,4 @@ r=$?
 result "$r" "dkms build with another rustc: fails (exit $rc) with the preflight's message"
 [ "$r" = 0 ] && grep '^preflight:' "$log" | sed 's/^/#   /'
 
-echo "# dkms: $((n - failed)) passed, $failed failed"
-[ "$failed" = 0 ]
+tap_done dkms

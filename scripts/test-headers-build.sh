@@ -12,13 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 kdir=${1:-${KDIR:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}}
 export PATH="$HOME/.cargo/bin:$PATH"
-tmp=$(mktemp -d /tmp/dmq-headers.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
-n=0 failed=0
-result() {
-	n=$((n + 1))
-	if [ "$1" = 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=$((failed + 1)); fi
-}
+. "$here/tap.sh" headers
 
 start=$(date +%s)
 "$here/mk-headers-tree.sh" "$kdir" "$tmp/build" >"$tmp/mk.log" 2>&1
@@ -40,5 +34,4 @@ if [ -f "$root/rust/bindings_generated.rs" ]; then
 	diff -q "$root/rust/bindings_generated.rs" "$tmp/src/rust/bindings_generated.rs" >/dev/null
 	result $? "its bindings equal the full tree's (rust/bindings_generated.rs)"
 fi
-echo "# headers-only build: $((n - failed)) passed, $failed failed"
-[ "$failed" = 0 ]
+tap_done "headers-only build"

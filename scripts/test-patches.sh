@@ -19,18 +19,13 @@ root=$(dirname "$here")
 kdir=${1:-${KDIR:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}}
 tar=${DMQ_KSRC_TAR:-/usr/src/linux-source-6.12.tar.xz}
 export PATH="$HOME/.cargo/bin:$PATH"
-tmp=$(mktemp -d /tmp/dmq-patchtest.XXXXXX)
+. "$here/tap.sh" patchtest
 ov=$tmp/ov/merged
 cleanup() {
 	mountpoint -q "$ov" && umount "$ov"
 	rm -rf "$tmp"
 }
 trap cleanup EXIT
-n=0 failed=0
-result() {
-	n=$((n + 1))
-	if [ "$1" = 0 ]; then echo "ok $n - $2"; else echo "not ok $n - $2"; failed=$((failed + 1)); fi
-}
 t0=$(date +%s)
 since() { echo "$(($(date +%s) - $1)) s"; }
 
@@ -107,5 +102,4 @@ else
 		mkdir -p "$DMQ_INTREE_KEEP" && cp "$ko" "$DMQ_INTREE_KEEP/dm-qcow2.ko"
 	fi
 fi
-echo "# patches: $((n - failed)) passed, $failed failed ($(since "$t0"))"
-[ "$failed" = 0 ]
+tap_done patches "($(since "$t0"))"

@@ -12,9 +12,7 @@ root=$(dirname "$here")
 kdir=${1:-${KDIR:-$(DMQ_KERNEL=release "$root/tools/kdir.sh")}}
 export PATH="$HOME/.cargo/bin:$PATH"
 pre=$here/preflight.sh
-tmp=$(mktemp -d /tmp/dmq-preflight.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
-n=0 failed=0
+. "$here/tap.sh" preflight
 
 # check NAME WANT_RC GREP_PATTERN... -- CMD...: run CMD, want its exit
 # status and every pattern in its output
@@ -95,5 +93,4 @@ check "no bindgen: problem (1)" 1 "bindgen not found" -- env BINDGEN=/nonexisten
 # 8. no kernel directory at all
 check "no kernel directory: problem (1)" 1 "install the kernel's headers" -- "$pre" "$tmp/none"
 
-echo "# preflight cases: $((n - failed)) passed, $failed failed"
-[ "$failed" = 0 ]
+tap_done "preflight cases"
