@@ -2,25 +2,26 @@
 
 //! Lookups for the allocated-cluster path: where the top delta maps a
 //! cluster to a plain data cluster of its own, a bio inside that cluster
-//! needs no metadata work. The worker serves such bios from this table
-//! before (and without) taking the table's state mutex, so they never wait
-//! behind allocation, copy-on-write, a merge batch or a status walk.
+//! needs no metadata work. The fast path (`target::fast`: a lane on the
+//! submitting CPU, or the worker before it locks the state) serves such
+//! bios from this table without the table's state mutex, so they never
+//! wait behind allocation, copy-on-write, a merge batch or a status walk.
 //!
 //! The table is direct-mapped by virtual cluster index; a slot holds the
 //! host cluster, a tag for the rest of the index and whether the top owns
 //! the cluster outright (COPIED: writes may go in place). Entries are put
 //! and removed with the state mutex held, by code that has just read or
-//! is about to change the L2 entry; the worker reads them between its
-//! locked sections, so no lookup runs concurrently with a change made by
-//! the worker. Everything else that changes the top's mappings (merges,
-//! resume) turns the fast path off first (see `Inner::fast_off`); turning
-//! it on again makes a new, empty table for the top of then.
+//! is about to change the L2 entry; lookups run concurrently with that
+//! (one atomic word per slot: a lookup sees an entry whole or not at all).
+//! Why a lookup racing a change is harmless, and how a freed cluster is
+//! kept from lane I/O until it is reused, is in `target::fast`. Everything
+//! else that changes the top's mappings wholesale (merges, resume) turns
+//! the fast path off first (see `Inner::fast_off`); turning it on again
+//! makes a new, empty table for the top of then.
 //!
 //! A slot may come from a cached L2 page not committed yet (see `meta`).
-//! The worker serves lookups only between its locked sections, after the
-//! batch's commit, and never a FUA or flush bio (those take the locked
-//! path); if that commit failed, the mapping stays dirty and the next
-//! flush commits it (or fails) before it completes.
+//! The fast path never serves a FUA or flush bio (those take the locked
+//! path): a flush commits the mapping (or fails) before it completes.
 
 use crate::target::Delta;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};

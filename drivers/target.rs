@@ -4,13 +4,15 @@
 //! queues) and the device-mapper callbacks. By concern:
 //!
 //! - `ctr`: the constructor (descriptors, headers, chain checks);
-//! - `worker`: the I/O worker, the fast path, commits, ENOSPC parking;
+//! - `worker`: the I/O worker, commits, ENOSPC parking;
+//! - `fast`: the fast path for allocated clusters and its per-CPU lanes;
 //! - `message`: messages and the status INFO line;
 //! - `suspend`: suspend/resume and header updates.
 //!
 //! The I/O path is in `io`, metadata in `meta`, merges in `merge`.
 
 mod ctr;
+mod fast;
 mod message;
 mod suspend;
 mod worker;
@@ -35,6 +37,7 @@ use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use fast::Lanes;
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -340,6 +343,8 @@ impl Inner {
 /// Per-table state kept in `ti->private`.
 pub(crate) struct Qcow2 {
     inner: Arc<Inner>,
+    /// The fast path's per-CPU lanes (see `fast`).
+    lanes: Lanes,
 }
 
 impl dm::Target for Qcow2 {
@@ -353,6 +358,11 @@ impl dm::Target for Qcow2 {
 
     fn map(&self, bio: Bio) {
         match bio.op() {
+            Op::Read | Op::Write if bio.size() > 0 && self.inner.fast_candidate(&bio) => {
+                if let Err(bio) = self.lanes.queue(bio) {
+                    self.inner.queue(bio)
+                }
+            }
             Op::Read if bio.size() > 0 => self.inner.queue(bio),
             Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => {
                 self.inner.queue(bio)
@@ -453,6 +463,8 @@ impl Drop for Qcow2 {
         // The I/O worker arms the commit timer with the state locked: once
         // `no_timer` is seen it no longer does, and the timer's queue may go.
         self.inner.lock_state().no_timer = true;
+        // The lanes first: they hand bios to the I/O worker.
+        self.lanes.shutdown();
         self.inner.commit_wq.shutdown();
         self.inner.count_wq.shutdown();
         self.inner.retry_wq.shutdown();

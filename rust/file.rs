@@ -8,7 +8,7 @@ use super::bindings;
 use super::bio::{Bio, Op};
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 use kernel::error::{code::*, to_result, Error, Result};
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -37,20 +37,76 @@ pub(crate) const DIO_ALIGN: usize = 4096;
 
 /// Counts asynchronous I/Os in flight, so that a caller can wait for all of
 /// them (e.g. before a cluster they may target is freed and reused).
-pub(crate) struct IoCounter(AtomicUsize);
+///
+/// Submitters that run concurrently with such a waiter (the fast path's
+/// lanes) first [`hold`] the counter: that fails while someone waits, so a
+/// waiter is never starved by new I/O, and a submitter that holds it did
+/// its lookup after the waiter's preceding stores were visible or is
+/// counted (see `hold`).
+///
+/// [`hold`]: IoCounter::hold
+pub(crate) struct IoCounter {
+    inflight: AtomicUsize,
+    /// Callers in `wait_idle`.
+    waiters: AtomicUsize,
+}
 
 impl IoCounter {
     /// A counter at zero.
     pub(crate) fn new() -> Result<Arc<Self>> {
-        Ok(Arc::new(Self(AtomicUsize::new(0)), GFP_KERNEL)?)
+        Ok(Arc::new(
+            Self {
+                inflight: AtomicUsize::new(0),
+                waiters: AtomicUsize::new(0),
+            },
+            GFP_KERNEL,
+        )?)
     }
 
-    /// Sleeps until no I/O counted here is in flight. For rare paths only: it
-    /// polls.
+    fn inc(&self) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn dec(&self) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Counts the caller as in flight until the guard drops, unless a
+    /// caller waits in `wait_idle` (then `None`: take the locked path).
+    ///
+    /// The pairing with `wait_idle` is a store-buffering one, both sides
+    /// with a full fence: what a waiter stored before it started waiting
+    /// (say, a lookup entry it cleared) is seen by every load made under a
+    /// guard that the waiter did not wait for.
+    pub(crate) fn hold(&self) -> Option<IoHold<'_>> {
+        self.inc();
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) != 0 {
+            self.dec();
+            return None;
+        }
+        Some(IoHold(self))
+    }
+
+    /// Sleeps until no I/O counted here is in flight. New holds fail
+    /// meanwhile, so that I/O started by concurrent submitters cannot keep
+    /// the count above zero. For rare paths only: it polls.
     pub(crate) fn wait_idle(&self) {
-        while self.0.load(Ordering::Acquire) != 0 {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        while self.inflight.load(Ordering::Acquire) != 0 {
             super::task::sleep_ms(1);
         }
+        self.waiters.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A hold on an [`IoCounter`] (see [`IoCounter::hold`]).
+pub(crate) struct IoHold<'a>(&'a IoCounter);
+
+impl Drop for IoHold<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -360,7 +416,7 @@ impl File {
         );
         // From here the bio is ended by `bio_io_done`, exactly once: by the
         // file system's completion if the I/O queued, else by us below.
-        inflight.0.fetch_add(1, Ordering::AcqRel);
+        inflight.inc();
         let io = KBox::into_raw(io);
         // SAFETY: `io` is a valid leaked box holding two references: one for the
         // completion, one for us. `iocb` is its first field (repr(C)), so the
@@ -465,7 +521,7 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
     bio.end(res);
     // SAFETY: As above: `io` is alive until our `put` below.
     let inflight: &Arc<IoCounter> = unsafe { &(*io).inflight };
-    inflight.0.fetch_sub(1, Ordering::AcqRel);
+    inflight.dec();
     // SAFETY: The completion's reference, given up last thing.
     unsafe { BioIo::put(io) };
 }

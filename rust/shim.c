@@ -296,10 +296,21 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
-struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim,
+					     bool per_cpu)
 {
-	return alloc_workqueue("%s", (mem_reclaim ? WQ_MEM_RECLAIM : 0) | WQ_UNBOUND,
-			       0, name);
+	return alloc_workqueue("%s", (mem_reclaim ? WQ_MEM_RECLAIM : 0) |
+			       (per_cpu ? 0 : WQ_UNBOUND), 0, name);
+}
+
+unsigned int dmq_this_cpu(void)
+{
+	return raw_smp_processor_id();
+}
+
+unsigned int dmq_nr_cpu_ids(void)
+{
+	return nr_cpu_ids;
 }
 
 struct module *dmq_this_module(void)

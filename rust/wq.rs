@@ -11,8 +11,8 @@ use kernel::error::{code::ENOMEM, Result};
 use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
-/// An own `WQ_UNBOUND` workqueue, with a rescuer (`WQ_MEM_RECLAIM`) if
-/// asked for. [`shutdown`] drains and destroys it (so that the owner can do
+/// An own workqueue, `WQ_UNBOUND` or per-CPU, with a rescuer
+/// (`WQ_MEM_RECLAIM`) if asked for. [`shutdown`] drains and destroys it (so that the owner can do
 /// so before the state its work items use goes away); drop does it
 /// otherwise.
 ///
@@ -35,8 +35,19 @@ impl OwnedQueue {
     /// Allocates a workqueue named `name` (copied); `mem_reclaim`: with a
     /// rescuer, for work that I/O under memory pressure waits for.
     pub(crate) fn new(name: &CStr, mem_reclaim: bool) -> Result<Self> {
+        Self::alloc(name, mem_reclaim, false)
+    }
+
+    /// A per-CPU (bound) workqueue: a work item runs on the CPU that queued
+    /// it (unless that CPU goes offline), so items queued on N CPUs run on
+    /// N CPUs. With a rescuer if `mem_reclaim`.
+    pub(crate) fn new_per_cpu(name: &CStr, mem_reclaim: bool) -> Result<Self> {
+        Self::alloc(name, mem_reclaim, true)
+    }
+
+    fn alloc(name: &CStr, mem_reclaim: bool, per_cpu: bool) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
-        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
+        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim, per_cpu) };
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
         Ok(Self {
             ptr,
@@ -81,4 +92,18 @@ impl Drop for OwnedQueue {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The CPU the caller ran on a moment ago (`raw_smp_processor_id`): a hint
+/// for spreading work, stale as soon as it is read (the caller may move).
+pub(crate) fn this_cpu() -> u32 {
+    // SAFETY: Reads the current CPU's number; no preconditions.
+    unsafe { bindings::dmq_this_cpu() }
+}
+
+/// How many CPU numbers there may be (`nr_cpu_ids`): every CPU's number is
+/// below it.
+pub(crate) fn nr_cpu_ids() -> u32 {
+    // SAFETY: Reads a variable set once at boot; no preconditions.
+    unsafe { bindings::dmq_nr_cpu_ids() }
 }

@@ -271,6 +271,7 @@ impl Qcow2 {
             ti.set_discards_supported(true);
             ti.set_num_write_zeroes_bios(1);
         }
-        KBox::new(Self { inner }, GFP_KERNEL).map_err(oom)
+        let lanes = Lanes::new(&inner).map_err(oom)?;
+        KBox::new(Self { inner, lanes }, GFP_KERNEL).map_err(oom)
     }
 }

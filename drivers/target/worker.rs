@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The I/O worker and the work items beside it: bios taken in batches, the
-//! fast path for allocated clusters, the batch's commit and the periodic
+//! The I/O worker and the work items beside it: bios taken in batches (the
+//! fast path's first, see `fast`), the batch's commit and the periodic
 //! one, parking on ENOSPC and the retry, the merge walker's entry point.
 
 use super::*;
@@ -22,7 +22,7 @@ impl WorkItem<0> for Inner {
                     let mut st = this.lock_state();
                     parked |= this.park_late(&mut st, late);
                 }
-                let mut list = this.pending.lock().take();
+                let list = this.pending.lock().take();
                 if list.is_empty() {
                     if this.commit_due.load(Ordering::Acquire) {
                         locked = true;
@@ -31,27 +31,7 @@ impl WorkItem<0> for Inner {
                     }
                     break;
                 }
-                // Taken after the bios: a merge that turned the fast path off
-                // before they were mapped is seen.
-                let fp = this.fast.lock().clone();
-                let mut slow = BioList::new();
-                let mut fast = 0;
-                while let Some(bio) = list.pop() {
-                    let bio = match &fp {
-                        Some(f) => match this.try_fast(f, bio) {
-                            Ok(()) => {
-                                fast += 1;
-                                continue;
-                            }
-                            Err(bio) => bio,
-                        },
-                        None => bio,
-                    };
-                    slow.push(bio);
-                }
-                if fast > 0 {
-                    this.fast_bios.fetch_add(fast, Ordering::Relaxed);
-                }
+                let mut slow = this.serve_fast(list);
                 if slow.is_empty() {
                     continue;
                 }
@@ -163,57 +143,6 @@ impl WorkItem<2> for Inner {
 }
 
 impl Inner {
-    /// Starts the I/O of `bio` if it lies in one cluster of the top that
-    /// `fp` knows (a write needs one the top owns); gives it back otherwise.
-    fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
-        let write = match bio.op() {
-            Op::Read => false,
-            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
-            _ => return Err(bio),
-        };
-        let top = &fp.top;
-        let hdr = &top.hdr;
-        let len = bio.size();
-        let cb = hdr.cluster_bits;
-        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
-            return Err(bio);
-        };
-        let end = vaddr.saturating_add(u64::from(len));
-        if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
-            return Err(bio);
-        }
-        match fp.map.lookup(cb, vaddr >> cb, write) {
-            Some(host) => {
-                let pos = host + hdr.offset_in_cluster(vaddr);
-                top.file
-                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight);
-                Ok(())
-            }
-            None => Err(bio),
-        }
-    }
-
-    /// Turns the fast path off: every bio goes through the locked path.
-    /// Bios the worker already took may still use it: callers that need
-    /// them gone wait for the bios mapped before (`refs.switch_wait`).
-    pub(crate) fn fast_off(&self, st: &mut WorkerState) {
-        st.fast = None;
-        let old = self.fast.lock().take();
-        drop(old);
-    }
-
-    /// Turns the fast path on for the chain in `st` (unless a merge runs)
-    /// with a new, empty table; it stays off if that cannot be allocated.
-    pub(crate) fn fast_on(&self, st: &mut WorkerState) {
-        let new = match (&st.merge, st.deltas.last()) {
-            (None, Some(top)) => Fast::new(top.clone()).ok(),
-            _ => None,
-        };
-        st.fast = new.clone();
-        let old = core::mem::replace(&mut *self.fast.lock(), new);
-        drop(old);
-    }
-
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
     /// that raises a table event, see `note_enospc`).
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
@@ -417,6 +346,21 @@ impl Inner {
 
     pub(super) fn queue(self: &Arc<Self>, bio: Bio) {
         self.pending.lock().push(bio);
+        self.kick_worker();
+    }
+
+    /// Queues the bios of `list` for the worker.
+    pub(super) fn queue_list(self: &Arc<Self>, mut list: BioList) {
+        {
+            let mut pending = self.pending.lock();
+            while let Some(bio) = list.pop() {
+                pending.push(bio);
+            }
+        }
+        self.kick_worker();
+    }
+
+    fn kick_worker(self: &Arc<Self>) {
         if let Some(q) = self.wq.queue() {
             // Already queued: the running or pending pass will see the bio.
             let _ = q.enqueue::<_, 0>(self.clone());

@@ -1,0 +1,224 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The fast path for allocated clusters (see `hot`) and its lanes.
+//!
+//! `map` sends a read, or a write without PREFLUSH/FUA, that lies inside
+//! one cluster the fast path's table knows to the lane of the CPU it runs
+//! on: a work item on a per-CPU queue that starts the bios' direct I/O
+//! there. So N submitting CPUs start I/O on N CPUs, while everything else
+//! (and every bio the lane finds it cannot serve after all) goes through
+//! the single I/O worker and the state mutex as before.
+//!
+//! A lane does its lookups concurrently with the worker's changes of the
+//! mappings, so the table alone does not order them. What makes that safe:
+//!
+//! - A lookup and the I/O it starts happen under a hold of the in-flight
+//!   counter (`IoCounter::hold`). A host cluster is freed only after the
+//!   entries pointing at it were cleared (`hot_forget`) and
+//!   `Inner::apply_frees` waited for the counter to be idle; a hold made
+//!   after that wait began fails (the bio takes the locked path), and one
+//!   made before is waited for. So no lane I/O reaches a cluster after it
+//!   was handed out again.
+//! - An entry is put only once reads of the cluster show what the chain
+//!   shows: after a copy-on-write fill was written (`write_full`), or for a
+//!   cluster never written before (it reads as zeroes, as the chain does
+//!   around a write that needs no fill). A lane read racing the guest's own
+//!   write of the same bytes may see either; nothing else.
+//! - Writes in place go only to clusters the top owns (COPIED), and a FUA
+//!   or flush bio never takes a lane: durability stays with the worker's
+//!   commit, which covers every write completed before the flush arrived.
+//! - Merges, fault injection and corruption turn the path off
+//!   (`fast_off`); a lane still serving bios it took before uses the old
+//!   table, and callers that need those bios gone wait for the bios mapped
+//!   before (`refs.switch_wait`).
+//!
+//! `map` itself does not start file I/O: it runs in the submitter's
+//! `submit_bio` with `current->bio_list` active, where a host file
+//! system's own metadata read (an extent block, a block bitmap) would be
+//! deferred until `map` returns and wait forever.
+
+use super::*;
+use crate::kernel_abstractions::wq;
+
+/// Lanes per table at most (one per CPU up to this).
+const MAX_LANES: u32 = 64;
+
+/// One CPU's lane: bios the fast path may serve, started by `work`.
+#[pin_data]
+pub(crate) struct Lane {
+    inner: Arc<Inner>,
+    #[pin]
+    bios: SpinLock<BioList>,
+    #[pin]
+    work: Work<Lane>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Lane { self.work }
+}
+
+impl WorkItem for Lane {
+    type Pointer = Arc<Lane>;
+
+    fn run(this: Arc<Lane>) {
+        let _noio = task::NoIo::enter();
+        loop {
+            let list = this.bios.lock().take();
+            if list.is_empty() {
+                break;
+            }
+            this.inner.serve(list);
+        }
+    }
+}
+
+/// The lanes of a table and their per-CPU queue.
+pub(crate) struct Lanes {
+    lanes: KVec<Arc<Lane>>,
+    wq: OwnedQueue,
+}
+
+impl Lanes {
+    /// One lane per CPU (up to `MAX_LANES`; CPUs beyond share them).
+    pub(crate) fn new(inner: &Arc<Inner>) -> Result<Self> {
+        let n = wq::nr_cpu_ids().clamp(1, MAX_LANES);
+        let wq = OwnedQueue::new_per_cpu(c_str!("dm-qcow2-lane"), true)?;
+        let mut lanes = KVec::with_capacity(n as usize, GFP_KERNEL)?;
+        for _ in 0..n {
+            let lane = Arc::pin_init(
+                pin_init!(Lane {
+                    inner: inner.clone(),
+                    bios <- new_spinlock!(BioList::new(), "dm_qcow2::lane"),
+                    work <- new_work!("dm_qcow2::lane"),
+                }),
+                GFP_KERNEL,
+            )?;
+            lanes.push(lane, GFP_KERNEL)?;
+        }
+        Ok(Self { lanes, wq })
+    }
+
+    /// Queues `bio` on the lane of the CPU we run on.
+    pub(crate) fn queue(&self, bio: Bio) -> Result<(), Bio> {
+        let n = self.lanes.len();
+        let Some(lane) = self.lanes.get(wq::this_cpu() as usize % n.max(1)) else {
+            return Err(bio);
+        };
+        let Some(q) = self.wq.queue() else {
+            return Err(bio);
+        };
+        lane.bios.lock().push(bio);
+        // Already queued: the running or pending pass will see the bio.
+        let _ = q.enqueue(lane.clone());
+        Ok(())
+    }
+
+    /// Drains and destroys the lanes' queue (before the worker's: lanes
+    /// hand bios to the worker).
+    pub(crate) fn shutdown(&self) {
+        self.wq.shutdown();
+    }
+}
+
+impl Inner {
+    /// Whether `bio` is worth a lane: the fast path is on and its table
+    /// knows the cluster (a hint; the lane looks again).
+    pub(crate) fn fast_candidate(&self, bio: &Bio) -> bool {
+        let fp = self.fast.lock();
+        fp.as_ref()
+            .is_some_and(|f| self.fast_target(f, bio).is_some())
+    }
+
+    /// Starts the I/O of the bios the fast path serves; the others go to
+    /// the worker.
+    fn serve(self: &Arc<Self>, list: BioList) {
+        let slow = self.serve_fast(list);
+        if !slow.is_empty() {
+            self.queue_list(slow);
+        }
+    }
+
+    /// Starts the I/O of the bios of `list` the fast path serves; returns
+    /// the others.
+    pub(super) fn serve_fast(&self, mut list: BioList) -> BioList {
+        // Taken after the bios: a merge that turned the fast path off
+        // before they were mapped is seen.
+        let fp = self.fast.lock().clone();
+        let Some(fp) = fp else {
+            return list;
+        };
+        let mut slow = BioList::new();
+        let mut fast = 0;
+        while let Some(bio) = list.pop() {
+            match self.try_fast(&fp, bio) {
+                Ok(()) => fast += 1,
+                Err(bio) => slow.push(bio),
+            }
+        }
+        if fast > 0 {
+            self.fast_bios.fetch_add(fast, Ordering::Relaxed);
+        }
+        slow
+    }
+
+    /// Where in the top's file the fast path would do `bio`'s I/O: it lies
+    /// in one cluster of the top that `fp` knows (a write: one the top
+    /// owns, and no PREFLUSH or FUA).
+    fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<u64> {
+        let write = match bio.op() {
+            Op::Read => false,
+            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
+            _ => return None,
+        };
+        let hdr = &fp.top.hdr;
+        let len = bio.size();
+        let cb = hdr.cluster_bits;
+        let vaddr = bio.sector().checked_mul(SECTOR)?;
+        let end = vaddr.saturating_add(u64::from(len));
+        if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
+            return None;
+        }
+        let host = fp.map.lookup(cb, vaddr >> cb, write)?;
+        host.checked_add(hdr.offset_in_cluster(vaddr))
+    }
+
+    /// Starts the I/O of `bio` if the fast path serves it (see
+    /// `fast_target`); gives it back otherwise.
+    fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
+        // Held from the lookup until the I/O is counted (see the module doc).
+        let Some(_hold) = self.inflight.hold() else {
+            return Err(bio);
+        };
+        match self.fast_target(fp, &bio) {
+            Some(pos) => {
+                let len = bio.size();
+                fp.top
+                    .file
+                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight);
+                Ok(())
+            }
+            None => Err(bio),
+        }
+    }
+
+    /// Turns the fast path off: every bio goes through the locked path.
+    /// Bios the worker or a lane already took may still use it: callers that need
+    /// them gone wait for the bios mapped before (`refs.switch_wait`).
+    pub(crate) fn fast_off(&self, st: &mut WorkerState) {
+        st.fast = None;
+        let old = self.fast.lock().take();
+        drop(old);
+    }
+
+    /// Turns the fast path on for the chain in `st` (unless a merge runs)
+    /// with a new, empty table; it stays off if that cannot be allocated.
+    pub(crate) fn fast_on(&self, st: &mut WorkerState) {
+        let new = match (&st.merge, st.deltas.last()) {
+            (None, Some(top)) => Fast::new(top.clone()).ok(),
+            _ => None,
+        };
+        st.fast = new.clone();
+        let old = core::mem::replace(&mut *self.fast.lock(), new);
+        drop(old);
+    }
+}
