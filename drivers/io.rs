@@ -658,7 +658,7 @@ impl Inner {
     /// Drops the reference of a cluster just allocated for delta `d` that
     /// nothing points at (what was to point at it failed): at once, so a
     /// retry (ENOSPC) allocates it again.
-    fn free_unused(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
+    pub(crate) fn free_unused(&self, st: &mut WorkerState, d: usize, start: u64, len: u64) {
         let Ok(delta) = st.delta(d) else {
             return;
         };
@@ -760,6 +760,17 @@ impl Inner {
         let cs = top.hdr.cluster_size();
         while vaddr < end {
             let len = (cs - vaddr % cs).min(end - vaddr);
+            if len == cs && unmap {
+                // Whole clusters that read as zeroes with nothing of the top's
+                // there stay as they are: a default mkfs discards the whole
+                // device, mostly never written, and L2 tables nobody has are
+                // skipped whole (and not allocated).
+                let skip = self.zero_already(st, d, vaddr, end)?;
+                if skip > 0 {
+                    vaddr += skip;
+                    continue;
+                }
+            }
             if len == cs && top.hdr.version >= 3 {
                 self.zero_cluster(st, d, vaddr, unmap)?;
             } else if discard && len == cs {
@@ -776,6 +787,48 @@ impl Inner {
             vaddr += len;
         }
         Ok(bio.is_fua())
+    }
+
+    /// How far from `vaddr` (a cluster boundary of the top `d`, below
+    /// `end`) whole clusters read as zeroes while the top holds nothing
+    /// there to free: unallocated in the top (or a zero cluster without a
+    /// host cluster) and zeroes in every delta below. 0 if the cluster of
+    /// `vaddr` does not. Where a delta has no L2 table, its whole range
+    /// counts at once.
+    fn zero_already(&self, st: &mut WorkerState, d: usize, vaddr: u64, end: u64) -> Result<u64> {
+        let delta = st.delta(d)?;
+        let cs = delta.hdr.cluster_size();
+        let md = st.md.get(d).ok_or(EIO)?;
+        let mut span = if md.l1_entry(&delta.hdr, vaddr)?.is_none() {
+            l2_range_left(&delta.hdr, vaddr)?.min(end - vaddr)
+        } else {
+            match self.cluster(st, d, vaddr)? {
+                Cluster::Zero => return Ok(cs),
+                Cluster::Unallocated => cs,
+                _ => return Ok(0),
+            }
+        };
+        for i in (0..d).rev() {
+            let below = st.delta(i)?;
+            let hdr = &below.hdr;
+            // Past a delta's end (and so past every lower one's): zeroes.
+            if vaddr >= hdr.size {
+                break;
+            }
+            let md = st.md.get(i).ok_or(EIO)?;
+            if md.l1_entry(hdr, vaddr)?.is_some() {
+                // This delta and the ones below it, one cluster.
+                let (_, kind, len) = self.resolve(st, i, vaddr, cs)?;
+                span = if kind == RunKind::Zero && len >= cs {
+                    cs
+                } else {
+                    0
+                };
+                break;
+            }
+            span = span.min(l2_range_left(hdr, vaddr)?);
+        }
+        Ok(span - span % cs)
     }
 
     /// A whole-cluster discard on a v2 image: deallocates the cluster of
@@ -852,6 +905,18 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Bytes from `vaddr` to the end of the range one L2 table of `hdr` maps.
+pub(crate) fn l2_range_left(hdr: &Header, vaddr: u64) -> Result<u64> {
+    let bits = hdr
+        .cluster_bits
+        .checked_add(hdr.l2_entries().trailing_zeros())
+        .filter(|&b| b < 64)
+        .ok_or(EIO)?;
+    let next = ((vaddr >> bits) + 1).checked_shl(bits).unwrap_or(0);
+    // The last range of a 2^64 address space ends at 2^64 (`next` wraps).
+    Ok(next.wrapping_sub(vaddr))
 }
 
 /// `buf` split into `[..a]`, `[a..a + b]` and the rest; EIO (never a panic)

@@ -38,6 +38,13 @@ use kernel::sync::Arc;
 /// Clusters copied per batch, with the state locked.
 const BATCH: u32 = 16;
 
+/// Clusters copied with one read at most (`copy_run`).
+const RUN_MAX: usize = 16;
+
+/// The walker's copy buffer: a run of `RUN_MAX` 64 KiB clusters, or one
+/// cluster if they are larger.
+const RUN_BYTES: u64 = 1 << 20;
+
 /// Copied clusters waiting to be dropped from the merged delta above which
 /// the walker commits (and drops them) early.
 const MOVE_BATCH: usize = 1024;
@@ -337,7 +344,7 @@ impl Inner {
                     .ok_or(EIO)?
                     .load_refcounts(&s.file, &s.hdr)?;
             }
-            let buf = IoBuf::new(d.hdr.cluster_size() as usize)?;
+            let buf = IoBuf::new(d.hdr.cluster_size().max(RUN_BYTES) as usize)?;
             // A crash while copying leaks clusters in dst at worst. With
             // kernel_sets_dirty_bit (only then: otherwise the kernel never
             // writes the bit, as the C target), dst is marked dirty while the
@@ -449,24 +456,189 @@ impl Inner {
         }
     }
 
-    /// Copies up to `BATCH` clusters; `Ok(false)` when nothing is left.
+    /// Copies up to `BATCH` clusters (a skipped L2 range counts as one);
+    /// `Ok(false)` when nothing is left.
     fn copy_batch(&self, st: &mut WorkerState) -> Result<bool> {
-        for _ in 0..BATCH {
+        let mut budget = BATCH;
+        while budget > 0 {
+            budget -= 1;
             let m = st.merge.as_mut().ok_or(EINVAL)?;
-            let vaddr = if m.cursor < m.end {
-                let v = m.cursor;
-                let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
-                m.cursor = v - v % cs + cs;
-                v
-            } else {
+            if m.cursor >= m.end {
                 match m.pop_redo() {
-                    Some(v) => v,
+                    Some(v) => self.copy_cluster(st, v)?,
                     None => return Ok(false),
                 }
-            };
-            self.copy_cluster(st, vaddr)?;
+                continue;
+            }
+            let v = m.cursor;
+            let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
+            m.cursor = v - v % cs + cs;
+            // Where the merged delta has no L2 table it provides nothing:
+            // the walk skips the table's whole range.
+            let src = st.deltas.get(m.src).ok_or(EIO)?;
+            let md = st.md.get(m.src).ok_or(EIO)?;
+            if md.l1_entry(&src.hdr, v)?.is_none() {
+                let left = crate::io::l2_range_left(&src.hdr, v)?;
+                let next = v.saturating_add(left);
+                let m = st.merge.as_mut().ok_or(EINVAL)?;
+                // Cluster-aligned in `dst` too (its clusters may be
+                // smaller, never the table's range unaligned to them).
+                m.cursor = m.cursor.max(next - next % cs).min(m.end);
+                continue;
+            }
+            let n = self.copy_run(st, v, budget.saturating_add(1))?;
+            if n > 1 {
+                budget = budget.saturating_sub(n - 1);
+                let m = st.merge.as_mut().ok_or(EINVAL)?;
+                m.cursor = v.saturating_add(u64::from(n) * cs).min(m.end);
+                continue;
+            }
+            self.copy_cluster(st, v)?;
         }
         Ok(true)
+    }
+
+    /// Copies the run of clusters from `vaddr` on (at most `max`, within
+    /// one L2 table of the receiving delta) that the merged delta holds as
+    /// plain data at consecutive host offsets and the receiving delta has
+    /// no entry for: what the chain shows there is the merged delta's data.
+    /// One read, then one write per run of consecutive new host clusters.
+    /// Returns how many clusters it copied; 0 if fewer than two qualify
+    /// (the caller copies the cluster the general way).
+    fn copy_run(&self, st: &mut WorkerState, vaddr: u64, max: u32) -> Result<u32> {
+        let m = st.merge.as_ref().ok_or(EINVAL)?;
+        let (src, dst, end) = (m.src, m.dst, m.end);
+        let room = m.buf.as_ref().map_or(0, |b| b.len() as u64);
+        let (s, d) = (st.delta(src)?, st.delta(dst)?);
+        let cs = d.hdr.cluster_size();
+        if s.hdr.cluster_size() != cs
+            || d.hdr.extended_l2()
+            || s.hdr.extended_l2()
+            || vaddr % cs != 0
+            || vaddr >= end
+        {
+            return Ok(0);
+        }
+        let left = crate::io::l2_range_left(&d.hdr, vaddr)?.min(end - vaddr);
+        let max = u64::from(max)
+            .min(RUN_MAX as u64)
+            .min(room / cs)
+            .min(left / cs) as usize;
+        if max < 2 {
+            return Ok(0);
+        }
+        let mut first = 0;
+        let mut n = 0;
+        while n < max {
+            let v = vaddr + n as u64 * cs;
+            let Cluster::Normal { host, .. } = self.cluster(st, src, v)? else {
+                break;
+            };
+            if n == 0 {
+                first = host;
+            } else if Some(host) != first.checked_add(n as u64 * cs) {
+                break;
+            }
+            if !matches!(self.cluster(st, dst, v)?, Cluster::Unallocated) {
+                break;
+            }
+            n += 1;
+        }
+        if n < 2 {
+            return Ok(0);
+        }
+        let bytes = n as u64 * cs;
+        let m = st.merge.as_mut().ok_or(EINVAL)?;
+        let mut buf = m.buf.take().ok_or(EIO)?;
+        let res = self.copy_run_with(st, (&s, &d), dst, vaddr, first, n, &mut buf, bytes);
+        if let Some(m) = st.merge.as_mut() {
+            m.buf = Some(buf);
+        }
+        res?;
+        let Some(m) = st.merge.as_mut() else {
+            return Ok(n as u32);
+        };
+        if m.moving {
+            for i in 0..n {
+                m.moved.push(vaddr + i as u64 * cs, GFP_KERNEL)?;
+            }
+        }
+        Ok(n as u32)
+    }
+
+    /// `copy_run`'s I/O: reads the `n` clusters at `first` of `s` (delta
+    /// `src`) into `buf`, allocates `n` clusters in `d` (delta `dst`),
+    /// writes them and points `dst`'s entries from `vaddr` on at them. On
+    /// error, the new clusters nothing points at yet are freed.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_run_with(
+        &self,
+        st: &mut WorkerState,
+        (s, d): (&Delta, &Delta),
+        dst: usize,
+        vaddr: u64,
+        first: u64,
+        n: usize,
+        buf: &mut [u8],
+        bytes: u64,
+    ) -> Result {
+        let hdr = &d.hdr;
+        let cs = hdr.cluster_size();
+        let data = buf.get_mut(..bytes as usize).ok_or(EIO)?;
+        s.file.read_full(data, first)?;
+        let md = st.md.get_mut(dst).ok_or(EIO)?;
+        if md.is_corrupt() {
+            return Err(EIO);
+        }
+        let l2_off = md
+            .ensure_l2(&d.file, hdr, vaddr)
+            .map_err(|e| self.md_error(e))?;
+        let mut hosts = [0u64; RUN_MAX];
+        let mut got = 0;
+        let mut res = Ok(());
+        for h in hosts.iter_mut().take(n) {
+            match md.alloc_cluster(&d.file, hdr) {
+                Ok(c) => {
+                    *h = c;
+                    got += 1;
+                }
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        // Writes, one per run of consecutive host clusters.
+        let mut i = 0;
+        while res.is_ok() && i < got {
+            let start = hosts.get(i).copied().ok_or(EIO)?;
+            let mut k = 1;
+            while i + k < got && hosts.get(i + k).copied() == start.checked_add(k as u64 * cs) {
+                k += 1;
+            }
+            let piece = data.get(i * cs as usize..(i + k) * cs as usize).ok_or(EIO);
+            res = piece.and_then(|p| d.file.write_full(p, start));
+            i += k;
+        }
+        // Data is written: now make it reachable.
+        let mut set = 0;
+        while res.is_ok() && set < got {
+            let v = vaddr + set as u64 * cs;
+            let raw = fmt::encode_l2_normal(hosts.get(set).copied().ok_or(EIO)?, true);
+            res = st
+                .md
+                .get_mut(dst)
+                .ok_or(EIO)
+                .and_then(|md| md.set_l2_entry(&d.file, hdr, l2_off, v, raw, 0))
+                .map_err(|e| self.md_error(e));
+            if res.is_ok() {
+                set += 1;
+            }
+        }
+        for h in hosts.iter().take(got).skip(set) {
+            self.free_unused(st, dst, *h, cs);
+        }
+        res
     }
 
     /// Copies the cluster of `vaddr` into the receiving delta if the merged

@@ -579,6 +579,41 @@ case_discard_v2_dealloc() {
 	echo "v2, 64 MiB: $after data clusters after a default mkfs.ext4"
 	[ "$after" -lt 512 ] || dmq_fail "a default mkfs filled the v2 image ($after of 1024 clusters)"
 }
+# v3, 1 GiB (two L2 tables' worth with 64k clusters), data in the first
+# 512 MiB only: a whole-device discard (what a default mkfs sends) frees
+# that data and allocates nothing: clusters that read zeroes already stay
+# as they are, and the second range (no L2 table) gets none. Over a base
+# with data there, the same discard gives the top zero clusters (it must
+# hide the base's data), L2 table included.
+case_discard_unwritten() {
+	local l1
+	dmq_needs_kernel "discard deallocation"
+	need blkdiscard
+	dmq_img_create top.qcow2 1G cluster_size=64k
+	dmq_write top.qcow2 P0x5c:1M:1M P0x33:300M:64k
+	map_rw top.qcow2
+	dmq_run blkdiscard "$DEV"
+	expect_bytes "$DEV" $((1024 * 1024)) $((1024 * 1024)) 0
+	expect_bytes "$DEV" $((300 * 1024 * 1024)) 65536 0
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	[ "$(allocated_clusters top.qcow2)" = 0 ] || dmq_fail "data clusters left after the discard"
+	l1=$(dmq_py dmq_img entry top.qcow2 l1 1) || dmq_fail "cannot read L1 entry 1"
+	echo "L1 entry 1 after the discard: $l1"
+	[ "${l1#* }" = 0 ] || dmq_fail "the discard allocated an L2 table for the unwritten half ($l1)"
+	dmq_img_create base.qcow2 1G cluster_size=64k
+	dmq_write base.qcow2 P0xaa:700M:128k
+	dmq_img_create top.qcow2 1G cluster_size=64k base.qcow2
+	map_rw base.qcow2 top.qcow2
+	dmq_run blkdiscard "$DEV"
+	expect_bytes "$DEV" $((700 * 1024 * 1024)) 131072 0
+	expect_bytes "$DEV" 0 65536 0
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top top.qcow2
+	l1=$(dmq_py dmq_img entry top.qcow2 l1 1) || dmq_fail "cannot read L1 entry 1"
+	[ "${l1#* }" != 0 ] || dmq_fail "no L2 table for the zero clusters over the base's data"
+	dmq_run "$QEMU_IO" -f qcow2 -c "read -P 0 700M 128k" top.qcow2 || dmq_fail "qemu-io does not read zeroes over the base's data"
+}
 case_discard_extl2() {
 	local c
 	c=$(dmq_extl2_cluster 64k)
@@ -840,6 +875,7 @@ DMQ_CASES=(
 	discard_v2
 	discard_v2_dealloc
 	discard_extl2
+	discard_unwritten
 	fast_vs_discard
 	refcount_growth
 	numjobs
