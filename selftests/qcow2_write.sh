@@ -312,7 +312,7 @@ case_compressed_base() {
 # allocated clusters of a qcow2 image (qemu-img check --output=json)
 allocated_clusters() {
 	"$QEMU_IMG" check -f qcow2 --output=json "$1" |
-		"$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["allocated-clusters"])'
+		"$PYTHON" -c 'import json,sys; print(json.load(sys.stdin).get("allocated-clusters", 0))'
 }
 
 # a fresh image without a backing file; the second pass repeats the same
