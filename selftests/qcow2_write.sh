@@ -600,7 +600,7 @@ case_discard_unwritten() {
 	[ "$(allocated_clusters top.qcow2)" = 0 ] || dmq_fail "data clusters left after the discard"
 	l1=$(dmq_py dmq_img entry top.qcow2 l1 1) || dmq_fail "cannot read L1 entry 1"
 	echo "L1 entry 1 after the discard: $l1"
-	[ "${l1#* }" = 0 ] || dmq_fail "the discard allocated an L2 table for the unwritten half ($l1)"
+	[ $((${l1#* })) -eq 0 ] || dmq_fail "the discard allocated an L2 table for the unwritten half ($l1)"
 	dmq_img_create base.qcow2 1G cluster_size=64k
 	dmq_write base.qcow2 P0xaa:700M:128k
 	dmq_img_create top.qcow2 1G cluster_size=64k base.qcow2
@@ -611,7 +611,7 @@ case_discard_unwritten() {
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	check_top top.qcow2
 	l1=$(dmq_py dmq_img entry top.qcow2 l1 1) || dmq_fail "cannot read L1 entry 1"
-	[ "${l1#* }" != 0 ] || dmq_fail "no L2 table for the zero clusters over the base's data"
+	[ $((${l1#* })) -ne 0 ] || dmq_fail "no L2 table for the zero clusters over the base's data ($l1)"
 	dmq_run "$QEMU_IO" -f qcow2 -c "read -P 0 700M 128k" top.qcow2 || dmq_fail "qemu-io does not read zeroes over the base's data"
 }
 case_discard_extl2() {
