@@ -24,7 +24,7 @@
 //! path): a flush commits the mapping (or fails) before it completes.
 
 use crate::target::Delta;
-use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use kernel::prelude::*;
 use kernel::sync::Arc;
 
@@ -41,13 +41,35 @@ const MAX_SLOTS: u64 = 1 << 16;
 pub(crate) struct Fast {
     pub(crate) top: Arc<Delta>,
     pub(crate) map: HotMap,
+    /// Turned off (`Inner::fast_off`): the worker no longer keeps this
+    /// table up to date, so a lane still holding it must not use it.
+    dead: AtomicBool,
 }
 
 impl Fast {
     /// An empty table for `top`.
     pub(crate) fn new(top: Arc<Delta>) -> Result<Arc<Self>> {
         let map = HotMap::new(top.hdr.size >> top.hdr.cluster_bits)?;
-        Ok(Arc::new(Self { top, map }, GFP_KERNEL)?)
+        Ok(Arc::new(
+            Self {
+                top,
+                map,
+                dead: AtomicBool::new(false),
+            },
+            GFP_KERNEL,
+        )?)
+    }
+
+    /// Retires the table (state mutex held). Like an entry's removal, this
+    /// is ordered before a later free by `IoCounter::wait_idle`: a lane
+    /// that checks `is_dead` under a hold either sees it or is waited for.
+    pub(crate) fn retire(&self) {
+        self.dead.store(true, Relaxed);
+    }
+
+    /// Whether the table was retired (see `retire`).
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Relaxed)
     }
 }
 

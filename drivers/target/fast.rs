@@ -23,14 +23,18 @@
 //!   shows: after a copy-on-write fill was written (`write_full`), or for a
 //!   cluster never written before (it reads as zeroes, as the chain does
 //!   around a write that needs no fill). A lane read racing the guest's own
-//!   write of the same bytes may see either; nothing else.
+//!   write of the same cluster may see what the locked path would (for a
+//!   whole-cluster write into a never-written cluster: zeroes until the
+//!   data lands); nothing of another cluster.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
 //! - Merges, fault injection and corruption turn the path off
-//!   (`fast_off`); a lane still serving bios it took before uses the old
-//!   table, and callers that need those bios gone wait for the bios mapped
-//!   before (`refs.switch_wait`).
+//!   (`fast_off`), which retires the table: the worker stops keeping it up
+//!   to date, so a lane still holding it checks `Fast::is_dead` under its
+//!   hold (ordered like an entry's removal) and leaves the bio to the
+//!   worker. Callers that need the bios mapped before gone wait for them
+//!   (`refs.switch_wait`).
 //!
 //! `map` itself does not start file I/O: it runs in the submitter's
 //! `submit_bio` with `current->bio_list` active, where a host file
@@ -68,6 +72,8 @@ impl WorkItem for Lane {
                 break;
             }
             this.inner.serve(list);
+            // Sustained load keeps the lane busy on its CPU: let others run.
+            task::cond_resched();
         }
     }
 }
@@ -189,6 +195,11 @@ impl Inner {
         let Some(_hold) = self.inflight.hold() else {
             return Err(bio);
         };
+        // A table turned off since the lane took it is no longer kept up to
+        // date (its entries may point at clusters freed since).
+        if fp.is_dead() {
+            return Err(bio);
+        }
         match self.fast_target(fp, &bio) {
             Some(pos) => {
                 let len = bio.size();
@@ -207,7 +218,9 @@ impl Inner {
     pub(crate) fn fast_off(&self, st: &mut WorkerState) {
         st.fast = None;
         let old = self.fast.lock().take();
-        drop(old);
+        if let Some(f) = old {
+            f.retire();
+        }
     }
 
     /// Turns the fast path on for the chain in `st` (unless a merge runs)
@@ -219,6 +232,8 @@ impl Inner {
         };
         st.fast = new.clone();
         let old = core::mem::replace(&mut *self.fast.lock(), new);
-        drop(old);
+        if let Some(f) = old {
+            f.retire();
+        }
     }
 }
