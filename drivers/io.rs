@@ -7,8 +7,8 @@
 
 use crate::hot::Fast;
 use crate::kernel_abstractions::bio::{Bio, Op};
-use crate::kernel_abstractions::file::{IoBuf, DIO_ALIGN};
-use crate::meta::corrupt;
+use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
+use crate::meta::{corrupt, DeltaMd};
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
 use kernel::error::code::*;
@@ -266,12 +266,7 @@ impl Inner {
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
-        if md.is_corrupt() {
-            return Err(EIO);
-        }
-        let l2_off = md
-            .ensure_l2(&delta.file, hdr, vaddr)
-            .map_err(|e| self.md_error(e))?;
+        let l2_off = self.l2_for_write(md, &delta.file, hdr, vaddr)?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         // A running merge must see this change of `d`.
@@ -610,6 +605,21 @@ impl Inner {
         Ok(true)
     }
 
+    /// The L2 table of `md`'s delta that maps `vaddr`, ready for a change
+    /// (allocated, or copied if shared); EIO if the delta is marked corrupt.
+    pub(crate) fn l2_for_write(
+        &self,
+        md: &mut DeltaMd,
+        file: &File,
+        hdr: &Header,
+        vaddr: u64,
+    ) -> Result<u64> {
+        if md.is_corrupt() {
+            return Err(EIO);
+        }
+        md.ensure_l2(file, hdr, vaddr).map_err(|e| self.md_error(e))
+    }
+
     /// Drops a reference to host clusters of delta `d` once the change that
     /// removed it is durable (after the next commit: `Inner::apply_frees`).
     /// A failure leaves a refcount too high (a leak, not a corruption) but
@@ -863,12 +873,7 @@ impl Inner {
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
-        if md.is_corrupt() {
-            return Err(EIO);
-        }
-        let l2_off = md
-            .ensure_l2(&delta.file, hdr, vaddr)
-            .map_err(|e| self.md_error(e))?;
+        let l2_off = self.l2_for_write(md, &delta.file, hdr, vaddr)?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         self.merge_note_write(st, d, vaddr)?;

@@ -587,12 +587,7 @@ impl Inner {
         let data = buf.get_mut(..bytes as usize).ok_or(EIO)?;
         s.file.read_full(data, first)?;
         let md = st.md.get_mut(dst).ok_or(EIO)?;
-        if md.is_corrupt() {
-            return Err(EIO);
-        }
-        let l2_off = md
-            .ensure_l2(&d.file, hdr, vaddr)
-            .map_err(|e| self.md_error(e))?;
+        let l2_off = self.l2_for_write(md, &d.file, hdr, vaddr)?;
         let mut hosts = [0u64; RUN_MAX];
         let mut got = 0;
         let mut res = Ok(());
