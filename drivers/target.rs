@@ -5,7 +5,7 @@
 //!
 //! - `ctr`: the constructor (descriptors, headers, chain checks);
 //! - `worker`: the I/O worker, commits, ENOSPC parking;
-//! - `fast`: the fast path for allocated clusters and its per-CPU lanes;
+//! - `fast`: the fast path for allocated clusters and its lanes;
 //! - `message`: messages and the status INFO line;
 //! - `suspend`: suspend/resume and header updates.
 //!
@@ -343,7 +343,7 @@ impl Inner {
 /// Per-table state kept in `ti->private`.
 pub(crate) struct Qcow2 {
     inner: Arc<Inner>,
-    /// The fast path's per-CPU lanes (see `fast`).
+    /// The fast path's lanes (see `fast`).
     lanes: Lanes,
 }
 

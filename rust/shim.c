@@ -296,11 +296,10 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
-struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim,
-					     bool per_cpu)
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 {
-	return alloc_workqueue("%s", (mem_reclaim ? WQ_MEM_RECLAIM : 0) |
-			       (per_cpu ? 0 : WQ_UNBOUND), 0, name);
+	return alloc_workqueue("%s", WQ_UNBOUND | (mem_reclaim ? WQ_MEM_RECLAIM : 0), 0,
+			       name);
 }
 
 unsigned int dmq_this_cpu(void)

@@ -81,13 +81,11 @@ void dmq_noio_restore(unsigned int flags);
 void dmq_kiocb_end_write(struct kiocb *iocb);
 
 /*
- * Own workqueue (alloc_workqueue is variadic and printf-checked), unbound
- * unless @per_cpu (work then runs on the CPU that queued it);
+ * Own unbound workqueue (alloc_workqueue is variadic and printf-checked);
  * @mem_reclaim: with a rescuer (WQ_MEM_RECLAIM), for work that I/O under
  * memory pressure waits for.
  */
-struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim,
-					     bool per_cpu);
+struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim);
 
 /* raw_smp_processor_id(): the CPU we ran on a moment ago (a hint). */
 unsigned int dmq_this_cpu(void);

@@ -11,7 +11,7 @@ use kernel::error::{code::ENOMEM, Result};
 use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
-/// An own workqueue, `WQ_UNBOUND` or per-CPU, with a rescuer
+/// An own `WQ_UNBOUND` workqueue, with a rescuer
 /// (`WQ_MEM_RECLAIM`) if asked for. [`shutdown`] drains and destroys it (so that the owner can do
 /// so before the state its work items use goes away); drop does it
 /// otherwise.
@@ -35,19 +35,8 @@ impl OwnedQueue {
     /// Allocates a workqueue named `name` (copied); `mem_reclaim`: with a
     /// rescuer, for work that I/O under memory pressure waits for.
     pub(crate) fn new(name: &CStr, mem_reclaim: bool) -> Result<Self> {
-        Self::alloc(name, mem_reclaim, false)
-    }
-
-    /// A per-CPU (bound) workqueue: a work item runs on the CPU that queued
-    /// it (unless that CPU goes offline), so items queued on N CPUs run on
-    /// N CPUs. With a rescuer if `mem_reclaim`.
-    pub(crate) fn new_per_cpu(name: &CStr, mem_reclaim: bool) -> Result<Self> {
-        Self::alloc(name, mem_reclaim, true)
-    }
-
-    fn alloc(name: &CStr, mem_reclaim: bool, per_cpu: bool) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
-        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim, per_cpu) };
+        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
         Ok(Self {
             ptr,
