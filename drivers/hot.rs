@@ -2,8 +2,9 @@
 
 //! Lookups for the allocated-cluster path: where the top delta maps a
 //! cluster to a plain data cluster of its own, a bio inside that cluster
-//! needs no metadata work. The fast path (`target::fast`: a lane on the
-//! submitting CPU, or the worker before it locks the state) serves such
+//! (or over a run of such clusters, one after the other in the file)
+//! needs no metadata work. The fast path (`target::fast`: the
+//! submitting CPU's lane, or the worker before it locks the state) serves such
 //! bios from this table without the table's state mutex, so they never
 //! wait behind allocation, copy-on-write, a merge batch or a status walk.
 //!
@@ -15,9 +16,10 @@
 //! (one atomic word per slot: a lookup sees an entry whole or not at all).
 //! Why a lookup racing a change is harmless, and how a freed cluster is
 //! kept from lane I/O until it is reused, is in `target::fast`. Everything
-//! else that changes the top's mappings wholesale (merges, resume) turns
-//! the fast path off first (see `Inner::fast_off`); turning it on again
-//! makes a new, empty table for the top of then.
+//! else that changes the top's mappings wholesale (a merge's end, resume)
+//! replaces the table (see `Inner::fast_on`): the old one is retired, the
+//! new one is empty, for the top of then. While a merge runs the table
+//! serves reads only (`Fast::stop_writes`).
 //!
 //! A slot may come from a cached L2 page not committed yet (see `meta`).
 //! The fast path never serves a FUA or flush bio (those take the locked
@@ -44,17 +46,21 @@ pub(crate) struct Fast {
     /// Turned off (`Inner::fast_off`): the worker no longer keeps this
     /// table up to date, so a lane still holding it must not use it.
     dead: AtomicBool,
+    /// Writes in place may use it (not while a merge runs: the merge must
+    /// see every guest write).
+    writes: AtomicBool,
 }
 
 impl Fast {
-    /// An empty table for `top`.
-    pub(crate) fn new(top: Arc<Delta>) -> Result<Arc<Self>> {
+    /// An empty table for `top`; for reads only unless `writes`.
+    pub(crate) fn new(top: Arc<Delta>, writes: bool) -> Result<Arc<Self>> {
         let map = HotMap::new(top.hdr.size >> top.hdr.cluster_bits)?;
         Ok(Arc::new(
             Self {
                 top,
                 map,
                 dead: AtomicBool::new(false),
+                writes: AtomicBool::new(writes),
             },
             GFP_KERNEL,
         )?)
@@ -70,6 +76,18 @@ impl Fast {
     /// Whether the table was retired (see `retire`).
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.load(Relaxed)
+    }
+
+    /// Takes writes off the table for good (state mutex held; a merge
+    /// starts). Ordered like `retire` for the bios mapped after the merge's
+    /// in-flight switch; those mapped before are waited for.
+    pub(crate) fn stop_writes(&self) {
+        self.writes.store(false, Relaxed);
+    }
+
+    /// Whether writes in place may use the table (see `stop_writes`).
+    pub(crate) fn takes_writes(&self) -> bool {
+        self.writes.load(Relaxed)
     }
 }
 

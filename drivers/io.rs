@@ -25,6 +25,31 @@ pub(crate) enum Src<'a> {
     Buf(&'a [u8]),
 }
 
+/// A direct read not started yet: `len` bytes of delta `delta`'s file at
+/// `host` into the bio at `off`.
+struct ReadRun {
+    delta: usize,
+    host: u64,
+    off: u32,
+    len: u32,
+}
+
+impl ReadRun {
+    /// Appends `next` if it follows on, in the file and in the bio.
+    fn extend(&mut self, next: &ReadRun) -> bool {
+        let follows = next.delta == self.delta
+            && self.host.checked_add(u64::from(self.len)) == Some(next.host)
+            && self.off.checked_add(self.len) == Some(next.off);
+        match self.len.checked_add(next.len) {
+            Some(len) if follows => {
+                self.len = len;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Read path.
 impl Inner {
     pub(crate) fn read_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
@@ -32,11 +57,21 @@ impl Inner {
         let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
         let cs = st.delta(st.top())?.hdr.cluster_size();
         let mut done = 0u64;
+        let mut run = None;
         while done < size {
             let len = (cs - vaddr % cs).min(size - done);
-            self.read_piece(st, bio, vaddr, done as u32, len)?;
+            self.read_piece(st, bio, vaddr, done as u32, len, &mut run)?;
             vaddr += len;
             done += len;
+        }
+        self.start_read(st, bio, run)
+    }
+
+    /// Starts the direct read of `run` (if any) into its part of `bio`.
+    fn start_read(&self, st: &WorkerState, bio: &Bio, run: Option<ReadRun>) -> Result {
+        if let Some(r) = run {
+            let f = &st.deltas.get(r.delta).ok_or(EIO)?.file;
+            f.submit_bio_io(bio.split_ref(), r.off, r.len, r.host, false, &self.inflight);
         }
         Ok(())
     }
@@ -67,7 +102,7 @@ impl Inner {
 
     /// Forgets the fast path's lookup for the cluster of `vaddr` before its
     /// mapping changes (`fast`: the fast path, if on and `vaddr` is in the top).
-    fn hot_forget(fast: Option<&Fast>, hdr: &Header, vaddr: u64) {
+    pub(crate) fn hot_forget(fast: Option<&Fast>, hdr: &Header, vaddr: u64) {
         if let Some(f) = fast {
             f.map.del(vaddr >> hdr.cluster_bits);
         }
@@ -106,6 +141,10 @@ impl Inner {
         Ok((0, RunKind::Zero, len))
     }
 
+    /// Reads `[vaddr, vaddr + len)` (inside one cluster) into `bio` at
+    /// `boff`. Data runs are added to `run` while they follow on in the same
+    /// file (a 1 MiB read of clusters written in order is one I/O); the run
+    /// before is started when one does not.
     fn read_piece(
         &self,
         st: &mut WorkerState,
@@ -113,6 +152,7 @@ impl Inner {
         vaddr: u64,
         boff: u32,
         len: u64,
+        run: &mut Option<ReadRun>,
     ) -> Result {
         let mut pos = 0u64;
         while pos < len {
@@ -122,8 +162,15 @@ impl Inner {
             match kind {
                 RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
                 RunKind::Data { host } => {
-                    let f = &st.deltas.get(d).ok_or(EIO)?.file;
-                    f.submit_bio_io(bio.split_ref(), off, rl32, host, false, &self.inflight);
+                    let next = ReadRun {
+                        delta: d,
+                        host,
+                        off,
+                        len: rl32,
+                    };
+                    if !run.as_mut().is_some_and(|r| r.extend(&next)) {
+                        self.start_read(st, bio, run.replace(next))?;
+                    }
                 }
                 RunKind::Compressed { host, len: clen } => {
                     bio.copy_from(off, self.inflated(st, d, host, clen, vaddr + pos, rl)?)?;

@@ -352,10 +352,6 @@ impl Inner {
             if param::kernel_sets_dirty_bit() {
                 self.set_dirty(&d, true)?;
             }
-            // Every bio goes through the locked path while a merge runs (it
-            // must see guest writes); the switch below waits for bios the
-            // fast path may have taken before.
-            self.fast_off(&mut st);
             st.merge = Some(Merge {
                 dir,
                 depth,
@@ -374,6 +370,12 @@ impl Inner {
                 moving,
                 moved: KVec::new(),
             });
+            // Writes take the locked path while a merge runs (it must see
+            // them); reads keep the table. The switch below waits for bios
+            // the fast path may have taken before.
+            if let Some(f) = &st.fast {
+                f.stop_writes();
+            }
         }
         // Bios mapped before the merge existed finish before the walker
         // starts; later ones see it.
@@ -693,6 +695,9 @@ impl Inner {
         if unallocated(&c) {
             return Ok(());
         }
+        // The fast path's reads of the top stop here (see `target::fast`).
+        Self::hot_forget(st.fast_for(d).as_deref(), hdr, vaddr);
+        let md = st.md.get_mut(d).ok_or(EIO)?;
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, 0, 0)?;
         self.free_entry(st, d, &c);
         Ok(())

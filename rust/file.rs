@@ -68,7 +68,19 @@ impl IoCounter {
     }
 
     fn dec(&self) {
-        self.inflight.fetch_sub(1, Ordering::AcqRel);
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        // The count reached zero: wake a waiter. Store-buffering pairing
+        // with `wait_idle` (full fences on both sides): either it sees the
+        // zero before it sleeps, or this sees it counted in `waiters`. The
+        // fence is also the barrier `wake_up_var` needs after the store.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) != 0 {
+            // SAFETY: `inflight` lives as long as `self`; the shim only uses
+            // the address as a wait queue key.
+            unsafe { bindings::dmq_wake_count(self.inflight.as_ptr().cast()) };
+        }
     }
 
     /// Counts the caller as in flight until the guard drops, unless a
@@ -90,13 +102,22 @@ impl IoCounter {
 
     /// Sleeps until no I/O counted here is in flight. New holds fail
     /// meanwhile, so that I/O started by concurrent submitters cannot keep
-    /// the count above zero. For rare paths only: it polls.
+    /// the count above zero. Woken by the completion that brings the count
+    /// to zero, not by a poll: `msleep(1)` sleeps two ticks, 8 ms at the
+    /// HZ=250 of distribution kernels, and commits after allocations, merge
+    /// batches and the application of frees wait here.
     pub(crate) fn wait_idle(&self) {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        while self.inflight.load(Ordering::Acquire) != 0 {
-            super::task::sleep_ms(1);
+        if self.inflight.load(Ordering::SeqCst) != 0 {
+            // SAFETY: `inflight` lives as long as `self` and is an aligned
+            // `usize` (the C `unsigned long`), which the shim reads with
+            // READ_ONCE while it waits; sleeping is allowed (our callers may
+            // sleep, as `wait_var_event` needs).
+            unsafe { bindings::dmq_wait_count_zero(self.inflight.as_ptr().cast()) };
         }
+        // Pairs with the completions' decrements: their I/O happened before.
+        fence(Ordering::Acquire);
         self.waiters.fetch_sub(1, Ordering::Release);
     }
 }

@@ -16,6 +16,7 @@
 #include <linux/module.h>
 #include <linux/sched/mm.h>
 #include <linux/uio.h>
+#include <linux/wait_bit.h>
 #include <linux/workqueue.h>
 #include "shim.h"
 
@@ -300,6 +301,16 @@ struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 {
 	return alloc_workqueue("%s", WQ_UNBOUND | (mem_reclaim ? WQ_MEM_RECLAIM : 0), 0,
 			       name);
+}
+
+void dmq_wait_count_zero(unsigned long *count)
+{
+	wait_var_event(count, READ_ONCE(*count) == 0);
+}
+
+void dmq_wake_count(unsigned long *count)
+{
+	wake_up_var(count);
 }
 
 unsigned int dmq_this_cpu(void)

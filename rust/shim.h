@@ -87,6 +87,14 @@ void dmq_kiocb_end_write(struct kiocb *iocb);
  */
 struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim);
 
+/*
+ * wait_var_event() until *@count (an AtomicUsize of the Rust side) is 0,
+ * uninterruptible; dmq_wake_count() (wake_up_var()) wakes the waiters, after
+ * a full barrier between the store that made it 0 and the call.
+ */
+void dmq_wait_count_zero(unsigned long *count);
+void dmq_wake_count(unsigned long *count);
+
 /* raw_smp_processor_id(): the CPU we ran on a moment ago (a hint). */
 unsigned int dmq_this_cpu(void);
 

@@ -475,7 +475,8 @@ case_status_info() {
 	echo "status: $STATUS"
 	[ "$ST_MERGE $ST_STAGE $ST_PCT" = "backward ready 100" ] ||
 		dmq_fail "ready merge: '$STATUS'"
-	# while a merge runs every bio takes the locked path
+	# ready: the top's clusters were moved into the base, so reads there
+	# resolve from the base, not through the top's table
 	fast_reads v $((8 * MIB + 4096)) same
 	msg_ok v merge_backward complete
 	expect_status v "images=1 $idle clusters=30"
@@ -490,6 +491,46 @@ case_status_info() {
 	[ "$(map_clusters top.qcow2)" = 0 ] || dmq_fail "qemu-img map: top.qcow2 has $(map_clusters top.qcow2) clusters"
 	convert base.qcow2 base.raw
 	same dev.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+}
+
+# While a merge runs the fast path serves reads of clusters the top
+# maps, not writes (the merge must see them); what the device shows stays
+# what QEMU reads of the chain.
+case_fast_during_merge() {
+	dmq_img_create base.qcow2 16M cluster_size=64k
+	dmq_write base.qcow2 t:0:1M r:4M:512k
+	dmq_img_create mid.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write mid.qcow2 r:4M:128k r:6M:64k
+	dmq_img_create top.qcow2 16M cluster_size=64k mid.qcow2
+	dmq_write top.qcow2 r:8M:256k
+	map_rw rw:base.qcow2 mid.qcow2 top.qcow2
+	fast_reads v $((8 * MIB + 4096)) up
+	msg_ok v merge_backward start -1 1
+	dmq_wait_ready v merge_backward
+	# the top is not merged: its clusters stay served without the worker
+	fast_reads v $((8 * MIB + 4096)) up
+	# a write in place takes the locked path while the merge runs
+	random w.bin 4k
+	if dmq_counts_bios; then
+		status v
+		local f0=$ST_FAST
+		put w.bin "$DEV" $((8 * MIB + 8192))
+		status v
+		[ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write during a merge took the fast path"
+	else
+		put w.bin "$DEV" $((8 * MIB + 8192))
+	fi
+	expect_at "$DEV" $((8 * MIB + 8192)) w.bin
+	dump "$DEV" before.raw
+	msg_ok v merge_backward complete
+	[ "$(chain_len v)" = 2 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	fast_reads v $((8 * MIB + 4096)) up
+	dump "$DEV" dev.raw
+	same dev.raw before.raw "the device changed with the merge's completion"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	convert top.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
 }
 
 # The clusters= counts are kept up to date (not recounted per status):
@@ -1018,6 +1059,7 @@ DMQ_CASES=(
 	nonroot
 	suspended_busy
 	status_info
+	fast_during_merge
 	status_counts
 	status_under_fio
 	fault_injection

@@ -19,8 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLUMNS = ("dm-qcow2", "qemu-nbd", "rublk")
-COLORS = {"dm-qcow2": "tab:blue", "qemu-nbd": "tab:orange", "rublk": "tab:green"}
+COLUMNS = ("dm-qcow2", "loop", "qemu-nbd", "rublk")
+COLORS = {"dm-qcow2": "tab:blue", "loop": "tab:gray", "qemu-nbd": "tab:orange",
+          "rublk": "tab:green"}
 
 
 def rate(r):
@@ -37,8 +38,9 @@ def cpu(r):
 
 
 def baseline(res):
-    """The column the job compares with: raw, else cp (the merges)."""
-    for name in ("raw", "cp"):
+    """The column the job compares with: raw, else cp (the merges), else
+    alone (reads during a merge against reads without one)."""
+    for name in ("raw", "cp", "alone"):
         if name in res:
             return name
     return None

@@ -42,9 +42,19 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
                     `dm-qcow2 merge` does it), against `cp
                     --sparse=always` of the delta's file plus `sync` of
                     the copy on the same file system ("cp")
+  merge-reads       (dm-qcow2 only) 4k random reads (iodepth 32) on the
+                    device during the backward merge of merge-depth0:
+                    their rate while the merge copies (start to
+                    stage=ready) against their rate in the seconds before
+                    it ("alone"), from the device's completed reads
+                    (/sys/block/dm-N/stat); the merge's time is in the note
   status-under-fio  (dm-qcow2 only) see below
 
-DMQ_BENCH_PEERS (raw, dm-qcow2, qemu-nbd, rublk) picks peers; an absent
+"loop" is the kernel's loop device with direct I/O over the same raw file
+(not in the discard job, where raw is one already): the cost of a block
+device stacked on a file, beside the raw file's ceiling.
+
+DMQ_BENCH_PEERS (raw, loop, dm-qcow2, qemu-nbd, rublk) picks peers; an absent
 one (rublk not installed) is skipped. DMQ_BENCH_SIZE_MB (512) is the
 image of the fio jobs, DMQ_BENCH_RUNTIME (8) seconds per fio run,
 DMQ_BENCH_CLUSTER (64k) the cluster size. DMQ_BENCH_FS=ext4 puts the
@@ -92,7 +102,7 @@ MERGE_TIMEOUT = 1800  # seconds to stage=ready
 @dataclass(frozen=True)
 class Job:
     name: str
-    kind: str                # fio, sparse, discard, merge, status
+    kind: str                # fio, sparse, discard, merge, merge-reads, status
     rw: str = "randread"
     bs: str = "4k"
     allocated: bool = True   # fio jobs: on a fully written image
@@ -116,6 +126,7 @@ JOBS = [
     Job("discard", "discard"),
     Job("merge-depth0", "merge", depth=0),
     Job("merge-depth1", "merge", depth=1),
+    Job("merge-reads", "merge-reads"),
     Job("status-under-fio", "status"),
 ]
 
@@ -349,6 +360,17 @@ class Raw(Peer):
             self.loop = None
 
 
+class Loop(Raw):
+    """The kernel's own block device over the same raw file: a loop device
+    with direct I/O (`losetup --direct-io=on`). What any block device
+    stacked on a file costs here (bio, queue hop, kiocb), beside which the
+    raw file (fio on the file itself, no block layer) is a ceiling."""
+
+    def up(self, img, block=False):
+        self.loop = sh(f"losetup -f --show --direct-io=on {img}").stdout.strip()
+        return self.loop
+
+
 class DmQcow2(Peer):
     def up(self, img, block=False):
         sh(f"{ROOT}/selftests/dmq_open.py --rw bench {img}")
@@ -446,7 +468,7 @@ def run_fio_job(job, peers):
         else:
             make_image(img, job.allocated)
     res = on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SIZE}M"))
-    if not job.allocated and any(isinstance(p, Raw) for p in peers):
+    if not job.allocated and any(type(p) is Raw for p in peers):
         # Against a written raw file (no allocation in the host file system
         # at all): the figure older tables compared with.
         def written():
@@ -533,9 +555,11 @@ def run_discard_job(job, peers):
             make_raw(img, True, DISCARD_MB)
         else:
             make_image(img, True, DISCARD_MB)
+    # raw is a loop device here already (see the job's description).
+    peers = [p for p in peers if not isinstance(p, Loop)]
     res = on_each_peer(job, peers, prepare, discard_device, block=True,
                        finish=note_allocated_after)
-    if any(isinstance(p, Raw) for p in peers):
+    if any(type(p) is Raw for p in peers):
         res["raw-punch"] = attempt(punch_raw_file)
         log(result_line(job.name, "raw-punch", res["raw-punch"]))
     return res
@@ -634,6 +658,67 @@ def run_merge_job(job, peers):
     return res
 
 
+def reads_done(dev):
+    """Reads DEV (a /dev/mapper name) completed so far, and when."""
+    name = os.path.basename(os.path.realpath(dev))
+    with open(f"/sys/block/{name}/stat") as f:
+        return int(f.read().split()[0]), time.monotonic()
+
+
+def reads_rate(a, b):
+    return (b[0] - a[0]) / max(b[1] - a[1], 1e-6)
+
+
+def merge_with_reads(specs):
+    """fio's random reads on the device: their rate for RUNTIME seconds
+    alone, then during a backward merge at depth 0 (to stage=ready).
+    {"alone": Result, "dm-qcow2": Result}."""
+    drop_caches()
+    dev = "/dev/mapper/bench"
+    sh(f"{ROOT}/selftests/dmq_open.py --rw bench {' '.join(specs)}")
+    reader, d = None, tempfile.mkdtemp(prefix="dmq-fio.")
+    try:
+        # Runs until stopped below (the merge's length is not known).
+        cmd = fio_cmd(dev, Job("merge-reads", "fio"), f"{MERGE_MB}M").replace(
+            f"--runtime={RUNTIME}", f"--runtime={MERGE_TIMEOUT}")
+        reader = subprocess.Popen("exec " + cmd, shell=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, cwd=d)
+        time.sleep(2)
+        a = reads_done(dev)
+        time.sleep(RUNTIME)
+        b = reads_done(dev)
+        _, secs, cpu = timed(merge_backward, 0)
+        c = reads_done(dev)
+        if reader.poll() is not None:
+            raise BenchError(f"fio ended early ({reader.returncode})")
+    finally:
+        if reader:
+            reader.terminate()
+            reader.wait()
+        shutil.rmtree(d, ignore_errors=True)
+        dm_message("bench", "merge_backward cancel", check=False)
+        sh("dmsetup remove bench", check=False)
+    return {"alone": Result(iops=reads_rate(a, b)),
+            "dm-qcow2": Result(iops=reads_rate(b, c), secs=secs, cpu_s=cpu,
+                               note=f"merge of {MERGE_MB} MiB under reads: {secs:.2f} s")}
+
+
+def run_merge_reads_job(job, peers):
+    """dm-qcow2 only: reads during a merge against reads alone."""
+    if not any(isinstance(p, DmQcow2) for p in peers):
+        log(f"{job.name}: dm-qcow2 not among the peers, skipped")
+        return {}
+    try:
+        _, specs = merge_chain(0)
+        res = merge_with_reads(specs)
+    except Exception as e:  # noqa: BLE001
+        res = {"dm-qcow2": Result(error=describe(e))}
+    for col, r in res.items():
+        log(result_line(job.name, col, r))
+    sh(f"rm -f {WORK}/base {WORK}/delta {WORK}/top", check=False)
+    return res
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2] if v else None
@@ -724,7 +809,7 @@ def pick_peers():
         sh(f"grep -q '^dm_qcow2 ' /proc/modules || insmod {MODULE}")
     except subprocess.CalledProcessError as e:
         log(f"loading dm-qcow2 failed: {describe(e)}")
-    peers = [Raw("raw"), DmQcow2("dm-qcow2"), QemuNbd("qemu-nbd")]
+    peers = [Raw("raw"), Loop("loop"), DmQcow2("dm-qcow2"), QemuNbd("qemu-nbd")]
     rublk = shutil.which("rublk") or "/root/.cargo/bin/rublk"
     if os.access(rublk, os.X_OK):
         peers.append(Rublk("rublk", rublk))
@@ -747,7 +832,8 @@ def pick_jobs():
 
 
 RUNNERS = {"fio": run_fio_job, "sparse": run_sparse_job,
-           "discard": run_discard_job, "merge": run_merge_job}
+           "discard": run_discard_job, "merge": run_merge_job,
+           "merge-reads": run_merge_reads_job}
 
 
 def run_jobs(jobs, peers):
@@ -829,7 +915,7 @@ def table(peers, results):
         for col, r in res.items():
             lines.append(detail_row(name, col, r, res.get("dm-qcow2")))
     cols = [p.name for p in peers if p.name != "dm-qcow2"]
-    cols += [c for c in ("raw-written", "raw-punch", "cp")
+    cols += [c for c in ("raw-written", "raw-punch", "cp", "alone")
              if any(c in res for res in results.values())]
     lines += ["", "dm-qcow2's rate (IOPS, or MB/s for the timed jobs) divided by the column's:"]
     lines += summary_lines(results, cols)
@@ -844,6 +930,8 @@ LEGEND = [
     "  target's workers, qemu-nbd/rublk) between fio's exec_prerun and exec_postrun",
     "  snapshots (its I/O phase), per I/O; for the timed jobs (discard, merge-*) while",
     "  they ran (time s; MB/s = image size / time).",
+    "loop: losetup --direct-io=on over the same raw file (the kernel's own block",
+    "  device on a file; the raw file is fio on the file, no block layer at all).",
     "raw: a written file for the jobs on an allocated image, a sparse one for first",
     "  writes (raw-written: a written one); discard: blkdiscard of a loop device over",
     "  the written raw file (raw-punch: fallocate --punch-hole on the file itself).",

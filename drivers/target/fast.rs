@@ -2,9 +2,10 @@
 
 //! The fast path for allocated clusters (see `hot`) and its lanes.
 //!
-//! `map` sends a read, or a write without PREFLUSH/FUA, that lies inside
-//! one cluster the fast path's table knows to the lane of the CPU it runs
-//! on: a work item that starts the bios' direct I/O. Lanes are work items
+//! `map` sends a read, or a write without PREFLUSH/FUA, whose clusters the
+//! fast path's table knows, one after the other in the top's file, to the
+//! lane of the CPU it runs on: a work item that starts the bios' direct
+//! I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
 //! cannot serve after all) goes through the single I/O worker and the
@@ -37,12 +38,20 @@
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
-//! - Merges, fault injection and corruption turn the path off
-//!   (`fast_off`), which retires the table: the worker stops keeping it up
-//!   to date, so a lane still holding it checks `Fast::is_dead` under its
-//!   hold (ordered like an entry's removal) and leaves the bio to the
-//!   worker. Callers that need the bios mapped before gone wait for them
+//! - Corruption turns the path off (`fast_off`), and a merge's end and a
+//!   resume replace its table (`fast_on`): the old one is retired, so the
+//!   worker stops keeping it up to date, and a lane still holding it
+//!   checks `Fast::is_dead` under its hold (ordered like an entry's
+//!   removal) and leaves the bio to the worker. Callers
+//!   that need the bios mapped before gone wait for them
 //!   (`refs.switch_wait`).
+//! - While a merge runs the table serves reads only (`Fast::stop_writes`
+//!   at its start, before the in-flight switch that waits for bios mapped
+//!   before): the merge must see every guest write (its redo set). Guest
+//!   reads keep their speed. The merge changes the top's mappings only where the
+//!   locked path does (`hot_forget` before the change): dropping clusters
+//!   it moved out of the top (a backward merge at depth 0), and writing
+//!   into the top where it had nothing (forward), which no entry covers.
 //!
 //! `map` itself does not start file I/O: it runs in the submitter's
 //! `submit_bio` with `current->bio_list` active, where a host file
@@ -54,6 +63,10 @@ use crate::kernel_abstractions::wq;
 
 /// Lanes per table at most (one per CPU up to this).
 const MAX_LANES: u32 = 64;
+
+/// Clusters one bio of the fast path may cover at most (bounds the lookups
+/// per bio; larger bios take the worker).
+const MAX_CLUSTERS: u64 = 256;
 
 /// One CPU's lane: bios the fast path may serve, started by `work`.
 #[pin_data]
@@ -175,13 +188,19 @@ impl Inner {
         slow
     }
 
-    /// Where in the top's file the fast path would do `bio`'s I/O: it lies
-    /// in one cluster of the top that `fp` knows (a write: one the top
-    /// owns, and no PREFLUSH or FUA).
+    /// Where in the top's file the fast path would do `bio`'s I/O: every
+    /// cluster of the top it covers is one `fp` knows (a write: one the top
+    /// owns, and no PREFLUSH or FUA), each right after the one before in
+    /// the file, so that one I/O serves it (a 1 MiB read of an image
+    /// written in order: one I/O, not 16 through the worker).
     fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<u64> {
         let write = match bio.op() {
             Op::Read => false,
-            Op::Write if self.writable && !bio.is_preflush() && !bio.is_fua() => true,
+            Op::Write
+                if fp.takes_writes() && self.writable && !bio.is_preflush() && !bio.is_fua() =>
+            {
+                true
+            }
             _ => return None,
         };
         let hdr = &fp.top.hdr;
@@ -189,10 +208,21 @@ impl Inner {
         let cb = hdr.cluster_bits;
         let vaddr = bio.sector().checked_mul(SECTOR)?;
         let end = vaddr.saturating_add(u64::from(len));
-        if len == 0 || hdr.extended_l2() || end > hdr.size || vaddr >> cb != (end - 1) >> cb {
+        if len == 0 || hdr.extended_l2() || end > hdr.size {
             return None;
         }
-        let host = fp.map.lookup(cb, vaddr >> cb, write)?;
+        let (first, last) = (vaddr >> cb, (end - 1) >> cb);
+        if last - first >= MAX_CLUSTERS {
+            return None;
+        }
+        let host = fp.map.lookup(cb, first, write)?;
+        let mut next = host;
+        for vci in first + 1..=last {
+            next = next.checked_add(hdr.cluster_size())?;
+            if fp.map.lookup(cb, vci, write)? != next {
+                return None;
+            }
+        }
         host.checked_add(hdr.offset_in_cluster(vaddr))
     }
 
@@ -231,13 +261,14 @@ impl Inner {
         }
     }
 
-    /// Turns the fast path on for the chain in `st` (unless a merge runs)
-    /// with a new, empty table; it stays off if that cannot be allocated.
+    /// Turns the fast path on for the chain in `st` with a new, empty
+    /// table (for reads only while a merge runs); it stays off if that
+    /// cannot be allocated.
     pub(crate) fn fast_on(&self, st: &mut WorkerState) {
-        let new = match (&st.merge, st.deltas.last()) {
-            (None, Some(top)) => Fast::new(top.clone()).ok(),
-            _ => None,
-        };
+        let new = st
+            .deltas
+            .last()
+            .and_then(|top| Fast::new(top.clone(), st.merge.is_none()).ok());
         st.fast = new.clone();
         let old = core::mem::replace(&mut *self.fast.lock(), new);
         if let Some(f) = old {
