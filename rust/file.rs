@@ -109,15 +109,16 @@ impl IoCounter {
     pub(crate) fn wait_idle(&self) {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.inflight.load(Ordering::SeqCst) != 0 {
+        // Acquire: pairs with the completions' decrements (their I/O
+        // happened before). Again after a wake: a failed `hold` may have
+        // raised the count for a moment since.
+        while self.inflight.load(Ordering::Acquire) != 0 {
             // SAFETY: `inflight` lives as long as `self` and is an aligned
             // `usize` (the C `unsigned long`), which the shim reads with
             // READ_ONCE while it waits; sleeping is allowed (our callers may
             // sleep, as `wait_var_event` needs).
             unsafe { bindings::dmq_wait_count_zero(self.inflight.as_ptr().cast()) };
         }
-        // Pairs with the completions' decrements: their I/O happened before.
-        fence(Ordering::Acquire);
         self.waiters.fetch_sub(1, Ordering::Release);
     }
 }

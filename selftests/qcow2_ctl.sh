@@ -505,6 +505,15 @@ case_fast_during_merge() {
 	dmq_write top.qcow2 r:8M:256k
 	map_rw rw:base.qcow2 mid.qcow2 top.qcow2
 	fast_reads v $((8 * MIB + 4096)) up
+	random w.bin 4k
+	if dmq_counts_bios; then
+		# the control: without a merge the same write takes the fast path
+		status v
+		local f0=$ST_FAST
+		put w.bin "$DEV" $((8 * MIB + 8192))
+		status v
+		[ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write in place did not take the fast path"
+	fi
 	msg_ok v merge_backward start -1 1
 	dmq_wait_ready v merge_backward
 	# the top is not merged: its clusters stay served without the worker
@@ -513,7 +522,7 @@ case_fast_during_merge() {
 	random w.bin 4k
 	if dmq_counts_bios; then
 		status v
-		local f0=$ST_FAST
+		f0=$ST_FAST
 		put w.bin "$DEV" $((8 * MIB + 8192))
 		status v
 		[ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write during a merge took the fast path"
@@ -531,6 +540,45 @@ case_fast_during_merge() {
 	dmq_check_images base.qcow2 top.qcow2
 	convert top.qcow2 top.raw
 	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+}
+
+# Reads during a backward merge of the top (depth 0, its clusters moved into
+# the base and dropped from it while the fast path serves reads of the
+# rest): every read of the device shows what QEMU reads of the chain.
+case_reads_during_merge() {
+	dmq_img_create base.qcow2 32M cluster_size=64k
+	dmq_write base.qcow2 t:0:4M r:20M:2M
+	dmq_img_create top.qcow2 32M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 r:2M:12M r:21M:64k
+	map_rw rw:base.qcow2 top.qcow2
+	convert top.qcow2 want.raw
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device differs from qemu-img convert before the merge"
+	rm -f stop bad
+	(
+		i=0
+		while [ ! -e stop ] && [ "$i" -lt 200 ]; do
+			i=$((i + 1))
+			dd if="$DEV" of=r.raw bs=64k iflag=direct status=none || { echo "read $i failed" >bad; break; }
+			cmp -s r.raw want.raw || { echo "read $i differs" >bad; cp r.raw bad.raw; break; }
+		done
+		echo "$i" >reads
+	) &
+	local reader=$!
+	sleep 0.3
+	msg_ok v merge_backward start -1 0
+	dmq_wait_ready v merge_backward
+	touch stop
+	wait "$reader"
+	echo "whole-device reads during the merge: $(cat reads)"
+	[ ! -e bad ] || dmq_fail "$(cat bad)"
+	msg_ok v merge_backward complete
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device differs from qemu-img convert after the merge"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	convert base.qcow2 base.raw
+	same base.raw want.raw "qemu-img convert of base.qcow2 differs after the merge"
 }
 
 # The clusters= counts are kept up to date (not recounted per status):
@@ -1060,6 +1108,7 @@ DMQ_CASES=(
 	suspended_busy
 	status_info
 	fast_during_merge
+	reads_during_merge
 	status_counts
 	status_under_fio
 	fault_injection

@@ -2,9 +2,9 @@
 
 //! The fast path for allocated clusters (see `hot`) and its lanes.
 //!
-//! `map` sends a read, or a write without PREFLUSH/FUA, whose clusters the
-//! fast path's table knows, one after the other in the top's file, to the
-//! lane of the CPU it runs on: a work item that starts the bios' direct
+//! `map` sends a read whose clusters the fast path's table knows, one
+//! after the other in the top's file, or a write without PREFLUSH/FUA
+//! inside one cluster it knows, to the lane of the CPU it runs on: a work item that starts the bios' direct
 //! I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
@@ -189,10 +189,10 @@ impl Inner {
     }
 
     /// Where in the top's file the fast path would do `bio`'s I/O: every
-    /// cluster of the top it covers is one `fp` knows (a write: one the top
-    /// owns, and no PREFLUSH or FUA), each right after the one before in
-    /// the file, so that one I/O serves it (a 1 MiB read of an image
-    /// written in order: one I/O, not 16 through the worker).
+    /// cluster of the top it covers is one `fp` knows, each right after the
+    /// one before in the file, so that one I/O serves it (a 1 MiB read of
+    /// an image written in order: one I/O, not 16 through the worker); a
+    /// write lies in one cluster the top owns, without PREFLUSH or FUA.
     fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<u64> {
         let write = match bio.op() {
             Op::Read => false,
@@ -212,7 +212,11 @@ impl Inner {
             return None;
         }
         let (first, last) = (vaddr >> cb, (end - 1) >> cb);
-        if last - first >= MAX_CLUSTERS {
+        // Writes: one cluster. A direct write into a sparse image file can
+        // end short on a full host file system, which the completion cannot
+        // tell from another failure (EIO, not ENOSPC's parking); the worker
+        // writes a bio over several clusters piece by piece.
+        if last - first >= if write { 1 } else { MAX_CLUSTERS } {
             return None;
         }
         let host = fp.map.lookup(cb, first, write)?;
