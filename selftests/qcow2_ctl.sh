@@ -433,6 +433,25 @@ fast_reads() {
 	echo "fast_bios $f0 -> $ST_FAST after reads at $2"
 }
 
+# fast_write NAME FILE OFFSET up|same: FILE written at OFFSET (put); fast_bios
+# must go up, or stay the same
+fast_write() {
+	local f0
+	if ! dmq_counts_bios; then
+		put "$2" "$DEV" "$3"
+		return 0
+	fi
+	status "$1"
+	f0=$ST_FAST
+	put "$2" "$DEV" "$3"
+	status "$1"
+	case $4 in
+	up) [ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write at $3 did not take the fast path" ;;
+	same) [ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write at $3 took the fast path" ;;
+	esac
+	echo "fast_bios $f0 -> $ST_FAST after a write at $3"
+}
+
 case_status_info() {
 	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
 	# 16 + 8 data clusters of 64k in the base, an empty top
@@ -505,30 +524,16 @@ case_fast_during_merge() {
 	dmq_write top.qcow2 r:8M:256k
 	map_rw rw:base.qcow2 mid.qcow2 top.qcow2
 	fast_reads v $((8 * MIB + 4096)) up
+	# the control: without a merge a write in place takes the fast path
 	random w.bin 4k
-	if dmq_counts_bios; then
-		# the control: without a merge the same write takes the fast path
-		status v
-		local f0=$ST_FAST
-		put w.bin "$DEV" $((8 * MIB + 8192))
-		status v
-		[ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write in place did not take the fast path"
-	fi
+	fast_write v w.bin $((8 * MIB + 8192)) up
 	msg_ok v merge_backward start -1 1
 	dmq_wait_ready v merge_backward
 	# the top is not merged: its clusters stay served without the worker
 	fast_reads v $((8 * MIB + 4096)) up
 	# a write in place takes the locked path while the merge runs
 	random w.bin 4k
-	if dmq_counts_bios; then
-		status v
-		f0=$ST_FAST
-		put w.bin "$DEV" $((8 * MIB + 8192))
-		status v
-		[ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write during a merge took the fast path"
-	else
-		put w.bin "$DEV" $((8 * MIB + 8192))
-	fi
+	fast_write v w.bin $((8 * MIB + 8192)) same
 	expect_at "$DEV" $((8 * MIB + 8192)) w.bin
 	dump "$DEV" before.raw
 	msg_ok v merge_backward complete
