@@ -416,41 +416,37 @@ for e in json.load(sys.stdin):
 print(len(c))' 65536
 }
 
-# fast_reads NAME OFFSET up|same: two 4k direct reads at OFFSET; fast_bios
-# must go up, or stay the same
-fast_reads() {
-	local f0
-	dmq_counts_bios || return 0
-	status "$1"
-	f0=$ST_FAST
-	dmq_run dd if="$DEV" of=/dev/null bs=4k count=2 skip="$2" iflag=direct,skip_bytes status=none
-	dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 skip="$2" iflag=direct,skip_bytes status=none
-	status "$1"
-	case $3 in
-	up) [ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: reads at $2 did not take the fast path" ;;
-	same) [ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: reads at $2 took the fast path" ;;
-	esac
-	echo "fast_bios $f0 -> $ST_FAST after reads at $2"
-}
-
-# fast_write NAME FILE OFFSET up|same: FILE written at OFFSET (put); fast_bios
-# must go up, or stay the same
-fast_write() {
-	local f0
+# fast_count NAME up|same WHAT CMD...: runs CMD; the target's fast_bios must
+# go up, or stay the same (without counters, CMD only)
+fast_count() {
+	local name=$1 want=$2 what=$3 f0
+	shift 3
 	if ! dmq_counts_bios; then
-		put "$2" "$DEV" "$3"
+		"$@"
 		return 0
 	fi
-	status "$1"
+	status "$name"
 	f0=$ST_FAST
-	put "$2" "$DEV" "$3"
-	status "$1"
-	case $4 in
-	up) [ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write at $3 did not take the fast path" ;;
-	same) [ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: a write at $3 took the fast path" ;;
+	"$@"
+	status "$name"
+	case $want in
+	up) [ "$ST_FAST" -gt "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: $what did not take the fast path" ;;
+	same) [ "$ST_FAST" = "$f0" ] || dmq_fail "fast_bios $f0 -> $ST_FAST: $what took the fast path" ;;
 	esac
-	echo "fast_bios $f0 -> $ST_FAST after a write at $3"
+	echo "fast_bios $f0 -> $ST_FAST after $what"
 }
+
+# two 4k direct reads at OFFSET (the first may fill the table), then one
+read_twice() {
+	dmq_run dd if="$DEV" of=/dev/null bs=4k count=2 skip="$1" iflag=direct,skip_bytes status=none
+	dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 skip="$1" iflag=direct,skip_bytes status=none
+}
+
+# fast_reads NAME OFFSET up|same: reads at OFFSET (read_twice)
+fast_reads() { fast_count "$1" "$3" "reads at $2" read_twice "$2"; }
+
+# fast_write NAME FILE OFFSET up|same: FILE written at OFFSET (put)
+fast_write() { fast_count "$1" "$4" "a write at $3" put "$2" "$DEV" "$3"; }
 
 case_status_info() {
 	local idle='wants_check=0 md_writeback_error=0 truncate_error=0 enospc=0 merge=none stage=none'
