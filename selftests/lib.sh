@@ -713,7 +713,7 @@ check_unwritten() {
 # dmq_run_case NAME: run case_NAME in a subshell in its own directory,
 # check dmesg, print the KTAP result line.
 dmq_run_case() {
-	local name=$1 rc bad left
+	local name=$1 rc bad left t0=$SECONDS
 	export DMQ_CASE=$name
 	export DMQ_CASE_DIR="$DMQ_SCRATCH/$name"
 	rm -rf "$DMQ_CASE_DIR"
@@ -744,6 +744,8 @@ dmq_run_case() {
 		ktap_print_msg "kernel log of this case:"
 		dmq_dmesg_case | tail -n 40 | sed 's/^/#   /'
 	fi
+	# the case's wall time: where a run's minutes go
+	ktap_print_msg "$name: $((SECONDS - t0)) s"
 	if [ "$rc" -eq 0 ]; then
 		ktap_test_pass "$name"
 	elif [ "$rc" -eq "$KSFT_SKIP" ]; then

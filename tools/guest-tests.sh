@@ -58,8 +58,10 @@ for spec in "$@"; do
 	fi
 	name=$t-$fs-$sector
 	echo "== $t on $fs (sector $sector)${cases[*]:+: ${cases[*]}}"
+	t0=$SECONDS
 	DMQ_SCRATCH_FS=$fs DMQ_SCRATCH_SECTOR=$sector run_one "$out/$name.log" "./$t" "${cases[@]}"
 	echo $? >"$out/$name.rc"
+	echo "== $t on $fs (sector $sector): $((SECONDS - t0)) s"
 done
 
 # Leaks: scan twice (objects younger than 5 s are not reported) while the
