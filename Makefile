@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight headers-test deb deb-test dkms-test patches patches-test kernel-deb rustfmt rustfmtcheck deps kernel check check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deb deb-test dkms-test patches patches-test kernel-deb rustfmt rustfmtcheck deps kernel check check-full check-debug crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -39,6 +39,7 @@ help:
 	@echo "make kernel-deb - Debian kernel packages with CONFIG_DM_QCOW2=m (a full kernel build; not in CI)"
 	@echo "make demo      - the main job: boot a VM, map a qcow2 chain with ext4, use it"
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
+	@echo "make check-full - the same with the scripts' long cases (DMQ_LONG_CASES; over CI's 90 minutes)"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
 	@echo "make host-test - cargo tests (format logic, the dm-qcow2 command)"
 	@echo "make rustfmt   - format the module's sources (the kernel's .rustfmt.toml); rustfmtcheck checks"
@@ -129,6 +130,10 @@ crashtest: module
 
 check test: module
 	tools/check.sh all
+
+# everything: the scripts' long cases (DMQ_LONG_CASES) too
+check-full: module
+	DMQ_FULL=1 tools/check.sh all
 
 check-debug: module
 	tools/check.sh all

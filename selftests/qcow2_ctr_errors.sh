@@ -16,9 +16,16 @@ SECTORS_16M=$((16 * MIB / 512))
 
 # a plain valid image: v3, 64k clusters, 16 MiB, a little data
 mk_valid() {
-	local img=$1 opts=${2:-cluster_size=64k}
-	dmq_img_create "$img" 16M "$opts"
-	dmq_write "$img" t:0:64k r:1M+512:8k
+	local img=$1 opts=${2:-cluster_size=64k} t
+	# made once per run and options, then copied: qemu-img and qemu-io
+	# cost seconds a case under TCG
+	t=$DMQ_SCRATCH/valid-${opts//[^a-zA-Z0-9]/_}.qcow2
+	if [ ! -f "$t" ]; then
+		dmq_img_create "$t.new" 16M "$opts"
+		dmq_write "$t.new" t:0:64k r:1M+512:8k
+		mv "$t.new" "$t"
+	fi
+	cp --sparse=always "$t" "$img" || dmq_fail "cp $t $img"
 }
 
 # mapped device must exist, be read-only, have the right size, and read

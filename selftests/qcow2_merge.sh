@@ -897,6 +897,11 @@ DMQ_CASES=(
 	bad_args
 	dirty_bit
 )
+# Long cases (`make check-full`): the depth-1 merge without writes (its fio
+# variant stays), depth 0 and 2 under fio (backward_big_fio and the plain
+# ones stay), extended L2 under fio (backward_extl2 stays), md_cache_pages=16
+# under fio (md16_backward_extl2 stays).
+DMQ_LONG_CASES=(backward_d1 backward_d0_fio backward_d2_fio backward_extl2_fio md16_backward_d0_fio)
 
 dmq_md_cache_env
 dmq_main "$@"

@@ -882,6 +882,12 @@ DMQ_CASES=(
 	append_set_later
 	overlayfs_freeze
 )
+# Long cases (`make check-full`): the 640 MiB sparse image, md_cache_pages=16
+# with 4k clusters (md16_extl2_64k stays), the single-image v2 and
+# extended-L2 variants (v2_64k, extl2_64k and extl2_1m stay), the 2 GiB
+# refcount-table growth (~10 min in the VM; qcow2_crash.sh's workload moves
+# the refcount table too).
+DMQ_LONG_CASES=(sparse_640m md16_cluster_4k v2_single extl2_single refcount_growth)
 
 dmq_md_cache_env
 dmq_main "$@"
