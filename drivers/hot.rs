@@ -43,8 +43,9 @@ const MAX_SLOTS: u64 = 1 << 16;
 pub(crate) struct Fast {
     pub(crate) top: Arc<Delta>,
     pub(crate) map: HotMap,
-    /// Turned off (`Inner::fast_off`): the worker no longer keeps this
-    /// table up to date, so a lane still holding it must not use it.
+    /// Retired (`Inner::fast_off`, or `Inner::fast_on` replacing it): the
+    /// worker no longer keeps this table up to date, so a lane still
+    /// holding it must not use it.
     dead: AtomicBool,
     /// Writes in place may use it (not while a merge runs: the merge must
     /// see every guest write).

@@ -33,6 +33,7 @@ grow.qcow2 must hold its data.
 """
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
@@ -148,21 +149,35 @@ class Loop:
     without a losetup process under TCG)."""
 
     def __init__(self, path):
-        ctl = os.open("/dev/loop-control", os.O_RDWR)
-        try:
-            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-        finally:
-            os.close(ctl)
-        self.dev = "/dev/loop%d" % n
-        self.fd = os.open(self.dev, os.O_RDWR)
-        f = os.open(path, os.O_RDWR)
-        try:
-            fcntl.ioctl(self.fd, LOOP_SET_FD, f)
-        except OSError:
-            os.close(self.fd)
-            raise
-        finally:
-            os.close(f)
+        # Another process (the other file system's checker, losetup) may
+        # take the free device between GET_FREE and SET_FD (EBUSY), or
+        # have it half torn down (ENXIO): take the next free one, as
+        # losetup does.
+        for attempt in range(50):
+            ctl = os.open("/dev/loop-control", os.O_RDWR)
+            try:
+                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            finally:
+                os.close(ctl)
+            self.dev = "/dev/loop%d" % n
+            try:
+                self.fd = os.open(self.dev, os.O_RDWR)
+            except OSError as e:
+                if e.errno != errno.ENXIO or attempt == 49:
+                    raise
+                time.sleep(0.01)
+                continue
+            f = os.open(path, os.O_RDWR)
+            try:
+                fcntl.ioctl(self.fd, LOOP_SET_FD, f)
+                return
+            except OSError as e:
+                os.close(self.fd)
+                if e.errno != errno.EBUSY or attempt == 49:
+                    raise
+            finally:
+                os.close(f)
+            time.sleep(0.01)
 
     def close(self):
         try:

@@ -153,7 +153,7 @@ fake_log=
 fake_start() {
 	fake_log=$(mktemp)
 	echo "== selftests against a fake dmsetup (selftests/host/run.sh), in the background"
-	DMQ_FULL=1 selftests/host/run.sh >"$fake_log" 2>&1 &
+	selftests/host/run.sh >"$fake_log" 2>&1 &
 	fake_pid=$!
 }
 fake_wait() {
@@ -400,15 +400,15 @@ runner_test() {
 # to balance the VMs.
 pass_weight() {
 	case "${1#*:}" in
-	*+*) echo 5 ;;
-	qcow2_ctr_errors.sh) echo 9 ;;
-	qcow2_read.sh) echo 13 ;;
-	qcow2_write.sh) echo 17 ;;
-	qcow2_merge.sh) echo 17 ;;
-	qcow2_ctl.sh) echo 12 ;;
-	qcow2_crash.sh) echo 12 ;;
-	qcow2_compat.sh) echo 4 ;;
-	qcow2_tool.sh) echo 5 ;;
+	*+*) echo 2 ;;
+	qcow2_ctr_errors.sh) echo 5 ;;
+	qcow2_read.sh) echo 8 ;;
+	qcow2_write.sh) echo 19 ;;
+	qcow2_merge.sh) echo 19 ;;
+	qcow2_ctl.sh) echo 9 ;;
+	qcow2_crash.sh) echo 9 ;;
+	qcow2_compat.sh) echo 1 ;;
+	qcow2_tool.sh) echo 4 ;;
 	*) echo 5 ;;
 	esac
 }

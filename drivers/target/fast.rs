@@ -4,8 +4,8 @@
 //!
 //! `map` sends a read whose clusters the fast path's table knows, one
 //! after the other in the top's file, or a write without PREFLUSH/FUA
-//! inside one cluster it knows, to the lane of the CPU it runs on: a work item that starts the bios' direct
-//! I/O, one per bio. Lanes are work items
+//! inside one cluster it knows, to the lane of the CPU it runs on: a work
+//! item that starts the bios' direct I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
 //! cannot serve after all) goes through the single I/O worker and the
