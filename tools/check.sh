@@ -406,7 +406,7 @@ pass_weight() {
 	qcow2_write.sh) echo 19 ;;
 	qcow2_merge.sh) echo 19 ;;
 	qcow2_ctl.sh) echo 9 ;;
-	qcow2_crash.sh) echo 9 ;;
+	qcow2_crash.sh) echo 14 ;;
 	qcow2_compat.sh) echo 1 ;;
 	qcow2_tool.sh) echo 4 ;;
 	*) echo 5 ;;
