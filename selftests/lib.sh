@@ -781,7 +781,6 @@ dmq_main() {
 		# Without names: every case, but the script's DMQ_LONG_CASES (slow
 		# variants of what other cases cover) only with DMQ_FULL=1 (`make
 		# check-full`): what keeps `make check` within CI's time.
-		long=0
 		for c in "${DMQ_CASES[@]}"; do
 			if [ "${DMQ_FULL:-0}" != 1 ] && [[ " ${DMQ_LONG_CASES[*]:-} " == *" $c "* ]]; then
 				long=$((long + 1))
@@ -801,7 +800,7 @@ dmq_main() {
 		fi
 	done
 	dmq_init
-	[ "${long:-0}" = 0 ] ||
+	[ "$long" = 0 ] ||
 		ktap_print_msg "$long long cases not run (DMQ_FULL=1 runs them): ${DMQ_LONG_CASES[*]}"
 	ktap_set_plan "${#want[@]}"
 	for c in "${want[@]}"; do
