@@ -34,6 +34,7 @@ use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::rbtree::RBTree;
 use kernel::sync::Arc;
+use kernel::time::{ktime_ms_delta, Ktime};
 
 /// Clusters copied per batch, with the state locked.
 const BATCH: u32 = 16;
@@ -44,6 +45,12 @@ const RUN_MAX: usize = 16;
 /// The walker's copy buffer: a run of `RUN_MAX` 64 KiB clusters, or one
 /// cluster if they are larger.
 const RUN_BYTES: u64 = 1 << 20;
+
+/// While guest bios arrive, the walker sleeps after each batch as long as
+/// the batch held the state (bounded by this): guest I/O gets the disk and
+/// the state at least half of the time, as md's resync slows down for
+/// array I/O. An idle device merges at full speed.
+const YIELD_MAX_MS: i64 = 100;
 
 /// Copied clusters waiting to be dropped from the merged delta above which
 /// the walker commits (and drops them) early.
@@ -391,13 +398,29 @@ impl Inner {
     pub(crate) fn merge_run(&self) {
         loop {
             let mut st = self.lock_state();
+            let start = Ktime::ktime_get();
             if !self.merge_batch(&mut st) {
                 break;
             }
             drop(st);
             // Unlocked here: queued guest bios get the state between
-            // batches, and other tasks the CPU.
-            task::cond_resched();
+            // batches, and other tasks the CPU. If guest bios came since
+            // the last batch, they get as long as the batch took.
+            if self.guest_io.swap(false, Ordering::Relaxed) {
+                let took = ktime_ms_delta(Ktime::ktime_get(), start);
+                let ms = took.clamp(1, YIELD_MAX_MS);
+                task::sleep_ms(ms as u32);
+            } else {
+                task::cond_resched();
+            }
+        }
+    }
+
+    /// Called for every guest bio: the merge walker yields to them.
+    pub(crate) fn note_guest_io(&self) {
+        // A load first: no cache-line write per bio while the flag is set.
+        if !self.guest_io.load(Ordering::Relaxed) {
+            self.guest_io.store(true, Ordering::Relaxed);
         }
     }
 

@@ -270,6 +270,9 @@ pub(crate) struct Inner {
     suspending: AtomicBool,
     /// Bios the fast path served (status INFO `fast_bios`).
     fast_bios: AtomicU64,
+    /// A guest bio was mapped since the merge walker last looked: it
+    /// yields the disk between batches (see `merge_run`).
+    pub(crate) guest_io: AtomicBool,
     /// The fast path (see `hot`) while it is on (not during merges); the
     /// worker's copy of `WorkerState::fast`.
     #[pin]
@@ -357,6 +360,7 @@ impl dm::Target for Qcow2 {
     }
 
     fn map(&self, bio: Bio) {
+        self.inner.note_guest_io();
         match bio.op() {
             Op::Read | Op::Write if bio.size() > 0 && self.inner.fast_candidate(&bio) => {
                 if let Err(bio) = self.lanes.queue(bio) {

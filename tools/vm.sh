@@ -4,6 +4,7 @@
 # /tmp, /var, ...). Exit status is the command's.
 #   tools/vm.sh 'cmd args'        DMQ_KVM=1 to try KVM (TCG by default:
 #                                 QEMU cannot start KVM guests on our runners)
+#                                 DMQ_VM_VERBOSE=1 for the guest's console
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -22,6 +23,8 @@ opts+=(--rodir "$DMQ_ROOT")
 # A log large enough for a whole suite on the debug kernel (the runner scans
 # all of it at the end; nothing is cleared between cases).
 opts+=(--append "log_buf_len=16M")
+# The guest's console (kernel and init messages) on our output too.
+[ "${DMQ_VM_VERBOSE:-0}" = 1 ] && opts+=(--verbose)
 # Extra kernel parameters for an experiment (DMQ_VM_APPEND="a=b c").
 [ -n "${DMQ_VM_APPEND:-}" ] && opts+=(--append "$DMQ_VM_APPEND")
 # The host's root reaches the guest over 9p, by default without a page
