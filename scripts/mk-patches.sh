@@ -95,8 +95,14 @@ code."
 
 # 2. the target, its Makefile, Kconfig and drivers/md/Makefile entries
 for f in "$root"/drivers/*.rs; do cp "$f" "$d/"; done
-mkdir -p "$d/target"
-cp "$root"/drivers/target/*.rs "$d/target/"
+# the submodules' directories (target/, io/, meta/); not the host crate
+for sub in "$root"/drivers/*/; do
+	sub=$(basename "$sub")
+	[ "$sub" = qcow2-format ] && continue
+	compgen -G "$root/drivers/$sub/*.rs" >/dev/null || continue
+	mkdir -p "$d/$sub"
+	cp "$root/drivers/$sub"/*.rs "$d/$sub/"
+done
 sed -i 's|^#\[path = "../rust/mod.rs"\]$|#[path = "rust/mod.rs"]|' "$d/dm_qcow2.rs"
 grep -q '^#\[path = "rust/mod.rs"\]$' "$d/dm_qcow2.rs" || { echo "mk-patches: no #[path] to rewrite in dm_qcow2.rs" >&2; exit 1; }
 sed -e 's|^obj-m := dm-qcow2.o$|obj-$(CONFIG_DM_QCOW2) += dm-qcow2.o|' \

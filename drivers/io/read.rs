@@ -1,0 +1,235 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Reads: a bio resolved from the top of the chain down, pieces that
+//! follow on in one file started as one direct read.
+
+use super::*;
+
+/// A direct read not started yet: `len` bytes of delta `delta`'s file at
+/// `host` into the bio at `off`.
+struct ReadRun {
+    delta: usize,
+    host: u64,
+    off: u32,
+    len: u32,
+}
+
+impl ReadRun {
+    /// Appends `next` if it follows on, in the file and in the bio.
+    fn extend(&mut self, next: &ReadRun) -> bool {
+        let follows = next.delta == self.delta
+            && self.host.checked_add(u64::from(self.len)) == Some(next.host)
+            && self.off.checked_add(self.len) == Some(next.off);
+        match self.len.checked_add(next.len) {
+            Some(len) if follows => {
+                self.len = len;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Read path.
+impl Inner {
+    pub(crate) fn read_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result {
+        let size = u64::from(bio.size());
+        let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
+        let cs = st.delta(st.top())?.hdr.cluster_size();
+        let mut done = 0u64;
+        let mut run = None;
+        while done < size {
+            let len = (cs - vaddr % cs).min(size - done);
+            self.read_piece(st, bio, vaddr, done as u32, len, &mut run)?;
+            vaddr += len;
+            done += len;
+        }
+        self.start_read(st, bio, run)
+    }
+
+    /// Starts the direct read of `run` (if any) into its part of `bio`.
+    fn start_read(&self, st: &WorkerState, bio: &Bio, run: Option<ReadRun>) -> Result {
+        if let Some(r) = run {
+            let f = &st.deltas.get(r.delta).ok_or(EIO)?.file;
+            f.submit_bio_io(bio.split_ref(), r.off, r.len, r.host, false, &self.inflight);
+        }
+        Ok(())
+    }
+
+    /// The L2 entry of `vaddr` in delta `d`.
+    pub(crate) fn cluster(&self, st: &mut WorkerState, d: usize, vaddr: u64) -> Result<Cluster> {
+        let delta = st.delta(d)?;
+        let is_top = d == st.top();
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        if vaddr >= delta.hdr.size {
+            return Ok(Cluster::Unallocated);
+        }
+        let Some(l1e) = md.l1_entry(&delta.hdr, vaddr)? else {
+            return Ok(Cluster::Unallocated);
+        };
+        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
+        let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
+        if let (Cluster::Normal { host, copied }, Some(f), true) = (c, &st.fast, is_top) {
+            // Writes through the table skip the overlap check: a cluster
+            // that is metadata goes in for reads only.
+            let writable =
+                copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
+            let cb = delta.hdr.cluster_bits;
+            f.map.put(cb, vaddr >> cb, host, writable);
+        }
+        Ok(c)
+    }
+
+    /// Forgets the fast path's lookup for the cluster of `vaddr` before its
+    /// mapping changes (`fast`: the fast path, if on and `vaddr` is in the top).
+    pub(crate) fn hot_forget(fast: Option<&Fast>, hdr: &Header, vaddr: u64) {
+        if let Some(f) = fast {
+            f.map.del(vaddr >> hdr.cluster_bits);
+        }
+    }
+
+    /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
+    /// from delta `d` down: returns the delta that holds it, what it is and
+    /// its length. Unallocated everywhere, or past a delta's end, is zero.
+    pub(super) fn resolve(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        vaddr: u64,
+        mut len: u64,
+    ) -> Result<(usize, RunKind, u64)> {
+        let mut d = Some(d);
+        while let Some(i) = d {
+            let delta = st.delta(i)?;
+            let hdr = &delta.hdr;
+            // Lower deltas are never larger than the ones above them.
+            if vaddr >= hdr.size {
+                return Ok((i, RunKind::Zero, len));
+            }
+            len = len.min(hdr.size - vaddr);
+            let c = self.cluster(st, i, vaddr)?;
+            let (kind, rl) = fmt::first_run(hdr, &c, hdr.offset_in_cluster(vaddr), len);
+            if rl == 0 {
+                return Err(EIO);
+            }
+            if kind != RunKind::Unallocated {
+                return Ok((i, kind, rl));
+            }
+            len = rl;
+            d = i.checked_sub(1);
+        }
+        Ok((0, RunKind::Zero, len))
+    }
+
+    /// Reads `[vaddr, vaddr + len)` (inside one cluster) into `bio` at
+    /// `boff`. Data runs are added to `run` while they follow on in the same
+    /// file (a 1 MiB read of clusters written in order is one I/O); the run
+    /// before is started when one does not.
+    fn read_piece(
+        &self,
+        st: &mut WorkerState,
+        bio: &Bio,
+        vaddr: u64,
+        boff: u32,
+        len: u64,
+        run: &mut Option<ReadRun>,
+    ) -> Result {
+        let mut pos = 0u64;
+        while pos < len {
+            let (d, kind, rl) = self.resolve(st, st.top(), vaddr + pos, len - pos)?;
+            let off = boff + pos as u32;
+            let rl32 = rl as u32;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => bio.zero(off, rl32)?,
+                RunKind::Data { host } => {
+                    let next = ReadRun {
+                        delta: d,
+                        host,
+                        off,
+                        len: rl32,
+                    };
+                    if !run.as_mut().is_some_and(|r| r.extend(&next)) {
+                        self.start_read(st, bio, run.replace(next))?;
+                    }
+                }
+                RunKind::Compressed { host, len: clen } => {
+                    bio.copy_from(off, self.inflated(st, d, host, clen, vaddr + pos, rl)?)?;
+                }
+            }
+            pos += rl;
+        }
+        Ok(())
+    }
+
+    /// `[vaddr, vaddr + len)` (inside one cluster) of the compressed cluster
+    /// of delta `d` at `host`, inflated.
+    fn inflated<'a>(
+        &self,
+        st: &'a mut WorkerState,
+        d: usize,
+        host: u64,
+        clen: u64,
+        vaddr: u64,
+        len: u64,
+    ) -> Result<&'a [u8]> {
+        self.inflate(st, d, host, clen)?;
+        let at = st.delta(d)?.hdr.offset_in_cluster(vaddr) as usize;
+        st.zout.get(at..at + len as usize).ok_or(EIO)
+    }
+
+    /// Makes `st.zout` hold the inflated compressed cluster at `host`.
+    fn inflate(&self, st: &mut WorkerState, d: usize, host: u64, clen: u64) -> Result {
+        if st.zkey == Some((d, host)) {
+            return Ok(());
+        }
+        st.zkey = None;
+        let delta = st.delta(d)?;
+        let a = DIO_ALIGN as u64;
+        let start = host & !(a - 1);
+        let end = host.checked_add(clen).ok_or(EIO)?.next_multiple_of(a);
+        let span = usize::try_from(end - start).map_err(|_| EIO)?;
+        let zin = st.zin.get_mut(..span).ok_or(EIO)?;
+        // The last compressed cluster may end before its rounded-up span.
+        delta.file.read_full(zin, start)?;
+        let skip = (host - start) as usize;
+        let src = zin.get(skip..skip + clen as usize).ok_or(EIO)?;
+        let cs = delta.hdr.cluster_size() as usize;
+        let dst = st.zout.get_mut(..cs).ok_or(EIO)?;
+        if st.inflater.inflate_raw(src, dst).is_err() {
+            pr_err!(
+                "dm-qcow2: image {}: bad compressed cluster at {:#x}\n",
+                d,
+                host
+            );
+            return Err(EIO);
+        }
+        st.zkey = Some((d, host));
+        Ok(())
+    }
+
+    /// Reads what delta `d` and those below it show at `[vaddr, vaddr +
+    /// buf.len())` (inside one cluster) into `buf`, synchronously.
+    pub(crate) fn read_into(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        vaddr: u64,
+        buf: &mut [u8],
+    ) -> Result {
+        let len = buf.len() as u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let (i, kind, rl) = self.resolve(st, d, vaddr + pos, len - pos)?;
+            let dst = buf.get_mut(pos as usize..(pos + rl) as usize).ok_or(EIO)?;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => dst.fill(0),
+                RunKind::Data { host } => st.deltas.get(i).ok_or(EIO)?.file.read_full(dst, host)?,
+                RunKind::Compressed { host, len: clen } => {
+                    dst.copy_from_slice(self.inflated(st, i, host, clen, vaddr + pos, rl)?);
+                }
+            }
+            pos += rl;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,337 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Refcounts and cluster allocation of a delta: the refcount table and
+//! blocks, the search for free clusters, growing and trimming the file,
+//! and the deferred decrements the commit makes safe to apply.
+
+use super::*;
+
+/// Image files are extended (sparsely) in steps of this many bytes, so that
+/// most writes of new clusters do not extend the file, and trimmed back to
+/// the last used cluster on suspend.
+const GROW_STEP: u64 = 128 << 20;
+
+/// Refcounts and allocation.
+impl DeltaMd {
+    /// Queues dropping one reference of every cluster overlapping `[start,
+    /// start + len)`, after whatever removed the reference: applied by
+    /// `apply_frees` after the next (successful) commit.
+    pub(crate) fn defer_free(&mut self, start: u64, len: u64) -> Result {
+        if len == 0 {
+            return Ok(());
+        }
+        start.checked_add(len).ok_or(EIO)?;
+        // Adjacent ranges merge only where they meet on a cluster boundary:
+        // two compressed clusters' data may share a host cluster, which then
+        // loses one reference for each (one decrement per range and cluster).
+        if let Some(last) = self.frees.last_mut() {
+            if last.0.checked_add(last.1) == Some(start)
+                && start.checked_rem(self.cluster_size) == Some(0)
+            {
+                last.1 += len;
+                return Ok(());
+            }
+        }
+        self.frees.push((start, len), GFP_KERNEL)?;
+        Ok(())
+    }
+
+    /// Applies the decrements whose references' removal a commit made
+    /// durable; they become durable with the next commit's first fsync,
+    /// before anything can reference a reused cluster. The caller made sure
+    /// no I/O is in flight to these clusters.
+    pub(crate) fn apply_frees(&mut self, file: &File, hdr: &Header) -> Result {
+        let frees = core::mem::replace(&mut self.frees_ready, KVec::new());
+        let mut res = Ok(());
+        for (start, len) in frees.iter() {
+            if let Err(e) = self.free_range(file, hdr, *start, *len) {
+                res = Err(e);
+            }
+        }
+        res
+    }
+
+    /// Refcount page and index in it for cluster `c`, or `None` when its
+    /// refcount block does not exist (refcount 0). Errors when `c` is past
+    /// what the refcount table can describe.
+    fn refcount_slot(&mut self, hdr: &Header, c: u64) -> Result<Option<(u64, u64)>> {
+        let (ti, bi) = fmt::refcount_split(hdr, c);
+        let raw = *usize::try_from(ti)
+            .ok()
+            .and_then(|i| self.rt.get(i))
+            .ok_or(ENOSPC)?;
+        let Some(blk) = fmt::refcount_block_offset(hdr, raw).map_err(|e| corrupt(self.img, e))?
+        else {
+            return Ok(None);
+        };
+        let per_page = (MD_PAGE * 8) >> hdr.refcount_order;
+        Ok(Some((blk + bi / per_page * MD_PAGE, bi % per_page)))
+    }
+
+    pub(super) fn refcount(&mut self, file: &File, hdr: &Header, c: u64) -> Result<u64> {
+        let Some((poff, i)) = self.refcount_slot(hdr, c)? else {
+            return Ok(0);
+        };
+        let page = self.page(file, poff)?;
+        fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)
+    }
+
+    /// Sets a refcount in the cache (written by the next commit; an
+    /// increment before anything else of it).
+    fn set_refcount(&mut self, file: &File, hdr: &Header, c: u64, v: u64) -> Result {
+        let (poff, i) = self.refcount_slot(hdr, c)?.ok_or(EIO)?;
+        let page = self.page_dirty(file, poff, Kind::Refcount)?;
+        let old = fmt::refcount_get(page, i, hdr.refcount_order).ok_or(EIO)?;
+        fmt::refcount_set(page, i, hdr.refcount_order, v).ok_or(EIO)?;
+        if v > old {
+            self.barrier = true;
+        }
+        Ok(())
+    }
+
+    /// Makes the file at least `end` bytes long, sparsely, a step at a
+    /// time. Best effort: a write past the end extends the file anyway.
+    fn reserve(&mut self, file: &File, end: u64) {
+        if end <= self.grown {
+            return;
+        }
+        let Some(new) = end.checked_next_multiple_of(GROW_STEP) else {
+            return;
+        };
+        if file.truncate(new).is_ok() {
+            self.grown = new;
+        }
+    }
+
+    /// End of the last cluster with a non-zero refcount (as the cache has it).
+    fn used_end(&mut self, file: &File, hdr: &Header) -> Result<u64> {
+        let per_block = fmt::refcount_block_entries(hdr);
+        let cs = hdr.cluster_size();
+        for ti in (0..self.rt.len()).rev() {
+            if self.rt.get(ti).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let first = (ti as u64).checked_mul(per_block).ok_or(EIO)?;
+            for c in (first..first + per_block).rev() {
+                if self.refcount(file, hdr, c)? != 0 {
+                    return (c + 1).checked_mul(cs).ok_or(EIO);
+                }
+                if c % 8192 == 0 {
+                    crate::kernel_abstractions::task::cond_resched();
+                }
+            }
+        }
+        Ok(cs)
+    }
+
+    /// Truncates the file after its last used cluster (it grew in steps).
+    /// Only for a delta whose refcounts are loaded and trusted. Queued
+    /// decrements count as references still: nothing they free is cut.
+    pub(crate) fn trim(&mut self, file: &File, hdr: &Header) -> Result {
+        if self.rt.is_empty() {
+            return Ok(());
+        }
+        let end = self.used_end(file, hdr)?;
+        if file.size() > end {
+            file.truncate(end)?;
+            // Nothing past `end` is in use, and it is gone: holes from now on.
+            self.untouched_from = self.untouched_from.min(end);
+        }
+        self.grown = end.max(file.size());
+        Ok(())
+    }
+
+    /// Allocates a free cluster (refcount 0 -> 1, in the cache) and returns
+    /// its offset: first fit from a moving position. A missing refcount block
+    /// is placed in the cluster being looked at, which then describes itself:
+    /// its contents are written at once, its refcount table entry by the next
+    /// commit, after an fsync.
+    pub(crate) fn alloc_cluster(&mut self, file: &File, hdr: &Header) -> Result<u64> {
+        self.alloc_cluster_untouched(file, hdr).map(|(off, _)| off)
+    }
+
+    /// Where the next free-cluster search starts (a cluster index).
+    pub(crate) fn search_position(&self) -> u64 {
+        self.hint
+    }
+
+    /// Starts free-cluster searches at cluster `hint` (where an earlier load
+    /// of the same image had got to), at most at the end of the file of
+    /// `file_size` bytes (a suspend trims it). The search never goes back:
+    /// clusters below the position were in use, or skipped, before too
+    /// (only our own frees move it back).
+    pub(crate) fn resume_search_at(&mut self, hint: u64, file_size: u64) {
+        self.hint = hint
+            .min(file_size.checked_div(self.cluster_size).unwrap_or(0))
+            .max(1);
+    }
+
+    /// Like [`alloc_cluster`](Self::alloc_cluster); also returns whether the
+    /// cluster was never written since the load (it reads as zeroes).
+    pub(crate) fn alloc_cluster_untouched(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+    ) -> Result<(u64, bool)> {
+        let cs = hdr.cluster_size();
+        let mut c = self.hint.max(1);
+        loop {
+            let off = c.checked_mul(cs).ok_or(ENOSPC)?;
+            let (ti, bi) = fmt::refcount_split(hdr, c);
+            let Some(raw) = usize::try_from(ti)
+                .ok()
+                .and_then(|i| self.rt.get(i))
+                .copied()
+            else {
+                self.grow_refcount_table(file, hdr)?;
+                continue;
+            };
+            if raw == 0 {
+                self.note_meta(off, "refcount block")?;
+                self.reserve(file, off + cs);
+                self.cache.invalidate(off, off + cs);
+                let mut blk = IoBuf::new(cs as usize)?;
+                fmt::refcount_set(&mut blk, bi, hdr.refcount_order, 1).ok_or(EIO)?;
+                file.write_full(&blk, off)?;
+                let i = ti as usize;
+                mark_table_page(&mut self.rt_dirty, i / TABLE_PER_PAGE)?;
+                if let Some(e) = self.rt.get_mut(i) {
+                    *e = off;
+                }
+                self.barrier = true;
+                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
+                c += 1;
+                self.hint = c;
+                continue;
+            }
+            if self.refcount(file, hdr, c)? == 0 {
+                self.reserve(file, off + cs);
+                self.set_refcount(file, hdr, c, 1)?;
+                self.cache.invalidate(off, off + cs);
+                self.hint = c + 1;
+                let untouched = off >= self.untouched_from;
+                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
+                return Ok((off, untouched));
+            }
+            c += 1;
+            // A long run of used clusters (a full image): let others run.
+            if c % 8192 == 0 {
+                crate::kernel_abstractions::task::cond_resched();
+            }
+        }
+    }
+
+    /// Moves the refcount table to a place twice its size, past every cluster
+    /// it describes now, together with one new refcount block that describes
+    /// the new table and itself. The header switches to the new table in one
+    /// sector write, after the new table is durable; a crash before leaves the
+    /// old table in use (and the new clusters leaked), a crash after leaves the
+    /// old table's clusters leaked. The new table holds every entry of the
+    /// in-memory one, also those not committed yet (their blocks were written
+    /// before and are covered by the first fsync here).
+    fn grow_refcount_table(&mut self, file: &File, hdr: &Header) -> Result {
+        let cs = hdr.cluster_size();
+        let per_block = fmt::refcount_block_entries(hdr);
+        let old_n = self.rt.len() as u64;
+        let start = old_n.checked_mul(per_block).ok_or(ENOSPC)?;
+        let tbl_bytes = old_n
+            .checked_mul(16)
+            .ok_or(ENOSPC)?
+            .max((old_n + 1) * 8)
+            .next_multiple_of(cs);
+        let tbl_clusters = tbl_bytes / cs;
+        if tbl_clusters + 1 > per_block || tbl_bytes > fmt::MAX_REFTABLE_BYTES {
+            pr_err!(
+                "dm-qcow2: image {}: refcount table cannot grow further\n",
+                self.img
+            );
+            return Err(ENOSPC);
+        }
+        let blk_off = start.checked_mul(cs).ok_or(ENOSPC)?;
+        let tbl_off = blk_off + cs;
+
+        let mut blk = IoBuf::new(cs as usize)?;
+        for i in 0..=tbl_clusters {
+            fmt::refcount_set(&mut blk, i, hdr.refcount_order, 1).ok_or(EIO)?;
+        }
+        let mut tbl = IoBuf::new(tbl_bytes as usize)?;
+        for (i, e) in self.rt.iter().enumerate() {
+            fmt::set_table_entry(&mut tbl, i as u64, *e).ok_or(EIO)?;
+        }
+        fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
+        self.note_meta(blk_off, "refcount block")?;
+        self.reserve(file, tbl_off + tbl_bytes);
+        self.untouched_from = self.untouched_from.max(tbl_off.saturating_add(tbl_bytes));
+        file.write_full(&blk, blk_off)?;
+        file.write_full(&tbl, tbl_off)?;
+        file.fsync()?;
+
+        // refcount_table_offset (u64 at 48) and _clusters (u32 at 56) share a sector.
+        let mut page = IoBuf::new(DIO_ALIGN)?;
+        file.read_full(&mut page, 0)?;
+        page.get_mut(48..56)
+            .ok_or(EIO)?
+            .copy_from_slice(&tbl_off.to_be_bytes());
+        let clusters = u32::try_from(tbl_clusters).map_err(|_| ENOSPC)?;
+        page.get_mut(56..60)
+            .ok_or(EIO)?
+            .copy_from_slice(&clusters.to_be_bytes());
+        file.write_full(&page, 0)?;
+        file.fsync()?;
+
+        let mut rt = KVVec::with_capacity((tbl_bytes / 8) as usize, GFP_KERNEL)?;
+        for c in tbl.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            rt.push(u64::from_be_bytes(b), GFP_KERNEL)?;
+        }
+        let (old_off, old_clusters) = (self.rt_off, self.rt_clusters);
+        self.rt = rt;
+        self.rt_off = tbl_off;
+        self.rt_clusters = tbl_clusters;
+        // The new table was written whole.
+        self.rt_dirty = KVec::new();
+        self.cache.invalidate(blk_off, tbl_off + tbl_bytes);
+        pr_info!(
+            "dm-qcow2: image {}: refcount table moved to {:#x}, {} clusters\n",
+            self.img,
+            tbl_off,
+            tbl_clusters
+        );
+        // The old table is no longer referenced by the (durable) header.
+        let _ = self.defer_free(old_off, old_clusters * cs);
+        Ok(())
+    }
+
+    /// Drops one reference of every cluster overlapping `[start, start + len)`
+    /// in the cache: for references whose removal is durable (`apply_frees`)
+    /// and for clusters just allocated that nothing points at.
+    pub(crate) fn free_range(&mut self, file: &File, hdr: &Header, start: u64, len: u64) -> Result {
+        let cs = hdr.cluster_size();
+        if len == 0 {
+            return Ok(());
+        }
+        let first = start / cs;
+        let last = (start + len - 1) / cs;
+        for c in first..=last {
+            let r = self.refcount(file, hdr, c)?;
+            if r == 0 {
+                pr_err!(
+                    "dm-qcow2: image {}: freeing a free cluster {:#x}\n",
+                    self.img,
+                    c * cs
+                );
+                continue;
+            }
+            self.set_refcount(file, hdr, c, r - 1)?;
+            if r == 1 {
+                // Free now: no longer metadata if it was (an L2 table a
+                // snapshot shared, a cluster allocated for one in vain).
+                self.meta.remove(&c);
+                self.cache.invalidate(c * cs, c * cs + cs);
+                self.hint = self.hint.min(c.max(1));
+            }
+        }
+        Ok(())
+    }
+}
