@@ -233,6 +233,29 @@ impl File {
         to_result(unsafe { bindings::dmq_file_truncate(self.as_raw(), len) })
     }
 
+    /// Deallocates `[pos, pos + len)` of the file, keeping its size
+    /// (`fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`): the range
+    /// then reads as zeroes and takes no space. EOPNOTSUPP where the file
+    /// system cannot. Waits for direct I/O in flight to the file.
+    pub(crate) fn punch_hole(&self, pos: u64, len: u64) -> Result {
+        // include/uapi/linux/falloc.h (user ABI, stable)
+        const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+        const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+        let pos = i64::try_from(pos).map_err(|_| EINVAL)?;
+        let len = i64::try_from(len).map_err(|_| EINVAL)?;
+        pos.checked_add(len).ok_or(EINVAL)?;
+        // SAFETY: The file is valid while we hold a reference; `vfs_fallocate`
+        // checks the mode, the range and the file's open mode itself.
+        to_result(unsafe {
+            bindings::vfs_fallocate(
+                self.as_raw(),
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                pos,
+                len,
+            )
+        })
+    }
+
     /// Opened for reading.
     pub(crate) fn readable(&self) -> bool {
         // SAFETY: The file is valid while we hold a reference.

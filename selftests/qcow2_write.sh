@@ -585,6 +585,50 @@ case_discard_v2_dealloc() {
 # as they are, and the second range (no L2 table) gets none. Over a base
 # with data there, the same discard gives the top zero clusters (it must
 # hide the base's data), L2 table included.
+# A discard gives the host file system its space back: the clusters it
+# frees are deallocated in the image file (holes, as the C target and QEMU
+# do), and later writes reuse them with the right contents.
+case_discard_punch() {
+	local before after freed size
+	dmq_needs_kernel "holes for freed clusters"
+	need blkdiscard
+	dmq_img_create top.qcow2 64M cluster_size=64k
+	dmq_write top.qcow2 P0x5c:8M:32M
+	"$PYTHON" -c 'import sys; sys.stdout.buffer.write(b"\x77" * (4 << 20))' >w.bin ||
+		dmq_fail "cannot write w.bin"
+	before=$(stat -c %b top.qcow2) || dmq_fail "stat"
+	map_rw top.qcow2
+	dmq_run blkdiscard -o $((8 << 20)) -l $((16 << 20)) "$DEV"
+	# suspend (dmsetup remove) commits and applies the frees
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	after=$(stat -c %b top.qcow2) || dmq_fail "stat"
+	freed=$(((before - after) * 512))
+	echo "the image file gave back $((freed >> 20)) MiB after a 16 MiB discard"
+	[ "$freed" -ge $((15 << 20)) ] || dmq_fail "only $freed bytes deallocated in the file"
+	check_top top.qcow2
+	dmq_run "$QEMU_IO" -f qcow2 -c "read -P 0 8M 16M" -c "read -P 0x5c 24M 16M" top.qcow2 ||
+		dmq_fail "qemu-io does not read the discard"
+	size=$(stat -c %s top.qcow2) || dmq_fail "stat"
+	# new data goes into the freed clusters (allocation starts at the
+	# lowest free one): it must read back whole, from us and from QEMU
+	map_rw top.qcow2
+	dmq_run dd if=w.bin of="$DEV" bs=1M seek=44 oflag=direct conv=fsync status=none
+	dmq_run dd if=w.bin of="$DEV" bs=4k count=1 seek=$((12 << 8)) oflag=direct conv=fsync \
+		status=none
+	expect_bytes "$DEV" $((44 << 20)) $((4 << 20)) 0x77
+	expect_bytes "$DEV" $((12 << 20)) 4096 0x77
+	expect_bytes "$DEV" $(((12 << 20) + 4096)) $(((64 << 10) - 4096)) 0
+	expect_bytes "$DEV" $((8 << 20)) $((4 << 20)) 0
+	expect_bytes "$DEV" $((24 << 20)) $((16 << 20)) 0x5c
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	[ "$(stat -c %s top.qcow2)" = "$size" ] ||
+		dmq_fail "the image grew: the writes did not reuse the freed clusters"
+	check_top top.qcow2
+	dmq_run "$QEMU_IO" -f qcow2 -c "read -P 0x77 44M 4M" -c "read -P 0x77 12M 4k" \
+		-c "read -P 0 8M 4M" -c "read -P 0 $(((12 << 20) + 4096)) $(((64 << 10) - 4096))" \
+		-c "read -P 0x5c 24M 16M" top.qcow2 || dmq_fail "qemu-io does not read the writes"
+}
+
 case_discard_unwritten() {
 	local l1
 	dmq_needs_kernel "discard deallocation"
@@ -876,6 +920,7 @@ DMQ_CASES=(
 	discard_v2_dealloc
 	discard_extl2
 	discard_unwritten
+	discard_punch
 	fast_vs_discard
 	refcount_growth
 	numjobs

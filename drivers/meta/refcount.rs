@@ -40,12 +40,27 @@ impl DeltaMd {
     /// durable; they become durable with the next commit's first fsync,
     /// before anything can reference a reused cluster. The caller made sure
     /// no I/O is in flight to these clusters.
+    ///
+    /// Clusters left without a reference are deallocated in the file (a
+    /// hole punched, as the C target does on discard and QEMU on a freed
+    /// cluster), so what the guest discards is given back to the host file
+    /// system. Safe before the decrement is durable: nothing durable points
+    /// at them (a crash leaks them, holding zeroes), and a reused cluster is
+    /// written in full (new data and its fill) before anything points at it.
     pub(crate) fn apply_frees(&mut self, file: &File, hdr: &Header) -> Result {
         let frees = core::mem::replace(&mut self.frees_ready, KVec::new());
+        let mut holes = KVec::new();
         let mut res = Ok(());
         for (start, len) in frees.iter() {
-            if let Err(e) = self.free_range(file, hdr, *start, *len) {
+            if let Err(e) = self.free_range_into(file, hdr, *start, *len, Some(&mut holes)) {
                 res = Err(e);
+            }
+        }
+        for (pos, len) in holes.iter() {
+            // Best effort: a file system without holes (EOPNOTSUPP) or a
+            // failure keeps the space allocated, which is all it costs.
+            if file.punch_hole(*pos, *len).is_err() {
+                break;
             }
         }
         res
@@ -307,6 +322,19 @@ impl DeltaMd {
     /// in the cache: for references whose removal is durable (`apply_frees`)
     /// and for clusters just allocated that nothing points at.
     pub(crate) fn free_range(&mut self, file: &File, hdr: &Header, start: u64, len: u64) -> Result {
+        self.free_range_into(file, hdr, start, len, None)
+    }
+
+    /// `free_range`, adding the clusters it leaves free to `holes` (byte
+    /// ranges, adjacent ones merged; as many as memory allows).
+    fn free_range_into(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+        start: u64,
+        len: u64,
+        mut holes: Option<&mut KVec<(u64, u64)>>,
+    ) -> Result {
         let cs = hdr.cluster_size();
         if len == 0 {
             return Ok(());
@@ -330,8 +358,25 @@ impl DeltaMd {
                 self.meta.remove(&c);
                 self.cache.invalidate(c * cs, c * cs + cs);
                 self.hint = self.hint.min(c.max(1));
+                if let Some(h) = holes.as_deref_mut() {
+                    add_hole(h, c * cs, cs);
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Adds `[pos, pos + len)` to `holes`, merged with the last range where
+/// they meet; dropped if memory is short (the hole is an optimisation).
+fn add_hole(holes: &mut KVec<(u64, u64)>, pos: u64, len: u64) {
+    if let Some(last) = holes.last_mut() {
+        if last.0.checked_add(last.1) == Some(pos) {
+            if let Some(l) = last.1.checked_add(len) {
+                last.1 = l;
+                return;
+            }
+        }
+    }
+    let _ = holes.push((pos, len), GFP_KERNEL);
 }
