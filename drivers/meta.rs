@@ -41,7 +41,7 @@ mod refcount;
 use crate::count::AllocCount;
 use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kernel_abstractions::param;
-use crate::kernel_abstractions::task::code::euclean;
+use crate::kernel_abstractions::task::code::{eopnotsupp, euclean};
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use cache::{Kind, MdCache};
 use kernel::error::code::*;

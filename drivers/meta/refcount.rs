@@ -48,21 +48,23 @@ impl DeltaMd {
     /// at them (a crash leaks them, holding zeroes), and a reused cluster is
     /// written in full (new data and its fill) before anything points at it.
     pub(crate) fn apply_frees(&mut self, file: &File, hdr: &Header) -> Result {
-        let frees = core::mem::replace(&mut self.frees_ready, KVec::new());
-        let mut holes = KVec::new();
+        let mut frees = core::mem::replace(&mut self.frees_ready, KVec::new());
+        // In file order, so that neighbouring clusters make one hole.
+        frees.sort_unstable();
+        // A damaged image (a cluster with more references than its count)
+        // keeps its old bytes until the cluster is reused, as before.
+        let mut holes = Holes {
+            file,
+            run: None,
+            off: self.corrupt,
+        };
         let mut res = Ok(());
         for (start, len) in frees.iter() {
             if let Err(e) = self.free_range_into(file, hdr, *start, *len, Some(&mut holes)) {
                 res = Err(e);
             }
         }
-        for (pos, len) in holes.iter() {
-            // Best effort: a file system without holes (EOPNOTSUPP) or a
-            // failure keeps the space allocated, which is all it costs.
-            if file.punch_hole(*pos, *len).is_err() {
-                break;
-            }
-        }
+        holes.finish();
         res
     }
 
@@ -333,7 +335,7 @@ impl DeltaMd {
         hdr: &Header,
         start: u64,
         len: u64,
-        mut holes: Option<&mut KVec<(u64, u64)>>,
+        mut holes: Option<&mut Holes<'_>>,
     ) -> Result {
         let cs = hdr.cluster_size();
         if len == 0 {
@@ -359,7 +361,7 @@ impl DeltaMd {
                 self.cache.invalidate(c * cs, c * cs + cs);
                 self.hint = self.hint.min(c.max(1));
                 if let Some(h) = holes.as_deref_mut() {
-                    add_hole(h, c * cs, cs);
+                    h.add(c * cs, cs);
                 }
             }
         }
@@ -367,16 +369,59 @@ impl DeltaMd {
     }
 }
 
-/// Adds `[pos, pos + len)` to `holes`, merged with the last range where
-/// they meet; dropped if memory is short (the hole is an optimisation).
-fn add_hole(holes: &mut KVec<(u64, u64)>, pos: u64, len: u64) {
-    if let Some(last) = holes.last_mut() {
-        if last.0.checked_add(last.1) == Some(pos) {
-            if let Some(l) = last.1.checked_add(len) {
-                last.1 = l;
+/// Freed clusters to deallocate in the file (`apply_frees`): one run of
+/// neighbouring clusters at a time, punched when the next freed cluster
+/// does not follow on (no allocation, however many clusters are freed).
+struct Holes<'a> {
+    file: &'a File,
+    /// The run not punched yet: file offset and length.
+    run: Option<(u64, u64)>,
+    /// No (more) holes: a damaged image, or a file system without them.
+    off: bool,
+}
+
+impl Holes<'_> {
+    fn add(&mut self, pos: u64, len: u64) {
+        if self.off {
+            return;
+        }
+        if let Some((p, l)) = self.run {
+            if let Some(nl) = l.checked_add(len).filter(|_| p.checked_add(l) == Some(pos)) {
+                self.run = Some((p, nl));
                 return;
+            }
+            self.punch(p, l);
+        }
+        self.run = Some((pos, len));
+    }
+
+    /// Punches the whole pages of `[pos, pos + len)` (a part of a page
+    /// would only be zeroed through the page cache).
+    fn punch(&mut self, pos: u64, len: u64) {
+        const PAGE: u64 = DIO_ALIGN as u64;
+        let (Some(start), Some(end)) = (
+            pos.checked_next_multiple_of(PAGE),
+            pos.checked_add(len).map(|e| e - e % PAGE),
+        ) else {
+            return;
+        };
+        if start >= end {
+            return;
+        }
+        // Best effort: where it fails the space stays allocated, which is
+        // all it costs. Without hole support, do not try again.
+        if let Err(e) = self.file.punch_hole(start, end - start) {
+            if e == eopnotsupp() {
+                self.off = true;
             }
         }
     }
-    let _ = holes.push((pos, len), GFP_KERNEL);
+
+    fn finish(mut self) {
+        if let Some((p, l)) = self.run.take() {
+            if !self.off {
+                self.punch(p, l);
+            }
+        }
+    }
 }

@@ -72,6 +72,10 @@ impl Qcow2 {
         if !task::capable_sys_admin() {
             return Err(EPERM);
         }
+        // Messages (a merge's complete, cancel) commit, fsync and punch
+        // holes with the state locked: no reclaim may write back to this
+        // device meanwhile, as in the worker.
+        let _noio = task::NoIo::enter();
         let inner = &self.inner;
         let cmd = args.first().ok_or(EINVAL)?.as_bytes();
         let suspended = || inner.link.suspended();
