@@ -48,9 +48,10 @@ impl DeltaMd {
     /// at them (a crash leaks them, holding zeroes), and a reused cluster is
     /// written in full (new data and its fill) before anything points at it.
     pub(crate) fn apply_frees(&mut self, file: &File, hdr: &Header) -> Result {
-        let mut frees = core::mem::replace(&mut self.frees_ready, KVec::new());
-        // In file order, so that neighbouring clusters make one hole.
-        frees.sort_unstable();
+        // Not sorted (core's sort trips objtool in a module): queued in the
+        // order the references went, which for a discard or a merge is the
+        // file's order too, so neighbouring clusters still make one hole.
+        let frees = core::mem::replace(&mut self.frees_ready, KVec::new());
         // A damaged image (a cluster with more references than its count)
         // keeps its old bytes until the cluster is reused, as before.
         let mut holes = Holes {
