@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Bits of the current task: allocation scope and capabilities.
+//! Bits of the current task: allocation scope, block plug and capabilities.
 //!
 //! C headers: [`include/linux/sched/mm.h`](srctree/include/linux/sched/mm.h),
+//! [`include/linux/blkdev.h`](srctree/include/linux/blkdev.h),
 //! [`include/linux/capability.h`](srctree/include/linux/capability.h)
 
 use super::bindings;
 use core::marker::PhantomData;
+use core::mem::MaybeUninit;
 use kernel::error::Error;
 
 /// While alive, allocations of the current task do not recurse into I/O
@@ -27,6 +29,27 @@ impl Drop for NoIo {
         // SAFETY: Restores what `enter` saved, on the same task.
         unsafe { bindings::dmq_noio_restore(self.0) };
     }
+}
+
+/// Runs `f` under a block plug of the current task (`blk_start_plug`): the
+/// bios that the direct I/O started in `f` sends to the host's block
+/// devices are held and sent as one batch when `f` returns (or sooner, when
+/// the task sleeps or the plug fills), so neighbouring ones merge into one
+/// request and a device's queue is kicked once per batch, not once per bio.
+/// Inside another plug of the task it adds nothing (that one holds them).
+pub(crate) fn plugged<R>(f: impl FnOnce() -> R) -> R {
+    let mut plug = MaybeUninit::<bindings::blk_plug>::uninit();
+    // SAFETY: `blk_start_plug` initialises `plug` and links it to the current task
+    // (or, the task being plugged already, touches neither). The plug stays at this
+    // address until `blk_finish_plug` below unlinks it: it lives in this frame,
+    // which `f` cannot leave, and nothing moves it. Both run on the same task (a
+    // task does not change across a call).
+    unsafe { bindings::blk_start_plug(plug.as_mut_ptr()) };
+    let r = f();
+    // SAFETY: As above. A plug that was not linked (nested) is only compared
+    // with the task's, never read.
+    unsafe { bindings::blk_finish_plug(plug.as_mut_ptr()) };
+    r
 }
 
 /// Sleeps for at least `ms` milliseconds.

@@ -92,7 +92,9 @@ impl WorkItem for Lane {
             if list.is_empty() {
                 break;
             }
-            this.inner.serve(list);
+            // One plug per batch: its bios reach the host's devices together
+            // (not held across `cond_resched`, which does not flush it).
+            task::plugged(|| this.inner.serve(list));
             // Sustained load keeps the lane busy: let others run.
             task::cond_resched();
         }
