@@ -35,9 +35,14 @@ const VALID: u64 = 1 << 63;
 const OWNED: u64 = 1 << 62;
 const HOST_BITS: u32 = 44;
 const TAG_BITS: u32 = 18;
-/// Table size bounds, in slots (8 bytes each).
+/// Table size bounds, in slots (8 bytes each). At most 2 MiB: one slot per
+/// cluster of a 16 GiB image of 64 KiB clusters; beyond, clusters share
+/// slots, and a working set larger than the table evicts itself. With 64 Ki
+/// slots, 4k random reads over a written 512 MiB image of 4 KiB clusters
+/// found 37% of their clusters in the table after a first pass over it;
+/// with 256 Ki, 91% to 100%.
 const MIN_SLOTS: u64 = 64;
-const MAX_SLOTS: u64 = 1 << 16;
+const MAX_SLOTS: u64 = 1 << 18;
 
 /// The fast path while it is on: the top and what is known of it.
 pub(crate) struct Fast {
