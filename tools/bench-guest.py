@@ -63,6 +63,14 @@ the tmpfs itself: there direct I/O is asynchronous and fsync reaches a
 block device, so the cost of the target's ordered metadata commit shows.
 DMQ_BENCH_MODULE loads another dm-qcow2.ko (an A/B of two builds).
 
+DMQ_BENCH_ROUNDS (1) runs the fio, sparse and discard jobs that many times
+on each peer, the peers taking turns (raw, dm-qcow2, raw, dm-qcow2, ...)
+so that a slow minute of the host hits both. Each peer's line is its
+median round (by rate); dm-qcow2's ratio to a column is the median of the
+rounds' paired ratios (round i against round i), and a table of their
+lowest and highest shows the spread. Under TCG on a shared 2-core host one
+run's ratio can move by 20% or more from the next.
+
 The job "status-under-fio" runs 4k random reads in DMQ_BENCH_STATUS_ROUNDS
 (3) rounds
 of three: alone, with a process asking for the device's status 1000 times
@@ -96,6 +104,7 @@ SPARSE_GB = int(os.environ.get("DMQ_BENCH_SPARSE_GB", "64"))
 SPARSE_TOUCH_MB = int(os.environ.get("DMQ_BENCH_SPARSE_TOUCH_MB", "2048"))
 STATUS_ROUNDS = int(os.environ.get("DMQ_BENCH_STATUS_ROUNDS", "3"))
 STATUS_RATE = int(os.environ.get("DMQ_BENCH_STATUS_RATE", "1000"))
+ROUNDS = max(1, int(os.environ.get("DMQ_BENCH_ROUNDS", "1")))
 MERGE_TIMEOUT = 1800  # seconds to stage=ready
 
 
@@ -143,6 +152,7 @@ class Result:
     p99_us: float = None
     note: str = ""
     error: str = None
+    rounds: list = None      # every round's rate (DMQ_BENCH_ROUNDS > 1)
 
     def rate(self):
         return self.iops if self.iops is not None else self.mbps
@@ -439,24 +449,43 @@ def attempt(fn, *args):
         return Result(error=describe(e))
 
 
-def on_each_peer(job, peers, prepare, measure, block=False, finish=None):
+def on_each_peer(job, peers, prepare, measure, block=False, finish=None, turns=True):
     """For each peer: PREPARE(img, peer) makes the file, the peer serves it
     (a block device if BLOCK), MEASURE(dev, img) gives the Result, the peer
-    goes down, FINISH(img, result) may add to it. {peer name: Result}."""
+    goes down, FINISH(img, result) may add to it. {peer name: Result}.
+    ROUNDS times, the peers taking turns (all of a peer's rounds in a row
+    unless TURNS), each peer's median round kept (see `median_round`)."""
     img = f"{WORK}/img"
-    out = {}
-    for p in peers:
+    runs = {p.name: [] for p in peers}
+    order = ([p for _ in range(ROUNDS) for p in peers] if turns
+             else [p for p in peers for _ in range(ROUNDS)])
+    for p in order:
         def one():
             try:
                 prepare(img, p)
                 return measure(p.up(img, block), img)
             finally:
                 p.down()
-        r = out[p.name] = attempt(one)
+        r = attempt(one)
         if finish and not r.error:
             attempt(finish, img, r)
+        runs[p.name].append(r)
         log(result_line(job.name, p.name, r))
-    return out
+    return {name: median_round(rs) for name, rs in runs.items()}
+
+
+def median_round(rs):
+    """The round of median rate (the lower middle one of an even count),
+    with every round's rate in `rounds`; a failed round fails the peer."""
+    bad = [r for r in rs if r.error]
+    if bad:
+        return bad[0]
+    if len(rs) == 1:
+        return rs[0]
+    by_rate = sorted(rs, key=lambda r: r.rate() or 0)
+    m = by_rate[(len(rs) - 1) // 2]
+    m.rounds = [r.rate() for r in rs]
+    return m
 
 
 def run_fio_job(job, peers):
@@ -527,7 +556,9 @@ def run_sparse_job(job, peers):
         built["kind"] = None
         (make_sparse_raw if kind == "raw" else make_sparse_image)(img, offsets)
         built["kind"] = kind
-    return on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SPARSE_GB}G"))
+    # The peers' rounds in a row: each image is built once.
+    return on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SPARSE_GB}G"),
+                        turns=False)
 
 
 def discard_device(dev, img):
@@ -851,12 +882,34 @@ def run_jobs(jobs, peers):
     return results, extra
 
 
+def paired(dm, r):
+    """dm-qcow2's rate over R's in each round (round i against round i), or
+    None if there were not several rounds of both."""
+    if not dm.rounds or not r.rounds or len(dm.rounds) != len(r.rounds):
+        return None
+    if not all(dm.rounds) or not all(r.rounds):
+        return None
+    return [a / b for a, b in zip(dm.rounds, r.rounds)]
+
+
 def ratio(dm, r):
-    """dm-qcow2's rate over R's, as text ("-" where either is missing)."""
+    """dm-qcow2's rate over R's, as text ("-" where either is missing): the
+    median of the rounds' paired ratios when there were several."""
     if not dm or not r or dm.error or r.error:
         return "-"
+    pr = paired(dm, r)
+    if pr:
+        return f"{median(pr):.2f}x"
     a, b = (dm.iops, r.iops) if dm.iops is not None and r.iops is not None else (dm.mbps, r.mbps)
     return f"{a / b:.2f}x" if a and b else "-"
+
+
+def spread(dm, r):
+    """The lowest and highest paired ratio of the rounds, as text."""
+    if not dm or not r or dm.error or r.error:
+        return "-"
+    pr = paired(dm, r)
+    return f"{min(pr):.2f}-{max(pr):.2f}" if pr else "-"
 
 
 def num(v, fmt):
@@ -900,6 +953,8 @@ def header(results):
     """What ran: fio's settings and the sizes of the jobs that ran."""
     h = (f"fio: libaio, iodepth 32 (1 for -qd1), numjobs 1 (2 for -2jobs), {RUNTIME}s a run, "
          f"{SIZE} MiB, cluster {CLUSTER}, {FS} in a TCG VM (2 vCPUs)")
+    if ROUNDS > 1:
+        h += f"; {ROUNDS} rounds of the fio, sparse and discard jobs (medians)"
     if "sparse-randread" in results:
         h += f"; sparse-randread {SPARSE_GB} GiB with {SPARSE_TOUCH_MB} MiB written"
     if "discard" in results:
@@ -919,6 +974,10 @@ def table(peers, results):
              if any(c in res for res in results.values())]
     lines += ["", "dm-qcow2's rate (IOPS, or MB/s for the timed jobs) divided by the column's:"]
     lines += summary_lines(results, cols)
+    if ROUNDS > 1:
+        lines += ["", f"Lowest and highest of the {ROUNDS} rounds' paired ratios "
+                  "(the ratios above are their medians):"]
+        lines += summary_lines(results, cols, spread)
     lines += ["", "dm-qcow2's CPU per I/O (timed jobs: CPU seconds) divided by the column's:"]
     lines += summary_lines(results, cols, cpu_ratio)
     lines += ["", *LEGEND]
@@ -946,7 +1005,7 @@ def write_outputs(peers, results, extra):
     print(text)
     with open(f"{OUT}/bench.txt", "w") as f:
         f.write(text + "\n")
-    data = {"fs": FS, "runtime": RUNTIME, "size_mb": SIZE, "cluster": CLUSTER,
+    data = {"fs": FS, "runtime": RUNTIME, "size_mb": SIZE, "cluster": CLUSTER, "rounds": ROUNDS,
             "peers": [p.name for p in peers],
             "jobs": {name: {col: asdict(r) for col, r in res.items()}
                      for name, res in results.items()}}
