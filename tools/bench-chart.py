@@ -2,9 +2,10 @@
 # SPDX-License-Identifier: GPL-2.0
 """Draws make bench's chart from the bench.json that tools/bench-guest.py
 wrote: per job, each column's rate relative to the baseline (the raw file;
-cp for the merges), and below it each column's guest CPU (per I/O for the
-fio jobs, in all for the timed ones) relative to the baseline's. Log
-scales; 1 is the baseline.
+cp for the merges; with several rounds, the median of the rounds' paired
+ratios, as the table prints), and below it each column's guest CPU (per
+I/O for the fio jobs, in all for the timed ones) relative to the
+baseline's. Log scales; 1 is the baseline.
 
 usage: bench-chart.py BENCH.JSON OUT.svg|OUT.png
 
@@ -12,6 +13,7 @@ Needs matplotlib (Debian: python3-matplotlib; make bench-deps).
 """
 
 import json
+import statistics
 import sys
 
 import matplotlib
@@ -46,14 +48,26 @@ def baseline(res):
     return None
 
 
+def paired_rate_ratio(r, b):
+    """With DMQ_BENCH_ROUNDS > 1: the median of R's rate over B's, round i
+    against round i (what the bench's table prints), else None."""
+    ra, rb = (r or {}).get("rounds"), (b or {}).get("rounds")
+    if not ra or not rb or len(ra) != len(rb) or not all(ra) or not all(rb):
+        return None
+    return statistics.median(x / y for x, y in zip(ra, rb))
+
+
 def ratios(jobs, metric):
     """{column: [metric over the baseline's, per job (None if missing)]}"""
     out = {c: [] for c in COLUMNS}
     for res in jobs.values():
-        base = metric(res.get(baseline(res)))
+        b = res.get(baseline(res))
+        base = metric(b)
         for c in COLUMNS:
-            v = metric(res.get(c))
-            out[c].append(v / base if v and base else None)
+            r = res.get(c)
+            v = metric(r)
+            pr = paired_rate_ratio(r, b) if metric is rate and v and base else None
+            out[c].append(pr if pr else v / base if v and base else None)
     return out
 
 
