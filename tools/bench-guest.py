@@ -23,6 +23,12 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
   1M-read, 1M-write                  sequential, iodepth 32
   4k-first-write, 64k-first-write    on an empty image, against a sparse
                                      raw file (and a written one beside)
+  4k-cow-write      4k random writes into an empty top over a fully
+                    written base, one write at the start of each cluster
+                    in random order (each copies the rest of its cluster
+                    up from the base), against the written raw file; once
+                    every cluster had its write (8192 of 64 KiB in 512
+                    MiB), fio starts over and the writes land in place
   sparse-randread   4k random reads over a DMQ_BENCH_SPARSE_GB (64) GiB
                     image with DMQ_BENCH_SPARSE_TOUCH_MB (2048) MiB of
                     clusters written at random (the raw file: the same
@@ -115,6 +121,7 @@ class Job:
     rw: str = "randread"
     bs: str = "4k"
     allocated: bool = True   # fio jobs: on a fully written image
+    backing: bool = False    # fio jobs: on an empty top over a written base
     iodepth: int = 32
     numjobs: int = 1
     depth: int = 0           # merge: the merged delta (0 = top)
@@ -131,6 +138,7 @@ JOBS = [
     Job("1M-write", "fio", "write", "1M"),
     Job("4k-first-write", "fio", "randwrite", allocated=False),
     Job("64k-first-write", "fio", "randwrite", "64k", allocated=False),
+    Job("4k-cow-write", "fio", "randwrite", allocated=False, backing=True),
     Job("sparse-randread", "sparse"),
     Job("discard", "discard"),
     Job("merge-depth0", "merge", depth=0),
@@ -247,10 +255,14 @@ def cluster_bytes():
 def fio_cmd(dev, job, size):
     # exec_prerun/postrun: fio saves their output in b.prerun.txt and
     # b.postrun.txt in its directory (the last job's, with numjobs 2).
+    # A copy-on-write job writes each cluster once, at its start, in random
+    # order (fio's random map), so that its writes are first writes until
+    # every cluster had one.
+    spread = f"--blockalign={CLUSTER}" if job.backing else "--norandommap"
     return (f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
             f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
             f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
-            f"--randrepeat=0 --norandommap --group_reporting --output-format=json "
+            f"--randrepeat=0 {spread} --group_reporting --output-format=json "
             f"'--exec_prerun=head -1 /proc/stat' '--exec_postrun=head -1 /proc/stat'")
 
 
@@ -382,12 +394,16 @@ class Loop(Raw):
 
 
 class DmQcow2(Peer):
+    below = ()  # the deltas under the image, base first (set by a job's prepare)
+
     def up(self, img, block=False):
-        sh(f"{ROOT}/selftests/dmq_open.py --rw bench {img}")
+        chain = " ".join([*self.below, img])
+        sh(f"{ROOT}/selftests/dmq_open.py --rw bench {chain}")
         return "/dev/mapper/bench"
 
     def down(self):
         sh("dmsetup remove bench", check=False)
+        self.below = ()
 
 
 class QemuNbd(Peer):
@@ -493,11 +509,20 @@ def run_fio_job(job, peers):
     a written raw file ("raw-written")."""
     def prepare(img, p):
         if isinstance(p, Raw):
-            make_raw(img, job.allocated)
+            make_raw(img, job.allocated or job.backing)
+        elif job.backing:
+            # qemu-nbd and rublk open the base from the top's header.
+            base = f"{WORK}/base"
+            make_image(base, True)
+            make_image(img, False, backing=base)
+            if isinstance(p, DmQcow2):
+                p.below = (base,)
         else:
             make_image(img, job.allocated)
     res = on_each_peer(job, peers, prepare, lambda dev, img: fio(dev, job, f"{SIZE}M"))
-    if not job.allocated and any(type(p) is Raw for p in peers):
+    if job.backing:
+        sh(f"rm -f {WORK}/base", check=False)
+    if not job.allocated and not job.backing and any(type(p) is Raw for p in peers):
         # Against a written raw file (no allocation in the host file system
         # at all): the figure older tables compared with.
         def written():
