@@ -6,9 +6,11 @@
 //! merges) and copy on write what the chain shows from `d` down.
 //!
 //! `read`, `write` and `zero` (discard and write-zeroes) hold the three
-//! paths; what they share (metadata overlap protection, subcluster and L2
-//! range arithmetic) is here.
+//! paths, `cow` the copy-on-write fills of a batch's writes, in flight
+//! together; what they share (metadata overlap protection, subcluster and
+//! L2 range arithmetic) is here.
 
+mod cow;
 mod read;
 mod write;
 mod zero;
@@ -21,6 +23,8 @@ use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
 use kernel::error::code::*;
 use kernel::prelude::*;
+
+pub(crate) use cow::CowGang;
 
 /// Where written data comes from.
 #[derive(Clone, Copy)]

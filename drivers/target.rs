@@ -19,6 +19,7 @@ mod worker;
 
 use crate::count;
 use crate::hot::Fast;
+use crate::io::CowGang;
 use crate::kernel_abstractions::bio::{Bio, BioList, BioStack, Op};
 use crate::kernel_abstractions::dm::{
     self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink,
@@ -71,6 +72,9 @@ pub(crate) struct WorkerState {
     pub(crate) md: KVec<DeltaMd>,
     /// A cluster-sized buffer for copy-on-write (taken while in use).
     pub(crate) cow: Option<IoBuf>,
+    /// Copy-on-write fills of the batch, in flight together (`io::cow`);
+    /// empty whenever the state is unlocked.
+    pub(crate) gang: CowGang,
     pub(crate) inflater: Inflater,
     pub(crate) zin: IoBuf,
     pub(crate) zout: IoBuf,

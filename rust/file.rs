@@ -187,7 +187,7 @@ impl File {
         Self::from_ptr(self.ptr)
     }
 
-    fn as_raw(&self) -> *mut bindings::file {
+    pub(super) fn as_raw(&self) -> *mut bindings::file {
         self.ptr.as_ptr()
     }
 
@@ -206,7 +206,7 @@ impl File {
     }
 
     /// An injected fault, if one is due.
-    fn inject(&self) -> Result {
+    pub(super) fn inject(&self) -> Result {
         let ratio = self.fault.load(Ordering::Relaxed);
         if ratio == 0 {
             return Ok(());

@@ -6,6 +6,7 @@
 //!
 //! All `unsafe` of the module lives here; `drivers/` builds on these types.
 
+pub(crate) mod batch_io;
 pub(crate) mod bindings;
 pub(crate) mod bio;
 pub(crate) mod dm;

@@ -297,6 +297,92 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
+struct dmq_rw_many {
+	atomic_t pending;
+	struct completion done;
+};
+
+struct dmq_rw_one {
+	struct kiocb iocb;
+	struct kvec kv;
+	struct dmq_rw_req *req;
+	struct dmq_rw_many *many;
+	bool write;
+	bool started;
+};
+
+static void dmq_rw_one_done(struct kiocb *iocb, long ret)
+{
+	struct dmq_rw_one *one = container_of(iocb, struct dmq_rw_one, iocb);
+	struct dmq_rw_many *many = one->many;
+
+	if (one->write && one->started)
+		kiocb_end_write(iocb);
+	one->req->ret = ret;
+	/* @one may be freed once the waiter sees the count drop to zero. */
+	if (atomic_dec_and_test(&many->pending))
+		complete(&many->done);
+}
+
+int dmq_file_rw_many(struct dmq_rw_req *reqs, unsigned int n, bool write)
+{
+	struct dmq_rw_many many;
+	struct dmq_rw_one *ones;
+	unsigned int i;
+
+	ones = kvmalloc_array(n, sizeof(*ones), GFP_KERNEL);
+	if (!ones)
+		return -ENOMEM;
+	/* One count per transfer, and ours until every one was started. */
+	atomic_set(&many.pending, n + 1);
+	init_completion(&many.done);
+	for (i = 0; i < n; i++) {
+		struct dmq_rw_req *r = &reqs[i];
+		struct dmq_rw_one *one = &ones[i];
+		struct iov_iter iter;
+		ssize_t ret;
+
+		memset(one, 0, sizeof(*one));
+		one->req = r;
+		one->many = &many;
+		one->write = write;
+		if (r->pos < 0 || r->len > MAX_RW_COUNT || r->len > LLONG_MAX - r->pos)
+			ret = -EINVAL;
+		else
+			ret = dmq_file_io_ok(r->file, write);
+		if (!ret) {
+			one->kv.iov_base = r->buf;
+			one->kv.iov_len = r->len;
+			iov_iter_kvec(&iter, write ? ITER_SOURCE : ITER_DEST, &one->kv, 1,
+				      r->len);
+			/* As dmq_file_rw_bio(): our flags, not the file's. */
+			one->iocb.ki_filp = r->file;
+			one->iocb.ki_pos = r->pos;
+			one->iocb.ki_flags = IOCB_DIRECT | (write ? IOCB_WRITE : 0);
+			one->iocb.ki_ioprio = get_current_ioprio();
+			one->iocb.ki_complete = dmq_rw_one_done;
+			one->started = true;
+			if (write) {
+				kiocb_start_write(&one->iocb);
+				ret = r->file->f_op->write_iter(&one->iocb, &iter);
+			} else {
+				ret = r->file->f_op->read_iter(&one->iocb, &iter);
+			}
+		}
+		/* Not queued: the completion was not called and will not be. */
+		if (ret != -EIOCBQUEUED)
+			dmq_rw_one_done(&one->iocb, ret);
+	}
+	/*
+	 * Sleeping sends the bios the file systems left in our plug; the
+	 * completions may run in interrupt context.
+	 */
+	if (!atomic_dec_and_test(&many.pending))
+		wait_for_completion_io(&many.done);
+	kvfree(ones);
+	return 0;
+}
+
 struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 {
 	return alloc_workqueue("%s", WQ_UNBOUND | (mem_reclaim ? WQ_MEM_RECLAIM : 0), 0,

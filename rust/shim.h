@@ -77,6 +77,24 @@ void dmq_cond_resched(void);
 unsigned int dmq_noio_save(void);
 void dmq_noio_restore(unsigned int flags);
 
+/* One transfer of dmq_file_rw_many(): @ret is set to its result. */
+struct dmq_rw_req {
+	struct file *file;
+	void *buf;
+	size_t len;
+	loff_t pos;
+	ssize_t ret;
+};
+
+/*
+ * Direct I/O of every one of @reqs (@write: all writes, else all reads),
+ * each as dmq_file_rw_sync() does it, but all in flight at once: each is
+ * started asynchronously, and the call returns when all of them are done,
+ * their results in @ret (bytes or -errno). Returns -ENOMEM (and starts
+ * nothing) if its bookkeeping cannot be allocated, else 0.
+ */
+int dmq_file_rw_many(struct dmq_rw_req *reqs, unsigned int n, bool write);
+
 /* Pairs with the kiocb_start_write() of a write by dmq_file_rw_bio(). */
 void dmq_kiocb_end_write(struct kiocb *iocb);
 

@@ -169,6 +169,16 @@ write_case() {
 
 # --------------------------------------------------------- configurations
 
+# cow_gang: 4 KiB random writes at iodepth 32 into an empty top over a
+# written base of 64 KiB clusters: most land in clusters the top does not
+# own yet, several per worker batch, so their copy-on-write fills run
+# together (drivers/io/cow.rs); the usual checks (bytes outside fio's
+# writes are the base's, qemu-img reads what the device did, check clean).
+case_cow_gang() {
+	FIO_SEED=83
+	write_case cluster_size=64k 64k chain --bsrange=4k-4k --iodepth=32
+}
+
 # numjobs: one fio job section cloned into 4 processes (numjobs=4), each on
 # its own quarter of the device (offset_increment), iodepth 16, with crc32c
 # verify; then the usual checks but for the iolog-based one.
@@ -894,6 +904,7 @@ case_overlayfs_freeze() {
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
+	cow_gang
 	cluster_2m
 	v2_64k
 	v2_single

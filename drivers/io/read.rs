@@ -163,7 +163,7 @@ impl Inner {
 
     /// `[vaddr, vaddr + len)` (inside one cluster) of the compressed cluster
     /// of delta `d` at `host`, inflated.
-    fn inflated<'a>(
+    pub(super) fn inflated<'a>(
         &self,
         st: &'a mut WorkerState,
         d: usize,

@@ -183,6 +183,22 @@ impl Inner {
                 }
             }
         }
+        let mut src = src;
+        let compressed = matches!(c, Cluster::Compressed { .. });
+        if let (Src::Bio(bio, boff), true, false, false, true) =
+            (src, fresh, fua, compressed, st.gang.open)
+        {
+            // Filled with the batch's other fills (`cow`).
+            let gang = self.gang_cow(st, d, (bio, boff), (l2_off, host), vaddr, len, shared);
+            match gang {
+                Ok(None) => return Ok(true),
+                Ok(Some(back)) => src = back,
+                Err(e) => {
+                    self.free_unused(st, d, host, hdr.cluster_size());
+                    return Err(e);
+                }
+            }
+        }
         let mut cow = st.cow.take().ok_or(EIO)?;
         let res = self.fill_cow(st, d, &mut cow, src, vaddr, len);
         let res = res.and_then(|()| {
@@ -500,6 +516,24 @@ impl Inner {
         let base = vaddr - off;
         // Checked, not assumed: `cow` must be a cluster and the write inside it.
         let cow = cow.get_mut(..cs as usize).ok_or(EIO)?;
+        if off > 0 && off + len < cs {
+            // A write inside the cluster: one read of the whole cluster (one
+            // I/O where the chain holds it in one piece), not one before the
+            // write and one after; the new data then goes over its part.
+            self.read_into(st, d, base, cow)?;
+            let mid = cow.get_mut(off as usize..(off + len) as usize).ok_or(EIO)?;
+            return match src {
+                Src::Bio(bio, boff) => bio.copy_to(boff, mid),
+                Src::Zero => {
+                    mid.fill(0);
+                    Ok(())
+                }
+                Src::Buf(b) => {
+                    mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?);
+                    Ok(())
+                }
+            };
+        }
         let (head, mid, tail) = split3(cow, off as usize, len as usize)?;
         self.read_into(st, d, base, head)?;
         match src {

@@ -195,6 +195,7 @@ impl Qcow2 {
             deltas: arcs,
             md,
             cow: Some(bufs.cow),
+            gang: CowGang::new(),
             inflater: Inflater::new().map_err(oom)?,
             zin: bufs.zin,
             zout: bufs.zout,

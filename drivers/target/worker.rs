@@ -154,19 +154,37 @@ impl Inner {
         while let Some(bio) = slow.pop() {
             *parked |= self.process(&mut st, bio);
         }
+        self.flush_cow_gang(&mut st);
         *parked |= self.sync_batch(&mut st);
         Some(st)
     }
 
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
-    /// that raises a table event, see `note_enospc`).
+    /// that raises a table event, see `note_enospc`). A plain write inside
+    /// one cluster may leave its copy-on-write fill to the batch's gang
+    /// (`io::cow`), which runs before any other bio, before a write into a
+    /// cluster it holds, and when full.
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
+        let join = self.writable && self.may_join_gang(st, &bio);
+        if !st.gang.is_empty() {
+            let again = st.deltas.last().is_some_and(|top| {
+                let hdr = &top.hdr;
+                let vaddr = bio.sector().saturating_mul(SECTOR);
+                st.gang.full(hdr.cluster_size())
+                    || st.gang.covers(st.top(), vaddr, hdr.cluster_bits)
+            });
+            if !join || again {
+                self.flush_cow_gang(st);
+            }
+        }
+        st.gang.open = join;
         let res = match bio.op() {
             Op::Read => self.read_bio(st, &bio).map(|()| false),
             Op::Write | Op::Flush if self.writable => self.write_bio(st, &bio),
             Op::Discard | Op::WriteZeroes if self.writable => self.zero_bio(st, &bio),
             _ => Err(EIO),
         };
+        st.gang.open = false;
         match res {
             // A flush, or a FUA write whose mapping must be durable before it
             // completes: one commit at the end of the batch covers them all.

@@ -1,0 +1,342 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Copy-on-write fills of a batch, in flight together.
+//!
+//! A write into a cluster the top does not own yet (unallocated, or shared
+//! with a snapshot) gets a new cluster holding what the chain shows there,
+//! with the new data over it. Done one write at a time (`write_piece`), the
+//! worker waits for a read from the chain and a write of the cluster for
+//! each: a random-write workload over a backing image runs at one cluster
+//! copy at a time. The fills of writes into different clusters are
+//! independent, so within one batch the worker gathers them in a gang:
+//! each write allocates its cluster and plans its reads as the single fill
+//! would; at the end of the run (`Inner::flush_cow_gang`) every read is in
+//! flight at once, then every cluster write, and only then are the L2
+//! entries pointed at the new clusters, in the writes' order.
+//!
+//! The order the durability rules need is the single fill's: the data is
+//! written (completed) before the entry that reaches it changes in the
+//! cache, and the commit that writes the entry out fsyncs the file first.
+//! Nothing else sees a gang's clusters before its entries are set: no entry
+//! points at them, the fast path's table has none, and the gang is flushed
+//! before any bio that could read or write what it changes (anything but a
+//! plain write inside one cluster the gang does not hold already) and
+//! before the batch ends, so neither commits, messages nor the merge walker
+//! (all of which take the state) ever find it non-empty.
+//!
+//! Each write's bio keeps one completion reference in the gang: the bio
+//! completes when its fill's entry is set, or fails with the fill's error
+//! (ENOSPC parks it, as for any data write; its cluster is freed at once).
+
+use super::*;
+use crate::kernel_abstractions::batch_io::{read_batch, write_batch, ReadAt, WriteAt};
+
+/// Most fills in one gang.
+const GANG_MAX: usize = 32;
+
+/// Most bytes of cluster buffers one gang holds (two fills of the largest
+/// clusters, 2 MiB).
+const GANG_BYTES: u64 = 4 << 20;
+
+/// Copy-on-write fills gathered for one flush (see the module doc).
+pub(crate) struct CowGang {
+    /// Whether the write being processed may join (`Inner::process`).
+    pub(crate) open: bool,
+    fills: KVec<Fill>,
+    bytes: u64,
+}
+
+/// A read from the chain into a fill's buffer.
+struct ChainRead {
+    delta: usize,
+    host: u64,
+    at: usize,
+    len: usize,
+}
+
+/// One write's fill: its new cluster, what to read into it, the entry to set.
+struct Fill {
+    /// The write's own completion reference (see the module doc).
+    bio: Bio,
+    boff: u32,
+    d: usize,
+    l2_off: u64,
+    vaddr: u64,
+    /// The write's offset in the cluster, its length, the cluster's size.
+    off: u64,
+    len: u64,
+    cs: u64,
+    host: u64,
+    /// The host cluster the entry pointed at (shared), which loses our
+    /// reference once the entry points at `host`.
+    shared: Option<u64>,
+    buf: IoBuf,
+    reads: KVec<ChainRead>,
+}
+
+impl CowGang {
+    pub(crate) fn new() -> Self {
+        Self {
+            open: false,
+            fills: KVec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Whether a fill of a `cs`-byte cluster would not fit any more.
+    pub(crate) fn full(&self, cs: u64) -> bool {
+        self.fills.len() >= GANG_MAX || self.bytes.saturating_add(cs) > GANG_BYTES
+    }
+
+    /// Whether a fill of delta `d` covers the cluster of `vaddr`
+    /// (`cluster_bits` of that delta).
+    pub(crate) fn covers(&self, d: usize, vaddr: u64, cluster_bits: u32) -> bool {
+        self.fills
+            .iter()
+            .any(|f| f.d == d && f.vaddr >> cluster_bits == vaddr >> cluster_bits)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.fills.is_empty()
+    }
+}
+
+impl Inner {
+    /// Whether `bio` may join the gang: a plain write (no flush, no FUA)
+    /// inside one cluster of the top, without subclusters. Such a write
+    /// changes at most its own cluster's entry.
+    pub(crate) fn may_join_gang(&self, st: &WorkerState, bio: &Bio) -> bool {
+        if bio.op() != Op::Write || bio.is_preflush() || bio.is_fua() || bio.size() == 0 {
+            return false;
+        }
+        let Some(top) = st.deltas.last() else {
+            return false;
+        };
+        let hdr = &top.hdr;
+        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
+            return false;
+        };
+        !hdr.extended_l2()
+            && hdr.offset_in_cluster(vaddr) + u64::from(bio.size()) <= hdr.cluster_size()
+    }
+
+    /// Adds the copy-on-write of `[vaddr, vaddr + len)` of delta `d` from
+    /// `bio` at `boff` into the new cluster `host` (entry at `l2_off`, which
+    /// pointed at `shared`) to the gang: its buffer, and what the chain shows
+    /// of the cluster read now or planned. Returns the bio's `Src` back if
+    /// there is no memory for it (the caller fills it alone). On error the
+    /// caller frees `host`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gang_cow<'a>(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        (bio, boff): (&'a Bio, u32),
+        (l2_off, host): (u64, u64),
+        vaddr: u64,
+        len: u64,
+        shared: Option<u64>,
+    ) -> Result<Option<Src<'a>>> {
+        let delta = st.delta(d)?;
+        let cs = delta.hdr.cluster_size();
+        let off = delta.hdr.offset_in_cluster(vaddr);
+        let (Ok(mut buf), Ok(mut reads)) =
+            (IoBuf::new(cs as usize), KVec::with_capacity(4, GFP_KERNEL))
+        else {
+            return Ok(Some(Src::Bio(bio, boff)));
+        };
+        let base = vaddr - off;
+        let mut pos = 0u64;
+        while pos < cs {
+            let (i, kind, rl) = self.resolve(st, d, base + pos, cs - pos)?;
+            let at = pos as usize;
+            let dst = buf.get_mut(at..(pos + rl) as usize).ok_or(EIO)?;
+            match kind {
+                RunKind::Zero | RunKind::Unallocated => dst.fill(0),
+                RunKind::Data { host } => reads.push(
+                    ChainRead {
+                        delta: i,
+                        host,
+                        at,
+                        len: rl as usize,
+                    },
+                    GFP_KERNEL,
+                )?,
+                RunKind::Compressed { host, len: clen } => {
+                    dst.copy_from_slice(self.inflated(st, i, host, clen, base + pos, rl)?);
+                }
+            }
+            pos += rl;
+        }
+        st.gang.fills.push(
+            Fill {
+                bio: bio.split_ref(),
+                boff,
+                d,
+                l2_off,
+                vaddr,
+                off,
+                len,
+                cs,
+                host,
+                shared,
+                buf,
+                reads,
+            },
+            GFP_KERNEL,
+        )?;
+        st.gang.bytes = st.gang.bytes.saturating_add(cs);
+        Ok(None)
+    }
+
+    /// Runs the gang's fills (see the module doc): all reads, all writes,
+    /// then the entries in order; each bio's reference ends with its fill's
+    /// result.
+    pub(crate) fn flush_cow_gang(&self, st: &mut WorkerState) {
+        if st.gang.fills.is_empty() {
+            return;
+        }
+        let mut fills = core::mem::replace(&mut st.gang.fills, KVec::new());
+        st.gang.bytes = 0;
+        // Without memory for the results every fill fails below (a missing
+        // result is never taken for success).
+        let mut res = KVec::with_capacity(fills.len(), GFP_KERNEL).unwrap_or_default();
+        for _ in 0..fills.len() {
+            if res.push(Ok(()), GFP_KERNEL).is_err() {
+                break;
+            }
+        }
+        if res.len() == fills.len() {
+            Self::gang_reads(st, &mut fills, &mut res);
+            for (f, r) in fills.iter_mut().zip(res.iter_mut()) {
+                if r.is_ok() {
+                    *r = Self::gang_data(f);
+                }
+            }
+            Self::gang_writes(st, &fills, &mut res);
+        }
+        for (i, f) in fills.into_iter().enumerate() {
+            let r = res.get(i).copied().unwrap_or(Err(ENOMEM));
+            let r = r.and_then(|()| self.gang_point(st, &f));
+            if r.is_err() {
+                if let Ok(cs) = st.delta(f.d).map(|delta| delta.hdr.cluster_size()) {
+                    self.free_unused(st, f.d, f.host, cs);
+                }
+            }
+            f.bio.end(r);
+        }
+    }
+
+    /// Every fill's reads from the chain, in flight at once; a failed read
+    /// fails its fill in `res`.
+    fn gang_reads(st: &WorkerState, fills: &mut [Fill], res: &mut [Result]) {
+        let n: usize = fills.iter().map(|f| f.reads.len()).sum();
+        let (Ok(mut reqs), Ok(mut owner)) = (
+            KVec::with_capacity(n, GFP_KERNEL),
+            KVec::with_capacity(n, GFP_KERNEL),
+        ) else {
+            res.iter_mut().for_each(|r| *r = Err(ENOMEM));
+            return;
+        };
+        for (k, f) in fills.iter_mut().enumerate() {
+            let mut rest: &mut [u8] = &mut f.buf;
+            let mut done = 0usize;
+            for c in f.reads.iter() {
+                let Some(file) = st.deltas.get(c.delta).map(|delta| &delta.file) else {
+                    if let Some(r) = res.get_mut(k) {
+                        *r = Err(EIO);
+                    }
+                    break;
+                };
+                // Reads were planned in order, each inside the buffer.
+                let skip = c.at.checked_sub(done).filter(|&s| s <= rest.len());
+                let Some(skip) = skip.filter(|&s| c.len <= rest.len() - s) else {
+                    if let Some(r) = res.get_mut(k) {
+                        *r = Err(EIO);
+                    }
+                    break;
+                };
+                let (_, tail) = core::mem::take(&mut rest).split_at_mut(skip);
+                let (piece, tail) = tail.split_at_mut(c.len);
+                rest = tail;
+                done = c.at + c.len;
+                if reqs
+                    .push(ReadAt::new(file, piece, c.host), GFP_KERNEL)
+                    .is_err()
+                    || owner.push(k, GFP_KERNEL).is_err()
+                {
+                    if let Some(r) = res.get_mut(k) {
+                        *r = Err(ENOMEM);
+                    }
+                    break;
+                }
+            }
+        }
+        read_batch(&mut reqs);
+        for (req, &k) in reqs.iter().zip(owner.iter()) {
+            if let (Err(e), Some(r)) = (req.res, res.get_mut(k)) {
+                if r.is_ok() {
+                    *r = Err(e);
+                }
+            }
+        }
+    }
+
+    /// The write's data over the chain's in the fill's buffer.
+    fn gang_data(f: &mut Fill) -> Result {
+        let end = f.off.checked_add(f.len).ok_or(EIO)?;
+        let mid = f.buf.get_mut(f.off as usize..end as usize).ok_or(EIO)?;
+        f.bio.copy_to(f.boff, mid)
+    }
+
+    /// Every fill's cluster written, in flight at once (those still good).
+    fn gang_writes(st: &WorkerState, fills: &[Fill], res: &mut [Result]) {
+        let n = res.iter().filter(|r| r.is_ok()).count();
+        let (Ok(mut reqs), Ok(mut owner)) = (
+            KVec::with_capacity(n, GFP_KERNEL),
+            KVec::with_capacity(n, GFP_KERNEL),
+        ) else {
+            res.iter_mut().for_each(|r| *r = Err(ENOMEM));
+            return;
+        };
+        for (k, (f, r)) in fills.iter().zip(res.iter_mut()).enumerate() {
+            if r.is_err() {
+                continue;
+            }
+            let (Some(delta), Some(buf)) = (st.deltas.get(f.d), f.buf.get(..f.cs as usize)) else {
+                *r = Err(EIO);
+                continue;
+            };
+            if reqs
+                .push(WriteAt::new(&delta.file, buf, f.host), GFP_KERNEL)
+                .is_err()
+                || owner.push(k, GFP_KERNEL).is_err()
+            {
+                *r = Err(ENOMEM);
+            }
+        }
+        write_batch(&mut reqs);
+        for (req, &k) in reqs.iter().zip(owner.iter()) {
+            if let (Err(e), Some(r)) = (req.res, res.get_mut(k)) {
+                *r = Err(e);
+            }
+        }
+    }
+
+    /// Points the fill's entry at its cluster (the data is written) and
+    /// drops the reference of the cluster it pointed at before.
+    fn gang_point(&self, st: &mut WorkerState, f: &Fill) -> Result {
+        let delta = st.delta(f.d)?;
+        let hdr = &delta.hdr;
+        let fast = st.fast_for(f.d);
+        Self::hot_forget(fast.as_deref(), hdr, f.vaddr);
+        let raw = fmt::encode_l2_normal(f.host, true);
+        let md = st.md.get_mut(f.d).ok_or(EIO)?;
+        md.set_l2_entry(&delta.file, hdr, f.l2_off, f.vaddr, raw, 0)
+            .map_err(|e| self.md_error(e))?;
+        if let Some(old) = f.shared {
+            self.free(st, f.d, old, hdr.cluster_size());
+        }
+        Ok(())
+    }
+}
