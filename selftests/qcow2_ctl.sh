@@ -868,6 +868,68 @@ case_enospc_inplace() {
 	enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
+# copy-on-write fills run in a gang (drivers/io/cow.rs) and hit ENOSPC:
+# 4 KiB random writes at iodepth 32 into an empty top on a full 24M tmpfs
+# over a written base of 64 KiB clusters (every write needs a new cluster
+# filled from the base); the writes park, and once the filler is removed
+# they complete; fio verifies its blocks, and every other byte is the
+# base's (check_unwritten), qemu-img reads what the device did, check clean
+case_enospc_cow() {
+	local avail end rc
+	need "$FIO"
+	need fallocate
+	SMALL=$DMQ_CASE_DIR/small
+	mkdir -p "$SMALL"
+	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
+		dmq_skip "cannot mount a 24M tmpfs"
+	trap enospc_exit EXIT
+	dmq_img_create base.qcow2 32M cluster_size=64k
+	dmq_write base.qcow2 r:0:32M
+	dmq_img_create "$SMALL/top.qcow2" 32M cluster_size=64k "$PWD/base.qcow2"
+	convert "$SMALL/top.qcow2" before.raw
+	map_rw base.qcow2 "$SMALL/top.qcow2"
+	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
+		dmq_fail "statvfs"
+	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
+	# 768 writes over 256 clusters (16M): the top needs ~16M, 1M is free
+	"$FIO" --output=fio.log --name=c --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 --size=16M \
+		--io_size=3M --verify=crc32c --verify_fatal=1 --randrepeat=1 \
+		--randseed=29 --write_iolog=c.iolog &
+	DD_PID=$!
+	end=$((SECONDS + 30))
+	while status v && [ "$ST_ENOSPC" = 0 ]; do
+		kill -0 "$DD_PID" 2>/dev/null || { cat fio.log; dmq_fail "fio ended without waiting for space"; }
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no parked writes after 30 s: '$STATUS'"
+		sleep 0.2
+	done
+	echo "writes parked: enospc=$ST_ENOSPC"
+	msg_ok v get_event
+	[ "$MSG_OUT" = event_ENOSPC ] || dmq_fail "get_event: '$MSG_OUT'"
+	sleep 2
+	kill -0 "$DD_PID" 2>/dev/null || { cat fio.log; dmq_fail "fio ended while the file system is full"; }
+	rm -f "$SMALL/filler"
+	rc=0
+	dmq_wait_exit "$DD_PID" 60 "fio, after the filler's rm," || rc=$?
+	DD_PID=
+	if [ "$rc" -ne 0 ] || grep -qEi 'verify|bad magic|bad header|crc32c|err= *[1-9]' fio.log; then
+		cat fio.log
+		dmq_fail "fio failed (rc=$rc)"
+	fi
+	grep -q 'read: IOPS=' fio.log || { cat fio.log; dmq_fail "fio did not verify"; }
+	grep -E '^ *(write|read): IOPS' fio.log | sed 's/^ */fio: /'
+	status v
+	[ "$ST_ENOSPC" = 0 ] || dmq_fail "enospc=$ST_ENOSPC after fio completed"
+	dump "$DEV" dev.raw
+	check_unwritten before.raw dev.raw c.iolog ||
+		dmq_fail "bytes fio did not write differ from the base's"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images "$SMALL/top.qcow2" base.qcow2
+	convert "$SMALL/top.qcow2" top.raw
+	same dev.raw top.raw "qemu-img convert of the top differs from the device"
+	echo "qemu-img reads the chain as the device did"
+}
+
 # writes wait for space in the top (on a full 24M tmpfs) while a backward
 # merge moves the top into the base (on the scratch file system): start and
 # complete work with writes parked (they hold no in-flight reference, as in
@@ -1100,7 +1162,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1115,6 +1177,7 @@ DMQ_CASES=(
 	fault_injection
 	enospc
 	enospc_inplace
+	enospc_cow
 	enospc_merge
 	enospc_merge_inplace
 	suspend_loop
