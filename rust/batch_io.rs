@@ -22,16 +22,19 @@ pub(crate) struct ReadAt<'a> {
     pub(crate) file: &'a File,
     pub(crate) buf: &'a mut [u8],
     pub(crate) pos: u64,
+    /// The caller's (which of its jobs the read is for); left as it is.
+    pub(crate) tag: usize,
     /// Set by [`read_batch`].
     pub(crate) res: Result,
 }
 
 impl<'a> ReadAt<'a> {
-    pub(crate) fn new(file: &'a File, buf: &'a mut [u8], pos: u64) -> Self {
+    pub(crate) fn new(file: &'a File, buf: &'a mut [u8], pos: u64, tag: usize) -> Self {
         Self {
             file,
             buf,
             pos,
+            tag,
             res: Ok(()),
         }
     }
@@ -43,16 +46,19 @@ pub(crate) struct WriteAt<'a> {
     pub(crate) file: &'a File,
     pub(crate) buf: &'a [u8],
     pub(crate) pos: u64,
+    /// The caller's, as [`ReadAt::tag`].
+    pub(crate) tag: usize,
     /// Set by [`write_batch`].
     pub(crate) res: Result,
 }
 
 impl<'a> WriteAt<'a> {
-    pub(crate) fn new(file: &'a File, buf: &'a [u8], pos: u64) -> Self {
+    pub(crate) fn new(file: &'a File, buf: &'a [u8], pos: u64, tag: usize) -> Self {
         Self {
             file,
             buf,
             pos,
+            tag,
             res: Ok(()),
         }
     }
@@ -64,16 +70,19 @@ pub(crate) fn read_batch(reqs: &mut [ReadAt<'_>]) {
     for r in reqs.iter_mut() {
         r.res = r.file.inject();
     }
-    let raw = run(
+    let raw = requests(
         reqs.iter_mut()
             .filter(|r| r.res.is_ok())
             .map(|r| (r.file, r.buf.as_mut_ptr(), r.buf.len(), r.pos)),
-        false,
     );
+    // SAFETY: Every request is one of `reqs`, whose buffers are borrowed
+    // (uniquely: `&mut [u8]`) for this whole call: writable, valid for their
+    // length, distinct from each other; their files are borrowed too.
+    let raw = raw.and_then(|mut raw| unsafe { run(&mut raw, false) }.map(|()| raw));
     let Ok(raw) = raw else {
         // No memory for the batch: one after the other.
         for r in reqs.iter_mut().filter(|r| r.res.is_ok()) {
-            r.res = r.file.read_full(r.buf, r.pos);
+            r.res = r.file.read_full_no_fault(r.buf, r.pos);
         }
         return;
     };
@@ -97,16 +106,18 @@ pub(crate) fn write_batch(reqs: &mut [WriteAt<'_>]) {
     for r in reqs.iter_mut() {
         r.res = r.file.inject();
     }
-    let raw = run(
+    let raw = requests(
         reqs.iter()
             .filter(|r| r.res.is_ok())
             // Only read through the `*mut` (a write's source, `ITER_SOURCE`).
             .map(|r| (r.file, r.buf.as_ptr().cast_mut(), r.buf.len(), r.pos)),
-        true,
     );
+    // SAFETY: Every request is one of `reqs`, whose buffers are borrowed for
+    // this whole call and valid for their length; a write only reads them.
+    let raw = raw.and_then(|mut raw| unsafe { run(&mut raw, true) }.map(|()| raw));
     let Ok(raw) = raw else {
         for r in reqs.iter_mut().filter(|r| r.res.is_ok()) {
-            r.res = r.file.write_full(r.buf, r.pos);
+            r.res = r.file.write_full_no_fault(r.buf, r.pos);
         }
         return;
     };
@@ -115,20 +126,20 @@ pub(crate) fn write_batch(reqs: &mut [WriteAt<'_>]) {
             Err(_) => Err(Error::from_errno(done.ret as i32)),
             Ok(n) if n >= r.buf.len() => Ok(()),
             // Short: the rest synchronously, so that its cause (e.g. ENOSPC)
-            // is what the caller sees.
+            // is what the caller sees. (A count that is not a multiple of
+            // the block size would make that direct write fail with EINVAL:
+            // an error, never a wrong success.)
             Ok(n) => match (r.buf.get(n..), r.pos.checked_add(n as u64)) {
-                (Some(rest), Some(pos)) if n > 0 => r.file.write_full(rest, pos),
+                (Some(rest), Some(pos)) if n > 0 => r.file.write_full_no_fault(rest, pos),
                 _ => Err(EIO),
             },
         };
     }
 }
 
-/// Starts and waits for the transfers `(file, buf, len, pos)`; their results,
-/// in order.
-fn run<'a>(
+/// The shim's requests for the transfers `(file, buf, len, pos)`.
+fn requests<'a>(
     transfers: impl Iterator<Item = (&'a File, *mut u8, usize, u64)>,
-    write: bool,
 ) -> Result<KVec<bindings::dmq_rw_req>> {
     let mut raw = KVec::new();
     for (file, buf, len, pos) in transfers {
@@ -144,19 +155,30 @@ fn run<'a>(
             GFP_KERNEL,
         )?;
     }
+    Ok(raw)
+}
+
+/// Starts the transfers of `raw` and waits for them all; each one's result
+/// is in its `ret`. Returns ENOMEM, having started none, if the shim has no
+/// memory for its bookkeeping.
+///
+/// # Safety
+///
+/// Every entry's `file` must be a file the caller holds a reference to for
+/// the whole call, and its `buf` valid for `len` bytes for the whole call:
+/// writable and not aliased by any other entry or reference for reads
+/// (`write` false), readable for writes.
+unsafe fn run(raw: &mut [bindings::dmq_rw_req], write: bool) -> Result {
     if raw.is_empty() {
-        return Ok(raw);
+        return Ok(());
     }
     let n = u32::try_from(raw.len()).map_err(|_| EINVAL)?;
-    // SAFETY: Every entry names a file the caller holds a reference to (it
-    // borrows the `File`) and a buffer valid for `len` bytes for the whole
-    // call, writable for reads (the caller's `&mut [u8]`, distinct from every
-    // other entry's) and only read for writes. The shim returns only after
-    // every transfer it started has completed, so none of them touches a
-    // buffer after the borrows end.
+    // SAFETY: The entries are as this function's contract requires, and the
+    // shim returns only after every transfer it started has completed, so
+    // none of them touches a buffer after this call.
     let r = unsafe { bindings::dmq_file_rw_many(raw.as_mut_ptr(), n, write) };
     if r != 0 {
         return Err(Error::from_errno(r));
     }
-    Ok(raw)
+    Ok(())
 }

@@ -322,7 +322,14 @@ impl File {
     /// file reads as zeroes; a short read before it is an error. `buf` and
     /// `pos` must suit direct I/O.
     pub(crate) fn read_full(&self, buf: &mut [u8], pos: u64) -> Result {
-        let got = self.read_at(buf, pos)?;
+        self.inject()?;
+        self.read_full_no_fault(buf, pos)
+    }
+
+    /// [`File::read_full`] without fault injection (for a caller that
+    /// injected already, so that a fault is not drawn twice).
+    pub(super) fn read_full_no_fault(&self, buf: &mut [u8], pos: u64) -> Result {
+        let got = self.read_at_no_fault(buf, pos)?;
         if got < buf.len() {
             if pos.saturating_add(got as u64) < self.size() {
                 return Err(EIO);
@@ -336,6 +343,10 @@ impl File {
     /// (short at end of file). `buf` and `pos` must suit direct I/O.
     pub(crate) fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         self.inject()?;
+        self.read_at_no_fault(buf, pos)
+    }
+
+    fn read_at_no_fault(&self, buf: &mut [u8], pos: u64) -> Result<usize> {
         let pos = i64::try_from(pos).map_err(|_| EINVAL)?;
         // SAFETY: The file is valid and `buf` is writable for its length; the
         // shim reads into it synchronously (done when the call returns).
@@ -358,6 +369,12 @@ impl File {
     /// suit direct I/O.
     pub(crate) fn write_full(&self, buf: &[u8], pos: u64) -> Result {
         self.inject()?;
+        self.write_full_no_fault(buf, pos)
+    }
+
+    /// [`File::write_full`] without fault injection (see
+    /// [`File::read_full_no_fault`]).
+    pub(super) fn write_full_no_fault(&self, buf: &[u8], pos: u64) -> Result {
         let mut ipos = i64::try_from(pos).map_err(|_| EINVAL)?;
         let mut rest = buf;
         while !rest.is_empty() {

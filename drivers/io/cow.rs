@@ -21,8 +21,16 @@
 //! points at them, the fast path's table has none, and the gang is flushed
 //! before any bio that could read or write what it changes (anything but a
 //! plain write inside one cluster the gang does not hold already) and
-//! before the batch ends, so neither commits, messages nor the merge walker
-//! (all of which take the state) ever find it non-empty.
+//! before the batch ends, so neither messages, suspend nor the merge walker
+//! (all of which take the state) ever find it non-empty. A commit may run
+//! while fills are planned (the metadata cache writes pages out to make
+//! room): it writes the refcounts of their clusters, not entries pointing
+//! at them (a crash then leaks those clusters, as it would a single fill's).
+//!
+//! Memory for the gang is taken when a write joins it (its buffer, its
+//! place in the gang); a write that finds none fills its cluster alone, and
+//! a flush without memory for its request lists runs the fills' I/O one
+//! after the other: low memory slows a gang down, it never fails a write.
 //!
 //! Each write's bio keeps one completion reference in the gang: the bio
 //! completes when its fill's entry is set, or fails with the fill's error
@@ -72,6 +80,8 @@ struct Fill {
     shared: Option<u64>,
     buf: IoBuf,
     reads: KVec<ChainRead>,
+    /// The fill's result so far.
+    res: Result,
 }
 
 impl CowGang {
@@ -140,15 +150,27 @@ impl Inner {
         let delta = st.delta(d)?;
         let cs = delta.hdr.cluster_size();
         let off = delta.hdr.offset_in_cluster(vaddr);
-        let (Ok(mut buf), Ok(mut reads)) =
-            (IoBuf::new(cs as usize), KVec::with_capacity(4, GFP_KERNEL))
-        else {
+        let end = off.checked_add(len).filter(|&e| e <= cs).ok_or(EIO)?;
+        let (Ok(mut buf), Ok(mut reads), Ok(())) = (
+            IoBuf::new(cs as usize),
+            KVec::with_capacity(4, GFP_KERNEL),
+            st.gang.fills.reserve(1, GFP_KERNEL),
+        ) else {
             return Ok(Some(Src::Bio(bio, boff)));
         };
         let base = vaddr - off;
-        let mut pos = 0u64;
-        while pos < cs {
-            let (i, kind, rl) = self.resolve(st, d, base + pos, cs - pos)?;
+        // What the write leaves of the cluster comes from the chain: all of
+        // it in one read where the write is inside (one I/O where the chain
+        // holds it in one piece), else the part before or after it, or none.
+        let span = match (off, end) {
+            (0, e) if e == cs => (0, 0),
+            (0, e) => (e, cs),
+            (o, e) if e == cs => (0, o),
+            _ => (0, cs),
+        };
+        let mut pos = span.0;
+        while pos < span.1 {
+            let (i, kind, rl) = self.resolve(st, d, base + pos, span.1 - pos)?;
             let at = pos as usize;
             let dst = buf.get_mut(at..(pos + rl) as usize).ok_or(EIO)?;
             match kind {
@@ -168,6 +190,8 @@ impl Inner {
             }
             pos += rl;
         }
+        // Cannot fail (reserved above): a failure here would end the split
+        // reference with an error, never lose the write.
         st.gang.fills.push(
             Fill {
                 bio: bio.split_ref(),
@@ -182,6 +206,7 @@ impl Inner {
                 shared,
                 buf,
                 reads,
+                res: Ok(()),
             },
             GFP_KERNEL,
         )?;
@@ -198,26 +223,13 @@ impl Inner {
         }
         let mut fills = core::mem::replace(&mut st.gang.fills, KVec::new());
         st.gang.bytes = 0;
-        // Without memory for the results every fill fails below (a missing
-        // result is never taken for success).
-        let mut res = KVec::with_capacity(fills.len(), GFP_KERNEL).unwrap_or_default();
-        for _ in 0..fills.len() {
-            if res.push(Ok(()), GFP_KERNEL).is_err() {
-                break;
-            }
+        Self::gang_reads(st, &mut fills);
+        for f in fills.iter_mut().filter(|f| f.res.is_ok()) {
+            f.res = Self::gang_data(f);
         }
-        if res.len() == fills.len() {
-            Self::gang_reads(st, &mut fills, &mut res);
-            for (f, r) in fills.iter_mut().zip(res.iter_mut()) {
-                if r.is_ok() {
-                    *r = Self::gang_data(f);
-                }
-            }
-            Self::gang_writes(st, &fills, &mut res);
-        }
-        for (i, f) in fills.into_iter().enumerate() {
-            let r = res.get(i).copied().unwrap_or(Err(ENOMEM));
-            let r = r.and_then(|()| self.gang_point(st, &f));
+        Self::gang_writes(st, &mut fills);
+        for f in fills.into_iter() {
+            let r = f.res.and_then(|()| self.gang_point(st, &f));
             if r.is_err() {
                 if let Ok(cs) = st.delta(f.d).map(|delta| delta.hdr.cluster_size()) {
                     self.free_unused(st, f.d, f.host, cs);
@@ -228,58 +240,83 @@ impl Inner {
     }
 
     /// Every fill's reads from the chain, in flight at once; a failed read
-    /// fails its fill in `res`.
-    fn gang_reads(st: &WorkerState, fills: &mut [Fill], res: &mut [Result]) {
+    /// fails its fill.
+    fn gang_reads(st: &WorkerState, fills: &mut [Fill]) {
         let n: usize = fills.iter().map(|f| f.reads.len()).sum();
-        let (Ok(mut reqs), Ok(mut owner)) = (
+        if n == 0 {
+            return;
+        }
+        let (Ok(mut reqs), Ok(mut results)) = (
             KVec::with_capacity(n, GFP_KERNEL),
-            KVec::with_capacity(n, GFP_KERNEL),
+            KVec::<(usize, Result)>::with_capacity(n, GFP_KERNEL),
         ) else {
-            res.iter_mut().for_each(|r| *r = Err(ENOMEM));
+            // No memory for the lists: each read on its own.
+            for f in fills.iter_mut() {
+                f.res = Self::fill_reads_one_by_one(st, f);
+            }
             return;
         };
+        let mut planned = Ok(());
         for (k, f) in fills.iter_mut().enumerate() {
             let mut rest: &mut [u8] = &mut f.buf;
             let mut done = 0usize;
             for c in f.reads.iter() {
                 let Some(file) = st.deltas.get(c.delta).map(|delta| &delta.file) else {
-                    if let Some(r) = res.get_mut(k) {
-                        *r = Err(EIO);
-                    }
+                    f.res = Err(EIO);
                     break;
                 };
                 // Reads were planned in order, each inside the buffer.
                 let skip = c.at.checked_sub(done).filter(|&s| s <= rest.len());
                 let Some(skip) = skip.filter(|&s| c.len <= rest.len() - s) else {
-                    if let Some(r) = res.get_mut(k) {
-                        *r = Err(EIO);
-                    }
+                    f.res = Err(EIO);
                     break;
                 };
                 let (_, tail) = core::mem::take(&mut rest).split_at_mut(skip);
                 let (piece, tail) = tail.split_at_mut(c.len);
                 rest = tail;
                 done = c.at + c.len;
+                // Within the capacity reserved for all of them.
                 if reqs
-                    .push(ReadAt::new(file, piece, c.host), GFP_KERNEL)
+                    .push(ReadAt::new(file, piece, c.host, k), GFP_KERNEL)
                     .is_err()
-                    || owner.push(k, GFP_KERNEL).is_err()
                 {
-                    if let Some(r) = res.get_mut(k) {
-                        *r = Err(ENOMEM);
-                    }
-                    break;
+                    planned = Err(ENOMEM);
                 }
             }
         }
         read_batch(&mut reqs);
-        for (req, &k) in reqs.iter().zip(owner.iter()) {
-            if let (Err(e), Some(r)) = (req.res, res.get_mut(k)) {
-                if r.is_ok() {
-                    *r = Err(e);
+        for req in reqs.iter() {
+            if results.push((req.tag, req.res), GFP_KERNEL).is_err() {
+                planned = Err(ENOMEM);
+            }
+        }
+        let nreqs = reqs.len();
+        drop(reqs);
+        if planned.is_err() || results.len() != nreqs {
+            // Cannot happen (all within reserved capacity), but a read whose
+            // result is unknown must not count as done.
+            fills
+                .iter_mut()
+                .for_each(|f| f.res = f.res.and(Err(ENOMEM)));
+            return;
+        }
+        for (k, r) in results.iter() {
+            if let (Err(e), Some(f)) = (r, fills.get_mut(*k)) {
+                if f.res.is_ok() {
+                    f.res = Err(*e);
                 }
             }
         }
+    }
+
+    /// A fill's reads from the chain, one after the other.
+    fn fill_reads_one_by_one(st: &WorkerState, f: &mut Fill) -> Result {
+        for c in f.reads.iter() {
+            let file = &st.deltas.get(c.delta).ok_or(EIO)?.file;
+            let end = c.at.checked_add(c.len).ok_or(EIO)?;
+            file.read_full(f.buf.get_mut(c.at..end).ok_or(EIO)?, c.host)?;
+        }
+        Ok(())
     }
 
     /// The write's data over the chain's in the fill's buffer.
@@ -290,35 +327,59 @@ impl Inner {
     }
 
     /// Every fill's cluster written, in flight at once (those still good).
-    fn gang_writes(st: &WorkerState, fills: &[Fill], res: &mut [Result]) {
-        let n = res.iter().filter(|r| r.is_ok()).count();
-        let (Ok(mut reqs), Ok(mut owner)) = (
+    fn gang_writes(st: &WorkerState, fills: &mut [Fill]) {
+        let n = fills.iter().filter(|f| f.res.is_ok()).count();
+        if n == 0 {
+            return;
+        }
+        let (Ok(mut reqs), Ok(mut results)) = (
             KVec::with_capacity(n, GFP_KERNEL),
-            KVec::with_capacity(n, GFP_KERNEL),
+            KVec::<(usize, Result)>::with_capacity(n, GFP_KERNEL),
         ) else {
-            res.iter_mut().for_each(|r| *r = Err(ENOMEM));
+            // No memory for the lists: each write on its own.
+            for f in fills.iter_mut().filter(|f| f.res.is_ok()) {
+                let file = st.deltas.get(f.d).map(|delta| &delta.file);
+                f.res = match (file, f.buf.get(..f.cs as usize)) {
+                    (Some(file), Some(buf)) => file.write_full(buf, f.host),
+                    _ => Err(EIO),
+                };
+            }
             return;
         };
-        for (k, (f, r)) in fills.iter().zip(res.iter_mut()).enumerate() {
-            if r.is_err() {
-                continue;
-            }
+        let mut planned = Ok(());
+        for (k, f) in fills.iter().enumerate().filter(|(_, f)| f.res.is_ok()) {
             let (Some(delta), Some(buf)) = (st.deltas.get(f.d), f.buf.get(..f.cs as usize)) else {
-                *r = Err(EIO);
+                // Without the write, the fill counts as failed (below).
+                let _ = results.push((k, Err(EIO)), GFP_KERNEL);
                 continue;
             };
+            // Within the capacity reserved for all of them.
             if reqs
-                .push(WriteAt::new(&delta.file, buf, f.host), GFP_KERNEL)
+                .push(WriteAt::new(&delta.file, buf, f.host, k), GFP_KERNEL)
                 .is_err()
-                || owner.push(k, GFP_KERNEL).is_err()
             {
-                *r = Err(ENOMEM);
+                planned = Err(ENOMEM);
             }
         }
         write_batch(&mut reqs);
-        for (req, &k) in reqs.iter().zip(owner.iter()) {
-            if let (Err(e), Some(r)) = (req.res, res.get_mut(k)) {
-                *r = Err(e);
+        for req in reqs.iter() {
+            if results.push((req.tag, req.res), GFP_KERNEL).is_err() {
+                planned = Err(ENOMEM);
+            }
+        }
+        drop(reqs);
+        // Every fill still good has exactly one result: its write's.
+        if planned.is_err() || results.len() != n {
+            // Cannot happen (all within reserved capacity), but a fill whose
+            // write is not known to be done must not be pointed at.
+            fills
+                .iter_mut()
+                .for_each(|f| f.res = f.res.and(Err(ENOMEM)));
+            return;
+        }
+        for (k, r) in results.iter() {
+            if let (Err(e), Some(f)) = (r, fills.get_mut(*k)) {
+                f.res = Err(*e);
             }
         }
     }

@@ -185,8 +185,10 @@ impl Inner {
         }
         let mut src = src;
         let compressed = matches!(c, Cluster::Compressed { .. });
-        if let (Src::Bio(bio, boff), true, false, false, true) =
-            (src, fresh, fua, compressed, st.gang.open)
+        // (`gang_point` sets a plain entry: no extended L2 in a gang.)
+        let plain = !compressed && !hdr.extended_l2();
+        if let (Src::Bio(bio, boff), true, false, true, true) =
+            (src, fresh, fua, plain, st.gang.open)
         {
             // Filled with the batch's other fills (`cow`).
             let gang = self.gang_cow(st, d, (bio, boff), (l2_off, host), vaddr, len, shared);
