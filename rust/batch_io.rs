@@ -67,95 +67,143 @@ impl<'a> WriteAt<'a> {
 /// Reads every one of `reqs`, all in flight at once; each one's result is
 /// in its `res` when this returns. Buffers and offsets must suit direct I/O.
 pub(crate) fn read_batch(reqs: &mut [ReadAt<'_>]) {
-    for r in reqs.iter_mut() {
-        r.res = r.file.inject();
-    }
-    let raw = requests(
-        reqs.iter_mut()
-            .filter(|r| r.res.is_ok())
-            .map(|r| (r.file, r.buf.as_mut_ptr(), r.buf.len(), r.pos)),
-    );
-    // SAFETY: Every request is one of `reqs`, whose buffers are borrowed
-    // (uniquely: `&mut [u8]`) for this whole call: writable, valid for their
-    // length, distinct from each other; their files are borrowed too.
-    let raw = raw.and_then(|mut raw| unsafe { run(&mut raw, false) }.map(|()| raw));
-    let Ok(raw) = raw else {
-        // No memory for the batch: one after the other.
-        for r in reqs.iter_mut().filter(|r| r.res.is_ok()) {
-            r.res = r.file.read_full_no_fault(r.buf, r.pos);
-        }
-        return;
-    };
-    for (r, done) in reqs.iter_mut().filter(|r| r.res.is_ok()).zip(raw.iter()) {
-        r.res = match usize::try_from(done.ret) {
-            Err(_) => Err(Error::from_errno(done.ret as i32)),
-            Ok(n) if n >= r.buf.len() => Ok(()),
-            // Short at the end of the file: the rest reads as zeroes.
-            Ok(n) if r.pos.saturating_add(n as u64) >= r.file.size() => {
-                r.buf.get_mut(n..).unwrap_or(&mut []).fill(0);
-                Ok(())
-            }
-            Ok(_) => Err(EIO),
-        };
-    }
+    batch(reqs);
 }
 
 /// Writes every one of `reqs`, all in flight at once; each one's result is
 /// in its `res` when this returns. Buffers and offsets must suit direct I/O.
 pub(crate) fn write_batch(reqs: &mut [WriteAt<'_>]) {
-    for r in reqs.iter_mut() {
-        r.res = r.file.inject();
+    batch(reqs);
+}
+
+/// One transfer of a batch: what [`ReadAt`] and [`WriteAt`] have in common.
+///
+/// # Safety
+///
+/// `raw` must return a buffer valid for its length for as long as the
+/// transfer is borrowed, writable and not aliased for a read (`WRITE`
+/// false), and the file must be the transfer's own (borrowed as long).
+unsafe trait Transfer {
+    const WRITE: bool;
+    fn file(&self) -> &File;
+    fn res(&mut self) -> &mut Result;
+    fn is_ok(&self) -> bool;
+    /// The buffer (pointer, length) and the file position.
+    fn raw(&mut self) -> (*mut u8, usize, u64);
+    /// Done alone, synchronously (no memory for the batch).
+    fn alone(&mut self) -> Result;
+    /// The result, given the shim's count of bytes done.
+    fn finish(&mut self, done: usize) -> Result;
+}
+
+// SAFETY: The buffer is the `&mut [u8]` the read borrows, the file its own.
+unsafe impl Transfer for ReadAt<'_> {
+    const WRITE: bool = false;
+    fn file(&self) -> &File {
+        self.file
     }
-    let raw = requests(
-        reqs.iter()
-            .filter(|r| r.res.is_ok())
-            // Only read through the `*mut` (a write's source, `ITER_SOURCE`).
-            .map(|r| (r.file, r.buf.as_ptr().cast_mut(), r.buf.len(), r.pos)),
-    );
-    // SAFETY: Every request is one of `reqs`, whose buffers are borrowed for
-    // this whole call and valid for their length; a write only reads them.
-    let raw = raw.and_then(|mut raw| unsafe { run(&mut raw, true) }.map(|()| raw));
-    let Ok(raw) = raw else {
-        for r in reqs.iter_mut().filter(|r| r.res.is_ok()) {
-            r.res = r.file.write_full_no_fault(r.buf, r.pos);
+    fn res(&mut self) -> &mut Result {
+        &mut self.res
+    }
+    fn is_ok(&self) -> bool {
+        self.res.is_ok()
+    }
+    fn raw(&mut self) -> (*mut u8, usize, u64) {
+        (self.buf.as_mut_ptr(), self.buf.len(), self.pos)
+    }
+    fn alone(&mut self) -> Result {
+        self.file.read_full_no_fault(self.buf, self.pos)
+    }
+    fn finish(&mut self, n: usize) -> Result {
+        if n >= self.buf.len() {
+            return Ok(());
         }
-        return;
-    };
-    for (r, done) in reqs.iter_mut().filter(|r| r.res.is_ok()).zip(raw.iter()) {
-        r.res = match usize::try_from(done.ret) {
-            Err(_) => Err(Error::from_errno(done.ret as i32)),
-            Ok(n) if n >= r.buf.len() => Ok(()),
-            // Short: the rest synchronously, so that its cause (e.g. ENOSPC)
-            // is what the caller sees. (A count that is not a multiple of
-            // the block size would make that direct write fail with EINVAL:
-            // an error, never a wrong success.)
-            Ok(n) => match (r.buf.get(n..), r.pos.checked_add(n as u64)) {
-                (Some(rest), Some(pos)) if n > 0 => r.file.write_full_no_fault(rest, pos),
-                _ => Err(EIO),
-            },
-        };
+        // Short at the end of the file: the rest reads as zeroes.
+        if self.pos.saturating_add(n as u64) < self.file.size() {
+            return Err(EIO);
+        }
+        self.buf.get_mut(n..).unwrap_or(&mut []).fill(0);
+        Ok(())
     }
 }
 
-/// The shim's requests for the transfers `(file, buf, len, pos)`.
-fn requests<'a>(
-    transfers: impl Iterator<Item = (&'a File, *mut u8, usize, u64)>,
-) -> Result<KVec<bindings::dmq_rw_req>> {
-    let mut raw = KVec::new();
-    for (file, buf, len, pos) in transfers {
-        raw.push(
-            bindings::dmq_rw_req {
-                file: file.as_raw(),
-                buf: buf.cast(),
-                len,
-                // Out of range: refused by the shim (EINVAL) for this one.
-                pos: i64::try_from(pos).unwrap_or(-1),
-                ret: 0,
-            },
-            GFP_KERNEL,
-        )?;
+// SAFETY: The buffer is the `&[u8]` the write borrows (only read through the
+// `*mut`: a write's source, `ITER_SOURCE`), the file its own.
+unsafe impl Transfer for WriteAt<'_> {
+    const WRITE: bool = true;
+    fn file(&self) -> &File {
+        self.file
     }
-    Ok(raw)
+    fn res(&mut self) -> &mut Result {
+        &mut self.res
+    }
+    fn is_ok(&self) -> bool {
+        self.res.is_ok()
+    }
+    fn raw(&mut self) -> (*mut u8, usize, u64) {
+        (self.buf.as_ptr().cast_mut(), self.buf.len(), self.pos)
+    }
+    fn alone(&mut self) -> Result {
+        self.file.write_full_no_fault(self.buf, self.pos)
+    }
+    fn finish(&mut self, n: usize) -> Result {
+        if n >= self.buf.len() {
+            return Ok(());
+        }
+        // Short: the rest synchronously, so that its cause (e.g. ENOSPC) is
+        // what the caller sees. (A count that is not a multiple of the block
+        // size would make that direct write fail with EINVAL: an error,
+        // never a wrong success.)
+        match (self.buf.get(n..), self.pos.checked_add(n as u64)) {
+            (Some(rest), Some(pos)) if n > 0 => self.file.write_full_no_fault(rest, pos),
+            _ => Err(EIO),
+        }
+    }
+}
+
+/// Runs every one of `reqs` in flight at once (or, without memory for the
+/// batch, one after the other); each one's result in its `res`.
+fn batch<T: Transfer>(reqs: &mut [T]) {
+    for r in reqs.iter_mut() {
+        *r.res() = r.file().inject();
+    }
+    let mut raw = KVec::new();
+    for r in reqs.iter_mut() {
+        if !r.is_ok() {
+            continue;
+        }
+        let (buf, len, pos) = r.raw();
+        let req = bindings::dmq_rw_req {
+            file: r.file().as_raw(),
+            buf: buf.cast(),
+            len,
+            // Out of range: refused by the shim (EINVAL) for this one.
+            pos: i64::try_from(pos).unwrap_or(-1),
+            ret: 0,
+        };
+        if raw.push(req, GFP_KERNEL).is_err() {
+            raw = KVec::new();
+            break;
+        }
+    }
+    let started = reqs.iter().filter(|r| r.is_ok()).count();
+    // SAFETY: Every request is one of `reqs` (`Transfer::raw`), all
+    // borrowed for this whole call: buffers valid for their length,
+    // writable and distinct for reads; files held.
+    let ran = raw.len() == started && unsafe { run(&mut raw, T::WRITE) }.is_ok();
+    if !ran {
+        // No memory for the batch: one after the other.
+        for r in reqs.iter_mut().filter(|r| r.is_ok()) {
+            *r.res() = r.alone();
+        }
+        return;
+    }
+    for (r, done) in reqs.iter_mut().filter(|r| r.is_ok()).zip(raw.iter()) {
+        *r.res() = match usize::try_from(done.ret) {
+            Err(_) => Err(Error::from_errno(done.ret as i32)),
+            Ok(n) => r.finish(n),
+        };
+    }
 }
 
 /// Starts the transfers of `raw` and waits for them all; each one's result

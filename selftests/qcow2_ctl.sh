@@ -868,6 +868,18 @@ case_enospc_inplace() {
 	enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
+# wait_parked WHAT LOG: within 30 s, `dmsetup status` counts parked writes
+# while WHAT (pid $DD_PID) still runs (else its LOG is shown)
+wait_parked() {
+	local end=$((SECONDS + 30))
+	while status v && [ "$ST_ENOSPC" = 0 ]; do
+		kill -0 "$DD_PID" 2>/dev/null || { cat "$2"; dmq_fail "$1 ended without waiting for space"; }
+		[ "$SECONDS" -lt "$end" ] || dmq_fail "no parked writes after 30 s: '$STATUS'"
+		sleep 0.2
+	done
+	echo "writes parked: enospc=$ST_ENOSPC"
+}
+
 # copy-on-write fills run in a gang (drivers/io/cow.rs) and hit ENOSPC:
 # 4 KiB random writes at iodepth 32 into an empty top on a full 24M tmpfs
 # over a written base of 64 KiB clusters (every write needs a new cluster
@@ -875,7 +887,7 @@ case_enospc_inplace() {
 # they complete; fio verifies its blocks, and every other byte is the
 # base's (check_unwritten), qemu-img reads what the device did, check clean
 case_enospc_cow() {
-	local avail end rc
+	local avail rc
 	need "$FIO"
 	need fallocate
 	SMALL=$DMQ_CASE_DIR/small
@@ -897,13 +909,7 @@ case_enospc_cow() {
 		--io_size=3M --verify=crc32c --verify_fatal=1 --randrepeat=1 \
 		--randseed=29 --write_iolog=c.iolog &
 	DD_PID=$!
-	end=$((SECONDS + 30))
-	while status v && [ "$ST_ENOSPC" = 0 ]; do
-		kill -0 "$DD_PID" 2>/dev/null || { cat fio.log; dmq_fail "fio ended without waiting for space"; }
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "no parked writes after 30 s: '$STATUS'"
-		sleep 0.2
-	done
-	echo "writes parked: enospc=$ST_ENOSPC"
+	wait_parked fio fio.log
 	msg_ok v get_event
 	[ "$MSG_OUT" = event_ENOSPC ] || dmq_fail "get_event: '$MSG_OUT'"
 	sleep 2
@@ -936,7 +942,7 @@ case_enospc_cow() {
 # the C target), and the parked writes then land in the base, the new top,
 # without any space freed on the tmpfs. OPTS: the top's qemu-img options.
 enospc_merge_case() {
-	local avail end rc p
+	local avail rc p
 	need fallocate
 	SMALL=$DMQ_CASE_DIR/small
 	mkdir -p "$SMALL"
@@ -957,13 +963,7 @@ enospc_merge_case() {
 	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
 	dd if=pat.bin of="$DEV" bs=1M count=8 oflag=direct conv=fsync status=none 2>dd.err &
 	DD_PID=$!
-	end=$((SECONDS + 30))
-	while status v && [ "$ST_ENOSPC" = 0 ]; do
-		kill -0 "$DD_PID" 2>/dev/null || { cat dd.err; dmq_fail "dd ended without waiting for space"; }
-		[ "$SECONDS" -lt "$end" ] || dmq_fail "no parked writes after 30 s: '$STATUS'"
-		sleep 0.2
-	done
-	echo "writes parked: enospc=$ST_ENOSPC"
+	wait_parked dd dd.err
 
 	msg_ok v merge_backward start -1 0
 	echo "merge_backward start: accepted with writes parked"

@@ -292,9 +292,16 @@ impl Inner {
         }
         let nreqs = reqs.len();
         drop(reqs);
-        if planned.is_err() || results.len() != nreqs {
-            // Cannot happen (all within reserved capacity), but a read whose
-            // result is unknown must not count as done.
+        Self::gang_results(fills, &results, nreqs, planned);
+    }
+
+    /// Applies the `(fill, result)` pairs of the gang's reads or writes: a
+    /// fill's first error is its result. `due` results were expected; if
+    /// fewer were recorded or planning failed (neither can happen: all is
+    /// within reserved capacity), every fill fails, as an I/O whose result
+    /// is unknown must not count as done.
+    fn gang_results(fills: &mut [Fill], results: &[(usize, Result)], due: usize, planned: Result) {
+        if planned.is_err() || results.len() != due {
             fills
                 .iter_mut()
                 .for_each(|f| f.res = f.res.and(Err(ENOMEM)));
@@ -369,19 +376,7 @@ impl Inner {
         }
         drop(reqs);
         // Every fill still good has exactly one result: its write's.
-        if planned.is_err() || results.len() != n {
-            // Cannot happen (all within reserved capacity), but a fill whose
-            // write is not known to be done must not be pointed at.
-            fills
-                .iter_mut()
-                .for_each(|f| f.res = f.res.and(Err(ENOMEM)));
-            return;
-        }
-        for (k, r) in results.iter() {
-            if let (Err(e), Some(f)) = (r, fills.get_mut(*k)) {
-                f.res = Err(*e);
-            }
-        }
+        Self::gang_results(fills, &results, n, planned);
     }
 
     /// Points the fill's entry at its cluster (the data is written) and
