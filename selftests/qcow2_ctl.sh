@@ -773,6 +773,15 @@ enospc_exit() {
 	umount "$SMALL" 2>/dev/null || umount -l "$SMALL"
 }
 
+# small_tmpfs: a 24M tmpfs on $SMALL, unmounted by enospc_exit
+small_tmpfs() {
+	SMALL=$DMQ_CASE_DIR/small
+	mkdir -p "$SMALL"
+	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
+		dmq_skip "cannot mount a 24M tmpfs"
+	trap enospc_exit EXIT
+}
+
 # enospc_case OPTS: a 24M tmpfs, full but 1M: dd of 8M into an image made
 # with OPTS waits (ENOSPC parks the writes), get_event and a dm event say
 # so, dmsetup status counts them; once the filler is removed the writes
@@ -781,11 +790,7 @@ enospc_case() {
 	local full avail ev0 ev1 ev2 rc end
 	need fallocate
 	full=$(dmq_full_name v)
-	SMALL=$DMQ_CASE_DIR/small
-	mkdir -p "$SMALL"
-	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
-		dmq_skip "cannot mount a 24M tmpfs"
-	trap enospc_exit EXIT
+	small_tmpfs
 	dmq_img_create "$SMALL/a.qcow2" 64M "$1"
 	random pat.bin 8M
 	map_rw "$SMALL/a.qcow2"
@@ -890,11 +895,7 @@ case_enospc_cow() {
 	local avail rc
 	need "$FIO"
 	need fallocate
-	SMALL=$DMQ_CASE_DIR/small
-	mkdir -p "$SMALL"
-	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
-		dmq_skip "cannot mount a 24M tmpfs"
-	trap enospc_exit EXIT
+	small_tmpfs
 	dmq_img_create base.qcow2 32M cluster_size=64k
 	dmq_write base.qcow2 r:0:32M
 	dmq_img_create "$SMALL/top.qcow2" 32M cluster_size=64k "$PWD/base.qcow2"
@@ -944,11 +945,7 @@ case_enospc_cow() {
 enospc_merge_case() {
 	local avail rc p
 	need fallocate
-	SMALL=$DMQ_CASE_DIR/small
-	mkdir -p "$SMALL"
-	mount -t tmpfs -o size=24M,mode=0700 dmq-enospc "$SMALL" ||
-		dmq_skip "cannot mount a 24M tmpfs"
-	trap enospc_exit EXIT
+	small_tmpfs
 	dmq_img_create base.qcow2 64M cluster_size=64k
 	dmq_write base.qcow2 r:16M:4M t:40M:1M
 	# (qemu-img refuses preallocation with a backing file: set it after)
