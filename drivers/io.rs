@@ -90,6 +90,19 @@ pub(crate) fn l2_range_left(hdr: &Header, vaddr: u64) -> Result<u64> {
     Ok(next.wrapping_sub(vaddr))
 }
 
+/// What of a `cs`-byte cluster a fill reads from the chain around a write
+/// of `[off, end)`: all of it in one read where the write is inside (one
+/// I/O where the chain holds it in one piece, not one before the write and
+/// one after), else the part before or after the write, or nothing.
+fn fill_span(off: u64, end: u64, cs: u64) -> (u64, u64) {
+    match (off, end) {
+        (0, e) if e == cs => (0, 0),
+        (0, e) => (e, cs),
+        (o, e) if e == cs => (0, o),
+        _ => (0, cs),
+    }
+}
+
 /// `buf` split into `[..a]`, `[a..a + b]` and the rest; EIO (never a panic)
 /// if that does not fit.
 fn split3(buf: &mut [u8], a: usize, b: usize) -> Result<(&mut [u8], &mut [u8], &mut [u8])> {

@@ -159,15 +159,7 @@ impl Inner {
             return Ok(Some(Src::Bio(bio, boff)));
         };
         let base = vaddr - off;
-        // What the write leaves of the cluster comes from the chain: all of
-        // it in one read where the write is inside (one I/O where the chain
-        // holds it in one piece), else the part before or after it, or none.
-        let span = match (off, end) {
-            (0, e) if e == cs => (0, 0),
-            (0, e) => (e, cs),
-            (o, e) if e == cs => (0, o),
-            _ => (0, cs),
-        };
+        let span = fill_span(off, end, cs);
         let mut pos = span.0;
         while pos < span.1 {
             let (i, kind, rl) = self.resolve(st, d, base + pos, span.1 - pos)?;

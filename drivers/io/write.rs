@@ -518,32 +518,16 @@ impl Inner {
         let base = vaddr - off;
         // Checked, not assumed: `cow` must be a cluster and the write inside it.
         let cow = cow.get_mut(..cs as usize).ok_or(EIO)?;
-        if off > 0 && off + len < cs {
-            // A write inside the cluster: one read of the whole cluster (one
-            // I/O where the chain holds it in one piece), not one before the
-            // write and one after; the new data then goes over its part.
-            self.read_into(st, d, base, cow)?;
-            let mid = cow.get_mut(off as usize..(off + len) as usize).ok_or(EIO)?;
-            return match src {
-                Src::Bio(bio, boff) => bio.copy_to(boff, mid),
-                Src::Zero => {
-                    mid.fill(0);
-                    Ok(())
-                }
-                Src::Buf(b) => {
-                    mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?);
-                    Ok(())
-                }
-            };
-        }
-        let (head, mid, tail) = split3(cow, off as usize, len as usize)?;
-        self.read_into(st, d, base, head)?;
+        let end = off.checked_add(len).filter(|&e| e <= cs).ok_or(EIO)?;
+        let (from, to) = fill_span(off, end, cs);
+        let outside = cow.get_mut(from as usize..to as usize).ok_or(EIO)?;
+        self.read_into(st, d, base + from, outside)?;
+        let mid = cow.get_mut(off as usize..end as usize).ok_or(EIO)?;
         match src {
             Src::Bio(bio, boff) => bio.copy_to(boff, mid)?,
             Src::Zero => mid.fill(0),
             Src::Buf(b) => mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?),
         }
-        let tail_len = (cs - off - len) as usize;
-        self.read_into(st, d, vaddr + len, tail.get_mut(..tail_len).ok_or(EIO)?)
+        Ok(())
     }
 }
