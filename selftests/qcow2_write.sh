@@ -163,8 +163,44 @@ write_case() {
 	fi
 	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "${imgs[-1]}" before.raw
 	map_rw "${imgs[@]}"
+	[ -z "${TAIL_READER:-}" ] || tail_reader_start "$DEV" before.raw
 	fio_write "$DEV" "$@"
+	[ -z "${TAIL_READER:-}" ] || tail_reader_stop
 	finish "$DEV" "${imgs[-1]}" before.raw
+}
+
+# tail_reader_start DEV BEFORE: in the background until tail_reader_stop,
+# random O_DIRECT reads of 4 KiB from the part of each half fio_write never
+# writes (its last 16th), each compared with BEFORE there.
+tail_reader_start() {
+	rm -f reader.stop reader.log
+	"$PYTHON" - "$@" >reader.log 2>&1 <<-'EOF' &
+	import mmap, os, random, sys
+	dev, before = sys.argv[1], open(sys.argv[2], "rb")
+	half = os.path.getsize(sys.argv[2]) // 2
+	spans = [(h + half - half // 16, half // 16) for h in (0, half)]
+	fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+	buf = mmap.mmap(-1, 4096)
+	rnd, n = random.Random(5), 0
+	while not os.path.exists("reader.stop"):
+	    start, ln = rnd.choice(spans)
+	    off = start + rnd.randrange(ln // 4096) * 4096
+	    if os.preadv(fd, [buf], off) != 4096:
+	        sys.exit("short read at %#x" % off)
+	    before.seek(off)
+	    if buf[:] != before.read(4096):
+	        sys.exit("read at %#x differs from the chain's data" % off)
+	    n += 1
+	print("reader: %d reads of 4 KiB matched the chain's data" % n)
+	EOF
+	READER_PID=$!
+}
+
+tail_reader_stop() {
+	touch reader.stop
+	wait "$READER_PID" || { cat reader.log; dmq_fail "the reader failed"; }
+	cat reader.log
+	grep -q 'reader: [1-9]' reader.log || dmq_fail "the reader read nothing"
 }
 
 # --------------------------------------------------------- configurations
@@ -177,6 +213,15 @@ write_case() {
 case_cow_gang() {
 	FIO_SEED=83
 	write_case cluster_size=64k 64k chain --bsrange=4k-4k --iodepth=32
+}
+
+# cow_gang_reads: cow_gang with 4 KiB reads of clusters fio never writes
+# (each half's last 16th, from the base) going on at the same time: reads
+# of other clusters leave a gang be, so its fills still gather between
+# them; each read's bytes are compared with the chain's.
+case_cow_gang_reads() {
+	FIO_SEED=85
+	TAIL_READER=1 write_case cluster_size=64k 64k chain --bsrange=4k-4k --iodepth=32
 }
 
 # numjobs: one fio job section cloned into 4 processes (numjobs=4), each on
@@ -905,6 +950,7 @@ DMQ_CASES=(
 	cluster_4k
 	cluster_64k
 	cow_gang
+	cow_gang_reads
 	cluster_2m
 	v2_64k
 	v2_single

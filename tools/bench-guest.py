@@ -29,6 +29,9 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
                     up from the base), against the written raw file; once
                     every cluster had its write (8192 of 64 KiB in 512
                     MiB), fio starts over and the writes land in place
+  4k-cow-randrw     the same with half of the I/Os reads (fio's randrw):
+                    reads of clusters not copied up yet come from the
+                    base, between the copy-on-write writes
   sparse-randread   4k random reads over a DMQ_BENCH_SPARSE_GB (64) GiB
                     image with DMQ_BENCH_SPARSE_TOUCH_MB (2048) MiB of
                     clusters written at random (the raw file: the same
@@ -139,6 +142,7 @@ JOBS = [
     Job("4k-first-write", "fio", "randwrite", allocated=False),
     Job("64k-first-write", "fio", "randwrite", "64k", allocated=False),
     Job("4k-cow-write", "fio", "randwrite", allocated=False, backing=True),
+    Job("4k-cow-randrw", "fio", "randrw", allocated=False, backing=True),
     Job("sparse-randread", "sparse"),
     Job("discard", "discard"),
     Job("merge-depth0", "merge", depth=0),
@@ -290,9 +294,13 @@ def fio(dev, job, size):
     if r.returncode != 0:
         raise BenchError(f"fio exited {r.returncode}: {r.stdout[-300:]}")
     j = json.loads(r.stdout[r.stdout.index("{"):])
-    side = j["jobs"][0]["read" if "read" in job.rw else "write"]
-    res = Result(iops=side["iops"], mbps=side["bw_bytes"] / 1e6,
-                 cpu_s=cpu, ios=side["total_ios"])
+    # A mixed job's rate is its reads' and writes' together.
+    sides = [j["jobs"][0][d] for d in ("read", "write")
+             if d in job.rw or job.rw.endswith("rw")]
+    side = sides[0]
+    res = Result(iops=sum(x["iops"] for x in sides),
+                 mbps=sum(x["bw_bytes"] for x in sides) / 1e6,
+                 cpu_s=cpu, ios=sum(x["total_ios"] for x in sides))
     if job.iodepth == 1:
         pct = side["clat_ns"].get("percentile", {})
         res.p50_us = pct.get("50.000000", 0) / 1e3 or None

@@ -19,10 +19,15 @@
 //! cache, and the commit that writes the entry out fsyncs the file first.
 //! Nothing else sees a gang's clusters before its entries are set: no entry
 //! points at them, the fast path's table has none, and the gang is flushed
-//! before any bio that could read or write what it changes (anything but a
-//! plain write inside one cluster the gang does not hold already) and
-//! before the batch ends, so neither messages, suspend nor the merge walker
-//! (all of which take the state) ever find it non-empty. A commit may run
+//! before any bio that could read or write what it changes and before the
+//! batch ends, so neither messages, suspend nor the merge walker (all of
+//! which take the state) ever find it non-empty. Two kinds of bio leave it
+//! be: a plain write inside one cluster the gang does not hold (it joins),
+//! and a read of clusters it does not hold. A read changes no entry and no
+//! refcount, and what it resolves (the top's entries of other clusters,
+//! the lower deltas the fills read from) no fill changes; so with reads of
+//! other clusters between them (a guest reading and copying up over a
+//! backing image) the writes of a batch still gather. A commit may run
 //! while fills are planned (the metadata cache writes pages out to make
 //! room): it writes the refcounts of their clusters, not entries pointing
 //! at them (a crash then leaks those clusters, as it would a single fill's).
@@ -98,12 +103,15 @@ impl CowGang {
         self.fills.len() >= GANG_MAX || self.bytes.saturating_add(cs) > GANG_BYTES
     }
 
-    /// Whether a fill of delta `d` covers the cluster of `vaddr`
-    /// (`cluster_bits` of that delta).
-    pub(crate) fn covers(&self, d: usize, vaddr: u64, cluster_bits: u32) -> bool {
+    /// Whether a fill of delta `d` covers a cluster of `[start, end)`
+    /// (`cluster_bits` of that delta; an empty range is the cluster of
+    /// `start`).
+    pub(crate) fn covers(&self, d: usize, start: u64, end: u64, cluster_bits: u32) -> bool {
+        let first = start >> cluster_bits;
+        let last = (end.saturating_sub(1) >> cluster_bits).max(first);
         self.fills
             .iter()
-            .any(|f| f.d == d && f.vaddr >> cluster_bits == vaddr >> cluster_bits)
+            .any(|f| f.d == d && (first..=last).contains(&(f.vaddr >> cluster_bits)))
     }
 
     pub(crate) fn is_empty(&self) -> bool {

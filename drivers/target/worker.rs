@@ -162,18 +162,26 @@ impl Inner {
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
     /// that raises a table event, see `note_enospc`). A plain write inside
     /// one cluster may leave its copy-on-write fill to the batch's gang
-    /// (`io::cow`), which runs before any other bio, before a write into a
-    /// cluster it holds, and when full.
+    /// (`io::cow`), which runs before any other bio but a read of clusters
+    /// it does not hold, before a write into or a read of a cluster it
+    /// holds, and when full.
     fn process(&self, st: &mut WorkerState, bio: Bio) -> bool {
         let join = self.writable && self.may_join_gang(st, &bio);
         if !st.gang.is_empty() {
-            let again = st.deltas.last().is_some_and(|top| {
+            // A read leaves the gang alone unless it reads one of its
+            // clusters; every other bio that may not join flushes it.
+            let flush = st.deltas.last().map_or(true, |top| {
                 let hdr = &top.hdr;
-                let vaddr = bio.sector().saturating_mul(SECTOR);
-                st.gang.full(hdr.cluster_size())
-                    || st.gang.covers(st.top(), vaddr, hdr.cluster_bits)
+                let start = bio.sector().saturating_mul(SECTOR);
+                let end = start.saturating_add(u64::from(bio.size()));
+                let held = st.gang.covers(st.top(), start, end, hdr.cluster_bits);
+                match bio.op() {
+                    _ if join => held || st.gang.full(hdr.cluster_size()),
+                    Op::Read => held,
+                    _ => true,
+                }
             });
-            if !join || again {
+            if flush {
                 self.flush_cow_gang(st);
             }
         }
