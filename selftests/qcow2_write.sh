@@ -171,18 +171,20 @@ write_case() {
 
 # tail_reader_start DEV BEFORE: in the background until tail_reader_stop,
 # random O_DIRECT reads of 4 KiB from the part of each half fio_write never
-# writes (its last 16th), each compared with BEFORE there.
+# writes (its last 16th), each compared with BEFORE there. Returns once the
+# first read matched; a case that fails meanwhile stops it on exit.
 tail_reader_start() {
-	rm -f reader.stop reader.log
-	"$PYTHON" - "$@" >reader.log 2>&1 <<-'EOF' &
+	READER_STOP=$PWD/reader.stop
+	rm -f "$READER_STOP" reader.started reader.log
+	"$PYTHON" - "$@" "$READER_STOP" >reader.log 2>&1 <<-'EOF' &
 	import mmap, os, random, sys
-	dev, before = sys.argv[1], open(sys.argv[2], "rb")
+	dev, before, stop = sys.argv[1], open(sys.argv[2], "rb"), sys.argv[3]
 	half = os.path.getsize(sys.argv[2]) // 2
 	spans = [(h + half - half // 16, half // 16) for h in (0, half)]
 	fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
 	buf = mmap.mmap(-1, 4096)
 	rnd, n = random.Random(5), 0
-	while not os.path.exists("reader.stop"):
+	while n == 0 or not os.path.exists(stop):
 	    start, ln = rnd.choice(spans)
 	    off = start + rnd.randrange(ln // 4096) * 4096
 	    if os.preadv(fd, [buf], off) != 4096:
@@ -191,16 +193,27 @@ tail_reader_start() {
 	    if buf[:] != before.read(4096):
 	        sys.exit("read at %#x differs from the chain's data" % off)
 	    n += 1
+	    if n == 1:
+	        open("reader.started", "w").close()
 	print("reader: %d reads of 4 KiB matched the chain's data" % n)
 	EOF
 	READER_PID=$!
+	trap 'touch "$READER_STOP"; wait "$READER_PID"' EXIT
+	local i
+	for i in $(seq 100); do
+		[ -e reader.started ] && return 0
+		kill -0 "$READER_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	cat reader.log
+	dmq_fail "the reader did not start"
 }
 
 tail_reader_stop() {
-	touch reader.stop
+	touch "$READER_STOP"
 	wait "$READER_PID" || { cat reader.log; dmq_fail "the reader failed"; }
+	trap - EXIT
 	cat reader.log
-	grep -q 'reader: [1-9]' reader.log || dmq_fail "the reader read nothing"
 }
 
 # --------------------------------------------------------- configurations

@@ -29,9 +29,12 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
                     up from the base), against the written raw file; once
                     every cluster had its write (8192 of 64 KiB in 512
                     MiB), fio starts over and the writes land in place
-  4k-cow-randrw     the same with half of the I/Os reads (fio's randrw):
-                    reads of clusters not copied up yet come from the
-                    base, between the copy-on-write writes
+  4k-cow-randrw     the same with half of the I/Os reads (fio's randrw,
+                    one random map for both: a pass over the clusters
+                    writes about half of them, so copy-on-write writes
+                    go on into later passes): reads of clusters not
+                    copied up yet come from the base, between the
+                    copy-on-write writes
   sparse-randread   4k random reads over a DMQ_BENCH_SPARSE_GB (64) GiB
                     image with DMQ_BENCH_SPARSE_TOUCH_MB (2048) MiB of
                     clusters written at random (the raw file: the same
@@ -295,8 +298,8 @@ def fio(dev, job, size):
         raise BenchError(f"fio exited {r.returncode}: {r.stdout[-300:]}")
     j = json.loads(r.stdout[r.stdout.index("{"):])
     # A mixed job's rate is its reads' and writes' together.
-    sides = [j["jobs"][0][d] for d in ("read", "write")
-             if d in job.rw or job.rw.endswith("rw")]
+    sides = [j["jobs"][0][rw] for rw in ("read", "write")
+             if rw in job.rw or job.rw.endswith("rw")]
     side = sides[0]
     res = Result(iops=sum(x["iops"] for x in sides),
                  mbps=sum(x["bw_bytes"] for x in sides) / 1e6,
