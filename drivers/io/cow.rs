@@ -18,10 +18,12 @@
 //! written (completed) before the entry that reaches it changes in the
 //! cache, and the commit that writes the entry out fsyncs the file first.
 //! Nothing else sees a gang's clusters before its entries are set: no entry
-//! points at them, the fast path's table has none, and the gang is flushed
-//! before any bio that could read or write what it changes and before the
-//! batch ends, so neither messages, suspend nor the merge walker (all of
-//! which take the state) ever find it non-empty. Two kinds of bio leave it
+//! points at them, the fast path's table has none of them (it may still
+//! map the guest cluster to the old, shared host cluster, for reads, until
+//! the entry changes), and the gang is flushed before any bio that could
+//! read or write what it changes and before the batch ends, so neither
+//! messages, suspend nor the merge walker (all of which take the state)
+//! ever find it non-empty. Two kinds of bio leave it
 //! be: a plain write inside one cluster the gang does not hold (it joins),
 //! and a read of clusters it does not hold. A read changes no entry and no
 //! refcount, and what it resolves (the top's entries of other clusters,
