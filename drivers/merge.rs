@@ -51,10 +51,15 @@ const RUN_MAX: usize = 16;
 /// cluster if they are larger.
 const RUN_BYTES: u64 = 1 << 20;
 
-/// While guest bios arrive, the walker sleeps after each batch as long as
-/// the batch held the state (bounded by this): guest I/O gets the disk and
-/// the state at least half of the time, as md's resync slows down for
-/// array I/O. An idle device merges at full speed.
+/// While guest bios arrive, the walker sleeps after each batch
+/// `YIELD_FACTOR` times as long as the batch held the state (bounded by
+/// `YIELD_MAX_MS`): guest I/O gets the disk and the state about two thirds
+/// of the time, as md's resync slows down for array I/O. An idle device
+/// merges at full speed. (With a factor of 1, 4k random reads during a
+/// merge ran at 0.45x-0.65x their rate alone, ext4 in the 2-vCPU VM.)
+const YIELD_FACTOR: i64 = 2;
+
+/// The longest sleep between two batches.
 const YIELD_MAX_MS: i64 = 100;
 
 /// Copied clusters waiting to be dropped from the merged delta above which
