@@ -23,16 +23,18 @@
 //! the entry changes), and the gang is flushed before any bio that could
 //! read or write what it changes and before the batch ends, so neither
 //! messages, suspend nor the merge walker (all of which take the state)
-//! ever find it non-empty. Two kinds of bio leave it
-//! be: a plain write inside one cluster the gang does not hold (it joins),
-//! and a read of clusters it does not hold. A read changes no entry and no
-//! refcount, and what it resolves (the top's entries of other clusters,
-//! the lower deltas the fills read from) no fill changes; so with reads of
-//! other clusters between them (a guest reading and copying up over a
-//! backing image) the writes of a batch still gather. A commit may run
-//! while fills are planned (the metadata cache writes pages out to make
-//! room): it writes the refcounts of their clusters, not entries pointing
-//! at them (a crash then leaks those clusters, as it would a single fill's).
+//! ever find it non-empty.
+//!
+//! Two kinds of bio leave a gang be: a plain write inside one cluster the
+//! gang does not hold (it joins), and a read of clusters it does not hold.
+//! A read changes no entry and no refcount, and what it resolves (the
+//! top's entries of other clusters, the lower deltas the fills read from)
+//! no fill changes; so with reads of other clusters between them (a guest
+//! reading and copying up over a backing image) the writes of a batch
+//! still gather. A commit may run while fills are planned (the metadata
+//! cache writes pages out to make room): it writes the refcounts of their
+//! clusters, not entries pointing at them (a crash then leaks those
+//! clusters, as it would a single fill's).
 //!
 //! Memory for the gang is taken when a write joins it (its buffer, its
 //! place in the gang); a write that finds none fills its cluster alone, and

@@ -172,12 +172,14 @@ impl Inner {
             // clusters; every other bio that may not join flushes it.
             let flush = st.deltas.last().map_or(true, |top| {
                 let hdr = &top.hdr;
-                let start = bio.sector().saturating_mul(SECTOR);
-                let end = start.saturating_add(u64::from(bio.size()));
-                let held = st.gang.covers(st.top(), start, end, hdr.cluster_bits);
+                let held = || {
+                    let start = bio.sector().saturating_mul(SECTOR);
+                    let end = start.saturating_add(u64::from(bio.size()));
+                    st.gang.covers(st.top(), start, end, hdr.cluster_bits)
+                };
                 match bio.op() {
-                    _ if join => held || st.gang.full(hdr.cluster_size()),
-                    Op::Read => held,
+                    _ if join => st.gang.full(hdr.cluster_size()) || held(),
+                    Op::Read => held(),
                     _ => true,
                 }
             });
