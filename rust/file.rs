@@ -435,7 +435,9 @@ impl File {
     /// Starts direct I/O between bytes `[off, off + len)` of `bio` and the
     /// file at `pos`, in the bio's direction, ending `bio` (one reference)
     /// with the result. Reads that hit the end of the file complete with
-    /// zeroes, as for a hole; other short transfers fail with EIO. With
+    /// zeroes, as for a hole; short writes fail with ENOSPC (the file
+    /// system ran out of space or quota part way), other short reads with
+    /// EIO. With
     /// `dsync` a write is durable when it completes. The I/O is counted in
     /// `inflight` until it completes.
     pub(crate) fn submit_bio_io(
@@ -579,6 +581,13 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         // (`ret < len` here, so neither sum nor difference can wrap).
         let got = ret as u32;
         bio.zero(off.saturating_add(got), len - got)
+    } else if write {
+        // A direct write ends short when the file system could allocate
+        // only part of its range (tmpfs, a host file system that returns
+        // what it wrote before it ran out of space or quota): ENOSPC, so
+        // that the bio waits for space and is written again whole (a
+        // write is idempotent).
+        Err(ENOSPC)
     } else {
         Err(EIO)
     };

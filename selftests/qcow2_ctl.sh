@@ -785,15 +785,23 @@ small_tmpfs() {
 # enospc_case OPTS: a 24M tmpfs, full but 1M: dd of 8M into an image made
 # with OPTS waits (ENOSPC parks the writes), get_event and a dm event say
 # so, dmsetup status counts them; once the filler is removed the writes
-# complete within the 1 s retry period
+# complete within the 1 s retry period. With WARM=1 the 8M are read first,
+# so that the fast path's table knows them: the 1 MiB writes then go to
+# direct I/O from a lane (fast_bios), end short on the full tmpfs and are
+# parked like the worker's.
 enospc_case() {
-	local full avail ev0 ev1 ev2 rc end
+	local full avail ev0 ev1 ev2 rc end fast0=
 	need fallocate
 	full=$(dmq_full_name v)
 	small_tmpfs
 	dmq_img_create "$SMALL/a.qcow2" 64M "$1"
 	random pat.bin 8M
 	map_rw "$SMALL/a.qcow2"
+	if [ "${WARM:-0}" = 1 ]; then
+		dmq_run dd if="$DEV" of=/dev/null bs=1M count=8 iflag=direct status=none
+		status v
+		fast0=$ST_FAST
+	fi
 	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
 		dmq_fail "statvfs"
 	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
@@ -851,6 +859,11 @@ enospc_case() {
 	expect_output v '' get_event
 	status v
 	[ "$ST_ENOSPC" = 0 ] || dmq_fail "enospc=$ST_ENOSPC after dd completed"
+	if [ -n "$fast0" ]; then
+		[ "$ST_FAST" -ge $((fast0 + 8)) ] ||
+			dmq_fail "the writes did not take the fast path (fast_bios $fast0 -> $ST_FAST)"
+		echo "fast path: fast_bios $fast0 -> $ST_FAST"
+	fi
 	expect_at "$DEV" 0 pat.bin
 	dump "$DEV" dev.raw
 	dmq_remove v || dmq_fail "dmsetup remove failed"
@@ -871,6 +884,13 @@ case_enospc() {
 # asynchronous I/O (end_io takes the bio back)
 case_enospc_inplace() {
 	enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
+}
+
+# the same, its 1 MiB writes from a lane: a direct write over several
+# clusters that ends short (tmpfs wrote part of it) ends with ENOSPC and is
+# parked and written again whole, not failed
+case_enospc_fast() {
+	WARM=1 enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
 # wait_parked WHAT LOG: within 30 s, `dmsetup status` counts parked writes
@@ -1159,7 +1179,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_fast enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1174,6 +1194,7 @@ DMQ_CASES=(
 	fault_injection
 	enospc
 	enospc_inplace
+	enospc_fast
 	enospc_cow
 	enospc_merge
 	enospc_merge_inplace

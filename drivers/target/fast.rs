@@ -3,8 +3,8 @@
 //! The fast path for allocated clusters (see `hot`) and its lanes.
 //!
 //! `map` sends a read whose clusters the fast path's table knows, one
-//! after the other in the top's file, or a write without PREFLUSH/FUA
-//! inside one cluster it knows, to the lane of the CPU it runs on: a work
+//! after the other in the top's file, or such a write without PREFLUSH/FUA
+//! into clusters the top owns, to the lane of the CPU it runs on: a work
 //! item that starts the bios' direct I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
@@ -192,9 +192,10 @@ impl Inner {
 
     /// Where in the top's file the fast path would do `bio`'s I/O: every
     /// cluster of the top it covers is one `fp` knows, each right after the
-    /// one before in the file, so that one I/O serves it (a 1 MiB read of
-    /// an image written in order: one I/O, not 16 through the worker); a
-    /// write lies in one cluster the top owns, without PREFLUSH or FUA.
+    /// one before in the file, so that one I/O serves it (a 1 MiB read or
+    /// write of an image written in order: one I/O, not 16 through the
+    /// worker); a write only into clusters the top owns, without PREFLUSH
+    /// or FUA.
     fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<u64> {
         let write = match bio.op() {
             Op::Read => false,
@@ -214,11 +215,10 @@ impl Inner {
             return None;
         }
         let (first, last) = (vaddr >> cb, (end - 1) >> cb);
-        // Writes: one cluster. A direct write into a sparse image file can
-        // end short on a full host file system, which the completion cannot
-        // tell from another failure (EIO, not ENOSPC's parking); the worker
-        // writes a bio over several clusters piece by piece.
-        if last - first >= if write { 1 } else { MAX_CLUSTERS } {
+        // A write over several clusters, too: one that ends short on a full
+        // host file system (into the holes of a sparse image file) ends
+        // with ENOSPC and is parked and written again whole.
+        if last - first >= MAX_CLUSTERS {
             return None;
         }
         let host = fp.map.lookup(cb, first, write)?;
