@@ -17,12 +17,13 @@ mod zero;
 
 use crate::hot::Fast;
 use crate::kernel_abstractions::bio::{Bio, Op};
-use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
+use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::meta::{corrupt, DeltaMd};
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
 use kernel::error::code::*;
 use kernel::prelude::*;
+use kernel::sync::Arc;
 
 pub(crate) use cow::CowGang;
 

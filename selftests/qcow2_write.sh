@@ -407,6 +407,46 @@ case_single_inplace() {
 		dmq_fail "overwrites allocated clusters: $n1 before, $n2 after"
 }
 
+# writes over several clusters the image owns, through the worker (FUA
+# writes never take the fast path; a fresh table knows no cluster): the
+# worker starts one direct I/O per run of in-place pieces that follow one
+# another in the file. The image's host clusters for guest 4M..8M come
+# before those of 0..4M, and the cluster at 2M is a zero cluster, so runs
+# break in the file (at 4M) and at a piece that allocates (2M). A FUA
+# pass of 768 KiB writes, then a plain pass of 1 MiB writes on a new
+# table; every byte checked through the device and QEMU, one cluster
+# allocated in all (2M's)
+case_inplace_runs() {
+	local n0 n1
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	dmq_write a.qcow2 r:4M:4M r:0:4M zu:2M:64k
+	n0=$(allocated_clusters a.qcow2) || dmq_fail "qemu-img check --output=json"
+	convert a.qcow2 exp.raw
+	dmq_run dd if=/dev/urandom of=w1.bin bs=768k count=10 status=none
+	dmq_run dd if=/dev/urandom of=w2.bin bs=1M count=8 status=none
+	map_rw a.qcow2
+	dmq_run dd if=w1.bin of="$DEV" bs=768k count=10 oflag=direct,dsync status=none
+	dmq_run dd if=w1.bin of=exp.raw bs=768k count=10 conv=notrunc status=none
+	dump "$DEV" dev.raw
+	same exp.raw dev.raw "the device after FUA writes over in-place runs"
+	echo "FUA pass: the device holds the writes"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	map_rw a.qcow2
+	dmq_run dd if=w2.bin of="$DEV" bs=1M count=8 oflag=direct status=none
+	dmq_run dd if=w2.bin of=exp.raw bs=1M count=8 conv=notrunc status=none
+	dump "$DEV" dev.raw
+	same exp.raw dev.raw "the device after 1 MiB writes over in-place runs"
+	echo "plain pass: the device holds the writes"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top a.qcow2
+	convert a.qcow2 top.raw
+	same exp.raw top.raw "qemu-img convert differs from the writes"
+	n1=$(allocated_clusters a.qcow2) || dmq_fail "qemu-img check --output=json"
+	[ "$n1" -le $((n0 + 1)) ] ||
+		dmq_fail "in-place writes allocated clusters: $n0 before, $n1 after"
+	echo "clusters allocated: $n0 before, $n1 after"
+}
+
 # first writes of 4 KiB into fresh clusters of an image without a backing
 # file go straight to the new host cluster, with no 60 KiB zero fill (the
 # cluster was never written: it reads as zeroes): the image file grows by
@@ -984,6 +1024,7 @@ DMQ_CASES=(
 	buffered
 	flush_fsync
 	fua_osync
+	inplace_runs
 	ext4
 	discard_v3
 	discard_v2

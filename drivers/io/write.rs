@@ -33,11 +33,20 @@ impl Inner {
         let cs = top.hdr.cluster_size();
         let mut done = 0u64;
         let mut md_changed = false;
+        // In-place pieces that follow one another in the file go as one
+        // direct I/O (one FUA write, not one per cluster). If a later piece
+        // fails, the run is not started: the bio fails (or is parked and
+        // written again whole) anyway.
+        let mut run = None;
         while done < size {
             let len = (cs - vaddr % cs).min(size - done);
-            md_changed |= self.write_piece(st, d, Src::Bio(bio, done as u32), vaddr, len, fua)?;
+            let src = Src::Bio(bio, done as u32);
+            md_changed |= self.write_piece_run(st, d, src, vaddr, len, fua, Some(&mut run))?;
             vaddr += len;
             done += len;
+        }
+        if let Some(r) = run {
+            r.start(&st.delta(d)?.file, bio, fua, &self.inflight);
         }
         // In-place pieces of a FUA write are written through (dsync); if the
         // mapping they went to is not durable yet (this bio or an earlier one
@@ -58,6 +67,23 @@ impl Inner {
         vaddr: u64,
         len: u64,
         fua: bool,
+    ) -> Result<bool> {
+        self.write_piece_run(st, d, src, vaddr, len, fua, None)
+    }
+
+    /// `write_piece`, where an in-place piece of a bio extends `run` if it
+    /// follows it (in the bio and in the file), else starts the run's I/O
+    /// and begins a new one (the caller starts the last).
+    #[allow(clippy::too_many_arguments)]
+    fn write_piece_run(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        src: Src<'_>,
+        vaddr: u64,
+        len: u64,
+        fua: bool,
+        run: Option<&mut Option<InPlaceRun>>,
     ) -> Result<bool> {
         let delta = st.delta(d)?;
         let fast = st.fast_for(d);
@@ -92,14 +118,20 @@ impl Inner {
             }
             match src {
                 Src::Bio(bio, boff) => {
-                    delta.file.submit_bio_io(
-                        bio.split_ref(),
-                        boff,
-                        len as u32,
+                    let piece = InPlaceRun {
                         pos,
-                        fua,
-                        &self.inflight,
-                    );
+                        boff,
+                        len: len as u32,
+                    };
+                    let Some(run) = run else {
+                        piece.start(&delta.file, bio, fua, &self.inflight);
+                        return Ok(false);
+                    };
+                    if !run.as_mut().is_some_and(|r| r.extend(&piece)) {
+                        if let Some(prev) = run.replace(piece) {
+                            prev.start(&delta.file, bio, fua, &self.inflight);
+                        }
+                    }
                     return Ok(false);
                 }
                 Src::Zero => {
@@ -529,5 +561,37 @@ impl Inner {
             Src::Buf(b) => mid.copy_from_slice(b.get(..len as usize).ok_or(EIO)?),
         }
         Ok(())
+    }
+}
+
+/// Bytes `[boff, boff + len)` of a bio written in place at `pos` of a
+/// delta's file: in-place pieces that follow one another, one direct I/O.
+#[derive(Clone, Copy)]
+pub(crate) struct InPlaceRun {
+    pos: u64,
+    boff: u32,
+    len: u32,
+}
+
+impl InPlaceRun {
+    /// Extends the run by `next` if that starts where the run ends, in the
+    /// bio and in the file; returns whether it did.
+    fn extend(&mut self, next: &InPlaceRun) -> bool {
+        let follows = self.boff.checked_add(self.len) == Some(next.boff)
+            && self.pos.checked_add(u64::from(self.len)) == Some(next.pos);
+        match self.len.checked_add(next.len) {
+            Some(len) if follows => {
+                self.len = len;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts the run's direct I/O into `file` (one completion reference of
+    /// `bio` of its own); `dsync` for a FUA write.
+    fn start(self, file: &File, bio: &Bio, dsync: bool, inflight: &Arc<IoCounter>) {
+        let Self { pos, boff, len } = self;
+        file.submit_bio_io(bio.split_ref(), boff, len, pos, dsync, inflight);
     }
 }

@@ -31,10 +31,10 @@ impl WorkItem<0> for Inner {
                     }
                     break;
                 }
-                // One plug per batch: the direct I/O of its bios (16 in-place
-                // pieces of a 1 MiB write, say) reaches the host's devices
-                // as merged requests. Sleeping (the state mutex, a commit's
-                // writes) sends what it holds first.
+                // One plug per batch: the direct I/O of its bios (4 KiB
+                // writes next to each other in the file, say) reaches the
+                // host's devices as merged requests. Sleeping (the state
+                // mutex, a commit's writes) sends what it holds first.
                 let mut st = match task::plugged(|| this.process_batch(list, &mut parked)) {
                     Some(st) => st,
                     None => continue,
