@@ -436,8 +436,8 @@ impl File {
     /// file at `pos`, in the bio's direction, ending `bio` (one reference)
     /// with the result. Reads that hit the end of the file complete with
     /// zeroes, as for a hole; short writes fail with ENOSPC (the file
-    /// system ran out of space or quota part way), other short reads with
-    /// EIO. With
+    /// system ran out of space or quota part way), or EFBIG if they go past
+    /// the file's size limit; other short reads with EIO. With
     /// `dsync` a write is durable when it completes. The I/O is counted in
     /// `inflight` until it completes.
     pub(crate) fn submit_bio_io(
@@ -586,8 +586,14 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         // only part of its range (tmpfs, a host file system that returns
         // what it wrote before it ran out of space or quota): ENOSPC, so
         // that the bio waits for space and is written again whole (a
-        // write is idempotent).
-        Err(ENOSPC)
+        // write is idempotent). One cut at the file's size limit would
+        // end short again every time: EFBIG, not parked.
+        // SAFETY: `io` is alive and its I/O still counted (decremented below).
+        if unsafe { crosses_write_limit(iocb, pos, len) } {
+            Err(EFBIG)
+        } else {
+            Err(ENOSPC)
+        }
     } else {
         Err(EIO)
     };
@@ -597,6 +603,22 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
     inflight.dec();
     // SAFETY: The completion's reference, given up last thing.
     unsafe { BioIo::put(io) };
+}
+
+/// Whether a write of `len` bytes at `pos` through `iocb` goes past the
+/// size limit of its file (`dmq_kiocb_write_limit`).
+///
+/// # Safety
+///
+/// `iocb` must be the kiocb of a live `BioIo` whose I/O is still counted in
+/// its `inflight` (its file is then still open: the owner of a `File` drops
+/// it only after `IoCounter::wait_idle`, and the bio, not ended yet, keeps
+/// the table).
+unsafe fn crosses_write_limit(iocb: *const bindings::kiocb, pos: u64, len: u32) -> bool {
+    // SAFETY: `iocb` and its `ki_filp` are valid (the caller's contract); the
+    // shim only reads the file's flags and its super block's limit.
+    let limit = unsafe { bindings::dmq_kiocb_write_limit(iocb) };
+    u64::try_from(limit).map_or(true, |l| pos.saturating_add(u64::from(len)) > l)
 }
 
 fn op_is_write(op: Op) -> bool {

@@ -297,6 +297,16 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
+loff_t dmq_kiocb_write_limit(const struct kiocb *iocb)
+{
+	const struct file *file = iocb->ki_filp;
+	loff_t max = file_inode(file)->i_sb->s_maxbytes;
+
+	if (!(file->f_flags & O_LARGEFILE))
+		max = min_t(loff_t, max, MAX_NON_LFS);
+	return max;
+}
+
 struct dmq_rw_many {
 	atomic_t pending;
 	struct completion done;

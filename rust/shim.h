@@ -99,6 +99,13 @@ int dmq_file_rw_many(struct dmq_rw_req *reqs, unsigned int n, bool write);
 void dmq_kiocb_end_write(struct kiocb *iocb);
 
 /*
+ * The size past which no write of @iocb's file goes (generic_write_checks:
+ * the file system's s_maxbytes, 2 GiB for a file opened without
+ * O_LARGEFILE): a write across it ends short there, for good.
+ */
+loff_t dmq_kiocb_write_limit(const struct kiocb *iocb);
+
+/*
  * Own unbound workqueue (alloc_workqueue is variadic and printf-checked);
  * @mem_reclaim: with a rescuer (WQ_MEM_RECLAIM), for work that I/O under
  * memory pressure waits for.

@@ -804,7 +804,8 @@ enospc_case() {
 	fi
 	avail=$("$PYTHON" -c 'import os, sys; s = os.statvfs(sys.argv[1]); print(s.f_bavail * s.f_frsize)' "$SMALL") ||
 		dmq_fail "statvfs"
-	dmq_run fallocate -l $((avail - MIB)) "$SMALL/filler"
+	# (WARM: 1.5M free, so that a 1 MiB write ends short, part written)
+	dmq_run fallocate -l $((avail - MIB - ${WARM:-0} * MIB / 2)) "$SMALL/filler"
 	echo "tmpfs: $(df -h "$SMALL" | tail -n 1)"
 	ev0=$("$DMSETUP" info -c --noheadings -o events "$full" | tr -d ' ')
 	status v

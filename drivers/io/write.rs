@@ -46,7 +46,7 @@ impl Inner {
             done += len;
         }
         if let Some(r) = run {
-            r.start(&st.delta(d)?.file, bio, fua, &self.inflight);
+            self.start_run(st, d, bio, r, fua)?;
         }
         // In-place pieces of a FUA write are written through (dsync); if the
         // mapping they went to is not durable yet (this bio or an earlier one
@@ -56,9 +56,32 @@ impl Inner {
         Ok(flush || (fua && (md_changed || md_dirty)))
     }
 
+    /// Starts `run` of `bio` in delta `d`, unless metadata allocated since
+    /// its pieces were checked (pieces after them in the bio) now overlaps
+    /// it: only with damaged refcounts, see `overlap_error`.
+    fn start_run(
+        &self,
+        st: &mut WorkerState,
+        d: usize,
+        bio: &Bio,
+        run: InPlaceRun,
+        fua: bool,
+    ) -> Result {
+        if let Some(what) = st
+            .md
+            .get(d)
+            .and_then(|m| m.overlap(run.pos, u64::from(run.len)))
+        {
+            return Err(self.overlap_error(st, d, what, run.pos));
+        }
+        run.start(&st.delta(d)?.file, bio, fua, &self.inflight);
+        Ok(())
+    }
+
     /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
     /// `src`. Returns whether the mapping changed (copy-on-write), as opposed
-    /// to an in-place write (in flight for a bio, done for a buffer).
+    /// to an in-place write (in flight for a bio, or pending in the caller's
+    /// run, see `write_piece_run`; done for a buffer).
     pub(crate) fn write_piece(
         &self,
         st: &mut WorkerState,
@@ -129,7 +152,7 @@ impl Inner {
                     };
                     if !run.as_mut().is_some_and(|r| r.extend(&piece)) {
                         if let Some(prev) = run.replace(piece) {
-                            prev.start(&delta.file, bio, fua, &self.inflight);
+                            self.start_run(st, d, bio, prev, fua)?;
                         }
                     }
                     return Ok(false);
@@ -565,9 +588,9 @@ impl Inner {
 }
 
 /// Bytes `[boff, boff + len)` of a bio written in place at `pos` of a
-/// delta's file: in-place pieces that follow one another, one direct I/O.
-#[derive(Clone, Copy)]
-pub(crate) struct InPlaceRun {
+/// delta's file: in-place pieces that follow one another, one direct I/O
+/// (started once: `start` takes the run).
+struct InPlaceRun {
     pos: u64,
     boff: u32,
     len: u32,
