@@ -37,9 +37,12 @@
 //! clusters, as it would a single fill's).
 //!
 //! Memory for the gang is taken when a write joins it (its buffer, its
-//! place in the gang); a write that finds none fills its cluster alone, and
-//! a flush without memory for its request lists runs the fills' I/O one
-//! after the other: low memory slows a gang down, it never fails a write.
+//! place in the gang); the buffers of fills done are kept for the next
+//! ones (up to `GANG_BYTES` per table, 4 MiB), so that a steady stream of
+//! copies allocates and zeroes none. A write that finds no memory fills
+//! its cluster alone, and a flush without memory for its request lists
+//! runs the fills' I/O one after the other: low memory slows a gang down,
+//! it never fails a write.
 //!
 //! Each write's bio keeps one completion reference in the gang: the bio
 //! completes when its fill's entry is set, or fails with the fill's error
@@ -61,6 +64,12 @@ pub(crate) struct CowGang {
     pub(crate) open: bool,
     fills: KVec<Fill>,
     bytes: u64,
+    /// Cluster buffers of fills done, for the next ones (at most
+    /// `GANG_BYTES`): a fill writes every byte of its buffer (the chain's
+    /// data, zeroes, the write's own), so a buffer needs neither a new
+    /// allocation nor zeroing per copy.
+    spare: KVec<Option<IoBuf>>,
+    spare_bytes: u64,
 }
 
 /// A read from the chain into a fill's buffer.
@@ -99,7 +108,40 @@ impl CowGang {
             open: false,
             fills: KVec::new(),
             bytes: 0,
+            spare: KVec::new(),
+            spare_bytes: 0,
         }
+    }
+
+    /// A buffer for a fill of a `cs`-byte cluster: a spare one if there
+    /// is one of that size (any other is dropped), else a new one.
+    fn buffer(&mut self, cs: u64) -> Result<IoBuf> {
+        let len = (cs as usize).checked_next_multiple_of(DIO_ALIGN);
+        for slot in self.spare.as_mut_slice() {
+            let Some(b) = slot.take() else {
+                continue;
+            };
+            self.spare_bytes = self.spare_bytes.saturating_sub(b.len() as u64);
+            if Some(b.len()) == len {
+                return Ok(b);
+            }
+        }
+        IoBuf::new(cs as usize)
+    }
+
+    /// Keeps `buf` for later fills if the spare ones stay within
+    /// `GANG_BYTES` (and `GANG_MAX` slots).
+    fn keep(&mut self, buf: IoBuf) {
+        let n = buf.len() as u64;
+        if self.spare_bytes.saturating_add(n) > GANG_BYTES {
+            return;
+        }
+        if let Some(slot) = self.spare.as_mut_slice().iter_mut().find(|s| s.is_none()) {
+            *slot = Some(buf);
+        } else if self.spare.len() >= GANG_MAX || self.spare.push(Some(buf), GFP_KERNEL).is_err() {
+            return;
+        }
+        self.spare_bytes = self.spare_bytes.saturating_add(n);
     }
 
     /// Whether a fill of a `cs`-byte cluster would not fit any more.
@@ -164,7 +206,7 @@ impl Inner {
         let off = delta.hdr.offset_in_cluster(vaddr);
         let end = off.checked_add(len).filter(|&e| e <= cs).ok_or(EIO)?;
         let (Ok(mut buf), Ok(mut reads), Ok(())) = (
-            IoBuf::new(cs as usize),
+            st.gang.buffer(cs),
             KVec::with_capacity(4, GFP_KERNEL),
             st.gang.fills.reserve(1, GFP_KERNEL),
         ) else {
@@ -240,6 +282,7 @@ impl Inner {
                 }
             }
             f.bio.end(r);
+            st.gang.keep(f.buf);
         }
     }
 
