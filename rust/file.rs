@@ -20,6 +20,8 @@ pub(crate) struct File {
     ptr: NonNull<bindings::file>,
     /// Probability, in 1/[`FAULT_SCALE`], that an I/O fails with EIO.
     fault: AtomicU32,
+    /// The size no write goes past (`dmq_file_write_limit`), taken at open.
+    write_limit: u64,
 }
 
 /// Denominator of fault injection ratios.
@@ -173,9 +175,13 @@ impl File {
     }
 
     fn from_ptr(ptr: NonNull<bindings::file>) -> Self {
+        // SAFETY: `ptr` is a file we hold a reference to; we run in process
+        // context (a table's constructor or reload).
+        let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
         Self {
             ptr,
             fault: AtomicU32::new(0),
+            write_limit: u64::try_from(limit).unwrap_or(0),
         }
     }
 
@@ -473,6 +479,7 @@ impl File {
                 refs: AtomicU32::new(2),
                 bio: ManuallyDrop::new(bio),
                 file_size: self.size(),
+                write_limit: self.write_limit,
                 pos,
                 off,
                 len,
@@ -530,6 +537,7 @@ struct BioIo {
     /// Ended by the completion, exactly once.
     bio: ManuallyDrop<Bio>,
     file_size: u64,
+    write_limit: u64,
     pos: u64,
     off: u32,
     len: u32,
@@ -571,7 +579,15 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         (ManuallyDrop::take(&mut (*io).bio), write)
     };
     // SAFETY: As above; plain fields only read.
-    let (pos, off, len, file_size) = unsafe { ((*io).pos, (*io).off, (*io).len, (*io).file_size) };
+    let (pos, off, len, file_size, write_limit) = unsafe {
+        (
+            (*io).pos,
+            (*io).off,
+            (*io).len,
+            (*io).file_size,
+            (*io).write_limit,
+        )
+    };
     let res = if ret < 0 {
         Err(Error::from_errno(ret as i32))
     } else if ret as u64 >= u64::from(len) {
@@ -588,8 +604,7 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
         // that the bio waits for space and is written again whole (a
         // write is idempotent). One cut at the file's size limit would
         // end short again every time: EFBIG, not parked.
-        // SAFETY: `io` is alive and its I/O still counted (decremented below).
-        if unsafe { crosses_write_limit(iocb, pos, len) } {
+        if pos.saturating_add(u64::from(len)) > write_limit {
             Err(EFBIG)
         } else {
             Err(ENOSPC)
@@ -603,22 +618,6 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
     inflight.dec();
     // SAFETY: The completion's reference, given up last thing.
     unsafe { BioIo::put(io) };
-}
-
-/// Whether a write of `len` bytes at `pos` through `iocb` goes past the
-/// size limit of its file (`dmq_kiocb_write_limit`).
-///
-/// # Safety
-///
-/// `iocb` must be the kiocb of a live `BioIo` whose I/O is still counted in
-/// its `inflight` (its file is then still open: the owner of a `File` drops
-/// it only after `IoCounter::wait_idle`, and the bio, not ended yet, keeps
-/// the table).
-unsafe fn crosses_write_limit(iocb: *const bindings::kiocb, pos: u64, len: u32) -> bool {
-    // SAFETY: `iocb` and its `ki_filp` are valid (the caller's contract); the
-    // shim only reads the file's flags and its super block's limit.
-    let limit = unsafe { bindings::dmq_kiocb_write_limit(iocb) };
-    u64::try_from(limit).map_or(true, |l| pos.saturating_add(u64::from(len)) > l)
 }
 
 fn op_is_write(op: Op) -> bool {

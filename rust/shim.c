@@ -297,10 +297,10 @@ void dmq_kiocb_end_write(struct kiocb *iocb)
 	kiocb_end_write(iocb);
 }
 
-loff_t dmq_kiocb_write_limit(const struct kiocb *iocb)
+loff_t dmq_file_write_limit(struct file *file)
 {
-	const struct file *file = iocb->ki_filp;
-	loff_t max = file_inode(file)->i_sb->s_maxbytes;
+	struct inode *inode = d_real_inode(file->f_path.dentry);
+	loff_t max = inode->i_sb->s_maxbytes;
 
 	if (!(file->f_flags & O_LARGEFILE))
 		max = min_t(loff_t, max, MAX_NON_LFS);

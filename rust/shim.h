@@ -99,11 +99,12 @@ int dmq_file_rw_many(struct dmq_rw_req *reqs, unsigned int n, bool write);
 void dmq_kiocb_end_write(struct kiocb *iocb);
 
 /*
- * The size past which no write of @iocb's file goes (generic_write_checks:
- * the file system's s_maxbytes, 2 GiB for a file opened without
- * O_LARGEFILE): a write across it ends short there, for good.
+ * The size past which no write of @file goes (generic_write_checks: the
+ * s_maxbytes of the file system holding its data, under overlayfs the
+ * real one; 2 GiB for a file opened without O_LARGEFILE): a write across
+ * it ends short there, for good. Process context (d_real_inode).
  */
-loff_t dmq_kiocb_write_limit(const struct kiocb *iocb);
+loff_t dmq_file_write_limit(struct file *file);
 
 /*
  * Own unbound workqueue (alloc_workqueue is variadic and printf-checked);

@@ -894,6 +894,39 @@ case_enospc_fast() {
 	WARM=1 enospc_case cluster_size=64k,compat=0.10,preallocation=metadata
 }
 
+# an in-place write into a cluster that the image places across the host
+# file system's size limit (ext4 extent files: 2^32 - 1 blocks) ends short
+# there for good: it fails (EFBIG: an I/O error to the writer) instead of
+# being parked as ENOSPC until the device is suspended. The L2 entry is
+# patched to point there, so the image is not clean afterwards.
+case_write_limit() {
+	local bs limit host rc
+	dmq_needs_kernel "the host file system's size limit"
+	[ "$(stat -f -c %T .)" = ext2/ext3 ] || dmq_skip "needs ext4 (its size limit is known)"
+	bs=$(stat -f -c %S .)
+	limit=$((((1 << 32) - 1) * bs))
+	host=$((limit / 65536 * 65536))
+	[ "$host" -lt "$limit" ] && [ $((host + 65536)) -gt "$limit" ] ||
+		dmq_skip "no 64 KiB cluster crosses the limit ($limit) here"
+	dmq_img_create a.qcow2 1M cluster_size=64k
+	dmq_write a.qcow2 r:0:64k
+	dmq_run dmq_py dmq_img entry a.qcow2 l2 0 = "$(printf '0x%x' $((host | (1 << 63))))"
+	random pat.bin 64k
+	map_rw a.qcow2
+	dd if=pat.bin of="$DEV" bs=64k count=1 oflag=direct status=none 2>dd.err &
+	DD_PID=$!
+	rc=0
+	dmq_wait_exit "$DD_PID" 60 "dd across the size limit" || rc=$?
+	DD_PID=
+	[ "$rc" != 0 ] || dmq_fail "a write across the file's size limit ($limit) succeeded"
+	echo "dd failed as it should: $(cat dd.err)"
+	status v
+	[ "$ST_ENOSPC" = 0 ] || dmq_fail "the write was parked: enospc=$ST_ENOSPC"
+	expect_output v '' get_event
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	echo "the write across $limit failed at once, nothing parked"
+}
+
 # wait_parked WHAT LOG: within 30 s, `dmsetup status` counts parked writes
 # while WHAT (pid $DD_PID) still runs (else its LOG is shown)
 wait_parked() {
@@ -1180,7 +1213,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_fast enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1196,6 +1229,7 @@ DMQ_CASES=(
 	enospc
 	enospc_inplace
 	enospc_fast
+	write_limit
 	enospc_cow
 	enospc_merge
 	enospc_merge_inplace

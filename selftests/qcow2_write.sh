@@ -425,7 +425,7 @@ case_inplace_runs() {
 	dmq_run dd if=/dev/urandom of=w1.bin bs=768k count=10 status=none
 	dmq_run dd if=/dev/urandom of=w2.bin bs=1M count=8 status=none
 	map_rw a.qcow2
-	dmq_run dd if=w1.bin of="$DEV" bs=768k count=10 oflag=direct,dsync status=none
+	dmq_run dd if=w1.bin of="$DEV" bs=768k count=10 oflag=direct,dsync conv=notrunc status=none
 	dmq_run dd if=w1.bin of=exp.raw bs=768k count=10 conv=notrunc status=none
 	dump "$DEV" dev.raw
 	same exp.raw dev.raw "the device after FUA writes over in-place runs"
@@ -433,7 +433,7 @@ case_inplace_runs() {
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	map_rw a.qcow2
 	f0=$(fast_bios) || dmq_fail "dmsetup status"
-	dmq_run dd if=w2.bin of="$DEV" bs=1M count=8 oflag=direct status=none
+	dmq_run dd if=w2.bin of="$DEV" bs=1M count=8 oflag=direct conv=notrunc status=none
 	f1=$(fast_bios) || dmq_fail "dmsetup status"
 	dmq_run dd if=w2.bin of=exp.raw bs=1M count=8 conv=notrunc status=none
 	dump "$DEV" dev.raw

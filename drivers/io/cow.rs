@@ -38,8 +38,8 @@
 //!
 //! Memory for the gang is taken when a write joins it (its buffer, its
 //! place in the gang); the buffers of fills done are kept for the next
-//! ones (up to `GANG_BYTES` per table, 4 MiB), so that a steady stream of
-//! copies allocates and zeroes none. A write that finds no memory fills
+//! ones (up to `GANG_BYTES` per table, 4 MiB, freed on suspend), so that
+//! a steady stream of copies allocates and zeroes none. A write that finds no memory fills
 //! its cluster alone, and a flush without memory for its request lists
 //! runs the fills' I/O one after the other: low memory slows a gang down,
 //! it never fails a write.
@@ -127,6 +127,13 @@ impl CowGang {
             }
         }
         IoBuf::new(cs as usize)
+    }
+
+    /// Frees the spare buffers (the device is suspended: no fill for a
+    /// while, perhaps ever).
+    pub(crate) fn release_spare(&mut self) {
+        self.spare = KVec::new();
+        self.spare_bytes = 0;
     }
 
     /// Keeps `buf` for later fills if the spare ones stay within

@@ -240,6 +240,7 @@ impl Qcow2 {
         }
         self.sync(&st);
         st.stale = true;
+        st.gang.release_spare();
         if inner.writable && param::kernel_sets_dirty_bit() && settled.is_ok() {
             if let Ok(top) = st.delta(st.top()) {
                 if let Err(e) = inner.set_dirty(&top, false) {
