@@ -171,17 +171,18 @@ impl File {
     pub(crate) fn fget(fd: u32) -> Result<Self> {
         // SAFETY: `fget` accepts any number and returns a new reference or null.
         let p = unsafe { bindings::fget(fd) };
-        NonNull::new(p).map(Self::from_ptr).ok_or(EBADF)
+        let ptr = NonNull::new(p).ok_or(EBADF)?;
+        // SAFETY: We hold the reference `fget` returned, in process context
+        // (`fget` itself reads the current task's file table).
+        let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
+        Ok(Self::from_ptr(ptr, u64::try_from(limit).unwrap_or(0)))
     }
 
-    fn from_ptr(ptr: NonNull<bindings::file>) -> Self {
-        // SAFETY: `ptr` is a file we hold a reference to; we run in process
-        // context (a table's constructor or reload).
-        let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
+    fn from_ptr(ptr: NonNull<bindings::file>, write_limit: u64) -> Self {
         Self {
             ptr,
             fault: AtomicU32::new(0),
-            write_limit: u64::try_from(limit).unwrap_or(0),
+            write_limit,
         }
     }
 
@@ -190,7 +191,7 @@ impl File {
         // SAFETY: The file is valid; `get_file` takes a new reference, owned by
         // the returned value and dropped with it.
         unsafe { bindings::dmq_get_file(self.as_raw()) };
-        Self::from_ptr(self.ptr)
+        Self::from_ptr(self.ptr, self.write_limit)
     }
 
     pub(super) fn as_raw(&self) -> *mut bindings::file {
