@@ -425,20 +425,13 @@ case_inplace_runs() {
 	dmq_run dd if=/dev/urandom of=w1.bin bs=768k count=10 status=none
 	dmq_run dd if=/dev/urandom of=w2.bin bs=1M count=8 status=none
 	map_rw a.qcow2
-	dmq_run dd if=w1.bin of="$DEV" bs=768k count=10 oflag=direct,dsync conv=notrunc status=none
-	dmq_run dd if=w1.bin of=exp.raw bs=768k count=10 conv=notrunc status=none
-	dump "$DEV" dev.raw
-	same exp.raw dev.raw "the device after FUA writes over in-place runs"
-	echo "FUA pass: the device holds the writes"
+	write_both w1.bin 768k 10 direct,dsync "FUA writes"
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	map_rw a.qcow2
 	f0=$(fast_bios) || dmq_fail "dmsetup status"
-	dmq_run dd if=w2.bin of="$DEV" bs=1M count=8 oflag=direct conv=notrunc status=none
+	write_both w2.bin 1M 8 direct "1 MiB writes"
 	f1=$(fast_bios) || dmq_fail "dmsetup status"
-	dmq_run dd if=w2.bin of=exp.raw bs=1M count=8 conv=notrunc status=none
-	dump "$DEV" dev.raw
-	same exp.raw dev.raw "the device after 1 MiB writes over in-place runs"
-	echo "plain pass: the device holds the writes (fast_bios $f0 -> $f1: udev's reads, or a MiB they made known)"
+	echo "(fast_bios $f0 -> $f1: udev's reads, or a MiB they made known)"
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	check_top a.qcow2
 	convert a.qcow2 top.raw
@@ -447,6 +440,16 @@ case_inplace_runs() {
 	[ "$s1" -le $((s0 + 65536)) ] ||
 		dmq_fail "in-place writes grew the image file: $s0 bytes before, $s1 after"
 	echo "image file: $s0 bytes before, $s1 after"
+}
+
+# write_both FILE BS COUNT OFLAG WHAT: FILE written to the device (dd
+# oflag=OFLAG) and to exp.raw; the device read back equals exp.raw
+write_both() {
+	dmq_run dd if="$1" of="$DEV" bs="$2" count="$3" oflag="$4" conv=notrunc status=none
+	dmq_run dd if="$1" of=exp.raw bs="$2" count="$3" conv=notrunc status=none
+	dump "$DEV" dev.raw
+	same exp.raw dev.raw "the device after $5 over in-place runs"
+	echo "$5: the device holds the writes"
 }
 
 # fast_bios: the fast path's count in `dmsetup status` of v
@@ -812,9 +815,9 @@ case_fast_vs_discard() {
 	fi
 	grep -E '^ *(write|read|trim): IOPS' fio.log | sed 's/^ */fio: /'
 	if dmq_counts_bios; then
-		fast=$("$DMSETUP" status "$(dmq_full_name v)" | grep -o 'fast_bios=[0-9]*')
-		echo "status: $fast"
-		[ "${fast#fast_bios=}" -gt 0 ] 2>/dev/null || dmq_fail "no bio took the fast path ($fast)"
+		fast=$(fast_bios)
+		echo "status: fast_bios=$fast"
+		[ "$fast" -gt 0 ] 2>/dev/null || dmq_fail "no bio took the fast path (fast_bios=$fast)"
 	fi
 	dmq_run dd if="$DEV" of=dev.raw bs=1M iflag=direct status=none
 	dmq_remove v || dmq_fail "dmsetup remove failed"

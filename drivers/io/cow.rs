@@ -39,10 +39,10 @@
 //! Memory for the gang is taken when a write joins it (its buffer, its
 //! place in the gang); the buffers of fills done are kept for the next
 //! ones (up to `GANG_BYTES` per table, 4 MiB, freed on suspend), so that
-//! a steady stream of copies allocates and zeroes none. A write that finds no memory fills
-//! its cluster alone, and a flush without memory for its request lists
-//! runs the fills' I/O one after the other: low memory slows a gang down,
-//! it never fails a write.
+//! a steady stream of copies allocates and zeroes none. A write that finds
+//! no memory fills its cluster alone, and a flush without memory for its
+//! request lists runs the fills' I/O one after the other: low memory slows
+//! a gang down, it never fails a write.
 //!
 //! Each write's bio keeps one completion reference in the gang: the bio
 //! completes when its fill's entry is set, or fails with the fill's error
@@ -69,7 +69,6 @@ pub(crate) struct CowGang {
     /// data, zeroes, the write's own), so a buffer needs neither a new
     /// allocation nor zeroing per copy.
     spare: KVec<Option<IoBuf>>,
-    spare_bytes: u64,
 }
 
 /// A read from the chain into a fill's buffer.
@@ -109,7 +108,6 @@ impl CowGang {
             fills: KVec::new(),
             bytes: 0,
             spare: KVec::new(),
-            spare_bytes: 0,
         }
     }
 
@@ -121,7 +119,6 @@ impl CowGang {
             let Some(b) = slot.take() else {
                 continue;
             };
-            self.spare_bytes = self.spare_bytes.saturating_sub(b.len() as u64);
             if Some(b.len()) == len {
                 return Ok(b);
             }
@@ -133,22 +130,21 @@ impl CowGang {
     /// while, perhaps ever).
     pub(crate) fn release_spare(&mut self) {
         self.spare = KVec::new();
-        self.spare_bytes = 0;
     }
 
     /// Keeps `buf` for later fills if the spare ones stay within
     /// `GANG_BYTES` (and `GANG_MAX` slots).
     fn keep(&mut self, buf: IoBuf) {
-        let n = buf.len() as u64;
-        if self.spare_bytes.saturating_add(n) > GANG_BYTES {
+        let held: u64 = self.spare.iter().flatten().map(|b| b.len() as u64).sum();
+        if held.saturating_add(buf.len() as u64) > GANG_BYTES {
             return;
         }
         if let Some(slot) = self.spare.as_mut_slice().iter_mut().find(|s| s.is_none()) {
             *slot = Some(buf);
-        } else if self.spare.len() >= GANG_MAX || self.spare.push(Some(buf), GFP_KERNEL).is_err() {
-            return;
+        } else if self.spare.len() < GANG_MAX {
+            // No memory for the slot: the buffer is freed.
+            let _ = self.spare.push(Some(buf), GFP_KERNEL);
         }
-        self.spare_bytes = self.spare_bytes.saturating_add(n);
     }
 
     /// Whether a fill of a `cs`-byte cluster would not fit any more.

@@ -41,7 +41,7 @@ impl Inner {
         while done < size {
             let len = (cs - vaddr % cs).min(size - done);
             let src = Src::Bio(bio, done as u32);
-            md_changed |= self.write_piece_run(st, d, src, vaddr, len, fua, Some(&mut run))?;
+            md_changed |= self.write_piece(st, d, src, vaddr, len, fua, Some(&mut run))?;
             vaddr += len;
             done += len;
         }
@@ -80,25 +80,12 @@ impl Inner {
 
     /// Writes `[vaddr, vaddr + len)` (inside one cluster) of delta `d` from
     /// `src`. Returns whether the mapping changed (copy-on-write), as opposed
-    /// to an in-place write (in flight for a bio, or pending in the caller's
-    /// run, see `write_piece_run`; done for a buffer).
-    pub(crate) fn write_piece(
-        &self,
-        st: &mut WorkerState,
-        d: usize,
-        src: Src<'_>,
-        vaddr: u64,
-        len: u64,
-        fua: bool,
-    ) -> Result<bool> {
-        self.write_piece_run(st, d, src, vaddr, len, fua, None)
-    }
-
-    /// `write_piece`, where an in-place piece of a bio extends `run` if it
-    /// follows it (in the bio and in the file), else starts the run's I/O
-    /// and begins a new one (the caller starts the last).
+    /// to an in-place write (in flight for a bio, or pending in `run`; done
+    /// for a buffer). With `run`, an in-place piece of a bio extends the run
+    /// if it follows it (in the bio and in the file), else starts the run's
+    /// I/O and begins a new one (the caller starts the last).
     #[allow(clippy::too_many_arguments)]
-    fn write_piece_run(
+    pub(crate) fn write_piece(
         &self,
         st: &mut WorkerState,
         d: usize,
@@ -590,7 +577,7 @@ impl Inner {
 /// Bytes `[boff, boff + len)` of a bio written in place at `pos` of a
 /// delta's file: in-place pieces that follow one another, one direct I/O
 /// (started once: `start` takes the run).
-struct InPlaceRun {
+pub(crate) struct InPlaceRun {
     pos: u64,
     boff: u32,
     len: u32,

@@ -42,7 +42,7 @@ impl Inner {
                 self.discard_v2_cluster(st, d, vaddr)?;
             } else if !discard {
                 // Partial clusters (and v2 write-zeroes) get zeroes written.
-                self.write_piece(st, d, Src::Zero, vaddr, len, false)?;
+                self.write_piece(st, d, Src::Zero, vaddr, len, false, None)?;
             }
             // A partial-cluster discard is a hint we may ignore.
             vaddr += len;

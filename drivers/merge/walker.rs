@@ -370,7 +370,7 @@ impl Inner {
         let buf = buf.get_mut(..cs as usize).ok_or(EIO)?;
         // What the chain shows there, from the upper of the two down.
         self.read_into(st, src.max(dst), base, buf)?;
-        self.write_piece(st, dst, Src::Buf(buf), base, cs, false)?;
+        self.write_piece(st, dst, Src::Buf(buf), base, cs, false, None)?;
         Ok(true)
     }
 }
