@@ -26,8 +26,8 @@
 mod walker;
 
 use crate::io::Src;
+use crate::kernel_abstractions::eventfd::EventFd;
 use crate::kernel_abstractions::file::IoBuf;
-use crate::kernel_abstractions::inflight::EventFd;
 use crate::kernel_abstractions::param;
 use crate::kernel_abstractions::task::{self, code::ebadslt};
 use crate::meta::corrupt;

@@ -10,6 +10,7 @@ pub(crate) mod batch_io;
 pub(crate) mod bindings;
 pub(crate) mod bio;
 pub(crate) mod dm;
+pub(crate) mod eventfd;
 pub(crate) mod file;
 pub(crate) mod inflight;
 pub(crate) mod param;
