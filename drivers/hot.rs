@@ -12,7 +12,8 @@
 //! host cluster, a tag for the rest of the index and whether the top owns
 //! the cluster outright (COPIED: writes may go in place). Entries are put
 //! and removed with the state mutex held, by code that has just read or
-//! is about to change the L2 entry; lookups run concurrently with that
+//! is about to change the L2 entry (or, `Inner::warm`, has just read
+//! another entry of the same metadata page); lookups run concurrently with that
 //! (one atomic word per slot: a lookup sees an entry whole or not at all).
 //! Why a lookup racing a change is harmless, and how a freed cluster is
 //! kept from lane I/O until it is reused, is in `target::fast`. Everything
@@ -29,6 +30,9 @@ use crate::target::Delta;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use kernel::prelude::*;
 use kernel::sync::Arc;
+
+/// The next table's `Fast::id` (0 is none).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 const VALID: u64 = 1 << 63;
 /// The top owns the cluster (COPIED): writes may go in place.
@@ -48,6 +52,9 @@ const MAX_SLOTS: u64 = 1 << 18;
 pub(crate) struct Fast {
     pub(crate) top: Arc<Delta>,
     pub(crate) map: HotMap,
+    /// Tells this table from every other one (never 0): marks the metadata
+    /// pages whose entries went into it (`Inner::warm`).
+    pub(crate) id: u64,
     /// Retired (`Inner::fast_off`, or `Inner::fast_on` replacing it): the
     /// worker no longer keeps this table up to date, so a lane still
     /// holding it must not use it.
@@ -65,6 +72,7 @@ impl Fast {
             Self {
                 top,
                 map,
+                id: NEXT_ID.fetch_add(1, Relaxed),
                 dead: AtomicBool::new(false),
                 writes: AtomicBool::new(writes),
             },
@@ -132,6 +140,16 @@ impl HotMap {
         let v = VALID | if owned { OWNED } else { 0 } | tag << HOST_BITS | hci;
         if let Some(s) = self.slot(vci) {
             s.store(v, Relaxed);
+        }
+    }
+
+    /// `put`, but only into a slot that holds nothing: for entries nobody
+    /// asked for yet (`Inner::warm`), which must not evict one in use.
+    /// State mutex held (as every change of a slot is, so the check and the
+    /// store cannot race another change).
+    pub(crate) fn warm(&self, cb: u32, vci: u64, host: u64, owned: bool) {
+        if self.slot(vci).is_some_and(|s| s.load(Relaxed) & VALID == 0) {
+            self.put(cb, vci, host, owned);
         }
     }
 

@@ -487,6 +487,68 @@ impl DeltaMd {
         Ok((raw, bitmap))
     }
 
+    /// Whether the entries of the L2 table at `l2_off` on the cached page
+    /// that holds `vaddr`'s entry have yet to go into the fast path's table
+    /// `id`; records that they go now. (A page read again starts unmarked.)
+    pub(crate) fn claim_warm(
+        &mut self,
+        hdr: &Header,
+        l2_off: u64,
+        vaddr: u64,
+        id: u64,
+    ) -> Result<bool> {
+        let page_off = Self::l2_pos(hdr, l2_off, vaddr)? & !(MD_PAGE - 1);
+        Ok(self.claim_page_warm(page_off, (id, l2_off)))
+    }
+
+    /// Calls `f(guest address, raw entry)` for every entry of the L2 table
+    /// at `l2_off` on the cached page that holds `vaddr`'s entry, up to the
+    /// image's end (nothing if the page is not cached). Plain entries only
+    /// (not extended L2): at most `MD_PAGE / 8` calls.
+    pub(crate) fn for_each_l2_on_page(
+        &self,
+        hdr: &Header,
+        l2_off: u64,
+        vaddr: u64,
+        mut f: impl FnMut(u64, u64),
+    ) -> Result {
+        if hdr.extended_l2() {
+            return Ok(());
+        }
+        let page_off = Self::l2_pos(hdr, l2_off, vaddr)? & !(MD_PAGE - 1);
+        let Some(page) = self.cache_page(page_off) else {
+            return Ok(());
+        };
+        let cs = hdr.cluster_size();
+        // The table's part of the page (a page may hold more than one
+        // table, or other metadata, when clusters are smaller than it).
+        let start = page_off.max(l2_off);
+        let end = page_off
+            .checked_add(MD_PAGE)
+            .zip(l2_off.checked_add(cs))
+            .map(|(a, b)| a.min(b))
+            .ok_or(EIO)?;
+        // The guest address of the table's first entry.
+        let base = hdr
+            .l2_index(vaddr)
+            .checked_mul(cs)
+            .and_then(|o| vaddr.checked_sub(o))
+            .ok_or(EIO)?;
+        let mut pos = start;
+        while pos < end {
+            let v = ((pos - l2_off) / 8)
+                .checked_mul(cs)
+                .and_then(|o| o.checked_add(base))
+                .ok_or(EIO)?;
+            if v >= hdr.size {
+                break;
+            }
+            f(v, fmt::table_entry(page, (pos - page_off) / 8).ok_or(EIO)?);
+            pos = pos.checked_add(8).ok_or(EIO)?;
+        }
+        Ok(())
+    }
+
     /// Sets the L2 entry for `vaddr` in the cache (written by the next
     /// commit). An entry that points at host data needs the commit's
     /// barrier: that data and its refcount go first.

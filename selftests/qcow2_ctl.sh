@@ -543,6 +543,41 @@ case_fast_during_merge() {
 	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
 }
 
+# The first lookup in one of the top's L2 pages puts the page's other data
+# clusters into the fast path's table: a first read of another cluster of
+# the page, and a first write in place into one, take the fast path; a 4k
+# read of every block (of 64k clusters: one page of each of a table's
+# eight; of 4k clusters: two tables of one page each) shows what QEMU
+# reads of the chain.
+case_fast_warm() {
+	local cs
+	for cs in 64k 4k; do
+		dmq_img_create base.qcow2 4M cluster_size=$cs
+		dmq_write base.qcow2 r:1M:1M
+		dmq_img_create top.qcow2 4M cluster_size=$cs base.qcow2
+		dmq_write top.qcow2 r:0:512k r:1536k:256k
+		map_rw rw:base.qcow2 top.qcow2
+		convert top.qcow2 want.raw
+		# loads the page of the first L2 table
+		dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct status=none
+		if [ "$cs" = 64k ]; then
+			fast_count v up "a first read at 448k" dmq_run dd if="$DEV" of=/dev/null \
+				bs=4k count=1 skip=$((448 * 1024)) iflag=direct,skip_bytes status=none
+			random w.bin 4k
+			fast_write v w.bin $((1600 * 1024)) up
+			dmq_run dd if=w.bin of=want.raw bs=4k seek=400 conv=notrunc status=none
+		fi
+		fast_count v up "4k reads of the device" dmq_run dd if="$DEV" of=dev.raw \
+			bs=4k iflag=direct status=none
+		same dev.raw want.raw "the device differs from the chain ($cs clusters)"
+		dmq_remove v || dmq_fail "dmsetup remove failed"
+		dmq_check_images base.qcow2 top.qcow2
+		convert top.qcow2 top.raw
+		same top.raw want.raw "qemu-img convert of top.qcow2 differs ($cs clusters)"
+		rm -f base.qcow2 top.qcow2 want.raw dev.raw top.raw w.bin
+	done
+}
+
 # Reads during a backward merge of the top (depth 0, its clusters moved into
 # the base and dropped from it while the fast path serves reads of the
 # rest): every read of the device shows what QEMU reads of the chain.
@@ -1222,6 +1257,7 @@ DMQ_CASES=(
 	suspended_busy
 	status_info
 	fast_during_merge
+	fast_warm
 	reads_during_merge
 	status_counts
 	status_under_fio

@@ -67,17 +67,51 @@ impl Inner {
         let Some(l1e) = md.l1_entry(&delta.hdr, vaddr)? else {
             return Ok(Cluster::Unallocated);
         };
-        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l1e.l2_offset, vaddr)?;
+        let l2_off = l1e.l2_offset;
+        let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
-        if let (Cluster::Normal { host, copied }, Some(f), true) = (c, &st.fast, is_top) {
-            // Writes through the table skip the overlap check: a cluster
-            // that is metadata goes in for reads only.
-            let writable =
-                copied && !md.is_corrupt() && md.overlap(host, delta.hdr.cluster_size()).is_none();
-            let cb = delta.hdr.cluster_bits;
-            f.map.put(cb, vaddr >> cb, host, writable);
+        if let (Some(f), true) = (&st.fast, is_top) {
+            Self::warm(f, md, &delta.hdr, l2_off, vaddr)?;
+            if let Cluster::Normal { host, copied } = c {
+                let writable = Self::hot_writable(md, &delta.hdr, host, copied);
+                let cb = delta.hdr.cluster_bits;
+                f.map.put(cb, vaddr >> cb, host, writable);
+            }
         }
         Ok(c)
+    }
+
+    /// Whether the fast path may write in place into the top's cluster at
+    /// `host`. Writes through the table skip the overlap check: a cluster
+    /// that is metadata goes in for reads only.
+    fn hot_writable(md: &DeltaMd, hdr: &Header, host: u64, copied: bool) -> bool {
+        copied && !md.is_corrupt() && md.overlap(host, hdr.cluster_size()).is_none()
+    }
+
+    /// Puts the top's plain data clusters of the cached L2 page that holds
+    /// `vaddr`'s entry into the fast path's table, once per table and page
+    /// (slots holding nothing only), so that the first access to each of
+    /// them need not come through the worker too. Each goes in as a lookup
+    /// of it here would put it (see `target::fast` for why that is safe at
+    /// any time under the state mutex); entries that do not decode are
+    /// left to the lookup that meets them. At most `MD_PAGE / 8` entries.
+    pub(super) fn warm(
+        f: &Fast,
+        md: &mut DeltaMd,
+        hdr: &Header,
+        l2_off: u64,
+        vaddr: u64,
+    ) -> Result {
+        if hdr.extended_l2() || !md.claim_warm(hdr, l2_off, vaddr, f.id)? {
+            return Ok(());
+        }
+        let cb = hdr.cluster_bits;
+        md.for_each_l2_on_page(hdr, l2_off, vaddr, |v, raw| {
+            if let Ok(Cluster::Normal { host, copied }) = fmt::decode_l2(hdr, raw, 0) {
+                f.map
+                    .warm(cb, v >> cb, host, Self::hot_writable(md, hdr, host, copied));
+            }
+        })
     }
 
     /// Forgets the fast path's lookup for the cluster of `vaddr` before its

@@ -16,6 +16,9 @@ pub(super) enum Kind {
 struct Page {
     buf: IoBuf,
     dirty: Option<Kind>,
+    /// The fast path's table (`Fast::id`) and the L2 table whose entries
+    /// on this page were last put into it (see `DeltaMd::claim_warm`).
+    warmed: (u64, u64),
 }
 
 /// Cache of metadata pages, keyed by file offset.
@@ -150,9 +153,15 @@ impl DeltaMd {
             }
             let mut buf = IoBuf::new(MD_PAGE as usize)?;
             file.read_full(&mut buf, off)?;
-            self.cache
-                .pages
-                .try_create_and_insert(off, Page { buf, dirty: None }, GFP_KERNEL)?;
+            self.cache.pages.try_create_and_insert(
+                off,
+                Page {
+                    buf,
+                    dirty: None,
+                    warmed: (0, 0),
+                },
+                GFP_KERNEL,
+            )?;
             self.cache.count += 1;
         }
         self.cache
@@ -160,6 +169,24 @@ impl DeltaMd {
             .get_mut(&off)
             .map(|p| &mut p.buf)
             .ok_or(EIO)
+    }
+
+    /// The cached page at `off`, if it is cached.
+    pub(super) fn cache_page(&self, off: u64) -> Option<&IoBuf> {
+        self.cache.pages.get(&off).map(|p| &p.buf)
+    }
+
+    /// Records that the entries of L2 table `key.1` on the cached page at
+    /// `off` go into the fast path's table `key.0`; false if they already
+    /// went (or the page is not cached).
+    pub(super) fn claim_page_warm(&mut self, off: u64, key: (u64, u64)) -> bool {
+        match self.cache.pages.get_mut(&off) {
+            Some(p) if p.warmed != key => {
+                p.warmed = key;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The cached page at `off`, marked dirty (of `kind`) for the next commit.

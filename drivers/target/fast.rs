@@ -40,7 +40,10 @@
 //!   around a write that needs no fill). A lane read racing the guest's own
 //!   write of the same cluster may see what the locked path would (for a
 //!   whole-cluster write into a never-written cluster: zeroes until the
-//!   data lands); nothing of another cluster.
+//!   data lands); nothing of another cluster. That holds for every plain
+//!   entry of the top's metadata cache whenever the state mutex is free
+//!   (each is set under it only at such a point), which is why
+//!   `Inner::warm` may put a whole cached page's entries at once.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
