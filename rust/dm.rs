@@ -10,6 +10,8 @@
 //! `ti->private` until the destructor drops it. Device-mapper calls `map`
 //! concurrently from many CPUs, so the state is shared as `&T` (`T: Sync`).
 
+mod per_bio;
+
 use super::bindings;
 use super::bio::{Bio, Op};
 use super::inflight::InflightRefs;
@@ -17,12 +19,12 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::error::{code::ENOMEM, Error, Result};
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
 use kernel::sync::{Arc, Mutex};
+pub(crate) use per_bio::{release_inflight, retake_inflight};
 
 /// Target feature flags (`DM_TARGET_*`).
 pub(crate) mod features {
@@ -302,88 +304,6 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     }
 }
 
-/// Per-bio data of every bio `map` takes: where its in-flight reference is.
-#[repr(C)]
-struct RefSlot {
-    /// The refs of the target that mapped the bio (`Target::inflight`), null
-    /// if it has none. Written by `map` only, before any `Bio` of it exists.
-    refs: *mut bindings::dmq_inflight,
-    /// `REF_TAKEN | index` while the bio holds a reference on `refs`, else 0.
-    tag: AtomicU32,
-}
-
-/// Bytes of per-bio data every target registered here asks for: a multiple
-/// of 8 so that device-mapper's placement (just below the bio, inside
-/// pointer-aligned structures) keeps the slot aligned.
-const REF_SLOT_SIZE: usize = core::mem::size_of::<RefSlot>();
-const _: () = assert!(REF_SLOT_SIZE % core::mem::align_of::<RefSlot>() == 0);
-/// Tag of a slot holding a reference.
-const REF_TAKEN: u32 = 1 << 31;
-
-/// The slot of `bio`.
-///
-/// # Safety
-///
-/// `bio` must be a bio device-mapper passed to `map` of a target registered
-/// here (all ask for `REF_SLOT_SIZE` bytes of per-bio data), not ended yet.
-unsafe fn ref_slot(bio: *mut bindings::bio) -> *mut RefSlot {
-    // SAFETY: Per the contract, the bio carries `REF_SLOT_SIZE` bytes of
-    // per-bio data, aligned (see `REF_SLOT_SIZE`).
-    unsafe { bindings::dm_per_bio_data(bio, REF_SLOT_SIZE).cast::<RefSlot>() }
-}
-
-/// Drops the reference the slot holds, if any (once: the swap decides).
-///
-/// # Safety
-///
-/// As for [`ref_slot`]; `map` wrote the slot.
-unsafe fn put_slot(bio: *mut bindings::bio) {
-    // SAFETY: Per the contract the slot is valid and initialised; `refs`
-    // does not change after `map` and `tag` is atomic.
-    let slot = unsafe { &*ref_slot(bio) };
-    let tag = slot.tag.swap(0, Ordering::AcqRel);
-    if tag & REF_TAKEN != 0 {
-        // SAFETY: A set tag means `map` (or `retake_inflight`) took this
-        // reference on `slot.refs`, which live as long as their target, and
-        // the target outlives its bios; the swap made this its one put.
-        unsafe { bindings::dmq_inflight_put(slot.refs, tag & !REF_TAKEN) };
-    }
-}
-
-/// Gives up the in-flight reference `bio` holds, if any, while its target
-/// keeps the bio without working on it (parked until there is space): an
-/// [`InflightRefs::switch_wait`] need not wait for it. The target must
-/// [`retake_inflight`] before it works on the bio again. Any context.
-pub(crate) fn release_inflight(bio: &Bio) {
-    // SAFETY: Every `Bio` is a completion reference of a bio device-mapper
-    // passed to `map` of a target registered here (`Bio::from_raw`), which
-    // wrote the slot; the reference keeps the bio from ending.
-    unsafe { put_slot(bio.as_raw()) };
-}
-
-/// Takes an in-flight reference (on the current index) for a bio whose
-/// reference was given up with [`release_inflight`]; nothing if it holds
-/// one. Never sleeps.
-pub(crate) fn retake_inflight(bio: &Bio) {
-    // SAFETY: As in `release_inflight`.
-    let slot = unsafe { &*ref_slot(bio.as_raw()) };
-    if slot.refs.is_null() || slot.tag.load(Ordering::Acquire) & REF_TAKEN != 0 {
-        return;
-    }
-    // SAFETY: `slot.refs` are the live refs of the bio's target (it
-    // outlives its bios); taking a reference never sleeps.
-    let idx = unsafe { bindings::dmq_inflight_get(slot.refs) };
-    if slot
-        .tag
-        .compare_exchange(0, REF_TAKEN | idx, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        // Another reference of the bio retook it first: give ours back.
-        // SAFETY: We took it just now on the same refs.
-        unsafe { bindings::dmq_inflight_put(slot.refs, idx) };
-    }
-}
-
 /// Largest argument list we accept (table line or message).
 const MAX_ARGS: usize = 4096;
 
@@ -438,7 +358,7 @@ impl<T: Target> Vtable<T> {
             Err(e) => return e.to_errno(),
         };
         // SAFETY: `ti` is valid and exclusively ours during the constructor.
-        unsafe { (*ti).per_io_data_size = REF_SLOT_SIZE as c_uint };
+        unsafe { (*ti).per_io_data_size = per_bio::REF_SLOT_SIZE as c_uint };
         let mut ctx = TargetCtr {
             // SAFETY: device-mapper passes a valid, non-null target.
             ti: unsafe { NonNull::new_unchecked(ti) },
@@ -482,22 +402,9 @@ impl<T: Target> Vtable<T> {
     unsafe extern "C" fn map(ti: *mut bindings::dm_target, bio: *mut bindings::bio) -> c_int {
         // SAFETY: `map` runs only on a constructed target.
         let t = unsafe { Self::private(ti) };
-        let (refs, tag) = match t.inflight() {
-            // SAFETY: The target's refs are alive; taking a reference never sleeps.
-            Some(r) => (
-                r.as_raw(),
-                REF_TAKEN | unsafe { bindings::dmq_inflight_get(r.as_raw()) },
-            ),
-            None => (core::ptr::null_mut(), 0),
-        };
         // SAFETY: `bio` was passed to this target, registered here: its per-bio
         // data is ours while the bio is, and no `Bio` of it exists yet.
-        unsafe {
-            ref_slot(bio).write(RefSlot {
-                refs,
-                tag: AtomicU32::new(tag),
-            })
-        };
+        unsafe { per_bio::init_slot(bio, t.inflight()) };
         // SAFETY: device-mapper hands us the bio; with DM_MAPIO_SUBMITTED we own
         // its completion, which `Bio` guarantees to perform exactly once.
         t.map(unsafe { Bio::from_raw(bio) });
@@ -527,7 +434,7 @@ impl<T: Target> Vtable<T> {
                 // no in-flight reference (`Target::park_nospc`).
                 unsafe {
                     bindings::dmq_bio_rearm(bio);
-                    put_slot(bio);
+                    per_bio::put_slot(bio);
                 }
                 // SAFETY: As above.
                 t.park_nospc(unsafe { Bio::from_raw(bio) });
@@ -536,7 +443,7 @@ impl<T: Target> Vtable<T> {
         }
         // SAFETY: `bio` was passed to this target's `map`, which wrote the
         // slot; the bio is ending.
-        unsafe { put_slot(bio) };
+        unsafe { per_bio::put_slot(bio) };
         bindings::DM_ENDIO_DONE as c_int
     }
 

@@ -73,6 +73,13 @@ EOF
 # 1. the abstractions (no build yet: nothing refers to them)
 mkdir -p "$d/rust"
 cp "$root"/rust/*.rs "$root"/rust/shim.c "$root"/rust/shim.h "$root"/rust/bindings_helper.h "$d/rust/"
+# the submodules' directories (dm/)
+for sub in "$root"/rust/*/; do
+	sub=$(basename "$sub")
+	compgen -G "$root/rust/$sub/*.rs" >/dev/null || continue
+	mkdir -p "$d/rust/$sub"
+	cp "$root/rust/$sub"/*.rs "$d/rust/$sub/"
+done
 rm -f "$d/rust/bindings_generated.rs"
 maintainers drivers/md/dm-qcow2/rust/
 commit "dm qcow2: add Rust abstractions for device-mapper targets" \
