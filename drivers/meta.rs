@@ -532,6 +532,7 @@ impl DeltaMd {
         let base = hdr
             .l2_index(vaddr)
             .checked_mul(cs)
+            .and_then(|o| o.checked_add(hdr.offset_in_cluster(vaddr)))
             .and_then(|o| vaddr.checked_sub(o))
             .ok_or(EIO)?;
         let mut pos = start;

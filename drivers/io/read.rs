@@ -71,7 +71,7 @@ impl Inner {
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         if let (Some(f), true) = (&st.fast, is_top) {
-            Self::warm(f, md, &delta.hdr, l2_off, vaddr)?;
+            Self::warm(f, md, &delta.hdr, l2_off, vaddr);
             if let Cluster::Normal { host, copied } = c {
                 let writable = Self::hot_writable(md, &delta.hdr, host, copied);
                 let cb = delta.hdr.cluster_bits;
@@ -95,23 +95,18 @@ impl Inner {
     /// of it here would put it (see `target::fast` for why that is safe at
     /// any time under the state mutex); entries that do not decode are
     /// left to the lookup that meets them. At most `MD_PAGE / 8` entries.
-    pub(super) fn warm(
-        f: &Fast,
-        md: &mut DeltaMd,
-        hdr: &Header,
-        l2_off: u64,
-        vaddr: u64,
-    ) -> Result {
-        if hdr.extended_l2() || !md.claim_warm(hdr, l2_off, vaddr, f.id)? {
-            return Ok(());
+    /// Best effort: what it cannot do is left to those lookups.
+    pub(super) fn warm(f: &Fast, md: &mut DeltaMd, hdr: &Header, l2_off: u64, vaddr: u64) {
+        if hdr.extended_l2() || !matches!(md.claim_warm(hdr, l2_off, vaddr, f.id), Ok(true)) {
+            return;
         }
         let cb = hdr.cluster_bits;
-        md.for_each_l2_on_page(hdr, l2_off, vaddr, |v, raw| {
+        let _ = md.for_each_l2_on_page(hdr, l2_off, vaddr, |v, raw| {
             if let Ok(Cluster::Normal { host, copied }) = fmt::decode_l2(hdr, raw, 0) {
                 f.map
                     .warm(cb, v >> cb, host, Self::hot_writable(md, hdr, host, copied));
             }
-        })
+        });
     }
 
     /// Forgets the fast path's lookup for the cluster of `vaddr` before its

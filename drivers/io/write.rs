@@ -103,7 +103,7 @@ impl Inner {
         let l2_off = self.l2_for_write(md, &delta.file, hdr, vaddr)?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
         if let Some(f) = &fast {
-            Self::warm(f, md, hdr, l2_off, vaddr)?;
+            Self::warm(f, md, hdr, l2_off, vaddr);
         }
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         // A running merge must see this change of `d`.
