@@ -520,8 +520,9 @@ impl DeltaMd {
             return Ok(());
         };
         let cs = hdr.cluster_size();
-        // The table's part of the page (a page may hold more than one
-        // table, or other metadata, when clusters are smaller than it).
+        // The table's part of the page: all of it, as clusters are never
+        // smaller than a page here (the constructor refuses them), but the
+        // bounds do not rely on that.
         let start = page_off.max(l2_off);
         let end = page_off
             .checked_add(MD_PAGE)
