@@ -487,42 +487,32 @@ impl DeltaMd {
         Ok((raw, bitmap))
     }
 
-    /// Whether the entries of the L2 table at `l2_off` on the cached page
-    /// that holds `vaddr`'s entry have yet to go into the fast path's table
-    /// `id`; records that they go now. (A page read again starts unmarked.)
-    pub(crate) fn claim_warm(
+    /// Calls `f(self, guest address, raw entry)` for every entry of the L2
+    /// table at `l2_off` on the cached page that holds `vaddr`'s entry (up
+    /// to the image's end), the first time it is asked for that page and the
+    /// fast path's table `id` (a page read again starts unmarked). Plain
+    /// entries only (not extended L2): at most `MD_PAGE / 8` calls.
+    pub(crate) fn warm_l2_page(
         &mut self,
         hdr: &Header,
         l2_off: u64,
         vaddr: u64,
         id: u64,
-    ) -> Result<bool> {
-        let page_off = Self::l2_pos(hdr, l2_off, vaddr)? & !(MD_PAGE - 1);
-        Ok(self.claim_page_warm(page_off, (id, l2_off)))
-    }
-
-    /// Calls `f(guest address, raw entry)` for every entry of the L2 table
-    /// at `l2_off` on the cached page that holds `vaddr`'s entry, up to the
-    /// image's end (nothing if the page is not cached). Plain entries only
-    /// (not extended L2): at most `MD_PAGE / 8` calls.
-    pub(crate) fn for_each_l2_on_page(
-        &self,
-        hdr: &Header,
-        l2_off: u64,
-        vaddr: u64,
-        mut f: impl FnMut(u64, u64),
+        mut f: impl FnMut(&Self, u64, u64),
     ) -> Result {
-        if hdr.extended_l2() {
+        let page_off = Self::l2_pos(hdr, l2_off, vaddr)? & !(MD_PAGE - 1);
+        // A page is one L2 table's: clusters are never smaller than a page
+        // here (the constructor refuses them), so the page alone is marked.
+        if hdr.extended_l2() || !self.claim_page_warm(page_off, id) {
             return Ok(());
         }
-        let page_off = Self::l2_pos(hdr, l2_off, vaddr)? & !(MD_PAGE - 1);
-        let Some(page) = self.cache_page(page_off) else {
+        let md = &*self;
+        let Some(page) = md.cache_page(page_off) else {
             return Ok(());
         };
         let cs = hdr.cluster_size();
-        // The table's part of the page: all of it, as clusters are never
-        // smaller than a page here (the constructor refuses them), but the
-        // bounds do not rely on that.
+        // The table's part of the page (all of it, as said; the bounds do
+        // not rely on that).
         let start = page_off.max(l2_off);
         let end = page_off
             .checked_add(MD_PAGE)
@@ -545,7 +535,11 @@ impl DeltaMd {
             if v >= hdr.size {
                 break;
             }
-            f(v, fmt::table_entry(page, (pos - page_off) / 8).ok_or(EIO)?);
+            f(
+                md,
+                v,
+                fmt::table_entry(page, (pos - page_off) / 8).ok_or(EIO)?,
+            );
             pos = pos.checked_add(8).ok_or(EIO)?;
         }
         Ok(())

@@ -70,16 +70,24 @@ open(p, "w").write(s)
 EOF
 }
 
+# copy_submodules DIR DEST: the .rs files of DIR's subdirectories (the
+# submodules' directories: rust/dm/, drivers/target/, ...) into DEST; not
+# the host crate (drivers/qcow2-format)
+copy_submodules() {
+	local sub
+	for sub in "$root/$1"/*/; do
+		sub=$(basename "$sub")
+		[ "$sub" = qcow2-format ] && continue
+		compgen -G "$root/$1/$sub/*.rs" >/dev/null || continue
+		mkdir -p "$2/$sub"
+		cp "$root/$1/$sub"/*.rs "$2/$sub/"
+	done
+}
+
 # 1. the abstractions (no build yet: nothing refers to them)
 mkdir -p "$d/rust"
 cp "$root"/rust/*.rs "$root"/rust/shim.c "$root"/rust/shim.h "$root"/rust/bindings_helper.h "$d/rust/"
-# the submodules' directories (dm/)
-for sub in "$root"/rust/*/; do
-	sub=$(basename "$sub")
-	compgen -G "$root/rust/$sub/*.rs" >/dev/null || continue
-	mkdir -p "$d/rust/$sub"
-	cp "$root/rust/$sub"/*.rs "$d/rust/$sub/"
-done
+copy_submodules rust "$d/rust"
 rm -f "$d/rust/bindings_generated.rs"
 maintainers drivers/md/dm-qcow2/rust/
 commit "dm qcow2: add Rust abstractions for device-mapper targets" \
@@ -102,14 +110,7 @@ code."
 
 # 2. the target, its Makefile, Kconfig and drivers/md/Makefile entries
 for f in "$root"/drivers/*.rs; do cp "$f" "$d/"; done
-# the submodules' directories (target/, io/, meta/); not the host crate
-for sub in "$root"/drivers/*/; do
-	sub=$(basename "$sub")
-	[ "$sub" = qcow2-format ] && continue
-	compgen -G "$root/drivers/$sub/*.rs" >/dev/null || continue
-	mkdir -p "$d/$sub"
-	cp "$root/drivers/$sub"/*.rs "$d/$sub/"
-done
+copy_submodules drivers "$d"
 sed -i 's|^#\[path = "../rust/mod.rs"\]$|#[path = "rust/mod.rs"]|' "$d/dm_qcow2.rs"
 grep -q '^#\[path = "rust/mod.rs"\]$' "$d/dm_qcow2.rs" || { echo "mk-patches: no #[path] to rewrite in dm_qcow2.rs" >&2; exit 1; }
 sed -e 's|^obj-m := dm-qcow2.o$|obj-$(CONFIG_DM_QCOW2) += dm-qcow2.o|' \

@@ -97,11 +97,8 @@ impl Inner {
     /// left to the lookup that meets them. At most `MD_PAGE / 8` entries.
     /// Best effort: what it cannot do is left to those lookups.
     pub(super) fn warm(f: &Fast, md: &mut DeltaMd, hdr: &Header, l2_off: u64, vaddr: u64) {
-        if hdr.extended_l2() || !matches!(md.claim_warm(hdr, l2_off, vaddr, f.id), Ok(true)) {
-            return;
-        }
         let cb = hdr.cluster_bits;
-        let _ = md.for_each_l2_on_page(hdr, l2_off, vaddr, |v, raw| {
+        let _ = md.warm_l2_page(hdr, l2_off, vaddr, f.id, |md, v, raw| {
             if let Ok(Cluster::Normal { host, copied }) = fmt::decode_l2(hdr, raw, 0) {
                 f.map
                     .warm(cb, v >> cb, host, Self::hot_writable(md, hdr, host, copied));

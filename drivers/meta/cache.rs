@@ -16,9 +16,9 @@ pub(super) enum Kind {
 struct Page {
     buf: IoBuf,
     dirty: Option<Kind>,
-    /// The fast path's table (`Fast::id`) and the L2 table whose entries
-    /// on this page were last put into it (see `DeltaMd::claim_warm`).
-    warmed: (u64, u64),
+    /// The fast path's table (`Fast::id`) this page's entries were last
+    /// put into, 0 for none (see `DeltaMd::warm_l2_page`).
+    warmed: u64,
 }
 
 /// Cache of metadata pages, keyed by file offset.
@@ -158,7 +158,7 @@ impl DeltaMd {
                 Page {
                     buf,
                     dirty: None,
-                    warmed: (0, 0),
+                    warmed: 0,
                 },
                 GFP_KERNEL,
             )?;
@@ -176,13 +176,13 @@ impl DeltaMd {
         self.cache.pages.get(&off).map(|p| &p.buf)
     }
 
-    /// Records that the entries of L2 table `key.1` on the cached page at
-    /// `off` go into the fast path's table `key.0`; false if they already
-    /// went (or the page is not cached).
-    pub(super) fn claim_page_warm(&mut self, off: u64, key: (u64, u64)) -> bool {
+    /// Records that the entries of the cached page at `off` go into the
+    /// fast path's table `id`; false if they already went (or the page is
+    /// not cached).
+    pub(super) fn claim_page_warm(&mut self, off: u64, id: u64) -> bool {
         match self.cache.pages.get_mut(&off) {
-            Some(p) if p.warmed != key => {
-                p.warmed = key;
+            Some(p) if p.warmed != id => {
+                p.warmed = id;
                 true
             }
             _ => false,
