@@ -26,6 +26,7 @@
 //! The fast path never serves a FUA or flush bio (those take the locked
 //! path): a flush commits the mapping (or fails) before it completes.
 
+use crate::kernel_abstractions::gfp_kv;
 use crate::target::Delta;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use kernel::prelude::*;
@@ -116,7 +117,7 @@ impl HotMap {
     /// up to `MAX_SLOTS`).
     pub(crate) fn new(clusters: u64) -> Result<Self> {
         let n = clusters.clamp(MIN_SLOTS, MAX_SLOTS).next_power_of_two();
-        let mut slots = KVVec::with_capacity(n as usize, GFP_KERNEL)?;
+        let mut slots = KVVec::with_capacity(n as usize, gfp_kv())?;
         for _ in 0..n {
             slots.push(AtomicU64::new(0), GFP_KERNEL)?;
         }

@@ -40,8 +40,8 @@ mod refcount;
 
 use crate::count::AllocCount;
 use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
-use crate::kernel_abstractions::param;
 use crate::kernel_abstractions::task::code::{eopnotsupp, euclean};
+use crate::kernel_abstractions::{gfp_kv, param};
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use cache::{Kind, MdCache};
 use kernel::error::code::*;
@@ -63,7 +63,7 @@ pub(crate) fn corrupt(img: usize, e: FormatError) -> Error {
 
 /// Reads a table of `n` big-endian u64 entries at `off`.
 fn read_table(file: &File, off: u64, n: usize) -> Result<KVVec<u64>> {
-    let mut t = KVVec::with_capacity(n, GFP_KERNEL)?;
+    let mut t = KVVec::with_capacity(n, gfp_kv())?;
     // In bounded chunks: an L1 table may be up to 32 MiB.
     const CHUNK: usize = 256 * 1024;
     let mut buf = IoBuf::new(CHUNK.min(n * 8).max(DIO_ALIGN))?;

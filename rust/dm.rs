@@ -19,7 +19,10 @@ use core::fmt;
 use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use kernel::error::{code::ENOMEM, Error, Result};
+use kernel::error::{
+    code::{E2BIG, ENOMEM},
+    Error, Result,
+};
 use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -315,7 +318,7 @@ const MAX_ARGS: usize = 4096;
 unsafe fn collect_args<'a>(argc: c_uint, argv: *mut *mut c_char) -> Result<KVec<&'a CStr>> {
     let argc = argc as usize;
     if argc > MAX_ARGS {
-        return Err(kernel::error::code::E2BIG);
+        return Err(E2BIG);
     }
     let mut args = KVec::with_capacity(argc, GFP_KERNEL)?;
     for i in 0..argc {
@@ -348,14 +351,26 @@ impl<T: Target> Vtable<T> {
         argc: c_uint,
         argv: *mut *mut c_char,
     ) -> c_int {
+        // Every failure names itself in `ti->error` (else dm logs "Unknown error").
+        let fail = |e: Error| {
+            let msg = if e == E2BIG {
+                kernel::c_str!("Too many arguments")
+            } else {
+                kernel::c_str!("Out of memory")
+            };
+            // SAFETY: `ti` is valid and ours during the constructor; device-mapper
+            // only reads `error` (never frees it) and the message is `'static`.
+            unsafe { (*ti).error = msg.as_char_ptr() as *mut c_char };
+            e.to_errno()
+        };
         // SAFETY: device-mapper passes `argc` valid strings that outlive this call.
         let args = match unsafe { collect_args(argc, argv) } {
             Ok(a) => a,
-            Err(e) => return e.to_errno(),
+            Err(e) => return fail(e),
         };
         let link = match TargetLink::new(ti) {
             Ok(l) => l,
-            Err(e) => return e.to_errno(),
+            Err(e) => return fail(e),
         };
         // SAFETY: `ti` is valid and exclusively ours during the constructor.
         unsafe { (*ti).per_io_data_size = per_bio::REF_SLOT_SIZE as c_uint };

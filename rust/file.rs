@@ -143,7 +143,7 @@ impl IoBuf {
     /// Allocates `len` bytes, rounded up to [`DIO_ALIGN`].
     pub(crate) fn new(len: usize) -> Result<Self> {
         let len = len.checked_next_multiple_of(DIO_ALIGN).ok_or(ENOMEM)?;
-        let v = KVVec::from_elem(0u8, len, GFP_KERNEL)?;
+        let v = KVVec::from_elem(0u8, len, super::gfp_kv())?;
         // kmalloc aligns power-of-two sizes naturally and larger allocations
         // come from the page allocator or vmalloc; refuse anything else.
         if v.as_ptr() as usize % DIO_ALIGN != 0 {

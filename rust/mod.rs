@@ -17,3 +17,15 @@ pub(crate) mod param;
 pub(crate) mod task;
 pub(crate) mod wq;
 pub(crate) mod zlib;
+
+use kernel::alloc::{flags, Flags};
+
+/// Flags for the large, vmalloc-backed (`KVVec`) buffers and tables whose
+/// failure the caller handles (the bio, constructor or merge fails with
+/// `ENOMEM`, or a fallback takes over): without vmalloc's stack dump,
+/// which under memory pressure (or fault injection, `qcow2_faults.sh`)
+/// would read as a warning of ours.
+#[inline]
+pub(crate) fn gfp_kv() -> Flags {
+    flags::GFP_KERNEL | flags::__GFP_NOWARN
+}

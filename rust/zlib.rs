@@ -24,7 +24,7 @@ impl Inflater {
         // SAFETY: A pure size query.
         let ws = unsafe { bindings::zlib_inflate_workspacesize() };
         let ws = usize::try_from(ws).map_err(|_| EINVAL)?;
-        let mut workspace = KVVec::from_elem(0u8, ws, GFP_KERNEL)?;
+        let mut workspace = KVVec::from_elem(0u8, ws, super::gfp_kv())?;
         // SAFETY: All-zeroes is a valid `z_stream` (a plain C struct).
         let mut strm: KBox<bindings::z_stream> =
             KBox::new(unsafe { core::mem::zeroed() }, GFP_KERNEL)?;

@@ -652,7 +652,7 @@ chain_len() {
 }
 
 # check_unwritten BEFORE AFTER IOLOG...: AFTER equals BEFORE outside the
-# ranges the iologs wrote
+# ranges the iologs wrote or trimmed
 check_unwritten() {
 	"$PYTHON" - "$@" <<-'EOF'
 		import sys
@@ -662,8 +662,9 @@ check_unwritten() {
 		    for line in open(log):
 		        w = line.split()
 		        # v2: FILE write OFF LEN; v3: TIME FILE write OFF LEN
+		        # (trims change data too)
 		        for i in (1, 2):
-		            if len(w) == i + 3 and w[i] == "write":
+		            if len(w) == i + 3 and w[i] in ("write", "trim"):
 		                iv.append((int(w[i + 1]), int(w[i + 2])))
 		if not iv:
 		    sys.exit("check_unwritten: no writes in " + " ".join(logs))

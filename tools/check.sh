@@ -409,6 +409,7 @@ pass_weight() {
 	qcow2_crash.sh) echo 14 ;;
 	qcow2_compat.sh) echo 1 ;;
 	qcow2_tool.sh) echo 4 ;;
+	qcow2_faults.sh) echo 4 ;;
 	*) echo 5 ;;
 	esac
 }

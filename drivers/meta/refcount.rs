@@ -297,7 +297,7 @@ impl DeltaMd {
         file.write_full(&page, 0)?;
         file.fsync()?;
 
-        let mut rt = KVVec::with_capacity((tbl_bytes / 8) as usize, GFP_KERNEL)?;
+        let mut rt = KVVec::with_capacity((tbl_bytes / 8) as usize, gfp_kv())?;
         for c in tbl.chunks_exact(8) {
             let mut b = [0u8; 8];
             b.copy_from_slice(c);

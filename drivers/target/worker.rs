@@ -6,6 +6,15 @@
 
 use super::*;
 
+/// An error a retry can get past: `ENOSPC` (writes wait for space, "Running
+/// out of space") and `ENOMEM` (the next commit or bio may find memory).
+/// A metadata commit that fails with one keeps its dirty pages and neither
+/// records a writeback error nor latches wants_check: nothing on disk is
+/// worse than after a crash at that point, and the next commit completes it.
+pub(crate) fn transient(e: Error) -> bool {
+    e == ENOSPC || e == ENOMEM
+}
+
 /// The I/O worker: processes queued bios.
 impl WorkItem<0> for Inner {
     type Pointer = Arc<Inner>;
@@ -322,8 +331,8 @@ impl Inner {
     /// Commits the dirty metadata of every delta (`flush`: fsync the top in
     /// any case). Returns the top's result and the first error of any. On
     /// error the cache keeps what is not durable as dirty (the next commit
-    /// writes it again) and the error is recorded; an error other than
-    /// ENOSPC latches wants_check (the image may keep refcounts of
+    /// writes it again) and the error is recorded; one that is not
+    /// [`transient`] latches wants_check (the image may keep refcounts of
     /// references that never became durable: leaks); a merge whose
     /// receiving delta (not the top) failed fails.
     pub(crate) fn commit_all(&self, st: &mut WorkerState, flush: bool) -> (Result, Result) {
@@ -341,7 +350,7 @@ impl Inner {
             };
             pr_err!("dm-qcow2: image {}: metadata commit failed: {:?}\n", d, e);
             self.md_error(e);
-            if e != ENOSPC {
+            if !transient(e) {
                 self.latch_wants_check();
             }
             if all.is_ok() {
@@ -487,10 +496,11 @@ impl Inner {
         self.suspending.load(Ordering::Acquire)
     }
 
-    /// Records an L1/L2 writeback error. Not ENOSPC: writes that hit it
-    /// wait for space and are retried (see "Running out of space").
+    /// Records an L1/L2 writeback error. Not a transient one
+    /// ([`transient`]): the cache keeps what was not written, and the
+    /// next commit writes it.
     pub(crate) fn md_error(&self, e: Error) -> Error {
-        if e != ENOSPC {
+        if !transient(e) {
             self.errors
                 .md_writeback
                 .store(-e.to_errno(), Ordering::Relaxed);
