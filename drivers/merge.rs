@@ -62,6 +62,14 @@ const YIELD_FACTOR: i64 = 2;
 /// The longest sleep between two batches.
 const YIELD_MAX_MS: i64 = 100;
 
+/// A batch that runs out of memory is tried again this many times in a
+/// row, after a sleep that doubles from `NOMEM_SLEEP_MS` up to
+/// `NOMEM_SLEEP_MAX_MS` (about 3 s in all), before the merge fails: memory
+/// is short for a moment more often than for good.
+const NOMEM_RETRIES: u32 = 16;
+const NOMEM_SLEEP_MS: u32 = 10;
+const NOMEM_SLEEP_MAX_MS: u32 = 200;
+
 /// Copied clusters waiting to be dropped from the merged delta above which
 /// the walker commits (and drops them) early.
 const MOVE_BATCH: usize = 1024;
@@ -122,6 +130,10 @@ pub(crate) struct Merge {
     /// Clusters (virtual addresses) copied into `dst` and not yet dropped
     /// from `src`: dropped once a commit made the copies durable.
     moved: KVec<u64>,
+    /// Batches in a row that ran out of memory (see `NOMEM_RETRIES`).
+    nomem: u32,
+    /// The walker sleeps this long before the next batch (a retry).
+    backoff_ms: u32,
 }
 
 /// Source of `Merge::id`.
@@ -133,6 +145,36 @@ impl Merge {
         self.redo.remove(&v);
         self.redo_len = self.redo_len.saturating_sub(1);
         Some(v)
+    }
+
+    /// Puts `v`, popped and not copied, back into the redo set; without
+    /// memory for it the merge fails (the cluster would be missed).
+    fn redo_again(&mut self, v: u64) {
+        match self.redo.try_create_and_insert(v, (), GFP_KERNEL) {
+            Ok(None) => self.redo_len += 1,
+            Ok(Some(_)) => {}
+            Err(_) => self.fail(ENOMEM),
+        }
+    }
+
+    /// A batch ended with `e`: out of memory, the next batch tries again
+    /// after a sleep (true), up to `NOMEM_RETRIES` times in a row; any
+    /// other error, or one retry too many, fails the merge (false).
+    fn batch_failed(&mut self, e: Error) -> bool {
+        if e == ENOMEM && self.nomem < NOMEM_RETRIES && !matches!(self.stage, Stage::Failed(_)) {
+            self.backoff_ms = NOMEM_SLEEP_MS
+                .checked_shl(self.nomem)
+                .map_or(NOMEM_SLEEP_MAX_MS, |ms| ms.min(NOMEM_SLEEP_MAX_MS));
+            self.nomem += 1;
+            return true;
+        }
+        self.fail(e);
+        false
+    }
+
+    /// How long the walker sleeps before its next batch (taken: once).
+    pub(crate) fn take_backoff(&mut self) -> u32 {
+        core::mem::take(&mut self.backoff_ms)
     }
 
     fn progress(&self) -> u64 {
@@ -386,6 +428,8 @@ impl Inner {
                 armed: false,
                 moving,
                 moved: KVec::new(),
+                nomem: 0,
+                backoff_ms: 0,
             });
             // Writes take the locked path while a merge runs (it must see
             // them); reads keep the table. The switch below waits for bios
@@ -442,7 +486,12 @@ impl Inner {
             while let Some(v) = st.merge.as_mut().and_then(Merge::pop_redo) {
                 if let Err(e) = self.copy_cluster(&mut st, v) {
                     if let Some(m) = st.merge.as_mut() {
-                        m.set_stage(Stage::Failed(-e.to_errno()));
+                        if e == ENOMEM {
+                            // Still ready: `complete` may be sent again.
+                            m.redo_again(v);
+                        } else {
+                            m.set_stage(Stage::Failed(-e.to_errno()));
+                        }
                     }
                     return Err(e);
                 }

@@ -402,8 +402,10 @@ patch_r_into_want() {
 }
 
 # A backward merge of the top (6 MiB of its own) with 3% of the module's
-# allocations failing: it completes or fails; once memory is back it runs
-# to the end. The device reads the same throughout.
+# allocations failing: batches that run out of memory are tried again, so
+# it is ready in the end (or, after 16 failed batches in a row, failed:
+# then started again once memory is back). The device reads the same
+# throughout.
 case_merge_random() {
 	local out end stage tries=0
 	mk_chain

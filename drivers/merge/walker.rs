@@ -17,12 +17,15 @@ impl Inner {
             if !self.merge_batch(&mut st) {
                 break;
             }
+            let backoff = st.merge.as_mut().map_or(0, Merge::take_backoff);
             drop(st);
             // Unlocked here: queued guest bios get the state between
             // batches, and other tasks the CPU. If guest bios came since
             // the last batch, they get `YIELD_FACTOR` times as long as the
-            // batch took.
-            if self.guest_io.swap(false, Ordering::Relaxed) {
+            // batch took. Out of memory, the retry waits (`batch_failed`).
+            if backoff > 0 {
+                task::sleep_ms(backoff);
+            } else if self.guest_io.swap(false, Ordering::Relaxed) {
                 let took = ktime_ms_delta(Ktime::ktime_get(), start);
                 let ms = took.saturating_mul(YIELD_FACTOR).clamp(1, YIELD_MAX_MS);
                 task::sleep_ms(ms as u32);
@@ -83,60 +86,83 @@ impl Inner {
             return false;
         };
         match res {
-            Ok(true) => true,
+            Ok(true) => {
+                m.nomem = 0;
+                true
+            }
             Ok(false) => {
+                m.nomem = 0;
                 if !redo_only {
                     m.set_stage(Stage::Ready);
                 }
                 false
             }
-            Err(e) => {
-                m.fail(e);
-                false
-            }
+            Err(e) => m.batch_failed(e),
         }
     }
 
     /// Copies up to `BATCH` clusters (a skipped L2 range counts as one);
-    /// `Ok(false)` when nothing is left.
+    /// `Ok(false)` when nothing is left. Out of memory, the cluster it
+    /// failed on is left to copy again (the cursor goes back to it, or it
+    /// returns to the redo set): a retry (`merge_batch`) copies it.
     fn copy_batch(&self, st: &mut WorkerState) -> Result<bool> {
         let mut budget = BATCH;
         while budget > 0 {
             budget -= 1;
             let m = st.merge.as_mut().ok_or(EINVAL)?;
-            if m.cursor >= m.end {
-                match m.pop_redo() {
-                    Some(v) => self.copy_cluster(st, v)?,
-                    None => return Ok(false),
+            let at = m.cursor;
+            if at >= m.end {
+                let Some(v) = m.pop_redo() else {
+                    return Ok(false);
+                };
+                if let Err(e) = self.copy_cluster(st, v) {
+                    if let Some(m) = st.merge.as_mut().filter(|_| e == ENOMEM) {
+                        m.redo_again(v);
+                    }
+                    return Err(e);
                 }
                 continue;
             }
-            let v = m.cursor;
-            let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
-            m.cursor = v - v % cs + cs;
-            // Where the merged delta has no L2 table it provides nothing:
-            // the walk skips the table's whole range.
-            let src = st.deltas.get(m.src).ok_or(EIO)?;
-            let md = st.md.get(m.src).ok_or(EIO)?;
-            if md.l1_entry(&src.hdr, v)?.is_none() {
-                let left = crate::io::l2_range_left(&src.hdr, v)?;
-                let next = v.saturating_add(left);
-                let m = st.merge.as_mut().ok_or(EINVAL)?;
-                // Cluster-aligned in `dst` too (its clusters may be
-                // smaller, never the table's range unaligned to them).
-                m.cursor = m.cursor.max(next - next % cs).min(m.end);
-                continue;
+            if let Err(e) = self.copy_at(st, at, &mut budget) {
+                // Copies already done from `at` on are found and made again
+                // (in place) by the retry.
+                if let Some(m) = st.merge.as_mut().filter(|_| e == ENOMEM) {
+                    m.cursor = at;
+                }
+                return Err(e);
             }
-            let n = self.copy_run(st, v, budget.saturating_add(1))?;
-            if n > 1 {
-                budget = budget.saturating_sub(n - 1);
-                let m = st.merge.as_mut().ok_or(EINVAL)?;
-                m.cursor = v.saturating_add(u64::from(n) * cs).min(m.end);
-                continue;
-            }
-            self.copy_cluster(st, v)?;
         }
         Ok(true)
+    }
+
+    /// Copies what the cluster at the cursor `v` takes: nothing for a range
+    /// without an L2 table in the merged delta (skipped whole), a run of
+    /// clusters, or the one cluster.
+    fn copy_at(&self, st: &mut WorkerState, v: u64, budget: &mut u32) -> Result {
+        let m = st.merge.as_mut().ok_or(EINVAL)?;
+        let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
+        m.cursor = v - v % cs + cs;
+        // Where the merged delta has no L2 table it provides nothing:
+        // the walk skips the table's whole range.
+        let src = st.deltas.get(m.src).ok_or(EIO)?;
+        let md = st.md.get(m.src).ok_or(EIO)?;
+        if md.l1_entry(&src.hdr, v)?.is_none() {
+            let left = crate::io::l2_range_left(&src.hdr, v)?;
+            let next = v.saturating_add(left);
+            let m = st.merge.as_mut().ok_or(EINVAL)?;
+            // Cluster-aligned in `dst` too (its clusters may be
+            // smaller, never the table's range unaligned to them).
+            m.cursor = m.cursor.max(next - next % cs).min(m.end);
+            return Ok(());
+        }
+        let n = self.copy_run(st, v, budget.saturating_add(1))?;
+        if n > 1 {
+            *budget = budget.saturating_sub(n - 1);
+            let m = st.merge.as_mut().ok_or(EINVAL)?;
+            m.cursor = v.saturating_add(u64::from(n) * cs).min(m.end);
+            return Ok(());
+        }
+        self.copy_cluster(st, v)
     }
 
     /// Copies the run of clusters from `vaddr` on (at most `max`, within
