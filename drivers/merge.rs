@@ -140,20 +140,16 @@ pub(crate) struct Merge {
 static MERGE_IDS: AtomicU64 = AtomicU64::new(0);
 
 impl Merge {
-    fn pop_redo(&mut self) -> Option<u64> {
-        let v = *self.redo.keys().next()?;
-        self.redo.remove(&v);
-        self.redo_len = self.redo_len.saturating_sub(1);
-        Some(v)
+    /// The first cluster of the redo set; it stays in the set until
+    /// `redo_done` (a copy that fails leaves it there for the retry).
+    fn first_redo(&self) -> Option<u64> {
+        self.redo.keys().next().copied()
     }
 
-    /// Puts `v`, popped and not copied, back into the redo set; without
-    /// memory for it the merge fails (the cluster would be missed).
-    fn redo_again(&mut self, v: u64) {
-        match self.redo.try_create_and_insert(v, (), GFP_KERNEL) {
-            Ok(None) => self.redo_len += 1,
-            Ok(Some(_)) => {}
-            Err(_) => self.fail(ENOMEM),
+    /// `v` (from `first_redo`) is copied.
+    fn redo_done(&mut self, v: u64) {
+        if self.redo.remove(&v).is_some() {
+            self.redo_len = self.redo_len.saturating_sub(1);
         }
     }
 
@@ -483,17 +479,17 @@ impl Inner {
             }
             let (src, dst) = (m.src, m.dst);
             self.inflight.wait_idle();
-            while let Some(v) = st.merge.as_mut().and_then(Merge::pop_redo) {
+            while let Some(v) = st.merge.as_ref().and_then(Merge::first_redo) {
                 if let Err(e) = self.copy_cluster(&mut st, v) {
-                    if let Some(m) = st.merge.as_mut() {
-                        if e == ENOMEM {
-                            // Still ready: `complete` may be sent again.
-                            m.redo_again(v);
-                        } else {
-                            m.set_stage(Stage::Failed(-e.to_errno()));
-                        }
+                    // Out of memory it stays ready (the cluster in the redo
+                    // set): `complete` may be sent again.
+                    if let Some(m) = st.merge.as_mut().filter(|_| e != ENOMEM) {
+                        m.set_stage(Stage::Failed(-e.to_errno()));
                     }
                     return Err(e);
+                }
+                if let Some(m) = st.merge.as_mut() {
+                    m.redo_done(v);
                 }
             }
             // The copies (and every decrement they queued) are durable

@@ -333,6 +333,61 @@ case_control_each_allocation() {
 	same want.raw top.raw "qemu-img convert of top.qcow2 differs from the chain"
 }
 
+# merge_backward complete (copying what was written since ready, the
+# commits, the header, the unlink) failing at each allocation in turn, on
+# a fresh copy of the chain each time: out of memory it fails and the
+# merge stays ready, and a second complete (memory back) finishes it; or
+# it goes on without the memory. Either way the one image left reads as
+# the chain did and checks clean.
+case_complete_each_allocation() {
+	local n=1 nth=1 step=1 streak=0 rc inj failed=0 tolerated=0 last=0
+	mk_chain
+	faults_setup
+	nth_wrapper
+	while [ "$last" = 0 ]; do
+		dmq_run cp base.qcow2 b.qcow2
+		dmq_run cp top.qcow2 t.qcow2
+		map_rw rw:b.qcow2 t.qcow2
+		msg_ok v merge_backward start -1 0
+		dmq_wait_ready v merge_backward
+		# a write since ready: complete copies it again
+		dmq_run dd if="$DEV" of="$DEV" bs=64k count=1 skip=1 seek=1 \
+			iflag=direct oflag=direct conv=notrunc status=none
+		fi_arm
+		DMQ_FAIL_NTH=$nth nth_msg merge_backward complete >complete.log 2>&1
+		rc=$?
+		inj=$(fi_injected)
+		[ "$rc" = 91 ] && dmq_fail "cannot write /proc/self/fail-nth"
+		# a long run of allocations the target does without (the fast
+		# path's table of the new top, vmalloc'ed page by page) is
+		# sampled, at doubling strides: each try is a whole merge
+		if [ "$rc" = 0 ]; then
+			if [ "$inj" = 0 ]; then last=1; else tolerated=$((tolerated + 1)); fi
+			streak=$((streak + 1))
+			[ "$streak" -ge 8 ] && [ "$step" -lt 32 ] && step=$((step * 2))
+		else
+			[ "$inj" = 0 ] && { cat complete.log; dmq_fail "complete failed with no allocation failing (allocation $nth)"; }
+			failed=$((failed + 1))
+			streak=0 step=1
+			msg_ok v merge_backward progress
+			[[ $MSG_OUT == *stage=ready* ]] ||
+				dmq_fail "complete with allocation $nth failing: the merge is not ready: '$MSG_OUT'"
+			msg_ok v merge_backward complete
+		fi
+		[ "$(chain_len v)" = 1 ] || dmq_fail "complete (allocation $nth): the chain has $(chain_len v) images"
+		expect_device "merged with allocation $nth of complete failing: the device differs from the chain"
+		dmq_remove v || dmq_fail "dmsetup remove failed"
+		check_rc b.qcow2 0 >/dev/null
+		convert b.qcow2 b.raw
+		same want.raw b.raw "merged with allocation $nth of complete failing: qemu-img reads another image"
+		n=$((n + 1))
+		nth=$((nth + step))
+		[ "$nth" -le "$MAX_NTH" ] || dmq_fail "complete: still failing after $MAX_NTH allocations"
+	done
+	echo "merge_backward complete: $((n - 1)) tries up to allocation $((nth - 1)); $failed failed and left the merge ready, $tolerated went on without the memory"
+	[ "$failed" -gt 0 ] || dmq_fail "no complete failed: the faults did not reach it"
+}
+
 # Guest I/O with 20% of the module's allocations failing: reads, copy-on-
 # write, first writes and writes in place (4k..128k), discards, flushes.
 case_io_random() {
@@ -453,11 +508,12 @@ case_merge_random() {
 
 # Failed allocations make the target log I/O and metadata errors (a
 # resume that cannot update the header, a commit that cannot write).
-DMQ_FAULT_CASES="create_each_allocation control_each_allocation io_random merge_random"
+DMQ_FAULT_CASES="create_each_allocation control_each_allocation complete_each_allocation io_random merge_random"
 
 DMQ_CASES=(
 	create_each_allocation
 	control_each_allocation
+	complete_each_allocation
 	io_random
 	merge_random
 )

@@ -104,7 +104,7 @@ impl Inner {
     /// Copies up to `BATCH` clusters (a skipped L2 range counts as one);
     /// `Ok(false)` when nothing is left. Out of memory, the cluster it
     /// failed on is left to copy again (the cursor goes back to it, or it
-    /// returns to the redo set): a retry (`merge_batch`) copies it.
+    /// stays in the redo set): a retry (`merge_batch`) copies it.
     fn copy_batch(&self, st: &mut WorkerState) -> Result<bool> {
         let mut budget = BATCH;
         while budget > 0 {
@@ -112,14 +112,13 @@ impl Inner {
             let m = st.merge.as_mut().ok_or(EINVAL)?;
             let at = m.cursor;
             if at >= m.end {
-                let Some(v) = m.pop_redo() else {
+                let Some(v) = m.first_redo() else {
                     return Ok(false);
                 };
-                if let Err(e) = self.copy_cluster(st, v) {
-                    if let Some(m) = st.merge.as_mut().filter(|_| e == ENOMEM) {
-                        m.redo_again(v);
-                    }
-                    return Err(e);
+                // Out of memory, `v` stays in the set for the retry.
+                self.copy_cluster(st, v)?;
+                if let Some(m) = st.merge.as_mut() {
+                    m.redo_done(v);
                 }
                 continue;
             }
@@ -333,13 +332,28 @@ impl Inner {
         if m.moved.is_empty() {
             return Ok(());
         }
+        let (src, dst) = (m.src, m.dst);
+        // The copies are durable before any entry of `src` goes: a copy
+        // into a cluster `dst` had already is a plain write in place, which
+        // no commit covers (one skips a delta with nothing dirty).
+        st.delta(dst)?.file.fsync()?;
+        let Some(m) = st.merge.as_mut() else {
+            return Ok(());
+        };
         let moved = core::mem::replace(&mut m.moved, KVec::new());
-        let src = m.src;
         for v in moved.iter() {
             if st.merge.as_ref().is_some_and(|m| m.redo.get(v).is_some()) {
                 continue;
             }
-            self.drop_cluster(st, src, *v)?;
+            if let Err(e) = self.drop_cluster(st, src, *v) {
+                // All of them again later (dropping a dropped one does
+                // nothing; nothing was added meanwhile): none is kept in
+                // `src` for good (a merge that goes on after an error).
+                if let Some(m) = st.merge.as_mut() {
+                    m.moved = moved;
+                }
+                return Err(e);
+            }
         }
         self.commit_all(st, false).1
     }

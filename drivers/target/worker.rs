@@ -358,7 +358,9 @@ impl Inner {
             }
             if d == top {
                 top_res = Err(e);
-            } else if let Some(m) = st.merge.as_mut().filter(|m| m.dst == d) {
+            } else if let Some(m) = st.merge.as_mut().filter(|m| m.dst == d && e != ENOMEM) {
+                // Out of memory, the pages stay dirty for the next commit
+                // and the walker's batch is tried again (`batch_failed`).
                 m.fail(e);
             }
         }
