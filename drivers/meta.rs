@@ -162,6 +162,10 @@ pub(crate) struct DeltaMd {
     ///
     /// [`overlap`]: DeltaMd::overlap
     corrupt: bool,
+    /// A cluster nothing points at could not be freed (or its release
+    /// queued): the image leaks it; the target's wants_check is latched
+    /// (`take_leaked`).
+    leaked: bool,
 }
 
 impl DeltaMd {
@@ -209,6 +213,7 @@ impl DeltaMd {
             count: AllocCount::new(),
             meta: RBTree::new(),
             corrupt: false,
+            leaked: false,
         };
         if writable_rt {
             md.note_metadata(file, hdr, true)?;
@@ -608,23 +613,27 @@ impl DeltaMd {
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(err) = res {
                     // Nothing points at it.
-                    let _ = self.free_range(file, hdr, off, cs);
+                    let freed = self.free_range(file, hdr, off, cs);
+                    self.leak_on_error(freed);
                     return Err(err);
                 }
                 // Dropped once the new L1 entry is durable.
-                let _ = self.defer_free(e.l2_offset, cs);
+                let queued = self.defer_free(e.l2_offset, cs);
+                self.leak_on_error(queued);
                 Ok(off)
             }
             None => {
-                let off = self.alloc_cluster(file, hdr)?;
+                // The buffer first: nothing to free if there is no memory.
                 let zero = IoBuf::new(hdr.cluster_size() as usize)?;
+                let off = self.alloc_cluster(file, hdr)?;
                 let res = self
                     .note_meta(off, "L2 table")
                     .and_then(|()| file.write_full(&zero, off))
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(e) = res {
                     // Nothing points at it.
-                    let _ = self.free_range(file, hdr, off, hdr.cluster_size());
+                    let freed = self.free_range(file, hdr, off, hdr.cluster_size());
+                    self.leak_on_error(freed);
                     return Err(e);
                 }
                 Ok(off)

@@ -317,8 +317,27 @@ impl DeltaMd {
             tbl_clusters
         );
         // The old table is no longer referenced by the (durable) header.
-        let _ = self.defer_free(old_off, old_clusters * cs);
+        let queued = self.defer_free(old_off, old_clusters * cs);
+        self.leak_on_error(queued);
         Ok(())
+    }
+
+    /// `res` of freeing (or queueing the release of) clusters nothing
+    /// points at: on error they leak, which is noted for `take_leaked`.
+    pub(crate) fn leak_on_error(&mut self, res: Result) {
+        if let Err(e) = res {
+            pr_err!(
+                "dm-qcow2: image {}: cannot free a cluster nothing points at ({:?}): leaked\n",
+                self.img,
+                e
+            );
+            self.leaked = true;
+        }
+    }
+
+    /// Whether clusters leaked since the last call (see `leak_on_error`).
+    pub(crate) fn take_leaked(&mut self) -> bool {
+        core::mem::take(&mut self.leaked)
     }
 
     /// Drops one reference of every cluster overlapping `[start, start + len)`

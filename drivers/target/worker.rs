@@ -341,6 +341,10 @@ impl Inner {
         for d in 0..st.md.len() {
             let Ok(delta) = st.delta(d) else { break };
             let Some(md) = st.md.get_mut(d) else { break };
+            if md.take_leaked() {
+                pr_err!("dm-qcow2: image {}: leaked clusters: wants_check\n", d);
+                self.latch_wants_check();
+            }
             let force = flush && d == top;
             if !force && !md.is_dirty() {
                 continue;
