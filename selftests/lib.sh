@@ -536,6 +536,36 @@ dmq_init() {
 
 # ---------------------------------------------- messages and fio checks
 
+# need TOOL...: the case is skipped unless every TOOL is on PATH
+need() {
+	local t
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
+	done
+}
+
+# random FILE SIZE: SIZE bytes from /dev/urandom
+random() {
+	dmq_run dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock status=none
+}
+
+# check_rc IMG OK...: qemu-img check IMG exits with one of OK (0 clean,
+# 3 leaked clusters only; 2 is corruption)
+check_rc() {
+	local img=$1 rc
+	shift
+	"$QEMU_IMG" check -f qcow2 "$img" >check.log 2>&1
+	rc=$?
+	case " $* " in
+	*" $rc "*) ;;
+	*)
+		cat check.log
+		dmq_fail "qemu-img check $img: rc=$rc (2: corruptions, 3: leaks)"
+		;;
+	esac
+	echo "qemu-img check $img: rc=$rc"
+}
+
 # errno_text ERRNO: its strerror text, as dmsetup prints it
 errno_text() {
 	case $1 in

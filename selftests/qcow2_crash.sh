@@ -56,13 +56,6 @@ LW=			# the log-writes device
 WORK=			# disk, log and crash states (on a tmpfs)
 DMQ_CASE_OK=0
 
-need() {
-	local t
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
-	done
-}
-
 # the qcow2 tables hold files on the mount, the mount holds the log-writes
 # device, which holds the loop devices
 crash_detach() {

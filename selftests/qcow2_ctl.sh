@@ -23,13 +23,6 @@ DEV=				# the mapped device (map_rw)
 MSG_OUT=			# output of the last msg_ok
 BG_PIDS=()			# background jobs stopped when the case ends
 
-need() {
-	local t
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
-	done
-}
-
 # ------------------------------------------------------------ messages
 
 # expect_output NAME TEXT WORD...: the message prints exactly TEXT
@@ -78,11 +71,6 @@ map_rw() {
 	[ "$(blockdev --getro "$DEV")" = 0 ] || dmq_fail "$DEV is read-only"
 }
 
-# random FILE SIZE
-random() {
-	dmq_run dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock status=none
-}
-
 # expect_at DEV OFFSET FILE: DEV holds FILE at OFFSET (O_DIRECT read)
 expect_at() {
 	local n
@@ -107,23 +95,6 @@ on_exit() {
 		kill "$p" 2>/dev/null
 		wait "$p" 2>/dev/null
 	done
-}
-
-# check_rc IMG OK...: qemu-img check IMG exits with one of OK (0 clean,
-# 3 leaked clusters only; 2 is corruption)
-check_rc() {
-	local img=$1 rc
-	shift
-	"$QEMU_IMG" check -f qcow2 "$img" >check.log 2>&1
-	rc=$?
-	case " $* " in
-	*" $rc "*) ;;
-	*)
-		cat check.log
-		dmq_fail "qemu-img check $img: rc=$rc (2: corruptions, 3: leaks)"
-		;;
-	esac
-	echo "qemu-img check $img: rc=$rc"
 }
 
 # mk_chain3: base.qcow2 < mid.qcow2 < top.qcow2, 16 MiB, 64k clusters

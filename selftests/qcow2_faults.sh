@@ -29,13 +29,6 @@ TIMES=1000000			# "times" while armed: what is left says how many failed
 MAX_NTH=${DMQ_MAX_NTH:-400}	# allocations of one operation the sweep may find
 DEV=
 
-need() {
-	local t
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
-	done
-}
-
 # ------------------------------------------------------- fault injection
 
 fi_set() {
@@ -166,10 +159,6 @@ nth_wrapper() {
 
 # ---------------------------------------------------------------- images
 
-random() {
-	dmq_run dd if=/dev/urandom of="$1" bs="$2" count=1 iflag=fullblock status=none
-}
-
 # mk_chain: base.qcow2 < top.qcow2, 16 MiB, 64k clusters: plain, compressed
 # and zero clusters in the base, data and a partial cluster in the top
 mk_chain() {
@@ -191,23 +180,6 @@ expect_device() {
 	dump "$DEV" got.raw
 	same want.raw got.raw "$1"
 	rm -f got.raw
-}
-
-# check_rc IMG OK...: qemu-img check IMG exits with one of OK (0 clean,
-# 3 leaked clusters only; 2 is corruption)
-check_rc() {
-	local img=$1 rc
-	shift
-	"$QEMU_IMG" check -f qcow2 "$img" >check.log 2>&1
-	rc=$?
-	case " $* " in
-	*" $rc "*) ;;
-	*)
-		cat check.log
-		dmq_fail "qemu-img check $img: rc=$rc (2: corruptions, 3: leaks)"
-		;;
-	esac
-	echo "qemu-img check $img: rc=$rc"
 }
 
 # ------------------------------------------------------------------ cases

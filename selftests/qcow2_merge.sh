@@ -39,13 +39,6 @@ PCT=				# progress=
 MERR=				# and error=
 BG_PIDS=()			# background jobs killed when the case ends
 
-need() {
-	local t
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
-	done
-}
-
 # ------------------------------------------------------------ messages
 
 

@@ -64,10 +64,6 @@ tool_fails() {
 	echo "refused (rc=$rc): $err" | head -n 1
 }
 
-need() {
-	command -v "$1" >/dev/null 2>&1 || dmq_skip "$1 not found"
-}
-
 # chain_files NAME: get_img_name 0..n-1 of the device, one a line
 chain_files() {
 	local full n i

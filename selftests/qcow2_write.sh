@@ -28,13 +28,6 @@ MINBS=${DMQ_SCRATCH_SECTOR:-512}	# smallest fio write: the scratch device's logi
 FIO_SEED=1			# --randseed of the first job (cases change it)
 DEV=				# the mapped device (map_rw)
 
-need() {
-	local t
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || dmq_skip "$t not found"
-	done
-}
-
 # base_specs CLUSTER: dmq_write specs for a DEV_SIZE base: aligned and
 # unaligned text/random/pattern ranges, compressed clusters (ct/cr), zeroes
 # over data (qemu-io write -z: zero clusters where aligned), a range across
