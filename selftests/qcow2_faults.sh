@@ -221,6 +221,12 @@ case_create_each_allocation() {
 	done
 	echo "create: $((n - 1)) allocations; $failed failed creates were clean, $tolerated went on without the memory"
 	[ "$failed" -gt 0 ] || dmq_fail "no create failed: the faults did not reach the constructor"
+	# each failure named (device-mapper logs "Unknown error" for a
+	# constructor that fails without setting ti->error)
+	if dmq_dmesg_case | grep -F "qcow2: Unknown error"; then
+		dmq_fail "a failed constructor did not say why"
+	fi
+	echo "every failed constructor said why: $(dmq_dmesg_case | grep -c 'qcow2: .*(-ENOMEM)') lines with -ENOMEM"
 	sha256sum -c --quiet images.sha256 || dmq_fail "an image changed"
 	dmq_check_images base.qcow2 top.qcow2
 }
