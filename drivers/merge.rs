@@ -141,7 +141,7 @@ static MERGE_IDS: AtomicU64 = AtomicU64::new(0);
 
 impl Merge {
     /// The first cluster of the redo set; it stays in the set until
-    /// `redo_done` (a copy that fails leaves it there for the retry).
+    /// `redo_done` (see `copy_next_redo`).
     fn first_redo(&self) -> Option<u64> {
         self.redo.keys().next().copied()
     }
@@ -479,17 +479,18 @@ impl Inner {
             }
             let (src, dst) = (m.src, m.dst);
             self.inflight.wait_idle();
-            while let Some(v) = st.merge.as_ref().and_then(Merge::first_redo) {
-                if let Err(e) = self.copy_cluster(&mut st, v) {
-                    // Out of memory it stays ready (the cluster in the redo
-                    // set): `complete` may be sent again.
-                    if let Some(m) = st.merge.as_mut().filter(|_| e != ENOMEM) {
-                        m.set_stage(Stage::Failed(-e.to_errno()));
+            loop {
+                match self.copy_next_redo(&mut st) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        // Out of memory it stays ready (the cluster in the
+                        // redo set): `complete` may be sent again.
+                        if let Some(m) = st.merge.as_mut().filter(|_| e != ENOMEM) {
+                            m.set_stage(Stage::Failed(-e.to_errno()));
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
-                }
-                if let Some(m) = st.merge.as_mut() {
-                    m.redo_done(v);
                 }
             }
             // The copies (and every decrement they queued) are durable

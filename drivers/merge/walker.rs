@@ -112,13 +112,8 @@ impl Inner {
             let m = st.merge.as_mut().ok_or(EINVAL)?;
             let at = m.cursor;
             if at >= m.end {
-                let Some(v) = m.first_redo() else {
+                if !self.copy_next_redo(st)? {
                     return Ok(false);
-                };
-                // Out of memory, `v` stays in the set for the retry.
-                self.copy_cluster(st, v)?;
-                if let Some(m) = st.merge.as_mut() {
-                    m.redo_done(v);
                 }
                 continue;
             }
@@ -130,6 +125,20 @@ impl Inner {
                 }
                 return Err(e);
             }
+        }
+        Ok(true)
+    }
+
+    /// Copies the first cluster of the redo set and takes it out of the
+    /// set; `Ok(false)` if the set is empty. On error it stays in the set
+    /// (out of memory, a retry copies it).
+    pub(super) fn copy_next_redo(&self, st: &mut WorkerState) -> Result<bool> {
+        let Some(v) = st.merge.as_ref().and_then(Merge::first_redo) else {
+            return Ok(false);
+        };
+        self.copy_cluster(st, v)?;
+        if let Some(m) = st.merge.as_mut() {
+            m.redo_done(v);
         }
         Ok(true)
     }
