@@ -400,6 +400,72 @@ case_single_inplace() {
 		dmq_fail "overwrites allocated clusters: $n1 before, $n2 after"
 }
 
+# in-place writes and verify reads submitted in batches (fio's libaio
+# with 16 I/Os per io_submit, as QEMU's native AIO submits) over an image
+# the format writer has just written through the host's page cache: the
+# fast path's direct I/O must drop the cached pages it overwrites (a later
+# buffered reader, qemu-img convert here, sees the new data). Every byte
+# checked (fio's verify, the device against QEMU, nothing else changed)
+case_batched_inplace() {
+	local f0 f1
+	need "$FIO"
+	FIO_SEED=11
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	dmq_write a.qcow2 r:0:"$DEV_SIZE"
+	: >lower.sha256
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 before.raw
+	map_rw a.qcow2
+	f0=$(fast_bios) || dmq_fail "dmsetup status"
+	fio_write "$DEV" --iodepth=32 --iodepth_batch_submit=16 \
+		--iodepth_batch_complete_max=16
+	f1=$(fast_bios) || dmq_fail "dmsetup status"
+	[ "$f1" -gt "$f0" ] || dmq_fail "no bio took the fast path (fast_bios $f0 -> $f1)"
+	echo "fast_bios $f0 -> $f1"
+	finish "$DEV" a.qcow2 before.raw
+}
+
+# a file system on the device doing its own direct I/O, synchronous and
+# batched (its block plug finished under the file's i_rwsem), into blocks
+# it allocated first: in-place writes of the image through the fast path,
+# fio's verify, then fsck and the file's sum after a read-only remount
+case_ext4_direct() {
+	local mnt=$DMQ_CASE_DIR/mnt sum
+	need "$FIO" mkfs.ext4 mount umount fsck.ext4
+	grep -qw ext4 /proc/filesystems || modprobe ext4 2>/dev/null
+	grep -qw ext4 /proc/filesystems || dmq_skip "no ext4 in this kernel"
+	dmq_img_create a.qcow2 "$DEV_SIZE" cluster_size=64k
+	mkdir -p "$mnt"
+	trap 'umount "$DMQ_CASE_DIR/mnt" 2>/dev/null' EXIT
+	map_rw a.qcow2
+	dmq_run mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$DEV"
+	dmq_run mount -t ext4 "$DEV" "$mnt"
+	# allocated first (sequential), then overwritten at random in place
+	dmq_run "$FIO" --output=fio1.log --name=fill --filename="$mnt/f" --size=16M \
+		--rw=write --bs=1M --direct=1 --ioengine=psync
+	dmq_run "$FIO" --output=fio2.log --name=sync --filename="$mnt/f" --size=16M \
+		--rw=randwrite --bs=4k --io_size=4M --direct=1 --ioengine=psync \
+		--verify=crc32c --verify_fatal=1
+	dmq_run "$FIO" --output=fio3.log --name=batch --filename="$mnt/f" --size=16M \
+		--rw=randwrite --bs=4k --io_size=8M --direct=1 --ioengine=libaio \
+		--iodepth=32 --iodepth_batch_submit=16 --iodepth_batch_complete_max=16 \
+		--verify=crc32c --verify_fatal=1
+	if grep -Ei 'verify|bad magic|bad header|err= *[1-9]' fio2.log fio3.log; then
+		dmq_fail "fio's verify failed"
+	fi
+	sum=$(sha256sum <"$mnt/f") || dmq_fail "sha256sum"
+	dmq_run umount "$mnt"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_top a.qcow2
+	dmq_create v a.qcow2 >/dev/null || dmq_fail "read-only table refused"
+	DEV=$(dmq_dev v) || dmq_fail "no device node"
+	dmq_run fsck.ext4 -fn "$DEV"
+	dmq_run mount -t ext4 -o ro "$DEV" "$mnt"
+	[ "$(sha256sum <"$mnt/f")" = "$sum" ] || dmq_fail "the file differs after a remount"
+	echo "ext4: the file holds fio's verified writes after a remount"
+	dmq_run umount "$mnt"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+}
+
 # writes over several clusters the image owns, through the worker (FUA
 # writes never take the fast path; a fresh table knows few clusters): the
 # worker starts one direct I/O per run of in-place pieces that follow one
@@ -1022,6 +1088,8 @@ DMQ_CASES=(
 	chain3
 	compressed_base
 	single_inplace
+	batched_inplace
+	ext4_direct
 	first_write_nofill
 	commit_period
 	buffered
