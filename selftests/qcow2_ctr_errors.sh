@@ -404,6 +404,133 @@ own_fs_break() {
 	echo "sectors $s+$n under $1 bytes $2+$3 now fail"
 }
 
+# own_fs_heal: the linear table whole again (every sector reads)
+own_fs_heal() {
+	dmq_run "$DMSETUP" reload "$(dmq_full_name lin)" \
+		--table "0 $OWN_SECTORS linear $OWN_LOOP 0"
+	dmq_run "$DMSETUP" resume "$(dmq_full_name lin)"
+	echo "every sector reads again"
+}
+
+# The host's device fails the sectors under one data cluster of a live
+# writable table (not the target's fault injection, which turns the fast
+# path off: here the error comes up through ext4's direct I/O, on the fast
+# path and on the locked one). Reads and writes of that cluster fail with
+# EIO, the rest of the device works; nothing marks the image as needing a
+# check (its metadata is fine); once the sectors read again the cluster
+# holds its old data; then QEMU reads what the device did
+case_host_eio() {
+	local out host dev f0 f1 c
+	own_fs 512
+	dmq_img_create mnt/a.qcow2 16M cluster_size=64k
+	dmq_write mnt/a.qcow2 r:0:4M
+	convert mnt/a.qcow2 before.raw
+	out=$(dmq_py dmq_img entry mnt/a.qcow2 l2 1M) || dmq_fail "no L2 entry for 1M"
+	host=$((${out#* } & 0xfffffffffe00))
+	[ "$host" -gt 0 ] || dmq_fail "guest 1M is not allocated"
+	dmq_create v --rw mnt/a.qcow2 >/dev/null || dmq_fail "writable table refused"
+	dev=$(dmq_dev v) || dmq_fail "no device node"
+	# every cluster read once: the fast path knows them all
+	dmq_run dd if="$dev" of=/dev/null bs=1M iflag=direct status=none
+	own_fs_break mnt/a.qcow2 "$host" 65536
+	f0=$(fast_bios_of v)
+	dmq_run dmq_py dmq_img badread "$dev" before.raw --bad 1M:64k
+	f1=$(fast_bios_of v)
+	echo "reads: only guest 1M+64k failed (fast_bios $f0 -> $f1)"
+	[ "$f1" -gt "$f0" ] || dmq_fail "the reads did not take the fast path"
+	random w.bin 64k
+	dd if=w.bin of="$dev" bs=64k seek=16 count=1 oflag=direct conv=notrunc \
+		status=none 2>/dev/null && dmq_fail "a write in place over failing sectors worked"
+	dd if=w.bin of="$dev" bs=64k seek=16 count=1 oflag=direct,dsync \
+		conv=notrunc status=none 2>/dev/null && dmq_fail "a FUA write over failing sectors worked"
+	echo "writes into the failing cluster: EIO (plain and FUA)"
+	# elsewhere: in place, a new cluster, a flush
+	dmq_run dd if=w.bin of="$dev" bs=64k seek=32 count=1 oflag=direct conv=notrunc,fsync status=none
+	dmq_run dd if=w.bin of="$dev" bs=64k seek=160 count=1 oflag=direct conv=notrunc,fsync status=none
+	out=$("$DMSETUP" message "$(dmq_full_name v)" 0 get_errors) || dmq_fail "get_errors"
+	echo "get_errors: ${out//$'\n'/ }"
+	[ "$out" = $'wants_check=0\nmd_writeback_error=0\ntruncate_error=0' ] ||
+		dmq_fail "data I/O errors marked the image: $out"
+	own_fs_heal
+	dmq_run dd if="$dev" of=got.bin bs=64k skip=16 count=1 iflag=direct status=none
+	dmq_run dd if=before.raw of=old.bin bs=64k skip=16 count=1 status=none
+	cmp got.bin old.bin || dmq_fail "the cluster at 1M changed"
+	echo "the cluster at 1M holds its old data again"
+	for c in 32 160; do
+		dmq_run dd if=w.bin of=before.raw bs=64k seek=$c count=1 conv=notrunc status=none
+	done
+	dump "$dev" dev.raw
+	same before.raw dev.raw "the device after the errors"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images mnt/a.qcow2
+	convert mnt/a.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert differs from the device"
+	echo "qemu-img check clean; QEMU reads what the device did"
+}
+
+# The host's device fails the sectors of the image's L2 table while a
+# writable table runs: a first write (it updates the table) still
+# completes, but the flush after it fails with EIO (the commit cannot write
+# the table), md_writeback_error and wants_check are set; once the sectors
+# work again the next flush commits what stayed dirty, and QEMU reads the
+# write. The table may not run again (resume: EIO) before a check
+case_host_eio_metadata() {
+	local out l2 dev
+	own_fs 512
+	dmq_img_create mnt/a.qcow2 16M cluster_size=64k
+	dmq_write mnt/a.qcow2 r:0:4M
+	convert mnt/a.qcow2 before.raw
+	out=$(dmq_py dmq_img entry mnt/a.qcow2 l1 0) || dmq_fail "no L1 entry 0"
+	l2=$((${out#* } & 0xfffffffffe00))
+	[ "$l2" -gt 0 ] || dmq_fail "no L2 table"
+	dmq_create v --rw mnt/a.qcow2 >/dev/null || dmq_fail "writable table refused"
+	dev=$(dmq_dev v) || dmq_fail "no device node"
+	dmq_run dd if="$dev" of=/dev/null bs=1M iflag=direct status=none
+	own_fs_break mnt/a.qcow2 "$l2" 65536
+	random w.bin 64k
+	dmq_run dd if=w.bin of="$dev" bs=64k seek=128 count=1 oflag=direct conv=notrunc status=none
+	dd if=w.bin of="$dev" bs=64k seek=129 count=1 oflag=direct conv=notrunc,fsync \
+		status=none 2>/dev/null && dmq_fail "a flush worked while the L2 table could not be written"
+	echo "the flush after first writes: EIO"
+	out=$("$DMSETUP" message "$(dmq_full_name v)" 0 get_errors) || dmq_fail "get_errors"
+	echo "get_errors: ${out//$'\n'/ }"
+	[ "$out" = $'wants_check=1\nmd_writeback_error=1\ntruncate_error=0' ] ||
+		dmq_fail "a failed metadata write not recorded: $out"
+	expect_bytes_of "$dev" $((8 * MIB)) w.bin
+	own_fs_heal
+	dmq_run dd if=w.bin of="$dev" bs=64k seek=130 count=1 oflag=direct conv=notrunc,fsync status=none
+	echo "the sectors read again: the next flush commits"
+	for c in 128 129 130; do
+		dmq_run dd if=w.bin of=before.raw bs=64k seek=$c count=1 conv=notrunc status=none
+	done
+	dump "$dev" dev.raw
+	same before.raw dev.raw "the device after the failed commit"
+	dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
+	"$DMSETUP" resume "$(dmq_full_name v)" 2>resume.err &&
+		dmq_fail "resume worked with wants_check=1"
+	echo "wants_check=1: resume refused ($(tr '\n' ' ' <resume.err))"
+	dmq_dmesg_case | grep -F "image 0: metadata commit failed: EIO" ||
+		dmq_fail "no dmesg line for the failed commit"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images mnt/a.qcow2
+	convert mnt/a.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert differs from the device"
+	echo "qemu-img check clean; QEMU reads the three writes"
+}
+
+# expect_bytes_of DEV OFF FILE: DEV holds FILE at OFF (O_DIRECT)
+expect_bytes_of() {
+	local n
+	n=$(stat -c %s "$3")
+	dmq_run dd if="$1" of=got.bin bs="$n" skip=$(($2 / n)) count=1 iflag=direct status=none
+	cmp got.bin "$3" || dmq_fail "$1 at $2 does not hold $3"
+}
+
+# fast_bios_of NAME: the fast path's count in `dmsetup status` of NAME
+fast_bios_of() {
+	"$DMSETUP" status "$(dmq_full_name "$1")" | sed -n 's/.* fast_bios=\([0-9]*\).*/\1/p'
+}
+
 # the header's sector cannot be read
 case_header_unreadable() {
 	own_fs 512
@@ -665,6 +792,8 @@ DMQ_CASES=(
 	dirty_lazy_refcounts
 	header_unreadable
 	metadata_unreadable
+	host_eio
+	host_eio_metadata
 	subclusters_below_block
 	differ_cluster_size
 	differ_extended_l2
@@ -684,4 +813,6 @@ DMQ_CASES=(
 	writable_snapshot_base
 )
 
+# Cases whose kernel log has the target's error lines (expected there)
+DMQ_FAULT_CASES="host_eio_metadata"
 dmq_main "$@"
