@@ -412,6 +412,54 @@ own_fs_heal() {
 	echo "every sector reads again"
 }
 
+# eio_setup KIND WHERE: ./mnt/a.qcow2 (16M, 64k clusters, 0..4M random
+# data; its chain in before.raw) mapped writable as v (EIO_DEV), read once
+# whole (the fast path knows every cluster), then the host's sectors under
+# the metadata entry KIND WHERE's cluster (dmq_img entry) fail
+EIO_DEV=
+eio_setup() {
+	local out off
+	own_fs 512
+	dmq_img_create mnt/a.qcow2 16M cluster_size=64k
+	dmq_write mnt/a.qcow2 r:0:4M
+	convert mnt/a.qcow2 before.raw
+	out=$(dmq_py dmq_img entry mnt/a.qcow2 "$1" "$2") || dmq_fail "no $1 entry $2"
+	off=$((${out#* } & 0xfffffffffe00))
+	[ "$off" -gt 0 ] || dmq_fail "$1 entry $2 points nowhere"
+	dmq_create v --rw mnt/a.qcow2 >/dev/null || dmq_fail "writable table refused"
+	EIO_DEV=$(dmq_dev v) || dmq_fail "no device node"
+	dmq_run dd if="$EIO_DEV" of=/dev/null bs=1M iflag=direct status=none
+	own_fs_break mnt/a.qcow2 "$off" 65536
+}
+
+# eio_errors EXPECTED: get_errors of v is EXPECTED (three words)
+eio_errors() {
+	local out
+	out=$("$DMSETUP" message "$(dmq_full_name v)" 0 get_errors) || dmq_fail "get_errors"
+	echo "get_errors: ${out//$'\n'/ }"
+	[ "${out//$'\n'/ }" = "$1" ] || dmq_fail "get_errors: expected $1"
+}
+
+# eio_dump CLUSTER...: the 64k clusters CLUSTER... of before.raw take
+# w.bin; the device (in dev.raw) equals it
+eio_dump() {
+	local c
+	for c in "$@"; do
+		dmq_run dd if=w.bin of=before.raw bs=64k seek="$c" count=1 conv=notrunc status=none
+	done
+	dump "$EIO_DEV" dev.raw
+	same before.raw dev.raw "the device after the errors"
+}
+
+# eio_finish: v removed, the image checks clean and QEMU reads dev.raw
+eio_finish() {
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images mnt/a.qcow2
+	convert mnt/a.qcow2 top.raw
+	same dev.raw top.raw "qemu-img convert differs from the device"
+	echo "qemu-img check clean; QEMU reads what the device did"
+}
+
 # The host's device fails the sectors under one data cluster of a live
 # writable table (not the target's fault injection, which turns the fast
 # path off: here the error comes up through ext4's direct I/O, on the fast
@@ -420,19 +468,9 @@ own_fs_heal() {
 # check (its metadata is fine); once the sectors read again the cluster
 # holds its old data; then QEMU reads what the device did
 case_host_eio() {
-	local out host dev f0 f1 c
-	own_fs 512
-	dmq_img_create mnt/a.qcow2 16M cluster_size=64k
-	dmq_write mnt/a.qcow2 r:0:4M
-	convert mnt/a.qcow2 before.raw
-	out=$(dmq_py dmq_img entry mnt/a.qcow2 l2 1M) || dmq_fail "no L2 entry for 1M"
-	host=$((${out#* } & 0xfffffffffe00))
-	[ "$host" -gt 0 ] || dmq_fail "guest 1M is not allocated"
-	dmq_create v --rw mnt/a.qcow2 >/dev/null || dmq_fail "writable table refused"
-	dev=$(dmq_dev v) || dmq_fail "no device node"
-	# every cluster read once: the fast path knows them all
-	dmq_run dd if="$dev" of=/dev/null bs=1M iflag=direct status=none
-	own_fs_break mnt/a.qcow2 "$host" 65536
+	local dev f0 f1
+	eio_setup l2 1M
+	dev=$EIO_DEV
 	f0=$(fast_bios_of v)
 	dmq_run dmq_py dmq_img badread "$dev" before.raw --bad 1M:64k
 	f1=$(fast_bios_of v)
@@ -447,25 +485,14 @@ case_host_eio() {
 	# elsewhere: in place, a new cluster, a flush
 	dmq_run dd if=w.bin of="$dev" bs=64k seek=32 count=1 oflag=direct conv=notrunc,fsync status=none
 	dmq_run dd if=w.bin of="$dev" bs=64k seek=160 count=1 oflag=direct conv=notrunc,fsync status=none
-	out=$("$DMSETUP" message "$(dmq_full_name v)" 0 get_errors) || dmq_fail "get_errors"
-	echo "get_errors: ${out//$'\n'/ }"
-	[ "$out" = $'wants_check=0\nmd_writeback_error=0\ntruncate_error=0' ] ||
-		dmq_fail "data I/O errors marked the image: $out"
+	eio_errors "wants_check=0 md_writeback_error=0 truncate_error=0"
 	own_fs_heal
 	dmq_run dd if="$dev" of=got.bin bs=64k skip=16 count=1 iflag=direct status=none
 	dmq_run dd if=before.raw of=old.bin bs=64k skip=16 count=1 status=none
 	cmp got.bin old.bin || dmq_fail "the cluster at 1M changed"
 	echo "the cluster at 1M holds its old data again"
-	for c in 32 160; do
-		dmq_run dd if=w.bin of=before.raw bs=64k seek=$c count=1 conv=notrunc status=none
-	done
-	dump "$dev" dev.raw
-	same before.raw dev.raw "the device after the errors"
-	dmq_remove v || dmq_fail "dmsetup remove failed"
-	dmq_check_images mnt/a.qcow2
-	convert mnt/a.qcow2 top.raw
-	same dev.raw top.raw "qemu-img convert differs from the device"
-	echo "qemu-img check clean; QEMU reads what the device did"
+	eio_dump 32 160
+	eio_finish
 }
 
 # The host's device fails the sectors of the image's L2 table while a
@@ -475,47 +502,27 @@ case_host_eio() {
 # work again the next flush commits what stayed dirty, and QEMU reads the
 # write. The table may not run again (resume: EIO) before a check
 case_host_eio_metadata() {
-	local out l2 dev
-	own_fs 512
-	dmq_img_create mnt/a.qcow2 16M cluster_size=64k
-	dmq_write mnt/a.qcow2 r:0:4M
-	convert mnt/a.qcow2 before.raw
-	out=$(dmq_py dmq_img entry mnt/a.qcow2 l1 0) || dmq_fail "no L1 entry 0"
-	l2=$((${out#* } & 0xfffffffffe00))
-	[ "$l2" -gt 0 ] || dmq_fail "no L2 table"
-	dmq_create v --rw mnt/a.qcow2 >/dev/null || dmq_fail "writable table refused"
-	dev=$(dmq_dev v) || dmq_fail "no device node"
-	dmq_run dd if="$dev" of=/dev/null bs=1M iflag=direct status=none
-	own_fs_break mnt/a.qcow2 "$l2" 65536
+	local dev
+	eio_setup l1 0
+	dev=$EIO_DEV
 	random w.bin 64k
 	dmq_run dd if=w.bin of="$dev" bs=64k seek=128 count=1 oflag=direct conv=notrunc status=none
 	dd if=w.bin of="$dev" bs=64k seek=129 count=1 oflag=direct conv=notrunc,fsync \
 		status=none 2>/dev/null && dmq_fail "a flush worked while the L2 table could not be written"
 	echo "the flush after first writes: EIO"
-	out=$("$DMSETUP" message "$(dmq_full_name v)" 0 get_errors) || dmq_fail "get_errors"
-	echo "get_errors: ${out//$'\n'/ }"
-	[ "$out" = $'wants_check=1\nmd_writeback_error=1\ntruncate_error=0' ] ||
-		dmq_fail "a failed metadata write not recorded: $out"
+	eio_errors "wants_check=1 md_writeback_error=1 truncate_error=0"
 	expect_bytes_of "$dev" $((8 * MIB)) w.bin
 	own_fs_heal
 	dmq_run dd if=w.bin of="$dev" bs=64k seek=130 count=1 oflag=direct conv=notrunc,fsync status=none
 	echo "the sectors read again: the next flush commits"
-	for c in 128 129 130; do
-		dmq_run dd if=w.bin of=before.raw bs=64k seek=$c count=1 conv=notrunc status=none
-	done
-	dump "$dev" dev.raw
-	same before.raw dev.raw "the device after the failed commit"
+	eio_dump 128 129 130
 	dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
 	"$DMSETUP" resume "$(dmq_full_name v)" 2>resume.err &&
 		dmq_fail "resume worked with wants_check=1"
 	echo "wants_check=1: resume refused ($(tr '\n' ' ' <resume.err))"
 	dmq_dmesg_case | grep -F "image 0: metadata commit failed: EIO" ||
 		dmq_fail "no dmesg line for the failed commit"
-	dmq_remove v || dmq_fail "dmsetup remove failed"
-	dmq_check_images mnt/a.qcow2
-	convert mnt/a.qcow2 top.raw
-	same dev.raw top.raw "qemu-img convert differs from the device"
-	echo "qemu-img check clean; QEMU reads the three writes"
+	eio_finish
 }
 
 # expect_bytes_of DEV OFF FILE: DEV holds FILE at OFF (O_DIRECT)
