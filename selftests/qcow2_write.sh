@@ -419,7 +419,9 @@ case_batched_inplace() {
 	fio_write "$DEV" --iodepth=32 --iodepth_batch_submit=16 \
 		--iodepth_batch_complete_max=16
 	f1=$(fast_bios) || dmq_fail "dmsetup status"
-	[ "$f1" -gt "$f0" ] || dmq_fail "no bio took the fast path (fast_bios $f0 -> $f1)"
+	if dmq_counts_bios; then
+		[ "$f1" -gt "$f0" ] || dmq_fail "no bio took the fast path (fast_bios $f0 -> $f1)"
+	fi
 	echo "fast_bios $f0 -> $f1"
 	finish "$DEV" a.qcow2 before.raw
 }
