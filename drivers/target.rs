@@ -274,6 +274,9 @@ pub(crate) struct Inner {
     suspending: AtomicBool,
     /// Bios the fast path served (status INFO `fast_bios`).
     fast_bios: AtomicU64,
+    /// Bios queued on the fast path's lanes and not taken yet (see
+    /// `Lanes::queue`).
+    lane_queued: AtomicUsize,
     /// A guest bio was mapped since the merge walker last looked: it
     /// yields the disk between batches (see `merge_run`).
     pub(crate) guest_io: AtomicBool,

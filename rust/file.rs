@@ -102,6 +102,11 @@ impl IoCounter {
         Some(IoHold(self))
     }
 
+    /// Whether no I/O is counted now (a hint: stale as soon as read).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.inflight.load(Ordering::Relaxed) == 0
+    }
+
     /// Sleeps until no I/O counted here is in flight. New holds fail
     /// meanwhile, so that lanes cannot keep the count above zero; I/O the
     /// worker starts takes no hold, so a caller that waits without the

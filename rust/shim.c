@@ -399,6 +399,11 @@ struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
 			       name);
 }
 
+struct workqueue_struct *dmq_alloc_local_highpri_workqueue(const char *name)
+{
+	return alloc_workqueue("%s", WQ_HIGHPRI | WQ_MEM_RECLAIM, 0, name);
+}
+
 void dmq_wait_count_zero(unsigned long *count)
 {
 	wait_var_event(count, READ_ONCE(*count) == 0);

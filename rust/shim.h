@@ -114,6 +114,12 @@ loff_t dmq_file_write_limit(struct file *file);
 struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim);
 
 /*
+ * A per-CPU WQ_HIGHPRI | WQ_MEM_RECLAIM workqueue named @name: work runs on
+ * the CPU that queued it, in a high-priority worker.
+ */
+struct workqueue_struct *dmq_alloc_local_highpri_workqueue(const char *name);
+
+/*
  * wait_var_event() until *@count (an AtomicUsize of the Rust side) is 0,
  * uninterruptible; dmq_wake_count() (wake_up_var()) wakes the waiters, after
  * a full barrier between the store that made it 0 and the call.

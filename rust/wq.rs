@@ -11,8 +11,8 @@ use kernel::error::{code::ENOMEM, Result};
 use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
-/// An own `WQ_UNBOUND` workqueue, with a rescuer
-/// (`WQ_MEM_RECLAIM`) if asked for. [`shutdown`] drains and destroys it (so that the owner can do
+/// An own workqueue: `WQ_UNBOUND`, with a rescuer (`WQ_MEM_RECLAIM`) if
+/// asked for, or per-CPU and high-priority (`new_local_highpri`). [`shutdown`] drains and destroys it (so that the owner can do
 /// so before the state its work items use goes away); drop does it
 /// otherwise.
 ///
@@ -37,6 +37,19 @@ impl OwnedQueue {
     pub(crate) fn new(name: &CStr, mem_reclaim: bool) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
         let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
+        let ptr = NonNull::new(p).ok_or(ENOMEM)?;
+        Ok(Self {
+            ptr,
+            dead: AtomicBool::new(false),
+        })
+    }
+
+    /// Allocates a per-CPU, high-priority workqueue named `name` (copied),
+    /// with a rescuer: a work item runs on the CPU that queued it, in a
+    /// worker that the scheduler runs ahead of normal tasks there.
+    pub(crate) fn new_local_highpri(name: &CStr) -> Result<Self> {
+        // SAFETY: `name` is a valid C string; the shim copies it with "%s".
+        let p = unsafe { bindings::dmq_alloc_local_highpri_workqueue(name.as_char_ptr()) };
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
         Ok(Self {
             ptr,

@@ -249,6 +249,7 @@ impl Qcow2 {
                 event_round: AtomicU64::new(u64::MAX),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
+                lane_queued: AtomicUsize::new(0),
                 guest_io: AtomicBool::new(false),
                 fast <- new_spinlock!(None, "dm_qcow2::fast"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
