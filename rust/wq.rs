@@ -12,9 +12,9 @@ use kernel::str::CStr;
 use kernel::workqueue::Queue;
 
 /// An own workqueue: `WQ_UNBOUND`, with a rescuer (`WQ_MEM_RECLAIM`) if
-/// asked for, or per-CPU and high-priority (`new_local_highpri`). [`shutdown`] drains and destroys it (so that the owner can do
-/// so before the state its work items use goes away); drop does it
-/// otherwise.
+/// asked for, or per-CPU and high-priority (`new_local_highpri`).
+/// [`shutdown`] drains and destroys it (so that the owner can do so before
+/// the state its work items use goes away); drop does it otherwise.
 ///
 /// Under memory pressure a `WQ_MEM_RECLAIM` queue may be down to its one
 /// rescuer thread: work that sleeps or waits long there delays every other
