@@ -30,11 +30,12 @@
 //! per-CPU high-priority queue alone (every bio) served half as many QD32
 //! writes (10.7k against 19.8k-20.8k).
 //!
-//! Not `WQ_HIGHPRI` (as dm-crypt's I/O queue is): with high-priority lane
-//! workers (ext4 over loop, two three-round runs each, in turns with the
-//! plain queue) dm-qcow2 served 4517 and 4699 4k random writes a second
-//! at QD32 against 6986 and 7095, and QD1 writes took 498 and 618 us at
-//! the median against 375 and 449.
+//! The unbound lanes are not `WQ_HIGHPRI` (as dm-crypt's I/O queue is):
+//! with high-priority unbound workers (ext4 over loop, two three-round
+//! runs each, in turns with the plain queue) dm-qcow2 served 4517 and 4699
+//! 4k random writes a second at QD32 against 6986 and 7095, and QD1 writes
+//! took 498 and 618 us at the median against 375 and 449 (the wake-up of
+//! another CPU, not the priority, is what QD1 pays for).
 //!
 //! A lane does its lookups concurrently with the worker's changes of the
 //! mappings, so the table alone does not order them. What makes that safe:
