@@ -36,12 +36,13 @@ impl OwnedQueue {
     /// rescuer, for work that I/O under memory pressure waits for.
     pub(crate) fn new(name: &CStr, mem_reclaim: bool) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
-        let p = unsafe { bindings::dmq_alloc_workqueue(name.as_char_ptr(), mem_reclaim) };
-        let ptr = NonNull::new(p).ok_or(ENOMEM)?;
-        Ok(Self {
-            ptr,
-            dead: AtomicBool::new(false),
-        })
+        // The new workqueue (or null) is ours alone.
+        unsafe {
+            Self::owning(bindings::dmq_alloc_workqueue(
+                name.as_char_ptr(),
+                mem_reclaim,
+            ))
+        }
     }
 
     /// Allocates a per-CPU, high-priority workqueue named `name` (copied),
@@ -49,7 +50,20 @@ impl OwnedQueue {
     /// worker that the scheduler runs ahead of normal tasks there.
     pub(crate) fn new_local_highpri(name: &CStr) -> Result<Self> {
         // SAFETY: `name` is a valid C string; the shim copies it with "%s".
-        let p = unsafe { bindings::dmq_alloc_local_highpri_workqueue(name.as_char_ptr()) };
+        // The new workqueue (or null) is ours alone.
+        unsafe {
+            Self::owning(bindings::dmq_alloc_local_highpri_workqueue(
+                name.as_char_ptr(),
+            ))
+        }
+    }
+
+    /// Takes ownership of a workqueue just allocated (null: it was not).
+    ///
+    /// # Safety
+    ///
+    /// `p` is null or a workqueue nobody else owns or destroys.
+    unsafe fn owning(p: *mut bindings::workqueue_struct) -> Result<Self> {
         let ptr = NonNull::new(p).ok_or(ENOMEM)?;
         Ok(Self {
             ptr,
