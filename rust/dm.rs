@@ -27,7 +27,7 @@ use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
 use kernel::sync::{Arc, Mutex};
-pub(crate) use per_bio::{release_inflight, retake_inflight};
+pub(crate) use per_bio::{release_inflight, retake_inflight, take_io_room};
 
 /// Target feature flags (`DM_TARGET_*`).
 pub(crate) mod features {
@@ -373,7 +373,7 @@ impl<T: Target> Vtable<T> {
             Err(e) => return fail(e),
         };
         // SAFETY: `ti` is valid and exclusively ours during the constructor.
-        unsafe { (*ti).per_io_data_size = per_bio::REF_SLOT_SIZE as c_uint };
+        unsafe { (*ti).per_io_data_size = per_bio::PER_BIO_SIZE as c_uint };
         let mut ctx = TargetCtr {
             // SAFETY: device-mapper passes a valid, non-null target.
             ti: unsafe { NonNull::new_unchecked(ti) },
@@ -446,10 +446,12 @@ impl<T: Target> Vtable<T> {
                 // SAFETY: The bio's completion ran down to us and we keep it
                 // (DM_ENDIO_INCOMPLETE): nothing else uses it; re-armed, it
                 // is an owned completion reference again. Parked, it holds
-                // no in-flight reference (`Target::park_nospc`).
+                // no in-flight reference (`Target::park_nospc`). Its
+                // references all ended, so its I/O room holds nothing.
                 unsafe {
                     bindings::dmq_bio_rearm(bio);
                     per_bio::put_slot(bio);
+                    per_bio::free_io_room(bio);
                 }
                 // SAFETY: As above.
                 t.park_nospc(unsafe { Bio::from_raw(bio) });

@@ -6,7 +6,8 @@
 
 use super::bindings;
 use super::bio::{Bio, Op};
-use core::mem::ManuallyDrop;
+use super::dm;
+use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 use kernel::error::{code::*, to_result, Error, Result};
@@ -470,36 +471,50 @@ impl File {
         if let Err(e) = self.inject() {
             return bio.end(Err(e));
         }
+        // The bio's own room if this is its first direct I/O, else a box.
         // Allocate before the bio goes in: were the bio moved into
         // `KBox::new`'s argument, a failed allocation would drop it inside a
         // `ManuallyDrop` and it would never complete (suspend would hang).
-        let Ok(slot) = KBox::<BioIo>::new_uninit(GFP_KERNEL) else {
-            return bio.end(Err(ENOMEM));
-        };
-        let io = KBox::write(
-            slot,
-            BioIo {
-                // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
-                // initialises it before use.
-                iocb: unsafe { core::mem::zeroed() },
-                refs: AtomicU32::new(2),
-                bio: ManuallyDrop::new(bio),
-                file_size: self.size(),
-                write_limit: self.write_limit,
-                pos,
-                off,
-                len,
-                started: false,
-                inflight: inflight.clone(),
+        let home = match dm::take_io_room(&bio) {
+            Some(room) => Home::Room(room),
+            None => match KBox::<BioIo>::new_uninit(GFP_KERNEL) {
+                Ok(b) => Home::Boxed(b),
+                Err(_) => return bio.end(Err(ENOMEM)),
             },
-        );
-        // From here the bio is ended by `bio_io_done`, exactly once: by the
-        // file system's completion if the I/O queued, else by us below.
+        };
+        let new = BioIo {
+            // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
+            // initialises it before use.
+            iocb: unsafe { core::mem::zeroed() },
+            refs: AtomicU32::new(2),
+            bio: ManuallyDrop::new(bio),
+            file_size: self.size(),
+            write_limit: self.write_limit,
+            pos,
+            off,
+            len,
+            started: false,
+            boxed: matches!(home, Home::Boxed(_)),
+            res: 0,
+            inflight: ManuallyDrop::new(inflight.clone()),
+        };
+        // From here the bio is ended by the last `BioIo::put`, exactly once:
+        // after the file system's completion if the I/O queued, else after
+        // ours below.
         inflight.inc();
-        let io = KBox::into_raw(io);
-        // SAFETY: `io` is a valid leaked box holding two references: one for the
+        let io: *mut BioIo = match home {
+            Home::Boxed(b) => KBox::into_raw(KBox::write(b, new)),
+            Home::Room(room) => {
+                let room = room.as_ptr();
+                // SAFETY: The room is the bio's, valid while the bio's reference
+                // in `new` is unended, and ours alone (`take_io_room`).
+                unsafe { room.write(MaybeUninit::new(new)) };
+                room.cast()
+            }
+        };
+        // SAFETY: `io` is a valid `BioIo` holding two references: one for the
         // completion, one for us. `iocb` is its first field (repr(C)), so the
-        // completion finds the box again. The shim checks the bio range, the
+        // completion finds the I/O again. The shim checks the bio range, the
         // file's mode and its direct I/O support.
         let r = unsafe {
             bindings::dmq_file_rw_bio(
@@ -532,15 +547,26 @@ impl Drop for File {
     }
 }
 
-/// One direct I/O on behalf of a bio. Freed when both the submitter and the
-/// completion have dropped their reference: the completion may run (in
-/// interrupt context) before the file system's `->read_iter` returns, and
-/// the file system may still touch the kiocb until then.
+/// Where a `BioIo` lives.
+enum Home {
+    /// The bio's per-bio room.
+    Room(NonNull<MaybeUninit<BioIo>>),
+    /// A box, for a bio's further I/Os.
+    Boxed(KBox<MaybeUninit<BioIo>>),
+}
+
+/// One direct I/O on behalf of a bio: in the bio's per-bio room
+/// (`dm::take_io_room`) or, for a bio's further I/Os, in a box. Done when
+/// both the submitter and the completion have dropped their reference: the
+/// completion may run (in interrupt context) before the file system's
+/// `->read_iter` returns, and the file system may still touch the kiocb
+/// until then. The last reference ends the bio, after moving out what it
+/// needs: ending it may free the room.
 #[repr(C)]
-struct BioIo {
+pub(crate) struct BioIo {
     iocb: bindings::kiocb,
     refs: AtomicU32,
-    /// Ended by the completion, exactly once.
+    /// Ended by the last reference, exactly once.
     bio: ManuallyDrop<Bio>,
     file_size: u64,
     write_limit: u64,
@@ -548,41 +574,72 @@ struct BioIo {
     off: u32,
     len: u32,
     started: bool,
-    inflight: Arc<IoCounter>,
+    /// Whether the I/O is in a `KBox` (else in the bio's room).
+    boxed: bool,
+    /// What the bio ends with: 0 or a negative errno, set by the completion.
+    res: i32,
+    /// Taken by the last reference.
+    inflight: ManuallyDrop<Arc<IoCounter>>,
 }
 
 impl BioIo {
-    /// Drops one reference and frees the I/O with the last one.
+    /// Drops one reference; the last ends the bio with the completion's
+    /// result and frees the I/O.
     ///
     /// # Safety
     ///
-    /// `io` must be a live `BioIo` leaked by `submit_bio_io`, and the caller
+    /// `io` must be a live `BioIo` made by `submit_bio_io`, and the caller
     /// must own one of its references.
     unsafe fn put(io: *mut BioIo) {
         // SAFETY: The caller owns a reference, so `io` is alive.
-        if unsafe { (*io).refs.fetch_sub(1, Ordering::AcqRel) } == 1 {
-            // SAFETY: That was the last reference: nobody else uses `io`, and it
-            // came from `KBox::into_raw`. The bio was ended by the completion.
+        if unsafe { (*io).refs.fetch_sub(1, Ordering::AcqRel) } != 1 {
+            return;
+        }
+        // SAFETY: That was the last reference: nobody else uses `io` (the
+        // acquire half of the `AcqRel` above synchronises with the other
+        // reference's release, so the completion's writes come before these
+        // reads). The bio and the counter are taken exactly once, here;
+        // the other fields have no drop glue.
+        let (bio, inflight, res, boxed) = unsafe {
+            (
+                ManuallyDrop::take(&mut (*io).bio),
+                ManuallyDrop::take(&mut (*io).inflight),
+                (*io).res,
+                (*io).boxed,
+            )
+        };
+        if boxed {
+            // SAFETY: A boxed I/O came from `KBox::into_raw` (`submit_bio_io`);
+            // what needed dropping was taken above.
             drop(unsafe { KBox::from_raw(io) });
         }
+        // `io` is not touched from here on: ending the bio may free its room.
+        let result = if res < 0 {
+            Err(Error::from_errno(res))
+        } else {
+            Ok(())
+        };
+        bio.end(result);
+        inflight.dec();
     }
 }
 
 /// # Safety
 ///
-/// `iocb` must be the `iocb` of a live `BioIo` leaked by `submit_bio_io`, and
+/// `iocb` must be the `iocb` of a live `BioIo` made by `submit_bio_io`, and
 /// this must be its one completion (it owns the completion's reference).
 unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c_long) {
     let io = iocb.cast::<BioIo>();
-    // SAFETY: `io` is alive (we own a reference). The completion is the only
-    // user of these fields besides the submitter, which only reads `refs` and
-    // `started` after the shim returned; the bio is taken exactly once, here.
+    // SAFETY: `io` is alive (we own a reference). After the shim returned
+    // the submitter touches only `refs`, and the other fields only as the
+    // last reference, after our release; the bio stays in place (ended by the
+    // last reference).
     let (bio, write) = unsafe {
         let write = op_is_write((*io).bio.op());
         if write && (*io).started {
             bindings::dmq_kiocb_end_write(iocb);
         }
-        (ManuallyDrop::take(&mut (*io).bio), write)
+        (&*(*io).bio, write)
     };
     // SAFETY: As above; plain fields only read.
     let (pos, off, len, file_size, write_limit) = unsafe {
@@ -618,10 +675,9 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
     } else {
         Err(EIO)
     };
-    bio.end(res);
-    // SAFETY: As above: `io` is alive until our `put` below.
-    let inflight: &Arc<IoCounter> = unsafe { &(*io).inflight };
-    inflight.dec();
+    // SAFETY: As above; the submitter never touches `res`, and the last
+    // reference reads it after our `put` releases it.
+    unsafe { (*io).res = res.err().map_or(0, |e| e.to_errno()) };
     // SAFETY: The completion's reference, given up last thing.
     unsafe { BioIo::put(io) };
 }

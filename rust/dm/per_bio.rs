@@ -3,12 +3,19 @@
 //! Per-bio data of the targets registered here: the in-flight reference
 //! (`InflightRefs`) each bio `map` took holds until it ends, dropped once
 //! whichever of the bio's end and a target's parking comes first, and
-//! taken again when a parked bio is worked on.
+//! taken again when a parked bio is worked on; and room for one direct I/O
+//! on the bio's behalf ([`take_io_room`]), so that the usual bio, served by
+//! one direct I/O, needs no allocation: device-mapper allocates the per-bio
+//! data with the clone, from its mempool-backed bio set, so such a bio makes
+//! progress under memory pressure, and costs no `kmalloc`/`kfree` pair.
 
 use super::super::bindings;
 use super::super::bio::Bio;
+use super::super::file::BioIo;
 use super::super::inflight::InflightRefs;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::mem::MaybeUninit;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// Per-bio data of every bio `map` takes: where its in-flight reference is.
 #[repr(C)]
@@ -20,24 +27,47 @@ struct RefSlot {
     tag: AtomicU32,
 }
 
-/// Bytes of per-bio data every target registered here asks for: a multiple
-/// of 8 so that device-mapper's placement (just below the bio, inside
-/// pointer-aligned structures) keeps the slot aligned.
-pub(super) const REF_SLOT_SIZE: usize = core::mem::size_of::<RefSlot>();
-const _: () = assert!(REF_SLOT_SIZE % core::mem::align_of::<RefSlot>() == 0);
+/// The per-bio data of every bio `map` takes.
+#[repr(C)]
+struct PerBio {
+    refs: RefSlot,
+    /// Whether a direct I/O of the bio has taken `io` ([`take_io_room`]).
+    /// Cleared by `map` and when a parked bio is re-armed.
+    io_taken: AtomicBool,
+    io: MaybeUninit<BioIo>,
+}
+
+/// Bytes of per-bio data every target registered here asks for. The data is
+/// aligned for `PerBio` as long as that needs no more than a pointer's
+/// alignment: device-mapper places it just below its `dm_target_io`, rounding
+/// the front pad up to that structure's alignment (`dm_table_alloc_md_mempools`),
+/// in slab objects aligned to at least `ARCH_KMALLOC_MINALIGN`.
+pub(super) const PER_BIO_SIZE: usize = core::mem::size_of::<PerBio>();
+const _: () = assert!(core::mem::align_of::<PerBio>() <= core::mem::align_of::<*const u8>());
 /// Tag of a slot holding a reference.
 const REF_TAKEN: u32 = 1 << 31;
 
-/// The slot of `bio`.
+/// The per-bio data of `bio`.
 ///
 /// # Safety
 ///
 /// `bio` must be a bio device-mapper passed to `map` of a target registered
-/// here (all ask for `REF_SLOT_SIZE` bytes of per-bio data), not ended yet.
+/// here (all ask for `PER_BIO_SIZE` bytes of per-bio data), not yet released
+/// by device-mapper (until its `end_io` returns).
+unsafe fn per_bio(bio: *mut bindings::bio) -> *mut PerBio {
+    // SAFETY: Per the contract, the bio carries `PER_BIO_SIZE` bytes of
+    // per-bio data, aligned (see `PER_BIO_SIZE`).
+    unsafe { bindings::dm_per_bio_data(bio, PER_BIO_SIZE).cast::<PerBio>() }
+}
+
+/// The in-flight slot of `bio`.
+///
+/// # Safety
+///
+/// As for [`per_bio`].
 unsafe fn ref_slot(bio: *mut bindings::bio) -> *mut RefSlot {
-    // SAFETY: Per the contract, the bio carries `REF_SLOT_SIZE` bytes of
-    // per-bio data, aligned (see `REF_SLOT_SIZE`).
-    unsafe { bindings::dm_per_bio_data(bio, REF_SLOT_SIZE).cast::<RefSlot>() }
+    // SAFETY: Per the contract `per_bio` is valid; no reference is made.
+    unsafe { &raw mut (*per_bio(bio)).refs }
 }
 
 /// Writes the slot of a bio `map` was just given: a reference on `refs`
@@ -55,13 +85,47 @@ pub(super) unsafe fn init_slot(bio: *mut bindings::bio, refs: Option<&InflightRe
         ),
         None => (core::ptr::null_mut(), 0),
     };
-    // SAFETY: Per the contract the slot is ours and nothing reads it yet.
+    // SAFETY: Per the contract the per-bio data is ours and nothing reads it
+    // yet; `io` stays uninitialised until taken.
     unsafe {
-        ref_slot(bio).write(RefSlot {
+        let p = per_bio(bio);
+        (&raw mut (*p).refs).write(RefSlot {
             refs,
             tag: AtomicU32::new(tag),
-        })
-    };
+        });
+        (&raw mut (*p).io_taken).write(AtomicBool::new(false));
+    }
+}
+
+/// Makes the I/O room of a bio whose completion ran down to its target's
+/// `end_io` free again (it is about to be parked and served anew).
+///
+/// # Safety
+///
+/// As for [`per_bio`], `map` wrote the data, and every reference of the
+/// bio has ended (so no direct I/O lives in the room).
+pub(super) unsafe fn free_io_room(bio: *mut bindings::bio) {
+    // SAFETY: Per the contract the data is valid and initialised.
+    unsafe { (*per_bio(bio)).io_taken.store(false, Ordering::Release) };
+}
+
+/// Room in the per-bio data of `bio` for one direct I/O on its behalf
+/// (`file::BioIo`), handed out once per service of the bio: `None` if an
+/// earlier I/O of it took the room (the caller allocates instead). The room
+/// stays valid while a completion reference of the bio is unended: whoever
+/// fills it must move what it needs out before ending the reference it
+/// holds, and must not touch it after.
+pub(crate) fn take_io_room(bio: &Bio) -> Option<NonNull<MaybeUninit<BioIo>>> {
+    // SAFETY: Every `Bio` is a completion reference of a bio device-mapper
+    // passed to `map` of a target registered here (`Bio::from_raw`), which
+    // wrote the data; the reference keeps the bio from ending.
+    let p = unsafe { per_bio(bio.as_raw()) };
+    // SAFETY: As above; `io_taken` is atomic.
+    if unsafe { (*p).io_taken.swap(true, Ordering::AcqRel) } {
+        return None;
+    }
+    // SAFETY: As above; only the address is taken.
+    NonNull::new(unsafe { &raw mut (*p).io })
 }
 
 /// Drops the reference the slot holds, if any (once: the swap decides).
