@@ -619,8 +619,19 @@ impl BioIo {
         } else {
             Ok(())
         };
-        bio.end(result);
-        inflight.dec();
+        if res == ENOSPC.to_errno() {
+            // Ending it parks the bio (`dm::Target::park_nospc`): a worker
+            // that waited for the counter during an ENOSPC episode must find
+            // it parked.
+            bio.end(result);
+            inflight.dec();
+        } else {
+            // The host I/O is over: uncounted before the bio ends, so that a
+            // submitter woken by the end (queue depth 1) finds the table
+            // idle and takes the express lane (`fast::Lanes::queue`).
+            inflight.dec();
+            bio.end(result);
+        }
     }
 }
 
