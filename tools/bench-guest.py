@@ -490,6 +490,10 @@ def on_each_peer(job, peers, prepare, measure, block=False, finish=None, turns=T
         def one():
             try:
                 prepare(img, p)
+                # What qemu-io and dd wrote is still dirty in the page cache:
+                # written back now, not range by range by the direct I/O of
+                # the run (nor by the flusher, 30 s on).
+                drop_caches()
                 return measure(p.up(img, block), img)
             finally:
                 p.down()
@@ -539,6 +543,7 @@ def run_fio_job(job, peers):
         def written():
             img = f"{WORK}/img"
             make_raw(img, True)
+            drop_caches()
             return fio(img, job, f"{SIZE}M")
         res["raw-written"] = attempt(written)
         log(result_line(job.name, "raw-written", res["raw-written"]))
@@ -612,6 +617,7 @@ def punch_raw_file():
     """`fallocate --punch-hole` over a written raw file, timed."""
     img = f"{WORK}/img"
     make_raw(img, True, DISCARD_MB)
+    drop_caches()
     _, secs, cpu = timed(sh, f"fallocate --punch-hole --offset 0 --length {DISCARD_MB}MiB {img}")
     return timed_result(DISCARD_MB, secs, cpu, f"{allocated_mb(img):.0f} MiB allocated after")
 
@@ -812,6 +818,7 @@ def status_rounds(job):
     """STATUS_ROUNDS rounds of the three kinds: {kind: [IOPS...]}."""
     img = f"{WORK}/img"
     make_image(img, True)
+    drop_caches()
     p = DmQcow2("dm-qcow2")
     runs = {what: [] for what, _ in STATUS_KINDS}
     try:
