@@ -619,16 +619,18 @@ impl BioIo {
         } else {
             Ok(())
         };
-        if res == ENOSPC.to_errno() {
-            // Ending it parks the bio (`dm::Target::park_nospc`): a worker
-            // that waited for the counter during an ENOSPC episode must find
-            // it parked.
+        if op_is_write(bio.op()) {
+            // Ending a write may park it (ENOSPC, `dm::Target::park_nospc`,
+            // also when another I/O of the bio failed so and this one ends
+            // it): a worker that waited for the counter during an ENOSPC
+            // episode must find it parked.
             bio.end(result);
             inflight.dec();
         } else {
-            // The host I/O is over: uncounted before the bio ends, so that a
-            // submitter woken by the end (queue depth 1) finds the table
-            // idle and takes the express lane (`fast::Lanes::queue`).
+            // A read is never parked and its host I/O is over: uncounted
+            // before the bio ends, so that a submitter woken by the end
+            // (queue depth 1) finds the table idle and takes the express
+            // lane (`fast::Lanes::queue`).
             inflight.dec();
             bio.end(result);
         }
