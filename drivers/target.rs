@@ -37,7 +37,7 @@ use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use fast::Lanes;
 use kernel::error::code::*;
 use kernel::prelude::*;
@@ -277,6 +277,11 @@ pub(crate) struct Inner {
     /// Bios queued on the fast path's lanes and not taken yet (see
     /// `Lanes::queue`).
     lane_queued: AtomicUsize,
+    /// Idle bios in a row since the last busy one (`Inner::express_fits`).
+    idle_streak: AtomicU32,
+    /// Express passes in a row whose I/O completed inline
+    /// (`Inner::express_fits`).
+    express_inline: AtomicU32,
     /// A guest bio was mapped since the merge walker last looked: it
     /// yields the disk between batches (see `merge_run`).
     pub(crate) guest_io: AtomicBool,

@@ -105,7 +105,12 @@ impl IoCounter {
 
     /// Whether no I/O is counted now (a hint: stale as soon as read).
     pub(crate) fn is_idle(&self) -> bool {
-        self.inflight.load(Ordering::Relaxed) == 0
+        self.count() == 0
+    }
+
+    /// The I/Os counted now (a hint: stale as soon as read).
+    pub(crate) fn count(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
     }
 
     /// Sleeps until no I/O counted here is in flight. New holds fail

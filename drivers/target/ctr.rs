@@ -250,6 +250,8 @@ impl Qcow2 {
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
                 lane_queued: AtomicUsize::new(0),
+                idle_streak: AtomicU32::new(0),
+                express_inline: AtomicU32::new(0),
                 guest_io: AtomicBool::new(false),
                 fast <- new_spinlock!(None, "dm_qcow2::fast"),
                 pending <- new_spinlock!(BioList::new(), "dm_qcow2::pending"),
