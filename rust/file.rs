@@ -86,8 +86,9 @@ impl IoCounter {
         }
     }
 
-    /// Counts the caller as in flight until the guard drops, unless a
-    /// caller waits in `wait_idle` (then `None`: take the locked path).
+    /// Counts the caller as in flight until the guard drops (or, given to
+    /// `File::submit_bio_io`, until that I/O completes), unless a caller
+    /// waits in `wait_idle` (then `None`: take the locked path).
     ///
     /// The pairing with `wait_idle` is a store-buffering one, both sides
     /// with a full fence: what a waiter stored before it started waiting
@@ -457,7 +458,12 @@ impl File {
     /// system ran out of space or quota part way), or EFBIG if they go past
     /// the file's size limit; other short reads with EIO. With
     /// `dsync` a write is durable when it completes. The I/O is counted in
-    /// `inflight` until it completes.
+    /// `inflight` until it completes: a `held` hold of `inflight` becomes
+    /// its count (no second increment, and none left over when the host
+    /// completes the I/O inside the call: the last `BioIo::put` may then
+    /// find the counter idle before a read's bio ends); a hold of another
+    /// counter is released once the I/O is counted.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn submit_bio_io(
         &self,
         bio: Bio,
@@ -466,6 +472,7 @@ impl File {
         pos: u64,
         dsync: bool,
         inflight: &Arc<IoCounter>,
+        held: Option<IoHold<'_>>,
     ) {
         // Every early return below ends `bio` itself: until it is moved into
         // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
@@ -505,8 +512,14 @@ impl File {
         };
         // From here the bio is ended by the last `BioIo::put`, exactly once:
         // after the file system's completion if the I/O queued, else after
-        // ours below.
-        inflight.inc();
+        // ours below. The count it drops is the hold's or a new one.
+        match held {
+            Some(h) if core::ptr::eq(h.0, &**inflight) => core::mem::forget(h),
+            other => {
+                inflight.inc();
+                drop(other);
+            }
+        }
         let io: *mut BioIo = match home {
             Home::Boxed(b) => KBox::into_raw(KBox::write(b, new)),
             Home::Room(room) => {

@@ -51,7 +51,15 @@ impl Inner {
     fn start_read(&self, st: &WorkerState, bio: &Bio, run: Option<ReadRun>) -> Result {
         if let Some(r) = run {
             let f = &st.deltas.get(r.delta).ok_or(EIO)?.file;
-            f.submit_bio_io(bio.split_ref(), r.off, r.len, r.host, false, &self.inflight);
+            f.submit_bio_io(
+                bio.split_ref(),
+                r.off,
+                r.len,
+                r.host,
+                false,
+                &self.inflight,
+                None,
+            );
         }
         Ok(())
     }

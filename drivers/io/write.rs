@@ -352,9 +352,15 @@ impl Inner {
         let hdr = &delta.hdr;
         let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
         Self::hot_forget(fast.as_deref(), hdr, vaddr);
-        delta
-            .file
-            .submit_bio_io(bio.split_ref(), boff, len as u32, pos, fua, &self.inflight);
+        delta.file.submit_bio_io(
+            bio.split_ref(),
+            boff,
+            len as u32,
+            pos,
+            fua,
+            &self.inflight,
+            None,
+        );
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = md
             .set_l2_entry(
@@ -605,6 +611,6 @@ impl InPlaceRun {
     /// `bio` of its own); `dsync` for a FUA write.
     fn start(self, file: &File, bio: &Bio, dsync: bool, inflight: &Arc<IoCounter>) {
         let Self { pos, boff, len } = self;
-        file.submit_bio_io(bio.split_ref(), boff, len, pos, dsync, inflight);
+        file.submit_bio_io(bio.split_ref(), boff, len, pos, dsync, inflight, None);
     }
 }

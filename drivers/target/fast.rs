@@ -377,8 +377,9 @@ impl Inner {
     /// Starts the I/O of `bio` if the fast path serves it (see
     /// `fast_target`); gives it back otherwise.
     fn try_fast(&self, fp: &Fast, bio: Bio) -> Result<(), Bio> {
-        // Held from the lookup until the I/O is counted (see the module doc).
-        let Some(_hold) = self.inflight.hold() else {
+        // Held from the lookup until the I/O is counted (see the module doc):
+        // then it is the I/O's count.
+        let Some(hold) = self.inflight.hold() else {
             return Err(bio);
         };
         // A table turned off since the lane took it is no longer kept up to
@@ -391,7 +392,7 @@ impl Inner {
                 let len = bio.size();
                 fp.top
                     .file
-                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight);
+                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight, Some(hold));
                 Ok(())
             }
             None => Err(bio),
