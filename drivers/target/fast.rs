@@ -262,7 +262,9 @@ impl Inner {
     /// never probed.
     fn express_fits(&self, busy: usize, write: bool) -> bool {
         if busy > 0 {
-            if busy > usize::from(write) {
+            // Stored only on a change: a stream's every bio comes here, and
+            // a store would pull the line from the other CPUs each time.
+            if busy > usize::from(write) && self.idle_streak.load(Ordering::Relaxed) != 0 {
                 self.idle_streak.store(0, Ordering::Relaxed);
             }
             return false;
@@ -287,7 +289,7 @@ impl Inner {
             let n = self.express_inline.load(Ordering::Relaxed);
             self.express_inline
                 .store(n.saturating_add(1), Ordering::Relaxed);
-        } else {
+        } else if self.express_inline.load(Ordering::Relaxed) != 0 {
             self.express_inline.store(0, Ordering::Relaxed);
         }
     }
