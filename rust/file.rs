@@ -462,7 +462,10 @@ impl File {
     /// its count (no second increment, and none left over when the host
     /// completes the I/O inside the call: the last `BioIo::put` may then
     /// find the counter idle before a read's bio ends); a hold of another
-    /// counter is released once the I/O is counted.
+    /// counter is released once the I/O is counted. `sole`: `bio` is the
+    /// bio's only completion reference (no other can end it with an error),
+    /// so a write that succeeds cannot be parked and is uncounted before it
+    /// ends, as a read is (see `BioIo::put`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn submit_bio_io(
         &self,
@@ -473,6 +476,7 @@ impl File {
         dsync: bool,
         inflight: &Arc<IoCounter>,
         held: Option<IoHold<'_>>,
+        sole: bool,
     ) {
         // Every early return below ends `bio` itself: until it is moved into
         // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
@@ -507,6 +511,7 @@ impl File {
             len,
             started: false,
             boxed: matches!(home, Home::Boxed(_)),
+            sole,
             res: 0,
             inflight: ManuallyDrop::new(inflight.clone()),
         };
@@ -594,6 +599,8 @@ pub(crate) struct BioIo {
     started: bool,
     /// Whether the I/O is in a `KBox` (else in the bio's room).
     boxed: bool,
+    /// The bio's only completion reference (see `File::submit_bio_io`).
+    sole: bool,
     /// What the bio ends with: 0 or a negative errno, set by the completion.
     res: i32,
     /// Taken by the last reference.
@@ -618,12 +625,13 @@ impl BioIo {
         // reference's release, so the completion's writes come before these
         // reads). The bio and the counter are taken exactly once, here;
         // the other fields have no drop glue.
-        let (bio, inflight, res, boxed) = unsafe {
+        let (bio, inflight, res, boxed, sole) = unsafe {
             (
                 ManuallyDrop::take(&mut (*io).bio),
                 ManuallyDrop::take(&mut (*io).inflight),
                 (*io).res,
                 (*io).boxed,
+                (*io).sole,
             )
         };
         if boxed {
@@ -637,7 +645,7 @@ impl BioIo {
         } else {
             Ok(())
         };
-        if op_is_write(bio.op()) {
+        if op_is_write(bio.op()) && !(sole && result.is_ok()) {
             // Ending a write may park it (ENOSPC, `dm::Target::park_nospc`,
             // also when another I/O of the bio failed so and this one ends
             // it): a worker that waited for the counter during an ENOSPC
@@ -645,10 +653,11 @@ impl BioIo {
             bio.end(result);
             inflight.dec();
         } else {
-            // A read is never parked and its host I/O is over: uncounted
-            // before the bio ends, so that a submitter woken by the end
-            // (queue depth 1) finds the table idle and takes the express
-            // lane (`fast::Lanes::queue`).
+            // A read is never parked, nor is a write that succeeded and is
+            // all of its bio, and the host I/O is over: uncounted before the
+            // bio ends, so that a submitter woken by the end (queue depth 1)
+            // finds the table idle and takes the express lane
+            // (`fast::Lanes::queue`), not an unbound one on another CPU.
             inflight.dec();
             bio.end(result);
         }

@@ -59,6 +59,7 @@ impl Inner {
                 false,
                 &self.inflight,
                 None,
+                false,
             );
         }
         Ok(())

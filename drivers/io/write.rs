@@ -360,6 +360,7 @@ impl Inner {
             fua,
             &self.inflight,
             None,
+            false,
         );
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = md
@@ -611,6 +612,15 @@ impl InPlaceRun {
     /// `bio` of its own); `dsync` for a FUA write.
     fn start(self, file: &File, bio: &Bio, dsync: bool, inflight: &Arc<IoCounter>) {
         let Self { pos, boff, len } = self;
-        file.submit_bio_io(bio.split_ref(), boff, len, pos, dsync, inflight, None);
+        file.submit_bio_io(
+            bio.split_ref(),
+            boff,
+            len,
+            pos,
+            dsync,
+            inflight,
+            None,
+            false,
+        );
     }
 }

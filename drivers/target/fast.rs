@@ -256,8 +256,9 @@ impl Inner {
     /// express lane is used again, so that a stream which just drained the
     /// lanes does not fall back at once. For a `write` busy means two or
     /// more: one is also what a submitter at queue depth 1 finds when its
-    /// last write's end woke it before the I/O was uncounted (see
-    /// `BioIo::put`). A host whose direct I/O is asynchronous (ext4, xfs,
+    /// last write went through the worker and its end woke it before the
+    /// I/O was uncounted (see `BioIo::put`; a lane's write is uncounted
+    /// first). A host whose direct I/O is asynchronous (ext4, xfs,
     /// a block device) leaves I/O in flight after an express pass and is
     /// never probed.
     fn express_fits(&self, busy: usize, write: bool) -> bool {
@@ -392,9 +393,17 @@ impl Inner {
         match self.fast_target(fp, &bio) {
             Some(pos) => {
                 let len = bio.size();
-                fp.top
-                    .file
-                    .submit_bio_io(bio, 0, len, pos, false, &self.inflight, Some(hold));
+                // The whole bio, as `map` (or the worker, untouched) gave it.
+                fp.top.file.submit_bio_io(
+                    bio,
+                    0,
+                    len,
+                    pos,
+                    false,
+                    &self.inflight,
+                    Some(hold),
+                    true,
+                );
                 Ok(())
             }
             None => Err(bio),
