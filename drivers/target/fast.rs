@@ -106,13 +106,23 @@ const MAX_CLUSTERS: u64 = 256;
 #[pin_data]
 pub(crate) struct Lane {
     inner: Arc<Inner>,
-    /// The bios queued here and how many.
+    /// The bios queued here.
     #[pin]
-    bios: SpinLock<(BioList, usize)>,
+    bios: SpinLock<LaneQueue>,
     #[pin]
     work: Work<Lane>,
     /// On the express queue (see `Lanes::queue`).
     express: bool,
+}
+
+/// A lane's queue.
+struct LaneQueue {
+    list: BioList,
+    /// How many bios `list` holds.
+    len: usize,
+    /// A pass of the lane runs and takes the list again before it ends:
+    /// a bio queued meanwhile needs no new pass (see `Lanes::queue`).
+    active: bool,
 }
 
 impl_has_work! {
@@ -127,12 +137,15 @@ impl WorkItem for Lane {
         loop {
             let (list, n) = {
                 let mut q = this.bios.lock();
-                (q.0.take(), core::mem::take(&mut q.1))
+                // Seen empty under the lock: a bio queued from now on
+                // queues a new pass.
+                q.active = !q.list.is_empty();
+                if !q.active {
+                    break;
+                }
+                (q.list.take(), core::mem::take(&mut q.len))
             };
             this.inner.lane_queued.fetch_sub(n, Ordering::Relaxed);
-            if list.is_empty() {
-                break;
-            }
             // One plug per batch: its bios reach the host's devices together
             // (not held across `cond_resched`, which does not flush it).
             task::plugged(|| this.inner.serve(list));
@@ -179,7 +192,14 @@ impl Lanes {
             let lane = Arc::pin_init(
                 pin_init!(Lane {
                     inner: inner.clone(),
-                    bios <- new_spinlock!((BioList::new(), 0), "dm_qcow2::lane"),
+                    bios <- new_spinlock!(
+                        LaneQueue {
+                            list: BioList::new(),
+                            len: 0,
+                            active: false,
+                        },
+                        "dm_qcow2::lane"
+                    ),
                     work <- new_work!("dm_qcow2::lane"),
                     express,
                 }),
@@ -214,15 +234,29 @@ impl Lanes {
         let Some(q) = wq.queue() else {
             return Err(bio);
         };
-        {
+        let idle = {
             let mut queued = lane.bios.lock();
             // Counted before the lane can take it (and uncount it).
             inner.lane_queued.fetch_add(1, Ordering::Relaxed);
-            queued.0.push(bio);
-            queued.1 += 1;
+            let idle = !queued.active && queued.list.is_empty();
+            queued.list.push(bio);
+            queued.len += 1;
+            idle
+        };
+        // A pass is queued only for a bio that finds the lane idle: one that
+        // is active takes the list again before it ends (it ends only after
+        // seeing it empty, under the lock), and a non-empty list of an
+        // inactive lane has a pass queued by the bio that found it empty,
+        // which takes the list after that bio's enqueue, hence after ours.
+        // A stream's bios that come while the lane serves the ones before
+        // thus cost neither an enqueue nor a pass of their own (4k random
+        // reads at QD32, 2-vCPU TCG VM, two to five rounds: tmpfs 46.5k-54.0k
+        // IOPS against 25.4k-51.7k, ext4 over loop 23.0k/25.2k against
+        // 19.4k/22.2k, CPU per I/O 10% lower; writes within the spread).
+        if idle {
+            // Already queued (a pass ending): it sees the bio.
+            let _ = q.enqueue(lane.clone());
         }
-        // Already queued: the running or pending pass will see the bio.
-        let _ = q.enqueue(lane.clone());
         Ok(())
     }
 
