@@ -163,6 +163,16 @@ impl Bio {
         unsafe { bindings::bio_endio(this.as_raw()) };
     }
 
+    /// Whether no reference of the bio has recorded an error so far (one
+    /// still in flight may record one later).
+    pub(crate) fn no_error_yet(&self) -> bool {
+        // SAFETY: The bio is valid while we hold a completion reference.
+        // Other references may store an error status concurrently (a one-byte
+        // store, `set_error`): the read sees the old or the new value.
+        let sts = unsafe { core::ptr::read_volatile(&raw const (*self.as_raw()).bi_status) };
+        sts == 0
+    }
+
     fn set_error(&self, e: Error) {
         // Only statuses that mean something to the submitter: others (e.g.
         // -EREMCHG, device-mapper's internal requeue) become plain I/O errors.

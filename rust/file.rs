@@ -462,10 +462,10 @@ impl File {
     /// its count (no second increment, and none left over when the host
     /// completes the I/O inside the call: the last `BioIo::put` may then
     /// find the counter idle before a read's bio ends); a hold of another
-    /// counter is released once the I/O is counted. `sole`: `bio` is the
-    /// bio's only completion reference (no other can end it with an error),
-    /// so a write that succeeds cannot be parked and is uncounted before it
-    /// ends, as a read is (see `BioIo::put`).
+    /// counter is released once the I/O is counted. `whole`: the I/O is all
+    /// of the bio (the fast path), so a write that succeeds, of a bio no
+    /// other I/O recorded an error in, is uncounted before it ends, as a
+    /// read is (see `BioIo::put`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn submit_bio_io(
         &self,
@@ -476,7 +476,7 @@ impl File {
         dsync: bool,
         inflight: &Arc<IoCounter>,
         held: Option<IoHold<'_>>,
-        sole: bool,
+        whole: bool,
     ) {
         // Every early return below ends `bio` itself: until it is moved into
         // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
@@ -511,7 +511,7 @@ impl File {
             len,
             started: false,
             boxed: matches!(home, Home::Boxed(_)),
-            sole,
+            whole,
             res: 0,
             inflight: ManuallyDrop::new(inflight.clone()),
         };
@@ -599,8 +599,8 @@ pub(crate) struct BioIo {
     started: bool,
     /// Whether the I/O is in a `KBox` (else in the bio's room).
     boxed: bool,
-    /// The bio's only completion reference (see `File::submit_bio_io`).
-    sole: bool,
+    /// All of the bio (see `File::submit_bio_io`).
+    whole: bool,
     /// What the bio ends with: 0 or a negative errno, set by the completion.
     res: i32,
     /// Taken by the last reference.
@@ -625,13 +625,13 @@ impl BioIo {
         // reference's release, so the completion's writes come before these
         // reads). The bio and the counter are taken exactly once, here;
         // the other fields have no drop glue.
-        let (bio, inflight, res, boxed, sole) = unsafe {
+        let (bio, inflight, res, boxed, whole) = unsafe {
             (
                 ManuallyDrop::take(&mut (*io).bio),
                 ManuallyDrop::take(&mut (*io).inflight),
                 (*io).res,
                 (*io).boxed,
-                (*io).sole,
+                (*io).whole,
             )
         };
         if boxed {
@@ -645,19 +645,25 @@ impl BioIo {
         } else {
             Ok(())
         };
-        if op_is_write(bio.op()) && !(sole && result.is_ok()) {
-            // Ending a write may park it (ENOSPC, `dm::Target::park_nospc`,
-            // also when another I/O of the bio failed so and this one ends
-            // it): a worker that waited for the counter during an ENOSPC
-            // episode must find it parked.
+        // Ending a write may park it (ENOSPC, `dm::Target::park_nospc`,
+        // also when another I/O of the bio failed so and this one ends it): a
+        // worker that waited for the counter during an ENOSPC episode must
+        // find it parked. A write that succeeded and is all of its bio, with
+        // no error recorded, is not parked by this end. (Such a bio may
+        // still have another I/O in flight: one the worker started before
+        // it parked the bio after a later piece's ENOSPC, if it comes back
+        // through the fast path. That I/O stays counted until after it
+        // ends the bio, parking it if it fails so; one that failed already
+        // recorded its error.)
+        let parks = op_is_write(bio.op()) && !(whole && result.is_ok() && bio.no_error_yet());
+        if parks {
             bio.end(result);
             inflight.dec();
         } else {
-            // A read is never parked, nor is a write that succeeded and is
-            // all of its bio, and the host I/O is over: uncounted before the
-            // bio ends, so that a submitter woken by the end (queue depth 1)
-            // finds the table idle and takes the express lane
-            // (`fast::Lanes::queue`), not an unbound one on another CPU.
+            // The host I/O is over: uncounted before the bio ends, so that a
+            // submitter woken by the end (queue depth 1) finds the table idle
+            // and takes the express lane (`fast::Lanes::queue`), not an
+            // unbound one on another CPU.
             inflight.dec();
             bio.end(result);
         }

@@ -427,7 +427,7 @@ impl Inner {
         match self.fast_target(fp, &bio) {
             Some(pos) => {
                 let len = bio.size();
-                // The whole bio, as `map` (or the worker, untouched) gave it.
+                // One I/O for all of the bio (`whole`).
                 fp.top.file.submit_bio_io(
                     bio,
                     0,
