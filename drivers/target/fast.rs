@@ -250,9 +250,9 @@ impl Lanes {
         // which takes the list after that bio's enqueue, hence after ours.
         // A stream's bios that come while the lane serves the ones before
         // thus cost neither an enqueue nor a pass of their own (4k random
-        // reads at QD32, 2-vCPU TCG VM, two to five rounds: tmpfs 46.5k-54.0k
-        // IOPS against 25.4k-51.7k, ext4 over loop 23.0k/25.2k against
-        // 19.4k/22.2k, CPU per I/O 10% lower; writes within the spread).
+        // reads at QD32, 2-vCPU TCG VM, builds in turns: ext4 over loop
+        // 23.0k/25.2k IOPS against 19.4k/22.2k, CPU per I/O 10% lower;
+        // tmpfs median 49.1k against 44.0k; writes: see the README).
         if idle {
             // Already queued (a pass ending): it sees the bio.
             let _ = q.enqueue(lane.clone());
