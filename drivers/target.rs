@@ -24,7 +24,7 @@ use crate::kernel_abstractions::bio::{Bio, BioList, BioStack, Op};
 use crate::kernel_abstractions::dm::{
     self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink,
 };
-use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kernel_abstractions::file::{BioPart, File, IoBuf, IoCounter, DIO_ALIGN};
 use crate::kernel_abstractions::inflight::InflightRefs;
 use crate::kernel_abstractions::param;
 use crate::kernel_abstractions::task::{

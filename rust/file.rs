@@ -458,14 +458,8 @@ impl File {
     /// system ran out of space or quota part way), or EFBIG if they go past
     /// the file's size limit; other short reads with EIO. With
     /// `dsync` a write is durable when it completes. The I/O is counted in
-    /// `inflight` until it completes: a `held` hold of `inflight` becomes
-    /// its count (no second increment, and none left over when the host
-    /// completes the I/O inside the call: the last `BioIo::put` may then
-    /// find the counter idle before a read's bio ends); a hold of another
-    /// counter is released once the I/O is counted. `whole`: the I/O is all
-    /// of the bio (the fast path), so a write that succeeds, of a bio no
-    /// other I/O recorded an error in, is uncounted before it ends, as a
-    /// read is (see `BioIo::put`).
+    /// `inflight` until it completes; `part` says what of the bio it is
+    /// (see [`BioPart`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn submit_bio_io(
         &self,
@@ -475,8 +469,7 @@ impl File {
         pos: u64,
         dsync: bool,
         inflight: &Arc<IoCounter>,
-        held: Option<IoHold<'_>>,
-        whole: bool,
+        part: BioPart<'_>,
     ) {
         // Every early return below ends `bio` itself: until it is moved into
         // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
@@ -511,15 +504,15 @@ impl File {
             len,
             started: false,
             boxed: matches!(home, Home::Boxed(_)),
-            whole,
+            whole: matches!(part, BioPart::Whole(_)),
             res: 0,
             inflight: ManuallyDrop::new(inflight.clone()),
         };
         // From here the bio is ended by the last `BioIo::put`, exactly once:
         // after the file system's completion if the I/O queued, else after
         // ours below. The count it drops is the hold's or a new one.
-        match held {
-            Some(h) if core::ptr::eq(h.0, &**inflight) => core::mem::forget(h),
+        match part {
+            BioPart::Whole(h) if core::ptr::eq(h.0, &**inflight) => core::mem::forget(h),
             other => {
                 inflight.inc();
                 drop(other);
@@ -570,6 +563,21 @@ impl Drop for File {
     }
 }
 
+/// What of its bio a direct I/O is, for `File::submit_bio_io`.
+pub(crate) enum BioPart<'a> {
+    /// A piece, one of possibly several (the worker's): counted anew, and a
+    /// write ends its bio before it is uncounted (its end may park the bio).
+    Piece,
+    /// All of the bio (the fast path), counted by the hold since the lookup.
+    /// A hold of the I/O's own counter becomes its count (no second
+    /// increment, and none left over when the host completes the I/O inside
+    /// the call: the last `BioIo::put` may then find the counter idle before
+    /// a read's bio ends); a hold of another counter is let go once the I/O
+    /// is counted. A write that succeeds, of a bio no other I/O recorded an
+    /// error in, is uncounted before it ends, as a read is (`BioIo::put`).
+    Whole(IoHold<'a>),
+}
+
 /// Where a `BioIo` lives.
 enum Home {
     /// The bio's per-bio room.
@@ -599,7 +607,7 @@ pub(crate) struct BioIo {
     started: bool,
     /// Whether the I/O is in a `KBox` (else in the bio's room).
     boxed: bool,
-    /// All of the bio (see `File::submit_bio_io`).
+    /// All of the bio (`BioPart::Whole`).
     whole: bool,
     /// What the bio ends with: 0 or a negative errno, set by the completion.
     res: i32,
@@ -655,8 +663,8 @@ impl BioIo {
         // through the fast path. That I/O stays counted until after it
         // ends the bio, parking it if it fails so; one that failed already
         // recorded its error.)
-        let parks = op_is_write(bio.op()) && !(whole && result.is_ok() && bio.no_error_yet());
-        if parks {
+        let may_park = op_is_write(bio.op()) && !(whole && result.is_ok() && bio.no_error_yet());
+        if may_park {
             bio.end(result);
             inflight.dec();
         } else {

@@ -58,8 +58,7 @@ impl Inner {
                 r.host,
                 false,
                 &self.inflight,
-                None,
-                false,
+                BioPart::Piece,
             );
         }
         Ok(())

@@ -359,8 +359,7 @@ impl Inner {
             pos,
             fua,
             &self.inflight,
-            None,
-            false,
+            BioPart::Piece,
         );
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = md
@@ -619,8 +618,7 @@ impl InPlaceRun {
             pos,
             dsync,
             inflight,
-            None,
-            false,
+            BioPart::Piece,
         );
     }
 }

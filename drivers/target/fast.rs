@@ -427,7 +427,6 @@ impl Inner {
         match self.fast_target(fp, &bio) {
             Some(pos) => {
                 let len = bio.size();
-                // One I/O for all of the bio (`whole`).
                 fp.top.file.submit_bio_io(
                     bio,
                     0,
@@ -435,8 +434,7 @@ impl Inner {
                     pos,
                     false,
                     &self.inflight,
-                    Some(hold),
-                    true,
+                    BioPart::Whole(hold),
                 );
                 Ok(())
             }
