@@ -251,8 +251,8 @@ impl Lanes {
         // A stream's bios that come while the lane serves the ones before
         // thus cost neither an enqueue nor a pass of their own (4k random
         // reads at QD32, 2-vCPU TCG VM, builds in turns: ext4 over loop
-        // 23.0k/25.2k IOPS against 19.4k/22.2k, CPU per I/O 10% lower;
-        // tmpfs median 49.1k against 44.0k; writes: see the README).
+        // 23.0k/25.2k IOPS against 19.4k/22.2k, CPU per I/O 10% lower; on
+        // tmpfs two copies of one build differ by ~15%: see the README).
         if idle {
             // Already queued (a pass ending): it sees the bio.
             let _ = q.enqueue(lane.clone());
