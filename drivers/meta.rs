@@ -39,7 +39,8 @@ mod cache;
 mod refcount;
 
 use crate::count::AllocCount;
-use crate::kernel_abstractions::file::{File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kernel_abstractions::direct_io::IoCounter;
+use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
 use crate::kernel_abstractions::task::code::{eopnotsupp, euclean};
 use crate::kernel_abstractions::{gfp_kv, param};
 use crate::qcow2_format::{self as fmt, FormatError, Header};

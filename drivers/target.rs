@@ -21,10 +21,11 @@ use crate::count;
 use crate::hot::Fast;
 use crate::io::CowGang;
 use crate::kernel_abstractions::bio::{Bio, BioList, BioStack, Op};
+use crate::kernel_abstractions::direct_io::{BioPart, IoCounter};
 use crate::kernel_abstractions::dm::{
     self, CtrError, Emit, QueueLimits, StatusType, TargetCtr, TargetLink,
 };
-use crate::kernel_abstractions::file::{BioPart, File, IoBuf, IoCounter, DIO_ALIGN};
+use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
 use crate::kernel_abstractions::inflight::InflightRefs;
 use crate::kernel_abstractions::param;
 use crate::kernel_abstractions::task::{

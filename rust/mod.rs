@@ -9,6 +9,7 @@
 pub(crate) mod batch_io;
 pub(crate) mod bindings;
 pub(crate) mod bio;
+pub(crate) mod direct_io;
 pub(crate) mod dm;
 pub(crate) mod eventfd;
 pub(crate) mod file;

@@ -11,7 +11,7 @@
 
 use super::super::bindings;
 use super::super::bio::Bio;
-use super::super::file::BioIo;
+use super::super::direct_io::BioIo;
 use super::super::inflight::InflightRefs;
 use core::mem::MaybeUninit;
 use core::ptr::NonNull;
@@ -110,7 +110,7 @@ pub(super) unsafe fn free_io_room(bio: *mut bindings::bio) {
 }
 
 /// Room in the per-bio data of `bio` for one direct I/O on its behalf
-/// (`file::BioIo`), handed out once per service of the bio: `None` if an
+/// (`direct_io::BioIo`), handed out once per service of the bio: `None` if an
 /// earlier I/O of it took the room (the caller allocates instead). The room
 /// stays valid while a completion reference of the bio is unended: whoever
 /// fills it must move what it needs out before ending the reference it
