@@ -10,7 +10,10 @@ usage: bench-guest.py ROOT OUTDIR
        bench-guest.py --status-loop DM_NAME SECONDS   (the poller below)
 
 For each job and peer: IOPS and MB/s (fio jobs) or time and MB/s (timed
-jobs), the p50/p99 completion latency of the QD1 jobs, the guest's CPU
+jobs), the p50/p99 completion latency of the QD1 jobs (fio's clat, from
+submission to completion) and their p50/p99 latency in all (fio's lat:
+the submitting system call's time too, where a target that starts the
+I/O on the submitter's CPU spends it), the guest's CPU
 time (/proc/stat, both vCPUs, every process: fio, the target's workers,
 qemu-nbd or rublk) during fio's I/O phase per I/O, or during a timed job,
 and dm-qcow2's rate and CPU divided by each column's. A job or peer that
@@ -20,6 +23,7 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
   4k-randread, 4k-randwrite          libaio, iodepth 32, one fio job
   4k-randread-2jobs, -randwrite-2jobs the same with numjobs 2 (2 vCPUs)
   4k-randread-qd1, 4k-randwrite-qd1  iodepth 1, with p50/p99 latency
+                                     (completion, and in all)
   1M-read, 1M-write                  sequential, iodepth 32
   4k-first-write, 64k-first-write    on an empty image, against a sparse
                                      raw file (and a written one beside)
@@ -163,8 +167,10 @@ class Result:
     secs: float = None       # timed jobs: wall time
     cpu_s: float = None      # guest CPU time (not idle) while it ran
     ios: int = None          # fio jobs: I/Os completed
-    p50_us: float = None
+    p50_us: float = None     # QD1: completion latency (fio's clat)
     p99_us: float = None
+    lat50_us: float = None   # QD1: latency in all, submission included (fio's lat)
+    lat99_us: float = None
     note: str = ""
     error: str = None
     rounds: list = None      # every round's rate (DMQ_BENCH_ROUNDS > 1)
@@ -266,6 +272,10 @@ def fio_cmd(dev, job, size):
     # order (fio's random map), so that its writes are first writes until
     # every cluster had one.
     spread = f"--blockalign={CLUSTER}" if job.backing else "--norandommap"
+    # At QD1 also the latency in all: a target may do the I/O's work in the
+    # submitting system call (fio's slat), which clat alone leaves out.
+    if job.iodepth == 1:
+        spread += " --lat_percentiles=1"
     return (f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
             f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
             f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
@@ -308,6 +318,9 @@ def fio(dev, job, size):
         pct = side["clat_ns"].get("percentile", {})
         res.p50_us = pct.get("50.000000", 0) / 1e3 or None
         res.p99_us = pct.get("99.000000", 0) / 1e3 or None
+        pct = side["lat_ns"].get("percentile", {})
+        res.lat50_us = pct.get("50.000000", 0) / 1e3 or None
+        res.lat99_us = pct.get("99.000000", 0) / 1e3 or None
     return res
 
 
@@ -459,6 +472,8 @@ def result_line(job_name, peer, r):
         parts.append(f"{r.mbps:9.1f} MB/s")
     if r.p50_us is not None:
         parts.append(f"p50 {r.p50_us:.0f} us p99 {r.p99_us or 0:.0f} us")
+    if r.lat50_us is not None:
+        parts.append(f"in all p50 {r.lat50_us:.0f} us p99 {r.lat99_us or 0:.0f} us")
     if r.cpu_us_per_io() is not None:
         parts.append(f"CPU {r.cpu_us_per_io():.1f} us/IO")
     elif r.cpu_s is not None:
@@ -960,7 +975,8 @@ def num(v, fmt):
 
 
 DETAIL_HDR = (f"{'job':20} {'column':11} {'IOPS':>9} {'MB/s':>8} {'time s':>7} "
-              f"{'p50 us':>7} {'p99 us':>7} {'CPU us/IO':>9} {'CPU s':>6} {'dm/this':>8}")
+              f"{'p50 us':>7} {'p99 us':>7} {'lat p50':>7} {'lat p99':>7} "
+              f"{'CPU us/IO':>9} {'CPU s':>6} {'dm/this':>8}")
 
 
 def detail_row(job_name, col, r, dm):
@@ -968,6 +984,7 @@ def detail_row(job_name, col, r, dm):
         return f"{job_name:20} {col:11} failed: {r.error}"
     row = (f"{job_name:20} {col:11} {num(r.iops, '.0f'):>9} {num(r.mbps, '.1f'):>8} "
            f"{num(r.secs, '.2f'):>7} {num(r.p50_us, '.0f'):>7} {num(r.p99_us, '.0f'):>7} "
+           f"{num(r.lat50_us, '.0f'):>7} {num(r.lat99_us, '.0f'):>7} "
            f"{num(r.cpu_us_per_io(), '.1f'):>9} {num(r.cpu_s, '.2f'):>6} "
            f"{ratio(dm, r) if col != 'dm-qcow2' else '':>8}")
     return row + (f"  {r.note}" if r.note else "")
@@ -1040,6 +1057,9 @@ LEGEND = [
     "merge-*: dm-qcow2 merge_backward start..ready..complete (its fsyncs included);",
     "  cp: cp --sparse=always of the delta's file + sync of the copy, same file system,",
     "  page cache dropped before each. qemu-nbd: --cache=none --aio=native --discard=unmap.",
+    "p50/p99 (QD1 jobs): completion latency, fio's clat (from the I/O's submission to",
+    "  its completion); lat p50/p99: latency in all, fio's lat (the submitting system",
+    "  call's time too: a target that starts the I/O on the submitter's CPU spends it there).",
 ]
 
 
