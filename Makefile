@@ -11,8 +11,8 @@ else
 DMQ_KERNEL ?= release
 endif
 export DMQ_KERNEL
-# kselftest VMs side by side (one vCPU each when more than one): TCG runs a
-# vCPU on one host thread and the scripts are mostly sequential
+# kselftest VMs side by side (2 vCPUs each, DMQ_VM_CPUS): TCG runs a vCPU
+# on one host thread and the scripts are mostly sequential
 DMQ_VMS ?= 2
 export DMQ_VMS
 KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)

@@ -315,13 +315,15 @@ def fio(dev, job, size):
                  mbps=sum(x["bw_bytes"] for x in sides) / 1e6,
                  cpu_s=cpu, ios=sum(x["total_ios"] for x in sides))
     if job.iodepth == 1:
-        pct = side["clat_ns"].get("percentile", {})
-        res.p50_us = pct.get("50.000000", 0) / 1e3 or None
-        res.p99_us = pct.get("99.000000", 0) / 1e3 or None
-        pct = side["lat_ns"].get("percentile", {})
-        res.lat50_us = pct.get("50.000000", 0) / 1e3 or None
-        res.lat99_us = pct.get("99.000000", 0) / 1e3 or None
+        res.p50_us, res.p99_us = p50_p99_us(side["clat_ns"])
+        res.lat50_us, res.lat99_us = p50_p99_us(side["lat_ns"])
     return res
+
+
+def p50_p99_us(lat):
+    """A fio latency block's p50 and p99 in microseconds (None if absent)."""
+    pct = lat.get("percentile", {})
+    return tuple(pct.get(k, 0) / 1e3 or None for k in ("50.000000", "99.000000"))
 
 
 def load_module(name, args=""):

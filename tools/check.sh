@@ -215,10 +215,13 @@ kselftests() {
 	else
 		mapfile -t passes < <(printf 'ext4,512:%s\n' "${tests[@]}")
 	fi
-	# The passes go to DMQ_VMS VMs run side by side (one vCPU each when
-	# more than one): a TCG vCPU is one host thread and the scripts are
-	# mostly sequential, so two single-vCPU VMs use both cores. Each pass
-	# goes to the VM with the least work so far (pass_weight: minutes).
+	# The passes go to DMQ_VMS VMs run side by side, each pass to the VM
+	# with the least work so far (pass_weight: minutes): a TCG vCPU is one
+	# host thread and the scripts are mostly sequential, so two VMs keep
+	# both cores busy. Each VM has 2 vCPUs (DMQ_VM_CPUS) all the same, so
+	# that the per-CPU lanes, the express lanes and the worker of every
+	# case run on several CPUs at once (single-vCPU VMs never showed the
+	# lock-free paths side by side).
 	local nvm=${DMQ_VMS:-1} k
 	[ "$nvm" -ge 1 ] 2>/dev/null || nvm=1
 	[ "$nvm" -gt "${#passes[@]}" ] && nvm=${#passes[@]}
@@ -255,7 +258,6 @@ kselftests() {
 		[ -n "${!v:-}" ] && fwd+="$v=${!v} "
 	done
 	local cpus=${DMQ_VM_CPUS:-2}
-	[ "$nvm" -gt 1 ] && cpus=${DMQ_VM_CPUS:-1}
 	for ((k = 0; k < nvm; k++)); do
 		local -a g; read -r -a g <<<"${groups[k]}"
 		local total=$(( ${#g[@]} * per + 300 ))
@@ -396,7 +398,7 @@ runner_test() {
 }
 
 # pass_weight FS,SECTOR:SCRIPT: its minutes in the VM, roughly (measured in
-# `make check`'s two single-vCPU VMs on 2 cores, without the long cases):
+# `make check`'s two VMs on 2 cores, without the long cases):
 # to balance the VMs.
 pass_weight() {
 	case "${1#*:}" in
