@@ -11,8 +11,8 @@ else
 DMQ_KERNEL ?= release
 endif
 export DMQ_KERNEL
-# kselftest VMs side by side (2 vCPUs each, DMQ_VM_CPUS): TCG runs a vCPU
-# on one host thread and the scripts are mostly sequential
+# kselftest VMs side by side (one vCPU each when more than one): TCG runs a
+# vCPU on one host thread and the scripts are mostly sequential
 DMQ_VMS ?= 2
 export DMQ_VMS
 KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
@@ -20,7 +20,7 @@ KDIR ?= $(shell DMQ_KERNEL=$(DMQ_KERNEL) tools/kdir.sh)
 # also when the caller's PATH lacks them (CI).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all module modules preflight headers-test deb deb-test dkms-test patches patches-test kernel-deb rustfmt rustfmtcheck deps kernel check check-full check-debug crashtest test host-test kselftest demo bench bench-deps clean help
+.PHONY: all module modules preflight headers-test deb deb-test dkms-test patches patches-test kernel-deb rustfmt rustfmtcheck deps kernel check check-full check-debug check-smp crashtest test host-test kselftest demo bench bench-deps clean help
 
 all: module
 
@@ -41,6 +41,7 @@ help:
 	@echo "make check     - host tests + kselftests in the VM; ends with 'N passed, N failed'"
 	@echo "make check-full - the same with the scripts' long cases (DMQ_LONG_CASES; over CI's 90 minutes)"
 	@echo "make check-debug - the same on the debug kernel (KASAN, lockdep, kmemleak, ...; slow under TCG)"
+	@echo "make check-smp - the write and merge kselftests in 4-vCPU VMs (the lanes on several CPUs; not in CI)"
 	@echo "make host-test - cargo tests (format logic, the dm-qcow2 command)"
 	@echo "make rustfmt   - format the module's sources (the kernel's .rustfmt.toml); rustfmtcheck checks"
 	@echo "make kselftest [T=name] - kselftests in the VM only"
@@ -137,6 +138,11 @@ check-full: module
 
 check-debug: module
 	tools/check.sh all
+
+# The scripts whose cases run fio beside the target's lanes and worker, in
+# VMs with 4 vCPUs each (make check's VMs have one: see tools/check.sh)
+check-smp: module
+	DMQ_VM_CPUS=$${DMQ_VM_CPUS:-4} tools/check.sh kselftest qcow2_write.sh qcow2_merge.sh
 
 demo: module
 	tools/demo.sh

@@ -215,13 +215,14 @@ kselftests() {
 	else
 		mapfile -t passes < <(printf 'ext4,512:%s\n' "${tests[@]}")
 	fi
-	# The passes go to DMQ_VMS VMs run side by side, each pass to the VM
-	# with the least work so far (pass_weight: minutes): a TCG vCPU is one
-	# host thread and the scripts are mostly sequential, so two VMs keep
-	# both cores busy. Each VM has 2 vCPUs (DMQ_VM_CPUS) all the same, so
-	# that the per-CPU lanes, the express lanes and the worker of every
-	# case run on several CPUs at once (single-vCPU VMs never showed the
-	# lock-free paths side by side).
+	# The passes go to DMQ_VMS VMs run side by side (one vCPU each when
+	# more than one, unless DMQ_VM_CPUS says otherwise): a TCG vCPU is one
+	# host thread and the scripts are mostly sequential, so two
+	# single-vCPU VMs use both cores (two 2-vCPU VMs took 1.5x-2.2x as
+	# long a script on the 2 cores). `make check-smp` runs the scripts
+	# with fio in 4-vCPU VMs, the lanes and the worker on several CPUs at
+	# once. Each pass goes to the VM with the least work so far
+	# (pass_weight: minutes).
 	local nvm=${DMQ_VMS:-1} k
 	[ "$nvm" -ge 1 ] 2>/dev/null || nvm=1
 	[ "$nvm" -gt "${#passes[@]}" ] && nvm=${#passes[@]}
@@ -258,6 +259,7 @@ kselftests() {
 		[ -n "${!v:-}" ] && fwd+="$v=${!v} "
 	done
 	local cpus=${DMQ_VM_CPUS:-2}
+	[ "$nvm" -gt 1 ] && cpus=${DMQ_VM_CPUS:-1}
 	for ((k = 0; k < nvm; k++)); do
 		local -a g; read -r -a g <<<"${groups[k]}"
 		local total=$(( ${#g[@]} * per + 300 ))
