@@ -218,7 +218,7 @@ kselftests() {
 	# The passes go to DMQ_VMS VMs run side by side (one vCPU each when
 	# more than one, unless DMQ_VM_CPUS says otherwise): a TCG vCPU is one
 	# host thread and the scripts are mostly sequential, so two
-	# single-vCPU VMs use both cores (two 2-vCPU VMs took 1.5x-2.2x as
+	# single-vCPU VMs use both cores (two 2-vCPU VMs took 1.5x-2.5x as
 	# long a script on the 2 cores). `make check-smp` runs the scripts
 	# with fio in 4-vCPU VMs, the lanes and the worker on several CPUs at
 	# once. Each pass goes to the VM with the least work so far
@@ -400,7 +400,7 @@ runner_test() {
 }
 
 # pass_weight FS,SECTOR:SCRIPT: its minutes in the VM, roughly (measured in
-# `make check`'s two VMs on 2 cores, without the long cases):
+# `make check`'s two single-vCPU VMs on 2 cores, without the long cases):
 # to balance the VMs.
 pass_weight() {
 	case "${1#*:}" in
