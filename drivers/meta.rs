@@ -167,6 +167,9 @@ pub(crate) struct DeltaMd {
     /// queued): the image leaks it; the target's wants_check is latched
     /// (`take_leaked`).
     leaked: bool,
+    /// A free-cluster search skipped refcounts past the file's end (see
+    /// `skip_leaked`): said once.
+    leak_skip_noted: bool,
 }
 
 impl DeltaMd {
@@ -215,6 +218,7 @@ impl DeltaMd {
             meta: RBTree::new(),
             corrupt: false,
             leaked: false,
+            leak_skip_noted: false,
         };
         if writable_rt {
             md.note_metadata(file, hdr, true)?;

@@ -539,8 +539,9 @@ case_refcount64_4k() {
 }
 
 # corrupt_writes: trimming the top on suspend reads the bad refcount table
-# entry ("truncate failed")
-DMQ_FAULT_CASES="corrupt_writes overlap_writes"
+# entry ("truncate failed"); leaked_refcounts: a damaged image whose
+# refcount table cannot grow (a write fails)
+DMQ_FAULT_CASES="corrupt_writes overlap_writes leaked_refcounts"
 
 # bytes LEN at OFF of IMG, as a sha256
 range_sum() {
@@ -604,6 +605,94 @@ sys.exit(0 if json.loads(sys.argv[1])["format-specific"]["data"].get("corrupt") 
 	echo "second.qcow2: the refcount block kept its reference"
 }
 
+# set_reft IMG FIRST VALUE: refcount table entries FIRST.. of IMG = VALUE
+set_reft() {
+	local rt n
+	rt=$(dmq_header "$1" refcount_table_offset) &&
+		n=$(($(dmq_header "$1" refcount_table_clusters) * 8192)) ||
+		dmq_fail "header"
+	"$PYTHON" -c 'import struct, sys
+f = open(sys.argv[1], "r+b"); rt, n, first, v = map(int, sys.argv[2:])
+f.seek(rt + 8 * first); f.write(struct.pack(">Q", v) * (n - first))' \
+		"$1" "$rt" "$n" "$2" "$3" || dmq_fail "python"
+	echo "$1: refcount table entries $2..$((n - 1)) = $(printf '%#x' "$3")"
+}
+
+# Refcounts past the end of the file: leaks (nothing can be stored there),
+# a few of which a crash may leave, while a damaged image may claim every
+# cluster its refcount table can describe (2^28 here). A free-cluster search
+# that meets a long run of them (4096) goes on at the next refcount block
+# not allocated yet, and the trim on suspend looks only inside the file:
+# neither walks them one by one with the state locked.
+# 1. 5000 leaked clusters after the end: the new cluster goes into the next
+#    refcount block's range (2 GiB); qemu-img finds the leaks and nothing
+#    else, and after its repair the image holds what was written.
+# 2. Every refcount table entry names one cluster of 0xff bytes (every
+#    cluster in use): the write ends (EIO where the host file system cannot
+#    hold a 16 TiB file, which the table's growth needs) in seconds.
+# 3. Entries 1.. name one zeroed cluster: a write and the suspend's trim end
+#    in seconds.
+case_leaked_refcounts() {
+	local dev rb eof host z t
+	dmq_needs_kernel "the target's free-cluster search"
+	dmq_img_create a.qcow2 64M cluster_size=64k
+	dmq_write a.qcow2 t:0:1M
+	rb=$(entry_val a.qcow2 reft 0) || dmq_fail "refcount table entry 0"
+	eof=$((($(stat -c %s a.qcow2) + 65535) / 65536))
+	"$PYTHON" -c 'import sys
+f = open(sys.argv[1], "r+b")
+f.seek(int(sys.argv[2]) + 2 * int(sys.argv[3]))
+f.write(b"\0\1" * 5000)' a.qcow2 "$rb" "$eof" || dmq_fail "python"
+	echo "clusters $eof..$((eof + 4999)) (past the end) marked in use"
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 expected.raw
+	dmq_create w --rw a.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	write_4k "$dev" 2048 ok
+	expect_kmsg "dm-qcow2: image 0: refcounts mark clusters past the end of the file in use"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	host=$(($(entry_val a.qcow2 l2 8M) & ((1 << 56) - 512)))
+	[ "$host" -gt $((2 << 30)) ] ||
+		dmq_fail "new cluster at $host: not past the next refcount block (2 GiB)"
+	echo "new cluster at $(printf '%#x' "$host")"
+	dmq_run dmq_py dmq_img fill expected.raw 4k P0x6b 0 --at 8M
+	check_rc a.qcow2 3
+	dmq_run "$QEMU_IMG" check -q -r leaks a.qcow2
+	dmq_check_images a.qcow2
+	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw a.qcow2 after.raw
+	cmp expected.raw after.raw || dmq_fail "a.qcow2 is not what was written"
+
+	dmq_img_create b.qcow2 64M cluster_size=64k
+	dmq_write b.qcow2 P0xff:0:64k
+	set_reft b.qcow2 0 $(($(entry_val b.qcow2 l2 0) & ((1 << 56) - 512)))
+	dmq_create w --rw b.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	t=$SECONDS
+	if dd if=w.bin of="$dev" bs=4k seek=2048 count=1 oflag=direct conv=notrunc,fsync \
+		status=none 2>dd.err; then
+		echo "write: ok"
+	else
+		echo "write: $(cat dd.err)"
+	fi
+	[ $((SECONDS - t)) -lt 60 ] || dmq_fail "the write took $((SECONDS - t)) s"
+	[ "$(dmq_dmesg_case | grep -c "refcounts mark clusters past the end of the file")" = 2 ] ||
+		dmq_fail "no second line on leaked clusters (b.qcow2's)"
+	t=$SECONDS
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	[ $((SECONDS - t)) -lt 60 ] || dmq_fail "the removal took $((SECONDS - t)) s"
+
+	dmq_img_create c.qcow2 64M cluster_size=64k
+	dmq_write c.qcow2 t:0:1M P0x00:2M:64k
+	z=$(($(entry_val c.qcow2 l2 2M) & ((1 << 56) - 512)))
+	set_reft c.qcow2 1 "$z"
+	dmq_create w --rw c.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	write_4k "$dev" 2048 ok
+	t=$SECONDS
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	[ $((SECONDS - t)) -lt 60 ] || dmq_fail "the removal took $((SECONDS - t)) s"
+	echo "removal (trim) took $((SECONDS - t)) s"
+}
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -625,6 +714,7 @@ DMQ_CASES=(
 	corrupt_compressed
 	corrupt_writes
 	overlap_writes
+	leaked_refcounts
 	chain3
 	odd_size
 	short_table

@@ -11,6 +11,11 @@ use super::*;
 /// the last used cluster on suspend.
 const GROW_STEP: u64 = 128 << 20;
 
+/// Clusters in use in a row past the file's end after which a free-cluster
+/// search skips to the next refcount block not allocated yet (see
+/// `DeltaMd::skip_leaked`).
+const LEAK_RUN: u64 = 4096;
+
 /// Refcounts and allocation.
 impl DeltaMd {
     /// Queues dropping one reference of every cluster overlapping `[start,
@@ -121,16 +126,24 @@ impl DeltaMd {
         }
     }
 
-    /// End of the last cluster with a non-zero refcount (as the cache has it).
+    /// End of the last cluster inside the file with a non-zero refcount (as
+    /// the cache has it). Clusters past the file's end hold nothing and are
+    /// not cut anyway; a damaged image's refcounts may claim every cluster
+    /// the table could describe (2^39 of them), a walk this bounds by the
+    /// file's size.
     fn used_end(&mut self, file: &File, hdr: &Header) -> Result<u64> {
         let per_block = fmt::refcount_block_entries(hdr);
         let cs = hdr.cluster_size();
+        let limit = file.size().div_ceil(cs);
         for ti in (0..self.rt.len()).rev() {
             if self.rt.get(ti).copied().unwrap_or(0) == 0 {
                 continue;
             }
             let first = (ti as u64).checked_mul(per_block).ok_or(EIO)?;
-            for c in (first..first + per_block).rev() {
+            if first >= limit {
+                continue;
+            }
+            for c in (first..first.saturating_add(per_block).min(limit)).rev() {
                 if self.refcount(file, hdr, c)? != 0 {
                     return (c + 1).checked_mul(cs).ok_or(EIO);
                 }
@@ -192,9 +205,13 @@ impl DeltaMd {
         hdr: &Header,
     ) -> Result<(u64, bool)> {
         let cs = hdr.cluster_size();
+        let eof = file.size().div_ceil(cs);
+        // Clusters in use in a row past the file's end (see `LEAK_RUN`).
+        let mut leaked_run = 0u64;
         let mut c = self.hint.max(1);
         loop {
             let off = c.checked_mul(cs).ok_or(ENOSPC)?;
+            let end = off.checked_add(cs).ok_or(ENOSPC)?;
             let (ti, bi) = fmt::refcount_split(hdr, c);
             let Some(raw) = usize::try_from(ti)
                 .ok()
@@ -206,8 +223,8 @@ impl DeltaMd {
             };
             if raw == 0 {
                 self.note_meta(off, "refcount block")?;
-                self.reserve(file, off + cs);
-                self.cache.invalidate(off, off + cs);
+                self.reserve(file, end);
+                self.cache.invalidate(off, end);
                 let mut blk = IoBuf::new(cs as usize)?;
                 fmt::refcount_set(&mut blk, bi, hdr.refcount_order, 1).ok_or(EIO)?;
                 file.write_full(&blk, off)?;
@@ -217,19 +234,27 @@ impl DeltaMd {
                     *e = off;
                 }
                 self.barrier = true;
-                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
+                self.untouched_from = self.untouched_from.max(end);
                 c += 1;
                 self.hint = c;
                 continue;
             }
             if self.refcount(file, hdr, c)? == 0 {
-                self.reserve(file, off + cs);
+                self.reserve(file, end);
                 self.set_refcount(file, hdr, c, 1)?;
-                self.cache.invalidate(off, off + cs);
+                self.cache.invalidate(off, end);
                 self.hint = c + 1;
                 let untouched = off >= self.untouched_from;
-                self.untouched_from = self.untouched_from.max(off.saturating_add(cs));
+                self.untouched_from = self.untouched_from.max(end);
                 return Ok((off, untouched));
+            }
+            if c >= eof {
+                leaked_run += 1;
+                if leaked_run >= LEAK_RUN {
+                    c = self.skip_leaked(hdr, ti, c)?;
+                    leaked_run = 0;
+                    continue;
+                }
             }
             c += 1;
             // A long run of used clusters (a full image): let others run.
@@ -237,6 +262,36 @@ impl DeltaMd {
                 crate::kernel_abstractions::task::cond_resched();
             }
         }
+    }
+
+    /// Where a free-cluster search that found `LEAK_RUN` clusters in use in
+    /// a row past the file's end, up to cluster `c` (described by refcount
+    /// table entry `ti`), goes on: at the first cluster of the next table
+    /// entry without a block (all its clusters are free), or past the
+    /// table, which then grows. Nothing can be stored past the file's end,
+    /// so such refcounts are leaks (a damaged image's; a crash leaves a
+    /// few at most), and cluster by cluster the search could take 2^39
+    /// lookups with the state locked. The clusters skipped stay leaked.
+    fn skip_leaked(&mut self, hdr: &Header, ti: u64, c: u64) -> Result<u64> {
+        let from = usize::try_from(ti).map_err(|_| ENOSPC)?.saturating_add(1);
+        let next = self
+            .rt
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, e)| **e == 0)
+            .map_or(self.rt.len(), |(i, _)| i);
+        if !self.leak_skip_noted {
+            self.leak_skip_noted = true;
+            pr_warn!(
+                "dm-qcow2: image {}: refcounts mark clusters past the end of the file in use (at {:#x}): leaked, new clusters go after them (qemu-img check -r leaks reclaims them)\n",
+                self.img,
+                c.saturating_mul(hdr.cluster_size())
+            );
+        }
+        (next as u64)
+            .checked_mul(fmt::refcount_block_entries(hdr))
+            .ok_or(ENOSPC)
     }
 
     /// Moves the refcount table to a place twice its size, past every cluster
