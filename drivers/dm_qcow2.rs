@@ -36,9 +36,13 @@ struct DmQcow2 {
     _reg: kernel_abstractions::dm::Registration<target::Qcow2>,
 }
 
+/// The registered target type's memory (see `TargetTypeSlot`).
+static TARGET_TYPE: kernel_abstractions::dm::TargetTypeSlot =
+    kernel_abstractions::dm::TargetTypeSlot::new();
+
 impl kernel::Module for DmQcow2 {
     fn init(_module: &'static ThisModule) -> Result<Self> {
-        let reg = kernel_abstractions::dm::Registration::new()?;
+        let reg = kernel_abstractions::dm::Registration::new(&TARGET_TYPE)?;
         pr_info!("dm-qcow2 (Rust) registered\n");
         Ok(Self { _reg: reg })
     }

@@ -437,10 +437,8 @@ impl dm::Target for Qcow2 {
         let inner = &self.inner;
         inner.parked_count.fetch_add(1, Ordering::AcqRel);
         inner.late_nospc.push(bio);
-        if let Some(q) = inner.wq.queue() {
-            // Already queued: the running or pending pass will see the bio.
-            let _ = q.enqueue::<_, 0>(inner.clone());
-        }
+        // Already queued: the running or pending pass will see the bio.
+        let _ = inner.wq.enqueue::<_, 0>(inner.clone());
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {
@@ -476,7 +474,7 @@ impl Drop for Qcow2 {
         // hold the last reference to `inner` (we hold one until after this).
         // The retry and the walker first: the retry queues I/O work (on a
         // queue still alive); the I/O worker queues a retry only while bios
-        // are parked, and none are now (then `retry_wq.queue()` is `None`).
+        // are parked, and none are now (then `retry_wq.enqueue` refuses).
         // The I/O worker arms the commit timer with the state locked: once
         // `no_timer` is seen it no longer does, and the timer's queue may go.
         self.inner.lock_state().no_timer = true;

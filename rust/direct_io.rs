@@ -169,11 +169,18 @@ impl File {
                 Err(_) => return bio.end(Err(ENOMEM)),
             },
         };
+        // The I/O's own reference to the file: the completion and the file
+        // system's end of a direct I/O use `ki_filp` after `self` may be gone
+        // (a caller that drops its `File` with I/O in flight).
+        // SAFETY: The file is valid while we hold `self`; the new reference
+        // is the `BioIo`'s, given up by its last `put`.
+        let file = unsafe { bindings::dmq_get_file(self.as_raw()) };
         let new = BioIo {
             // SAFETY: All-zeroes is a valid `kiocb` (a plain C struct); the shim
             // initialises it before use.
             iocb: unsafe { core::mem::zeroed() },
             refs: AtomicU32::new(2),
+            file,
             bio: ManuallyDrop::new(bio),
             file_size: self.size(),
             write_limit: self.write_limit(),
@@ -209,11 +216,12 @@ impl File {
         // SAFETY: `io` is a valid `BioIo` holding two references: one for the
         // completion, one for us. `iocb` is its first field (repr(C)), so the
         // completion finds the I/O again. The shim checks the bio range, the
-        // file's mode and its direct I/O support.
+        // file's mode and its direct I/O support. `file` is the `BioIo`'s
+        // reference, alive until its last `put`, after the completion.
         let r = unsafe {
             bindings::dmq_file_rw_bio(
                 &raw mut (*io).iocb,
-                self.as_raw(),
+                file,
                 (*io).bio.as_raw(),
                 off,
                 len,
@@ -268,6 +276,9 @@ enum Home {
 pub(crate) struct BioIo {
     iocb: bindings::kiocb,
     refs: AtomicU32,
+    /// A reference to the file of `iocb.ki_filp`, given up by the last
+    /// reference (`fput` may run in interrupt context).
+    file: *mut bindings::file,
     /// Ended by the last reference, exactly once.
     bio: ManuallyDrop<Bio>,
     file_size: u64,
@@ -304,13 +315,14 @@ impl BioIo {
         // reference's release, so the completion's writes come before these
         // reads). The bio and the counter are taken exactly once, here;
         // the other fields have no drop glue.
-        let (bio, inflight, res, boxed, whole) = unsafe {
+        let (bio, inflight, res, boxed, whole, file) = unsafe {
             (
                 ManuallyDrop::take(&mut (*io).bio),
                 ManuallyDrop::take(&mut (*io).inflight),
                 (*io).res,
                 (*io).boxed,
                 (*io).whole,
+                (*io).file,
             )
         };
         if boxed {
@@ -346,6 +358,9 @@ impl BioIo {
             inflight.dec();
             bio.end(result);
         }
+        // SAFETY: The I/O's reference (taken in `submit_bio_io`), given up once:
+        // neither the completion nor the file system uses the kiocb any more.
+        unsafe { bindings::fput(file) };
     }
 }
 

@@ -15,10 +15,12 @@ mod per_bio;
 use super::bindings;
 use super::bio::{Bio, Op};
 use super::inflight::InflightRefs;
+use core::cell::UnsafeCell;
 use core::fmt;
 use core::marker::PhantomData;
-use core::mem::ManuallyDrop;
+use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::error::{
     code::{E2BIG, ENOMEM},
     Error, Result,
@@ -63,17 +65,20 @@ pub(crate) enum StatusType {
 
 /// A link to a constructed target for code that runs outside its callbacks
 /// (work items): raises table events and tells whether the device is
-/// suspended. Once the target is destroyed the link is dead and does nothing.
+/// suspended. Until the constructor succeeded, and once the target is
+/// destroyed, the link is dead and does nothing (a failed constructor gets
+/// no destructor call: its target is freed with the link still held).
 #[pin_data]
 pub(crate) struct TargetLink {
     ti: *mut bindings::dm_target,
-    /// Cleared by the destructor before the target goes away.
+    /// Set once the constructor succeeded (no `&mut` to the target is left
+    /// then), cleared by the destructor before the target goes away.
     #[pin]
     alive: Mutex<bool>,
 }
 
-// SAFETY: `ti` is only used under `alive`, while the target exists; the dm
-// functions called on it are thread-safe.
+// SAFETY: `ti` is only used under `alive`, while the target exists and is
+// constructed; the dm functions called on it are thread-safe.
 unsafe impl Send for TargetLink {}
 // SAFETY: As above.
 unsafe impl Sync for TargetLink {}
@@ -81,7 +86,7 @@ unsafe impl Sync for TargetLink {}
 impl TargetLink {
     fn new(ti: *mut bindings::dm_target) -> Result<Arc<Self>> {
         Arc::pin_init(
-            pin_init!(Self { ti, alive <- kernel::new_mutex!(true, "dm::TargetLink") }),
+            pin_init!(Self { ti, alive <- kernel::new_mutex!(false, "dm::TargetLink") }),
             GFP_KERNEL,
         )
     }
@@ -302,9 +307,11 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     /// [`release_inflight`]) and the target must end it again, e.g. after
     /// [`retake_inflight`] and submitting it again once there is space.
     /// Called in any context, interrupts included: must not sleep.
-    fn park_nospc(&self, bio: Bio) {
-        bio.end(Err(kernel::error::code::ENOSPC));
-    }
+    ///
+    /// No default: ending the bio with ENOSPC here would bring it back at
+    /// once, without end. A target whose `wants_nospc` is always false may
+    /// end it with any other error.
+    fn park_nospc(&self, bio: Bio);
 }
 
 /// Largest argument list we accept (table line or message).
@@ -388,6 +395,9 @@ impl<T: Target> Vtable<T> {
             Ok(p) => {
                 // SAFETY: `ti` is valid and exclusively ours during the constructor.
                 unsafe { (*ti).private = KBox::into_raw(p).cast() };
+                // Constructed, and `ctx` (the `&mut` access) is done with:
+                // links taken during the constructor come alive.
+                *ctx.link.alive.lock() = true;
                 0
             }
             Err(e) => {
@@ -606,21 +616,51 @@ impl<T: Target> Vtable<T> {
     }
 }
 
+/// Where a registered target type lives: a `static` of the module, so that
+/// it outlives every table of the type, even one still loaded after its
+/// [`Registration`] was dropped (a table holds a reference to the module,
+/// which then cannot be unloaded before the table is destroyed). Serves one
+/// registration, once: memory a table may still use is never written again.
+pub(crate) struct TargetTypeSlot {
+    tt: UnsafeCell<MaybeUninit<bindings::target_type>>,
+    taken: AtomicBool,
+}
+
+// SAFETY: `tt` is written once, by the registration that took the slot
+// (`taken`), before device-mapper sees it; from then on only device-mapper
+// uses it, under its own locking.
+unsafe impl Sync for TargetTypeSlot {}
+
+impl TargetTypeSlot {
+    /// An unused slot.
+    pub(crate) const fn new() -> Self {
+        Self {
+            tt: UnsafeCell::new(MaybeUninit::uninit()),
+            taken: AtomicBool::new(false),
+        }
+    }
+}
+
 /// A registered target type; unregistered on drop.
 pub(crate) struct Registration<T: Target> {
-    tt: Pin<KBox<bindings::target_type>>,
+    tt: NonNull<bindings::target_type>,
     _p: PhantomData<T>,
 }
 
-// SAFETY: The registration only holds the `target_type`, which device-mapper
-// accesses under its own locking; moving or sharing the handle is fine.
+// SAFETY: The registration only points at the `target_type`, which
+// device-mapper accesses under its own locking; moving or sharing the handle
+// is fine.
 unsafe impl<T: Target> Send for Registration<T> {}
 // SAFETY: As above: `&Registration` gives no access to anything.
 unsafe impl<T: Target> Sync for Registration<T> {}
 
 impl<T: Target> Registration<T> {
-    /// Registers `T` with device-mapper.
-    pub(crate) fn new() -> Result<Self> {
+    /// Registers `T` with device-mapper, its type kept in `slot` (EBUSY if
+    /// the slot served a registration before).
+    pub(crate) fn new(slot: &'static TargetTypeSlot) -> Result<Self> {
+        if slot.taken.swap(true, Ordering::AcqRel) {
+            return Err(EBUSY);
+        }
         let tt = bindings::target_type {
             features: T::FEATURES,
             name: T::NAME.as_char_ptr(),
@@ -642,15 +682,19 @@ impl<T: Target> Registration<T> {
             iterate_devices: Some(Vtable::<T>::iterate_devices),
             ..Default::default()
         };
-        let mut tt = KBox::pin(tt, GFP_KERNEL)?;
-        // SAFETY: `tt` is fully initialised and pinned on the heap; it stays
-        // registered (and in place) until `drop` unregisters it.
-        let ret = unsafe { bindings::dm_register_target(tt.as_mut().get_unchecked_mut()) };
+        let p = slot.tt.get().cast::<bindings::target_type>();
+        // SAFETY: The slot is ours alone (taken above, never given back) and
+        // nothing saw it before: device-mapper learns of it only below.
+        unsafe { p.write(tt) };
+        // SAFETY: `p` is a fully initialised `target_type` in static memory,
+        // never written again; it stays registered until `drop` unregisters it.
+        let ret = unsafe { bindings::dm_register_target(p) };
         if ret < 0 {
             return Err(Error::from_errno(ret));
         }
         Ok(Self {
-            tt,
+            // SAFETY: `p` points into `slot`, not null.
+            tt: unsafe { NonNull::new_unchecked(p) },
             _p: PhantomData,
         })
     }
@@ -658,8 +702,9 @@ impl<T: Target> Registration<T> {
 
 impl<T: Target> Drop for Registration<T> {
     fn drop(&mut self) {
-        // SAFETY: `tt` was registered in `new`; module unload guarantees no table
-        // still uses it.
-        unsafe { bindings::dm_unregister_target(self.tt.as_mut().get_unchecked_mut()) };
+        // SAFETY: `tt` was registered in `new` and is unregistered once, here.
+        // Tables still using it keep a reference to the module, so the slot's
+        // static memory outlives them.
+        unsafe { bindings::dm_unregister_target(self.tt.as_ptr()) };
     }
 }

@@ -404,6 +404,21 @@ struct workqueue_struct *dmq_alloc_local_highpri_workqueue(const char *name)
 	return alloc_workqueue("%s", WQ_HIGHPRI | WQ_MEM_RECLAIM, 0, name);
 }
 
+void dmq_rcu_read_lock(void)
+{
+	rcu_read_lock();
+}
+
+void dmq_rcu_read_unlock(void)
+{
+	rcu_read_unlock();
+}
+
+void dmq_synchronize_rcu(void)
+{
+	synchronize_rcu();
+}
+
 void dmq_wait_count_zero(unsigned long *count)
 {
 	wait_var_event(count, READ_ONCE(*count) == 0);

@@ -118,6 +118,9 @@ struct workqueue_struct *dmq_alloc_workqueue(const char *name, bool mem_reclaim)
  * the CPU that queued it, in a high-priority worker.
  */
 struct workqueue_struct *dmq_alloc_local_highpri_workqueue(const char *name);
+void dmq_rcu_read_lock(void);
+void dmq_rcu_read_unlock(void);
+void dmq_synchronize_rcu(void);
 
 /*
  * wait_var_event() until *@count (an AtomicUsize of the Rust side) is 0,

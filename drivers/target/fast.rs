@@ -235,9 +235,9 @@ impl Lanes {
         let Some(lane) = lanes.get(wq::this_cpu() as usize % n.max(1)) else {
             return Err(bio);
         };
-        let Some(q) = wq.queue() else {
+        if wq.is_shut_down() {
             return Err(bio);
-        };
+        }
         let idle = {
             let mut queued = lane.bios.lock();
             // Counted before the lane can take it (and uncount it).
@@ -259,7 +259,7 @@ impl Lanes {
         // tmpfs two copies of one build differ by ~15%: see the README).
         if idle {
             // Already queued (a pass ending): it sees the bio.
-            let _ = q.enqueue(lane.clone());
+            let _ = wq.enqueue(lane.clone());
         }
         Ok(())
     }

@@ -77,8 +77,8 @@ impl WorkItem<0> for Inner {
             let st = this.lock_state();
             if st.parked.is_empty() {
                 this.enospc_episode.store(false, Ordering::Release);
-            } else if let Some(q) = this.retry_wq.queue() {
-                let _ = q.enqueue::<_, 2>(this.clone());
+            } else {
+                let _ = this.retry_wq.enqueue::<_, 2>(this.clone());
             }
         }
         if parked {
@@ -127,9 +127,7 @@ impl WorkItem<3> for Inner {
         }
         this.commit_armed.store(false, Ordering::Release);
         this.commit_due.store(true, Ordering::Release);
-        if let Some(q) = this.wq.queue() {
-            let _ = q.enqueue::<_, 0>(this.clone());
-        }
+        let _ = this.wq.enqueue::<_, 0>(this.clone());
     }
 }
 
@@ -319,10 +317,7 @@ impl Inner {
         if self.commit_armed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let queued = self
-            .commit_wq
-            .queue()
-            .is_some_and(|q| q.enqueue::<_, 3>(self.clone()).is_ok());
+        let queued = matches!(self.commit_wq.enqueue::<_, 3>(self.clone()), Ok(Ok(())));
         if !queued {
             self.commit_armed.store(false, Ordering::Release);
         }
@@ -419,10 +414,8 @@ impl Inner {
     }
 
     fn kick_worker(self: &Arc<Self>) {
-        if let Some(q) = self.wq.queue() {
-            // Already queued: the running or pending pass will see the bio.
-            let _ = q.enqueue::<_, 0>(self.clone());
-        }
+        // Already queued: the running or pending pass will see the bio.
+        let _ = self.wq.enqueue::<_, 0>(self.clone());
     }
 
     /// Queues the parked bios again.
@@ -440,9 +433,7 @@ impl Inner {
         }
         if n > 0 {
             self.parked_count.fetch_sub(n, Ordering::AcqRel);
-            if let Some(q) = self.wq.queue() {
-                let _ = q.enqueue::<_, 0>(self.clone());
-            }
+            let _ = self.wq.enqueue::<_, 0>(self.clone());
         }
     }
 
@@ -454,9 +445,7 @@ impl Inner {
 
     /// Starts the count (if it is not queued already).
     pub(crate) fn kick_count(self: &Arc<Self>) {
-        if let Some(q) = self.count_wq.queue() {
-            let _ = q.enqueue::<_, 4>(self.clone());
-        }
+        let _ = self.count_wq.enqueue::<_, 4>(self.clone());
     }
 
     /// Completes the allocated-cluster count of every delta that needs it,
@@ -492,9 +481,7 @@ impl Inner {
 
     /// Starts the merge walker (if it is not queued already).
     pub(crate) fn kick_merge(self: &Arc<Self>) {
-        if let Some(q) = self.merge_wq.queue() {
-            let _ = q.enqueue::<_, 1>(self.clone());
-        }
+        let _ = self.merge_wq.enqueue::<_, 1>(self.clone());
     }
 
     /// A suspend is under way (or done): no background copying.
