@@ -47,7 +47,8 @@ pub(crate) struct Bio(NonNull<bindings::bio>);
 
 // SAFETY: A bio may be ended from any thread and in any context; the data
 // pages it points to are not tied to the submitting thread. (Not `Sync`:
-// `split_ref` sets a non-atomic flag.)
+// the first `split_ref` of a bio sets a non-atomic flag; later ones, which
+// references on other threads may make at the same time, only read it.)
 unsafe impl Send for Bio {}
 
 impl Bio {

@@ -50,9 +50,20 @@ bool dmq_kernel_sets_dirty_bit(void)
 	return READ_ONCE(kernel_sets_dirty_bit);
 }
 
+/*
+ * bio_inc_remaining() without its unconditional bio_set_flag(), a plain
+ * read-modify-write of bi_flags: two references of one bio split on two
+ * CPUs at once would race on it. BIO_CHAIN is set by the first split,
+ * when the caller's reference is the bio's only one (there is no other
+ * thread to race with), and cleared by bio_endio() only with the last
+ * reference: later splits, which may run concurrently, only read it.
+ */
 void dmq_bio_inc_remaining(struct bio *bio)
 {
-	bio_inc_remaining(bio);
+	if (!bio_flagged(bio, BIO_CHAIN))
+		bio_set_flag(bio, BIO_CHAIN);
+	smp_mb__before_atomic();
+	atomic_inc(&bio->__bi_remaining);
 }
 
 /*

@@ -24,7 +24,8 @@ use kernel::workqueue::{Queue, RawWorkItem};
 /// an RCU read-side critical section and [`flush`] under a hold of a
 /// counter, and `shutdown` marks the queue dead, then waits for a grace
 /// period and for the flushes before it destroys it. Work enqueued after
-/// that (chained work too) is refused.
+/// that (chained work too) is refused. A second `shutdown` returns at once,
+/// possibly before the first has drained the queue.
 ///
 /// Under memory pressure a `WQ_MEM_RECLAIM` queue may be down to its one
 /// rescuer thread: work that sleeps or waits long there delays every other
