@@ -62,6 +62,7 @@ void dmq_bio_inc_remaining(struct bio *bio)
 {
 	if (!bio_flagged(bio, BIO_CHAIN))
 		bio_set_flag(bio, BIO_CHAIN);
+	/* The flag before the count, as bio_inc_remaining() orders them. */
 	smp_mb__before_atomic();
 	atomic_inc(&bio->__bi_remaining);
 }

@@ -265,7 +265,7 @@ impl DeltaMd {
     }
 
     /// Where a free-cluster search that found `LEAK_RUN` clusters in use in
-    /// a row past the file's end, up to cluster `c` (described by refcount
+    /// a row past the file's end, the last cluster `c` (described by refcount
     /// table entry `ti`), goes on: at the first cluster of the next table
     /// entry without a block (all its clusters are free), or past the
     /// table, which then grows. Nothing can be stored past the file's end,
@@ -284,9 +284,10 @@ impl DeltaMd {
         if !self.leak_skip_noted {
             self.leak_skip_noted = true;
             pr_warn!(
-                "dm-qcow2: image {}: refcounts mark clusters past the end of the file in use (at {:#x}): leaked, new clusters go after them (qemu-img check -r leaks reclaims them)\n",
+                "dm-qcow2: image {}: refcounts mark clusters past the end of the file in use (from {:#x}): leaked, new clusters go after them (qemu-img check -r leaks reclaims them)\n",
                 self.img,
-                c.saturating_mul(hdr.cluster_size())
+                c.saturating_sub(LEAK_RUN - 1)
+                    .saturating_mul(hdr.cluster_size())
             );
         }
         (next as u64)
