@@ -36,6 +36,7 @@
 //! allocation of clusters; the tables and the commit are here.
 
 mod cache;
+mod clusters;
 mod refcount;
 
 use crate::count::AllocCount;
@@ -45,9 +46,9 @@ use crate::kernel_abstractions::task::code::{eopnotsupp, euclean};
 use crate::kernel_abstractions::{gfp_kv, param};
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use cache::{Kind, MdCache};
+use clusters::{MetaBuilder, MetaClusters, MetaKind};
 use kernel::error::code::*;
 use kernel::prelude::*;
-use kernel::rbtree::RBTree;
 use kernel::sync::Arc;
 
 /// Size of a cached metadata page (and of every metadata write).
@@ -157,7 +158,7 @@ pub(crate) struct DeltaMd {
     /// with the header, L1 and refcount tables what [`overlap`] guards.
     ///
     /// [`overlap`]: DeltaMd::overlap
-    meta: RBTree<u64, &'static str>,
+    meta: MetaClusters,
     /// A write would have overwritten metadata (see [`overlap`]): the image
     /// is marked corrupt and takes no more writes.
     ///
@@ -215,7 +216,7 @@ impl DeltaMd {
                 .unwrap_or(u64::MAX),
             io,
             count: AllocCount::new(),
-            meta: RBTree::new(),
+            meta: MetaClusters::new(),
             corrupt: false,
             leaked: false,
             leak_skip_noted: false,
@@ -259,26 +260,34 @@ impl DeltaMd {
         }
         // The clusters the two tables point at.
         let tables = [
-            (true, fmt::REFT_OFFSET_MASK, "refcount block"),
-            (false, fmt::L1E_OFFSET_MASK, "L2 table"),
+            (true, fmt::REFT_OFFSET_MASK, MetaKind::RefcountBlock),
+            (false, fmt::L1E_OFFSET_MASK, MetaKind::L2Table),
         ];
-        for (rt, mask, what) in tables {
+        // Room for what the tables name, not for their size (an L1 of a
+        // sparse image is mostly zeroes).
+        let named = |t: &KVVec<u64>, mask: u64| t.iter().filter(|&&e| e & mask != 0).count();
+        let mut found = MetaBuilder::with_capacity(
+            named(&self.rt, fmt::REFT_OFFSET_MASK)
+                .saturating_add(named(&self.l1, fmt::L1E_OFFSET_MASK))
+                .saturating_add(self.meta.len()),
+        )?;
+        for (rt, mask, kind) in tables {
             let n = if rt { self.rt.len() } else { self.l1.len() };
             for i in 0..n {
                 let raw = if rt { self.rt.get(i) } else { self.l1.get(i) };
                 let off = raw.copied().unwrap_or(0) & mask;
                 if off != 0 {
                     if check {
-                        self.check_in_use(file, hdr, off / cs, what)?;
+                        self.check_in_use(file, hdr, off / cs, kind.name())?;
                     }
-                    self.note_meta(off, what)?;
+                    found.add(self.cluster_of(off), kind)?;
                 }
                 if i % 1024 == 1023 {
                     crate::kernel_abstractions::task::cond_resched();
                 }
             }
         }
-        Ok(())
+        self.meta.rebuild(found)
     }
 
     fn check_in_use(&mut self, file: &File, hdr: &Header, c: u64, what: &str) -> Result {
@@ -294,13 +303,10 @@ impl DeltaMd {
         Err(euclean())
     }
 
-    /// Records that the cluster at `off` holds metadata (`what`).
-    fn note_meta(&mut self, off: u64, what: &'static str) -> Result {
+    /// Records that the cluster at `off` holds metadata (`kind`).
+    fn note_meta(&mut self, off: u64, kind: MetaKind) -> Result {
         let c = self.cluster_of(off);
-        if self.meta.get(&c).is_none() {
-            self.meta.try_create_and_insert(c, what, GFP_KERNEL)?;
-        }
-        Ok(())
+        self.meta.insert(c, kind)
     }
 
     /// The cluster index of host offset `off`.
@@ -335,7 +341,7 @@ impl DeltaMd {
         if hits(self.rt_off, self.rt_clusters.saturating_mul(cs)) {
             return Some("refcount table");
         }
-        (first..=last).find_map(|c| self.meta.get(&c).copied())
+        (first..=last).find_map(|c| self.meta.get(c).map(MetaKind::name))
     }
 
     /// Whether a write found metadata in its way (the delta takes no more).
@@ -477,6 +483,12 @@ impl DeltaMd {
             .ok_or(EIO)
     }
 
+    /// Whether the `len` bytes of metadata at `off` read as zeroes because
+    /// they lie past the end of the file and no page of them is cached.
+    pub(crate) fn reads_as_zeroes(&mut self, file: &File, off: u64, len: u64) -> bool {
+        off >= file.size() && !self.cache.holds_any(off, off.saturating_add(len))
+    }
+
     /// The raw L2 entry (and extended-L2 bitmap, else 0) for `vaddr`.
     pub(crate) fn l2_entry(
         &mut self,
@@ -613,7 +625,7 @@ impl DeltaMd {
                 file.read_full(&mut table, e.l2_offset)?;
                 let off = self.alloc_cluster(file, hdr)?;
                 let res = self
-                    .note_meta(off, "L2 table")
+                    .note_meta(off, MetaKind::L2Table)
                     .and_then(|()| file.write_full(&table, off))
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(err) = res {
@@ -632,7 +644,7 @@ impl DeltaMd {
                 let zero = IoBuf::new(hdr.cluster_size() as usize)?;
                 let off = self.alloc_cluster(file, hdr)?;
                 let res = self
-                    .note_meta(off, "L2 table")
+                    .note_meta(off, MetaKind::L2Table)
                     .and_then(|()| file.write_full(&zero, off))
                     .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
                 if let Err(e) = res {

@@ -540,8 +540,9 @@ case_refcount64_4k() {
 
 # corrupt_writes: trimming the top on suspend reads the bad refcount table
 # entry ("truncate failed"); leaked_refcounts: a damaged image whose
-# refcount table cannot grow (a write fails)
-DMQ_FAULT_CASES="corrupt_writes overlap_writes leaked_refcounts"
+# refcount table cannot grow (a write fails); many_l2_tables: a write
+# would overwrite an L2 table
+DMQ_FAULT_CASES="corrupt_writes overlap_writes leaked_refcounts many_l2_tables"
 
 # bytes LEN at OFF of IMG, as a sha256
 range_sum() {
@@ -693,6 +694,52 @@ f.write(b"\0\1" * 5000)' a.qcow2 "$rb" "$eof" || dmq_fail "python"
 	echo "removal (trim) took $((SECONDS - t)) s"
 }
 
+# Many L2 tables (what a hostile image costs): the L1 of a 512 TiB image
+# names a million distinct L2 tables past the end of its ~9 MiB file, in
+# descending order, all "in use" by refcount table entries naming one
+# cluster of 0xff bytes. The load keeps the metadata clusters in a sorted
+# array no larger than the L1 (8 MiB), not a tree node each (64 MiB of
+# slab): the slab grows by less than 32 MiB. The allocated-cluster count
+# skips tables past the end (they read as zeroes), so status answers with
+# the two clusters that map data instead of waiting for 2^33 entries. The
+# overlap check finds an L2 table in the array: a write through an L2 entry
+# that points at its own table fails with EIO and leaves the table as it
+# was; the tables past the end read as zeroes.
+case_many_l2_tables() {
+	local dev l2 ff n slab0 slab1 st sum
+	dmq_needs_kernel "the target's metadata set"
+	dmq_img_create m.qcow2 $((512 << 40)) cluster_size=64k
+	dmq_write m.qcow2 P0xff:0:64k
+	l2=$(($(entry_val m.qcow2 l1 0) & ((1 << 56) - 512))) &&
+		ff=$(($(entry_val m.qcow2 l2 0) & ((1 << 56) - 512))) &&
+		n=$(dmq_header m.qcow2 l1_size) || dmq_fail "entries"
+	set_entry m.qcow2 l2 64k = "$(printf '0x%x' $((l2 | COPIED)))"
+	set_reft m.qcow2 1 "$ff"
+	"$PYTHON" -c 'import struct, sys
+f = open(sys.argv[1], "r+b"); l1, n = int(sys.argv[2]), int(sys.argv[3])
+f.seek(l1 + 8)
+f.write(b"".join(struct.pack(">Q", 1 << 63 | (32768 + n - i) << 16) for i in range(1, n)))' \
+		m.qcow2 "$(dmq_header m.qcow2 l1_table_offset)" "$n" || dmq_fail "python"
+	echo "L1 entries 1..$((n - 1)): L2 tables at clusters $((32768 + n - 1))..32769 (past the end)"
+	sum=$(range_sum m.qcow2 "$l2" 65536) || dmq_fail "sha256"
+	slab0=$(awk '/^Slab:/ { print $2 }' /proc/meminfo)
+	dmq_create m --rw m.qcow2 || dmq_fail "writable table refused"
+	slab1=$(awk '/^Slab:/ { print $2 }' /proc/meminfo)
+	echo "slab: $slab0 kB before the load, $slab1 kB after"
+	[ $((slab1 - slab0)) -lt $((32 * 1024)) ] ||
+		dmq_fail "the load took $(((slab1 - slab0) / 1024)) MiB of slab"
+	dev=$(dmq_dev m) || dmq_fail "no device node"
+	st=$("$DMSETUP" status "$(dmq_full_name m)") || dmq_fail "dmsetup status"
+	echo "status: $st"
+	[[ "$st" == *" clusters=2 "* ]] || dmq_fail "clusters= is not 2"
+	cmp -n 4096 <(dd if="$dev" bs=4k skip=$((512 << 8)) count=1 iflag=direct status=none) \
+		/dev/zero || dmq_fail "a table past the end does not read as zeroes"
+	write_4k "$dev" 16 eio
+	expect_kmsg "would overwrite its L2 table"
+	dmq_remove m || dmq_fail "dmsetup remove failed"
+	[ "$(range_sum m.qcow2 "$l2" 65536)" = "$sum" ] || dmq_fail "the L2 table changed"
+}
+
 DMQ_CASES=(
 	cluster_4k
 	cluster_64k
@@ -715,6 +762,7 @@ DMQ_CASES=(
 	corrupt_writes
 	overlap_writes
 	leaked_refcounts
+	many_l2_tables
 	chain3
 	odd_size
 	short_table

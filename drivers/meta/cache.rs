@@ -4,6 +4,7 @@
 //! page at a time, keyed by file offset, written back by the commit.
 
 use super::*;
+use kernel::rbtree::RBTree;
 
 /// What a dirty cached page holds (they are written in this order).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -84,6 +85,13 @@ impl MdCache {
         }
         self.hand = key + MD_PAGE;
         true
+    }
+
+    /// Whether a page of `[start, end)` is cached.
+    pub(super) fn holds_any(&mut self, start: u64, end: u64) -> bool {
+        self.pages
+            .cursor_lower_bound(&start)
+            .is_some_and(|c| *c.current().0 < end)
     }
 
     /// Drops the pages of `[start, end)`: the clusters there changed role

@@ -222,7 +222,7 @@ impl DeltaMd {
                 continue;
             };
             if raw == 0 {
-                self.note_meta(off, "refcount block")?;
+                self.note_meta(off, MetaKind::RefcountBlock)?;
                 self.reserve(file, end);
                 self.cache.invalidate(off, end);
                 let mut blk = IoBuf::new(cs as usize)?;
@@ -333,7 +333,7 @@ impl DeltaMd {
             fmt::set_table_entry(&mut tbl, i as u64, *e).ok_or(EIO)?;
         }
         fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
-        self.note_meta(blk_off, "refcount block")?;
+        self.note_meta(blk_off, MetaKind::RefcountBlock)?;
         self.reserve(file, tbl_off + tbl_bytes);
         self.untouched_from = self.untouched_from.max(tbl_off.saturating_add(tbl_bytes));
         file.write_full(&blk, blk_off)?;
@@ -433,7 +433,7 @@ impl DeltaMd {
             if r == 1 {
                 // Free now: no longer metadata if it was (an L2 table a
                 // snapshot shared, a cluster allocated for one in vain).
-                self.meta.remove(&c);
+                self.meta.remove(c);
                 self.cache.invalidate(c * cs, c * cs + cs);
                 self.hint = self.hint.min(c.max(1));
                 if let Some(h) = holes.as_deref_mut() {
