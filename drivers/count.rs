@@ -11,6 +11,7 @@
 //! it is seen by the walk, so the result is exact either way.
 
 use crate::kernel_abstractions::file::File;
+use crate::kernel_abstractions::task::code::euclean;
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, Cluster, Header};
 use kernel::error::Result;
@@ -27,6 +28,11 @@ pub(crate) struct AllocCount {
     n: u64,
     /// The walk failed during the current status call (retried by the next).
     pub(crate) failed: bool,
+    /// L2 tables inside the file walked so far.
+    tables: u64,
+    /// The L1 names more tables inside the file than it has clusters: not
+    /// counted (`?`) until the next load.
+    pub(crate) aliased: bool,
 }
 
 /// Whether the L2 entry `(raw, bitmap)` references host data.
@@ -50,6 +56,8 @@ impl AllocCount {
             cursor: 0,
             n: 0,
             failed: false,
+            tables: 0,
+            aliased: false,
         }
     }
 
@@ -94,10 +102,16 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
         // count): not a look at each of its entries, which for an L1 that
         // names a million such tables (a ~10 MiB damaged or hostile image)
         // were 2^33 with 64 KiB clusters, a status call waiting for them.
-        let l1e = md
-            .l1_entry(hdr, vbase)?
-            .filter(|e| !md.reads_as_zeroes(file, e.l2_offset, cs));
+        let l1e = md.l1_entry_in_file(file, hdr, vbase)?;
         if let Some(l1e) = l1e {
+            // Each table of a sound image is a cluster of its own inside
+            // the file: more tables than the file has clusters means an L1
+            // naming some more than once, whose walk the file's size would
+            // not bound (4 Mi entries naming one table: 2^35 lookups).
+            if md.count.tables > file.size() / cs {
+                md.count.aliased = true;
+                return Err(euclean());
+            }
             for j in 0..per_l2 {
                 let Some(vaddr) = j.checked_mul(cs).and_then(|o| o.checked_add(vbase)) else {
                     break;
@@ -111,6 +125,7 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
         }
         // The whole table at once: an error above leaves the cursor here.
         md.count.n = md.count.n.saturating_add(n);
+        md.count.tables = md.count.tables.saturating_add(u64::from(l1e.is_some()));
         md.count.cursor = i + 1;
         done = done.saturating_add(per_l2);
     }

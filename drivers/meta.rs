@@ -483,10 +483,27 @@ impl DeltaMd {
             .ok_or(EIO)
     }
 
-    /// Whether the `len` bytes of metadata at `off` read as zeroes because
-    /// they lie past the end of the file and no page of them is cached.
-    pub(crate) fn reads_as_zeroes(&mut self, file: &File, off: u64, len: u64) -> bool {
-        off >= file.size() && !self.cache.holds_any(off, off.saturating_add(len))
+    /// The L1 entry for `vaddr` if its L2 table may map something: none
+    /// where there is no table, or where the table lies wholly past the end
+    /// of the file with no page of it cached (it reads as zeroes, as QEMU
+    /// reads it). For walks over whole tables (the count, merges, discard),
+    /// which a damaged L1 naming millions of such tables would otherwise
+    /// send through every entry.
+    pub(crate) fn l1_entry_in_file(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+        vaddr: u64,
+    ) -> Result<Option<fmt::L1Entry>> {
+        let Some(e) = self.l1_entry(hdr, vaddr)? else {
+            return Ok(None);
+        };
+        let off = e.l2_offset;
+        let zeroes = off >= file.size()
+            && !self
+                .cache
+                .holds_any(off, off.saturating_add(hdr.cluster_size()));
+        Ok((!zeroes).then_some(e))
     }
 
     /// The raw L2 entry (and extended-L2 bitmap, else 0) for `vaddr`.

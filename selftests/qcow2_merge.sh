@@ -868,6 +868,54 @@ case_dirty_bit() {
 	module_with
 }
 
+# The top of a 512 TiB chain whose L1 names a million L2 tables past the end
+# of its file (read as zeroes), all "in use" by refcount table entries that
+# name one cluster of 0xff bytes: the merge walker skips each such
+# table's range whole (it went through their 2^33 clusters one by one),
+# reaches ready, and the base then holds the top's data (the first 2 MiB of
+# the device read the same before and after; the base checks clean).
+case_tables_past_end() {
+	local l1 n ff t
+	dmq_img_create base.qcow2 $((512 << 40)) cluster_size=64k
+	dmq_write base.qcow2 t:0:2M
+	dmq_img_create top.qcow2 $((512 << 40)) cluster_size=64k base.qcow2
+	dmq_write top.qcow2 P0x6b:64k:64k P0xff:1M:64k
+	l1=$(dmq_header top.qcow2 l1_table_offset) && n=$(dmq_header top.qcow2 l1_size) &&
+		ff=$(dmq_py dmq_img entry top.qcow2 l2 1M) || dmq_fail "entries"
+	ff=$((${ff#* } & ((1 << 56) - 512)))
+	# the 0xff cluster stays in use but maps nothing (a merge frees the
+	# top's data clusters, and this one is now a refcount block)
+	dmq_run dmq_py dmq_img entry top.qcow2 l2 1M = 0
+	"$PYTHON" -c 'import struct, sys
+f = open(sys.argv[1], "r+b"); l1, n, ff = map(int, sys.argv[2:5])
+f.seek(l1 + 8)
+f.write(b"".join(struct.pack(">Q", 1 << 63 | (32768 + i) << 16) for i in range(1, n)))
+rt = struct.unpack(">Q", open(sys.argv[1], "rb").read(56)[48:56])[0]
+f.seek(rt + 8); f.write(struct.pack(">Q", ff) * 8191)' top.qcow2 "$l1" "$n" "$ff" ||
+		dmq_fail "python"
+	echo "top.qcow2: L1 entries 1..$((n - 1)) name tables past the end of the file"
+	CHAIN=(base.qcow2 top.qcow2)
+	trap on_exit EXIT
+	chain_specs 0
+	map_rw "${SPECS[@]}"
+	dmq_run dd if="$DEV" of=before.raw bs=1M count=2 iflag=direct status=none
+	msg_ok v merge_backward start -1 0
+	t=$SECONDS
+	wait_stage v merge_backward ready
+	echo "ready after $((SECONDS - t)) s"
+	msg_ok v merge_backward complete
+	expect_idle v merge_backward
+	expect_chain v base.qcow2
+	dmq_run dd if="$DEV" of=after.raw bs=1M count=2 iflag=direct status=none
+	same before.raw after.raw "the device changed across the merge"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	dmq_run "$QEMU_IMG" dd -f qcow2 -O raw bs=1M count=2 if=base.qcow2 of=base.raw
+	cmp before.raw base.raw || dmq_fail "base.qcow2 does not hold the merged data"
+	echo "base.qcow2 holds the top's data, checks clean"
+	rm -f ./*.raw
+}
+
 DMQ_CASES=(
 	backward_d0
 	backward_d1
@@ -889,6 +937,7 @@ DMQ_CASES=(
 	failed_eio
 	bad_args
 	dirty_bit
+	tables_past_end
 )
 # Long cases (`make check-full`): the depth-1 merge without writes (its fio
 # variant stays), depth 0 and 2 under fio (backward_big_fio and the plain

@@ -704,7 +704,11 @@ f.write(b"\0\1" * 5000)' a.qcow2 "$rb" "$eof" || dmq_fail "python"
 # the two clusters that map data instead of waiting for 2^33 entries. The
 # overlap check finds an L2 table in the array: a write through an L2 entry
 # that points at its own table fails with EIO and leaves the table as it
-# was; the tables past the end read as zeroes.
+# was; the tables past the end read as zeroes. Then a sound image whose L1
+# names its one table 1 Mi times: the count stops when the walk has seen
+# more tables than the file has clusters (status shows ? and dmesg says
+# why) instead of looking at 2^33 entries; reads show the table's data at
+# every 512 MiB, as QEMU's would.
 case_many_l2_tables() {
 	local dev l2 ff n slab0 slab1 st sum
 	dmq_needs_kernel "the target's metadata set"
@@ -738,6 +742,25 @@ f.write(b"".join(struct.pack(">Q", 1 << 63 | (32768 + n - i) << 16) for i in ran
 	expect_kmsg "would overwrite its L2 table"
 	dmq_remove m || dmq_fail "dmsetup remove failed"
 	[ "$(range_sum m.qcow2 "$l2" 65536)" = "$sum" ] || dmq_fail "the L2 table changed"
+
+	# every L1 entry names the one table of a sound image (inside the file)
+	dmq_img_create a.qcow2 $((512 << 40)) cluster_size=64k
+	dmq_write a.qcow2 P0x6b:64k:64k
+	l2=$(entry_val a.qcow2 l1 0) || dmq_fail "L1 entry 0"
+	"$PYTHON" -c 'import struct, sys
+f = open(sys.argv[1], "r+b"); l1, n, e = map(int, sys.argv[2:5])
+f.seek(l1 + 8); f.write(struct.pack(">q", e) * (n - 1))' \
+		a.qcow2 "$(dmq_header a.qcow2 l1_table_offset)" "$n" "$l2" || dmq_fail "python"
+	echo "a.qcow2: all $n L1 entries name the table at $(printf '%#x' $((l2 & ((1 << 56) - 512))))"
+	dmq_create a a.qcow2 || dmq_fail "read-only table refused"
+	dev=$(dmq_dev a) || dmq_fail "no device node"
+	st=$("$DMSETUP" status "$(dmq_full_name a)") || dmq_fail "dmsetup status"
+	echo "status: $st"
+	[[ "$st" == *" clusters=? "* ]] || dmq_fail "clusters= is not ?"
+	expect_kmsg "dm-qcow2: image 0: its L1 table names more L2 tables than the file has clusters"
+	cmp -n 4096 <(dd if="$dev" bs=4k skip=$(((512 << 8) + 16)) count=1 iflag=direct status=none) \
+		w.bin || dmq_fail "the table's data does not read at 512 MiB + 64k too"
+	dmq_remove a || dmq_fail "dmsetup remove failed"
 }
 
 DMQ_CASES=(

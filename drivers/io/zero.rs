@@ -54,13 +54,16 @@ impl Inner {
     /// `end`) whole clusters read as zeroes while the top holds nothing
     /// there to free: unallocated in the top (or a zero cluster without a
     /// host cluster) and zeroes in every delta below. 0 if the cluster of
-    /// `vaddr` does not. Where a delta has no L2 table, its whole range
-    /// counts at once.
+    /// `vaddr` does not. Where a delta has no L2 table (or one past the end
+    /// of its file), its whole range counts at once.
     fn zero_already(&self, st: &mut WorkerState, d: usize, vaddr: u64, end: u64) -> Result<u64> {
         let delta = st.delta(d)?;
         let cs = delta.hdr.cluster_size();
-        let md = st.md.get(d).ok_or(EIO)?;
-        let mut span = if md.l1_entry(&delta.hdr, vaddr)?.is_none() {
+        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let mut span = if md
+            .l1_entry_in_file(&delta.file, &delta.hdr, vaddr)?
+            .is_none()
+        {
             l2_range_left(&delta.hdr, vaddr)?.min(end - vaddr)
         } else {
             match self.cluster(st, d, vaddr)? {
@@ -76,8 +79,8 @@ impl Inner {
             if vaddr >= hdr.size {
                 break;
             }
-            let md = st.md.get(i).ok_or(EIO)?;
-            if md.l1_entry(hdr, vaddr)?.is_some() {
+            let md = st.md.get_mut(i).ok_or(EIO)?;
+            if md.l1_entry_in_file(&below.file, hdr, vaddr)?.is_some() {
                 // This delta and the ones below it, one cluster.
                 let (_, kind, len) = self.resolve(st, i, vaddr, cs)?;
                 span = if kind == RunKind::Zero && len >= cs {

@@ -150,11 +150,12 @@ impl Inner {
         let m = st.merge.as_mut().ok_or(EINVAL)?;
         let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
         m.cursor = v - v % cs + cs;
-        // Where the merged delta has no L2 table it provides nothing:
-        // the walk skips the table's whole range.
+        // Where the merged delta has no L2 table (or one past the end of
+        // its file, which reads as zeroes) it provides nothing: the walk
+        // skips the table's whole range.
         let src = st.deltas.get(m.src).ok_or(EIO)?;
-        let md = st.md.get(m.src).ok_or(EIO)?;
-        if md.l1_entry(&src.hdr, v)?.is_none() {
+        let md = st.md.get_mut(m.src).ok_or(EIO)?;
+        if md.l1_entry_in_file(&src.file, &src.hdr, v)?.is_none() {
             let left = crate::io::l2_range_left(&src.hdr, v)?;
             let next = v.saturating_add(left);
             let m = st.merge.as_mut().ok_or(EINVAL)?;

@@ -109,6 +109,13 @@ fn sift_down(v: &mut [u64], mut root: usize, end: usize) {
     }
 }
 
+/// The first `n` keys of `keys` in an array of their own.
+fn shrunk(keys: &KVVec<u64>, n: usize) -> Option<KVVec<u64>> {
+    let mut v = KVVec::with_capacity(n, gfp_kv()).ok()?;
+    v.extend_from_slice(keys.get(..n)?, gfp_kv()).ok()?;
+    Some(v)
+}
+
 /// Collects the clusters of a load before [`MetaClusters::rebuild`] sorts
 /// them.
 pub(crate) struct MetaBuilder {
@@ -182,7 +189,14 @@ impl MetaClusters {
             }
             n += 1;
         }
-        self.keys = b.keys;
+        // Duplicates (an L1 naming one table many times) leave most of the
+        // array unused: keep a copy of what is used (or, without the
+        // memory for it, the array as it is).
+        self.keys = if b.keys.capacity() / 2 > n {
+            shrunk(&b.keys, n).unwrap_or(b.keys)
+        } else {
+            b.keys
+        };
         self.len = n;
         self.added = RBTree::new();
         Ok(())
