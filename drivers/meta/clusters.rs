@@ -69,7 +69,7 @@ fn kind_of(k: u64) -> MetaKind {
 /// usually are, in allocation order), a heapsort otherwise (no allocation,
 /// O(n log n) for any input, rescheduling now and then). Not core's sort,
 /// whose panic paths on a broken order objtool cannot follow.
-fn sort(v: &mut [u64]) {
+pub(super) fn sort(v: &mut [u64]) {
     if v.iter().zip(v.iter().skip(1)).all(|(a, b)| a <= b) {
         return;
     }
@@ -200,6 +200,14 @@ impl MetaClusters {
         self.len = n;
         self.added = RBTree::new();
         Ok(())
+    }
+
+    /// Every cluster of the set and what it holds, the array's in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, MetaKind)> + '_ {
+        Iterator::chain(
+            self.live().map(|&k| (k >> SHIFT, kind_of(k))),
+            self.added.iter().map(|(&c, &kind)| (c, kind)),
+        )
     }
 
     /// The keys of clusters not freed since the rebuild.

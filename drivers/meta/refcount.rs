@@ -16,6 +16,9 @@ const GROW_STEP: u64 = 128 << 20;
 /// `DeltaMd::skip_leaked`).
 const LEAK_RUN: u64 = 4096;
 
+/// "freeing a free cluster" lines per load of a delta.
+const FREE_FREE_LOG_MAX: u32 = 16;
+
 /// Refcounts and allocation.
 impl DeltaMd {
     /// Queues dropping one reference of every cluster overlapping `[start,
@@ -77,7 +80,7 @@ impl DeltaMd {
     /// Refcount page and index in it for cluster `c`, or `None` when its
     /// refcount block does not exist (refcount 0). Errors when `c` is past
     /// what the refcount table can describe.
-    fn refcount_slot(&mut self, hdr: &Header, c: u64) -> Result<Option<(u64, u64)>> {
+    pub(super) fn refcount_slot(&self, hdr: &Header, c: u64) -> Result<Option<(u64, u64)>> {
         let (ti, bi) = fmt::refcount_split(hdr, c);
         let raw = *usize::try_from(ti)
             .ok()
@@ -422,11 +425,23 @@ impl DeltaMd {
         for c in first..=last {
             let r = self.refcount(file, hdr, c)?;
             if r == 0 {
-                pr_err!(
-                    "dm-qcow2: image {}: freeing a free cluster {:#x}\n",
-                    self.img,
-                    c * cs
-                );
+                // Per cluster, under the state mutex: a damaged image (many
+                // entries naming one cluster) could make one discard print
+                // a million lines.
+                if self.free_free_logged < FREE_FREE_LOG_MAX {
+                    self.free_free_logged += 1;
+                    let more = if self.free_free_logged == FREE_FREE_LOG_MAX {
+                        " (further ones not logged until the next load)"
+                    } else {
+                        ""
+                    };
+                    pr_err!(
+                        "dm-qcow2: image {}: freeing a free cluster {:#x}{}\n",
+                        self.img,
+                        c * cs,
+                        more
+                    );
+                }
                 continue;
             }
             self.set_refcount(file, hdr, c, r - 1)?;
