@@ -794,7 +794,7 @@ case_bad_args() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="failed_eio"
+DMQ_FAULT_CASES="failed_eio tables_past_end"
 
 # own_clusters IMG: data clusters IMG holds itself (qemu-img map, depth 0)
 own_clusters() {
@@ -873,7 +873,10 @@ case_dirty_bit() {
 # name one cluster of 0xff bytes: the merge walker skips each such
 # table's range whole (it went through their 2^33 clusters one by one),
 # reaches ready, and the base then holds the top's data (the first 2 MiB of
-# the device read the same before and after; the base checks clean).
+# the device read the same before and after; the base checks clean). Then
+# a top whose L1 names its one table 1 Mi times: the merge fails with
+# EUCLEAN (a dmesg line says why) after as many tables as its file has
+# clusters.
 case_tables_past_end() {
 	local l1 n ff t
 	dmq_img_create base.qcow2 $((512 << 40)) cluster_size=64k
@@ -914,6 +917,41 @@ f.seek(rt + 8); f.write(struct.pack(">Q", ff) * 8191)' top.qcow2 "$l1" "$n" "$ff
 	cmp before.raw base.raw || dmq_fail "base.qcow2 does not hold the merged data"
 	echo "base.qcow2 holds the top's data, checks clean"
 	rm -f ./*.raw
+
+	# every L1 entry names the top's one table (inside its file): the merge
+	# fails (EUCLEAN) once it has entered more tables than the file has
+	# clusters, instead of walking 2^33 clusters; cancelled, the chain reads
+	# as before
+	dmq_img_create b2.qcow2 $((512 << 40)) cluster_size=64k
+	dmq_img_create t2.qcow2 $((512 << 40)) cluster_size=64k b2.qcow2
+	dmq_write t2.qcow2 P0x6b:64k:64k
+	l1=$(dmq_header t2.qcow2 l1_table_offset) && n=$(dmq_header t2.qcow2 l1_size) &&
+		ff=$(dmq_py dmq_img entry t2.qcow2 l1 0) || dmq_fail "entries"
+	"$PYTHON" -c 'import struct, sys
+f = open(sys.argv[1], "r+b"); l1, n, e = (int(a, 0) for a in sys.argv[2:5])
+f.seek(l1 + 8); f.write(struct.pack(">Q", e) * (n - 1))' t2.qcow2 "$l1" "$n" "${ff#* }" ||
+		dmq_fail "python"
+	echo "t2.qcow2: all $n L1 entries name one table"
+	CHAIN=(b2.qcow2 t2.qcow2)
+	chain_specs 0
+	map_rw "${SPECS[@]}"
+	dmq_run dd if="$DEV" of=before.raw bs=1M count=1 skip=$((512 * 5)) iflag=direct status=none
+	msg_ok v merge_backward start -1 0
+	wait_stage v merge_backward failed
+	[ "$MERR" = 117 ] || dmq_fail "failed with errno $MERR, not EUCLEAN (117)"
+	expect_kmsg_merge "its L1 table names more L2 tables than the file has clusters"
+	msg_ok v merge_backward cancel
+	expect_idle v merge_backward
+	expect_chain v b2.qcow2 t2.qcow2
+	dmq_run dd if="$DEV" of=after.raw bs=1M count=1 skip=$((512 * 5)) iflag=direct status=none
+	same before.raw after.raw "the device changed"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	rm -f ./*.raw
+}
+
+# expect_kmsg_merge TEXT: the kernel logged a line with TEXT in this case
+expect_kmsg_merge() {
+	dmq_dmesg_case | grep -F -- "$1" || dmq_fail "no kernel line with '$1'"
 }
 
 DMQ_CASES=(

@@ -164,6 +164,23 @@ impl Inner {
             m.cursor = m.cursor.max(next - next % cs).min(m.end);
             return Ok(());
         }
+        // Each table of a sound image is a cluster of its own inside the
+        // file: a walk entering more tables than the file has clusters
+        // follows an L1 naming some more than once (4 Mi entries naming
+        // one empty table: 2^35 clusters to look at). It fails instead.
+        let table = src.hdr.l1_index(v);
+        let file_clusters = src.file.size() / src.hdr.cluster_size();
+        if m.last_table != Some(table) {
+            m.last_table = Some(table);
+            m.tables = m.tables.saturating_add(1);
+            if m.tables > file_clusters {
+                pr_warn!(
+                    "dm-qcow2: image {}: its L1 table names more L2 tables than the file has clusters (one table more than once): merge stopped\n",
+                    m.src
+                );
+                return Err(crate::kernel_abstractions::task::code::euclean());
+            }
+        }
         let n = self.copy_run(st, v, budget.saturating_add(1))?;
         if n > 1 {
             *budget = budget.saturating_sub(n - 1);
