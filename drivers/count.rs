@@ -8,7 +8,9 @@
 //! the state mutex dropped between them; from then on every change of an L2 entry adjusts it
 //! (`DeltaMd::set_l2_entry` calls [`AllocCount::note`]). While the walk is
 //! under way, a change behind its cursor adjusts the count and one ahead of
-//! it is seen by the walk, so the result is exact either way.
+//! it is seen by the walk, so the result is exact either way. A walk that
+//! finds the L1 naming a table more than once stops for good (`aliased`):
+//! the count stays unknown until the next load.
 
 use crate::kernel_abstractions::file::File;
 use crate::kernel_abstractions::task::code::euclean;

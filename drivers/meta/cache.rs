@@ -87,7 +87,8 @@ impl MdCache {
         true
     }
 
-    /// Whether a page of `[start, end)` is cached.
+    /// Whether a page starting in `[start, end)` is cached (`start` is
+    /// page-aligned where it matters: clusters are at least a page).
     pub(super) fn holds_any(&mut self, start: u64, end: u64) -> bool {
         self.pages
             .cursor_lower_bound(&start)

@@ -8,8 +8,9 @@
 //! refcount table), distinct offsets if the image says so. A tree node per
 //! cluster (64 bytes) let a ~40 MiB hostile image take ~330 MiB of kernel
 //! memory; the load's set is instead a sorted array of 8-byte keys, no
-//! larger than the tables it was read from (which stay in memory too), and
-//! searched by bisection. Clusters that become metadata later (tables the
+//! larger than the tables it was read from (which stay in memory too; the
+//! load needs up to twice that for the while: the array before it is
+//! shrunk, the load check's list), and searched by bisection. Clusters that become metadata later (tables the
 //! target allocates) go to a tree, which grows with the image file. A freed
 //! cluster of the array is marked in place (no shift of a many-MiB array
 //! with the state mutex held).
