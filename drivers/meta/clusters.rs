@@ -10,10 +10,10 @@
 //! memory; the load's set is instead a sorted array of 8-byte keys, no
 //! larger than the tables it was read from (which stay in memory too; the
 //! load needs up to twice that for the while: the array before it is
-//! shrunk, the load check's list), and searched by bisection. Clusters that become metadata later (tables the
-//! target allocates) go to a tree, which grows with the image file. A freed
-//! cluster of the array is marked in place (no shift of a many-MiB array
-//! with the state mutex held).
+//! shrunk, the load check's list), and searched by bisection. Clusters
+//! that become metadata later (tables the target allocates) go to a tree,
+//! which grows with the image file. A freed cluster of the array is marked
+//! in place (no shift of a many-MiB array with the state mutex held).
 
 use crate::kernel_abstractions::{gfp_kv, task};
 use kernel::prelude::*;
