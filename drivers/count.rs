@@ -8,15 +8,24 @@
 //! the state mutex dropped between them; from then on every change of an L2 entry adjusts it
 //! (`DeltaMd::set_l2_entry` calls [`AllocCount::note`]). While the walk is
 //! under way, a change behind its cursor adjusts the count and one ahead of
-//! it is seen by the walk, so the result is exact either way. A walk that
-//! finds the L1 naming a table more than once stops for good (`aliased`):
-//! the count stays unknown until the next load.
+//! it is seen by the walk, so the result is exact either way.
+//!
+//! An L2 table the L1 names more than once (QEMU never writes one; a
+//! hand-made image may, with the table's refcount counting each name) is
+//! walked once: its count is kept for the other names, so the walk costs
+//! the file's tables, not the L1's names (an L1 naming one table 4 Mi
+//! times was 2^35 lookups for one status line). Writes never change such a
+//! table in place (its names are not COPIED: `DeltaMd::ensure_l2` copies
+//! it first), unless a damaged image claims it as its own through one
+//! name: then the count may drift from what the others map.
 
 use crate::kernel_abstractions::file::File;
-use crate::kernel_abstractions::task::code::euclean;
+use crate::kernel_abstractions::gfp_kv;
 use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, Cluster, Header};
+use kernel::error::code::EIO;
 use kernel::error::Result;
+use kernel::prelude::*;
 
 /// L2 entries the walk looks at per batch (with the state locked), in
 /// whole tables (at least one).
@@ -30,12 +39,17 @@ pub(crate) struct AllocCount {
     n: u64,
     /// The walk failed during the current status call (retried by the next).
     pub(crate) failed: bool,
-    /// L2 tables inside the file walked so far.
-    tables: u64,
-    /// The L1 names more tables inside the file than it has clusters: not
-    /// counted (`?`) until the next load.
-    pub(crate) aliased: bool,
+    /// The L2 tables the L1 named more than once at the load, by offset
+    /// (sorted), each with what it counts once walked ([`NOT_WALKED`] until
+    /// then; [`FORGOTTEN`] once a name of it was given a copy).
+    shared: KVVec<(u64, u64)>,
 }
+
+/// A shared table's count is not known yet.
+const NOT_WALKED: u64 = u64::MAX;
+/// A shared table lost a name to a copy: walked each time, never kept (its
+/// cluster may be freed and come back as another table).
+const FORGOTTEN: u64 = u64::MAX - 1;
 
 /// Whether the L2 entry `(raw, bitmap)` references host data.
 fn maps_data(hdr: &Header, raw: u64, bitmap: u64) -> bool {
@@ -52,14 +66,35 @@ fn maps_data(hdr: &Header, raw: u64, bitmap: u64) -> bool {
 }
 
 impl AllocCount {
-    /// Nothing counted yet.
-    pub(crate) const fn new() -> Self {
-        Self {
+    /// Nothing counted yet, for an L1 naming the tables at `shared` (sorted
+    /// offsets) more than once.
+    pub(crate) fn new(shared: &[u64]) -> Result<Self> {
+        let mut memo = KVVec::with_capacity(shared.len(), gfp_kv())?;
+        for &off in shared {
+            memo.push((off, NOT_WALKED), gfp_kv())?;
+        }
+        Ok(Self {
             cursor: 0,
             n: 0,
             failed: false,
-            tables: 0,
-            aliased: false,
+            shared: memo,
+        })
+    }
+
+    /// Index in `shared` of the table at `off`.
+    fn shared_index(&self, off: u64) -> Option<usize> {
+        self.shared.binary_search_by_key(&off, |&(o, _)| o).ok()
+    }
+
+    /// Whether the L1 named the table at `off` more than once at the load.
+    pub(crate) fn is_shared(&self, off: u64) -> bool {
+        self.shared_index(off).is_some()
+    }
+
+    /// A name of the shared table at `off` now names a copy of it.
+    pub(crate) fn forget_shared(&mut self, off: u64) {
+        if let Some(e) = self.shared_index(off).and_then(|k| self.shared.get_mut(k)) {
+            e.1 = FORGOTTEN;
         }
     }
 
@@ -97,7 +132,7 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
         // `i < min_l1_entries`, so `i * span < size + span`: no overflow
         // for any size the header parser accepts; checked all the same.
         let Some(vbase) = i.checked_mul(span) else {
-            return Err(kernel::error::code::EIO);
+            return Err(EIO);
         };
         let mut n = 0u64;
         // A table wholly past the file's end reads as zeroes (nothing to
@@ -106,28 +141,37 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
         // were 2^33 with 64 KiB clusters, a status call waiting for them.
         let l1e = md.l1_entry_in_file(file, hdr, vbase)?;
         if let Some(l1e) = l1e {
-            // Each table of a sound image is a cluster of its own inside
-            // the file: more tables than the file has clusters means an L1
-            // naming some more than once, whose walk the file's size would
-            // not bound (4 Mi entries naming one table: 2^35 lookups).
-            if md.count.tables > file.size() / cs {
-                md.count.aliased = true;
-                return Err(euclean());
-            }
-            for j in 0..per_l2 {
-                let Some(vaddr) = j.checked_mul(cs).and_then(|o| o.checked_add(vbase)) else {
-                    break;
-                };
-                if vaddr >= hdr.size {
-                    break;
+            // A shared table already walked counts what it did (the last
+            // table, which the disk's end may cut short, is walked itself).
+            let whole = vbase.checked_add(span).is_some_and(|e| e <= hdr.size);
+            let memo = md
+                .count
+                .shared_index(l1e.l2_offset)
+                .filter(|_| whole)
+                .and_then(|k| Some((k, md.count.shared.get(k)?.1)))
+                .filter(|&(_, v)| v != FORGOTTEN);
+            match memo {
+                Some((_, v)) if v != NOT_WALKED => n = v,
+                _ => {
+                    for j in 0..per_l2 {
+                        let Some(vaddr) = j.checked_mul(cs).and_then(|o| o.checked_add(vbase))
+                        else {
+                            break;
+                        };
+                        if vaddr >= hdr.size {
+                            break;
+                        }
+                        let (raw, bitmap) = md.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
+                        n += u64::from(maps_data(hdr, raw, bitmap));
+                    }
+                    if let Some(e) = memo.and_then(|(k, _)| md.count.shared.get_mut(k)) {
+                        e.1 = n;
+                    }
                 }
-                let (raw, bitmap) = md.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
-                n += u64::from(maps_data(hdr, raw, bitmap));
             }
         }
         // The whole table at once: an error above leaves the cursor here.
         md.count.n = md.count.n.saturating_add(n);
-        md.count.tables = md.count.tables.saturating_add(u64::from(l1e.is_some()));
         md.count.cursor = i + 1;
         done = done.saturating_add(per_l2);
     }

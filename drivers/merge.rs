@@ -134,10 +134,6 @@ pub(crate) struct Merge {
     nomem: u32,
     /// The walker sleeps this long before the next batch (a retry).
     backoff_ms: u32,
-    /// L2 tables of `src` inside its file the walk entered, and the L1
-    /// index of the last (see `Walker::copy_at`).
-    tables: u64,
-    last_table: Option<u64>,
 }
 
 /// Source of `Merge::id`.
@@ -430,8 +426,6 @@ impl Inner {
                 moved: KVec::new(),
                 nomem: 0,
                 backoff_ms: 0,
-                tables: 0,
-                last_table: None,
             });
             // Writes take the locked path while a merge runs (it must see
             // them); reads keep the table. The switch below waits for bios

@@ -105,6 +105,27 @@ fn write_table_page(file: &File, table: &[u64], off: u64, pi: usize) -> Result {
     file.write_full(&buf, off + (first as u64) * 8)
 }
 
+/// The L2 tables `l1` names more than once (sorted offsets, each once): see
+/// `count`. Takes 8 bytes per name for the while.
+fn shared_tables(l1: &[u64]) -> Result<KVVec<u64>> {
+    let named = |&&e: &&u64| e & fmt::L1E_OFFSET_MASK != 0;
+    let mut offs = KVVec::with_capacity(l1.iter().filter(named).count(), gfp_kv())?;
+    for (i, &e) in l1.iter().filter(named).enumerate() {
+        offs.push(e & fmt::L1E_OFFSET_MASK, gfp_kv())?;
+        if i % 4096 == 4095 {
+            crate::kernel_abstractions::task::cond_resched();
+        }
+    }
+    clusters::sort(&mut offs);
+    let mut shared = KVVec::new();
+    for (&a, &b) in offs.iter().zip(offs.iter().skip(1)) {
+        if a == b && shared.last() != Some(&a) {
+            shared.push(a, gfp_kv())?;
+        }
+    }
+    Ok(shared)
+}
+
 /// Remembers that page `pi` of an in-memory table is dirty.
 fn mark_table_page(dirty: &mut KVec<usize>, pi: usize) -> Result {
     if !dirty.contains(&pi) {
@@ -196,6 +217,7 @@ impl DeltaMd {
             KVVec::new()
         };
         let writable_rt = !rt.is_empty();
+        let count = AllocCount::new(&shared_tables(&l1)?)?;
         let mut md = Self {
             img,
             l1,
@@ -217,7 +239,7 @@ impl DeltaMd {
                 .checked_next_multiple_of(hdr.cluster_size())
                 .unwrap_or(u64::MAX),
             io,
-            count: AllocCount::new(),
+            count,
             meta: MetaClusters::new(),
             corrupt: false,
             leaked: false,
@@ -422,7 +444,12 @@ impl DeltaMd {
             )?;
             self.rt_off = hdr.refcount_table_offset;
             self.rt_clusters = u64::from(hdr.refcount_table_clusters);
-            self.note_metadata(file, hdr, false)?;
+            if let Err(e) = self.note_metadata(file, hdr, false) {
+                // Unloaded again: a retried start builds the overlap set
+                // (kept only with the refcount table) instead of skipping it.
+                self.rt = KVVec::new();
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -536,10 +563,11 @@ impl DeltaMd {
 
     /// The L1 entry for `vaddr` if its L2 table may map something: none
     /// where there is no table, or where the table lies wholly past the end
-    /// of the file with no page of it cached (it reads as zeroes, as QEMU
-    /// reads it). For walks over whole tables (the count, merges, discard),
-    /// which a damaged L1 naming millions of such tables would otherwise
-    /// send through every entry.
+    /// of the file or in a hole of it, with no page of it cached (it reads
+    /// as zeroes, as QEMU reads it). For walks over whole tables (the count,
+    /// merges, discard), which a damaged L1 naming millions of such tables
+    /// would otherwise send through every entry (a sparse file's apparent
+    /// size bounds nothing).
     pub(crate) fn l1_entry_in_file(
         &mut self,
         file: &File,
@@ -550,10 +578,11 @@ impl DeltaMd {
             return Ok(None);
         };
         let off = e.l2_offset;
-        let zeroes = off >= file.size()
-            && !self
-                .cache
-                .holds_any(off, off.saturating_add(hdr.cluster_size()));
+        let cs = hdr.cluster_size();
+        // The cache first (a tree lookup; a table being walked is there),
+        // then the file (a seek for tables inside it).
+        let zeroes = !self.cache.holds_any(off, off.saturating_add(cs))
+            && (off >= file.size() || !file.holds_data(off, cs));
         Ok((!zeroes).then_some(e))
     }
 
@@ -702,6 +731,8 @@ impl DeltaMd {
                     self.leak_on_error(freed);
                     return Err(err);
                 }
+                // The count may no longer take the old table's for this name.
+                self.count.forget_shared(e.l2_offset);
                 // Dropped once the new L1 entry is durable.
                 let queued = self.defer_free(e.l2_offset, cs);
                 self.leak_on_error(queued);

@@ -21,6 +21,10 @@ pub(crate) struct File {
     fault: AtomicU32,
     /// The size no write goes past (`dmq_file_write_limit`), taken at open.
     write_limit: u64,
+    /// A private open of the same file for [`File::holds_data`] (its own
+    /// `f_pos`, which `SEEK_DATA` moves); one reference, or none where the
+    /// file system refused the open.
+    probe: Option<NonNull<bindings::file>>,
 }
 
 /// Denominator of fault injection ratios.
@@ -75,14 +79,26 @@ impl File {
         // SAFETY: We hold the reference `fget` returned, in process context
         // (`fget` itself reads the current task's file table).
         let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
-        Ok(Self::from_ptr(ptr, u64::try_from(limit).unwrap_or(0)))
+        // SAFETY: The file is valid (our reference); the shim returns a new
+        // file of its own (one reference, ours) or null.
+        let probe = NonNull::new(unsafe { bindings::dmq_file_reopen(ptr.as_ptr()) });
+        Ok(Self::from_ptr(
+            ptr,
+            u64::try_from(limit).unwrap_or(0),
+            probe,
+        ))
     }
 
-    fn from_ptr(ptr: NonNull<bindings::file>, write_limit: u64) -> Self {
+    fn from_ptr(
+        ptr: NonNull<bindings::file>,
+        write_limit: u64,
+        probe: Option<NonNull<bindings::file>>,
+    ) -> Self {
         Self {
             ptr,
             fault: AtomicU32::new(0),
             write_limit,
+            probe,
         }
     }
 
@@ -91,7 +107,11 @@ impl File {
         // SAFETY: The file is valid; `get_file` takes a new reference, owned by
         // the returned value and dropped with it.
         unsafe { bindings::dmq_get_file(self.as_raw()) };
-        Self::from_ptr(self.ptr, self.write_limit)
+        if let Some(p) = self.probe {
+            // SAFETY: As above, for the probe file (valid while we hold ours).
+            unsafe { bindings::dmq_get_file(p.as_ptr()) };
+        }
+        Self::from_ptr(self.ptr, self.write_limit, self.probe)
     }
 
     pub(super) fn as_raw(&self) -> *mut bindings::file {
@@ -209,6 +229,29 @@ impl File {
     pub(crate) fn is_regular(&self) -> bool {
         // SAFETY: The file is valid while we hold a reference.
         unsafe { bindings::dmq_file_is_reg(self.as_raw()) }
+    }
+
+    /// Whether `[pos, pos + len)` may hold data: false only where the file
+    /// system says it is a hole (`SEEK_DATA` finds nothing before its end),
+    /// which reads as zeroes. True when it cannot tell (no probe file, an
+    /// error, a file system without holes, where every byte is data). For
+    /// walks over what an image's tables name, which a sparse file could
+    /// otherwise inflate by its apparent size.
+    pub(crate) fn holds_data(&self, pos: u64, len: u64) -> bool {
+        let (Some(p), Ok(at), Some(end)) = (self.probe, i64::try_from(pos), pos.checked_add(len))
+        else {
+            return true;
+        };
+        // SAFETY: The probe file is valid while we hold its reference. The
+        // seek moves only its own `f_pos`, which nothing reads (concurrent
+        // seeks may race on that value, as lseek on a shared file may; the
+        // answer is the return value).
+        let next = unsafe { bindings::dmq_file_seek_data(p.as_ptr(), at) };
+        match u64::try_from(next) {
+            Ok(d) => d < end,
+            // No data at or after `pos`.
+            Err(_) => next != i64::from(ENXIO.to_errno()),
+        }
     }
 
     /// Current size in bytes.
@@ -349,5 +392,9 @@ impl Drop for File {
     fn drop(&mut self) {
         // SAFETY: We own one reference, given up here.
         unsafe { bindings::fput(self.as_raw()) };
+        if let Some(p) = self.probe {
+            // SAFETY: As above, for the probe file.
+            unsafe { bindings::fput(p.as_ptr()) };
+        }
     }
 }

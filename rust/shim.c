@@ -577,6 +577,18 @@ int dmq_file_truncate(struct file *file, loff_t len)
 	return vfs_truncate(&file->f_path, len);
 }
 
+struct file *dmq_file_reopen(struct file *file)
+{
+	struct file *f = dentry_open(&file->f_path, O_RDONLY | O_LARGEFILE, file->f_cred);
+
+	return IS_ERR(f) ? NULL : f;
+}
+
+loff_t dmq_file_seek_data(struct file *file, loff_t pos)
+{
+	return vfs_llseek(file, pos, SEEK_DATA);
+}
+
 void dmq_eventfd_signal(struct eventfd_ctx *ctx)
 {
 	eventfd_signal(ctx);

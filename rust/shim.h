@@ -154,7 +154,14 @@ struct file *dmq_get_file(struct file *file);
 int dmq_file_install_fd(struct file *file);
 /* Truncates (or sparsely extends) @file to @len bytes. */
 int dmq_file_truncate(struct file *file, loff_t len);
-/* Bytes of storage allocated to @file (i_blocks). */
+/*
+ * A private read-only open of @file's path (its own f_pos, for SEEK_DATA
+ * without moving the position of the file the user handed us); NULL if the
+ * file system refuses.
+ */
+struct file *dmq_file_reopen(struct file *file);
+/* vfs_llseek(@file, @pos, SEEK_DATA): the next data at or after @pos, or -errno. */
+loff_t dmq_file_seek_data(struct file *file, loff_t pos);
 
 /* eventfd_signal() is a static inline. */
 void dmq_eventfd_signal(struct eventfd_ctx *ctx);

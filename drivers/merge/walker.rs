@@ -155,7 +155,7 @@ impl Inner {
         // skips the table's whole range.
         let src = st.deltas.get(m.src).ok_or(EIO)?;
         let md = st.md.get_mut(m.src).ok_or(EIO)?;
-        if md.l1_entry_in_file(&src.file, &src.hdr, v)?.is_none() {
+        let Some(l1e) = md.l1_entry_in_file(&src.file, &src.hdr, v)? else {
             let left = crate::io::l2_range_left(&src.hdr, v)?;
             let next = v.saturating_add(left);
             let m = st.merge.as_mut().ok_or(EINVAL)?;
@@ -163,23 +163,17 @@ impl Inner {
             // smaller, never the table's range unaligned to them).
             m.cursor = m.cursor.max(next - next % cs).min(m.end);
             return Ok(());
-        }
-        // Each table of a sound image is a cluster of its own inside the
-        // file: a walk entering more tables than the file has clusters
-        // follows an L1 naming some more than once (4 Mi entries naming
-        // one empty table: 2^35 clusters to look at). It fails instead.
-        let table = src.hdr.l1_index(v);
-        let file_clusters = src.file.size() / src.hdr.cluster_size();
-        if m.last_table != Some(table) {
-            m.last_table = Some(table);
-            m.tables = m.tables.saturating_add(1);
-            if m.tables > file_clusters {
-                pr_warn!(
-                    "dm-qcow2: image {}: its L1 table names more L2 tables than the file has clusters (one table more than once): merge stopped\n",
-                    m.src
-                );
-                return Err(crate::kernel_abstractions::task::code::euclean());
-            }
+        };
+        // A table the L1 names more than once (QEMU never writes one) would
+        // be walked once per name: an L1 naming one table 4 Mi times is
+        // 2^35 clusters to look at for a file of a few clusters. The merge
+        // fails instead (`qemu-img commit` merges such an image offline).
+        if md.count.is_shared(l1e.l2_offset) {
+            pr_warn!(
+                "dm-qcow2: image {}: its L1 table names an L2 table more than once: merge stopped\n",
+                m.src
+            );
+            return Err(crate::kernel_abstractions::task::code::euclean());
         }
         let n = self.copy_run(st, v, budget.saturating_add(1))?;
         if n > 1 {

@@ -451,8 +451,7 @@ impl Inner {
     /// Completes the allocated-cluster count of every delta that needs it,
     /// a batch at a time, with the state unlocked in between. A delta whose
     /// walk fails (an unreadable L2 table) is tried again by the next run
-    /// (the next status line queues one); one whose L1 names a table more
-    /// than once is not (`?` until the next load).
+    /// (the next status line queues one).
     fn count_all(&self) {
         let mut st = self.lock_state();
         for md in st.md.iter_mut() {
@@ -464,7 +463,7 @@ impl Inner {
                 let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
                     return false;
                 };
-                !md.count.failed && !md.count.aliased && md.count.value(&d.hdr).is_none()
+                !md.count.failed && md.count.value(&d.hdr).is_none()
             });
             let Some(i) = next else {
                 return;
@@ -472,12 +471,6 @@ impl Inner {
             if let (Ok(d), Some(md)) = (st.delta(i), st.md.get_mut(i)) {
                 if count::step(md, &d.file, &d.hdr, count::BATCH_ENTRIES).is_err() {
                     md.count.failed = true;
-                    if md.count.aliased {
-                        pr_warn!(
-                            "dm-qcow2: image {}: its L1 table names more L2 tables than the file has clusters (one table more than once): clusters not counted\n",
-                            i
-                        );
-                    }
                 }
             }
             drop(st);
