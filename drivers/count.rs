@@ -21,7 +21,7 @@
 
 use crate::kernel_abstractions::file::File;
 use crate::kernel_abstractions::gfp_kv;
-use crate::meta::DeltaMd;
+use crate::meta::{DeltaMd, Holes};
 use crate::qcow2_format::{self as fmt, Cluster, Header};
 use kernel::error::code::EIO;
 use kernel::error::Result;
@@ -41,14 +41,14 @@ pub(crate) struct AllocCount {
     pub(crate) failed: bool,
     /// The L2 tables the L1 named more than once at the load, by offset
     /// (sorted), each with what it counts once walked ([`NOT_WALKED`] until
-    /// then; [`FORGOTTEN`] once a name of it was given a copy).
+    /// then; [`FORGOTTEN`] once its cluster was freed: it may come back as
+    /// another table, named once).
     shared: KVVec<(u64, u64)>,
 }
 
 /// A shared table's count is not known yet.
 const NOT_WALKED: u64 = u64::MAX;
-/// A shared table lost a name to a copy: walked each time, never kept (its
-/// cluster may be freed and come back as another table).
+/// A shared table's cluster was freed: not shared any more.
 const FORGOTTEN: u64 = u64::MAX - 1;
 
 /// Whether the L2 entry `(raw, bitmap)` references host data.
@@ -86,12 +86,18 @@ impl AllocCount {
         self.shared.binary_search_by_key(&off, |&(o, _)| o).ok()
     }
 
-    /// Whether the L1 named the table at `off` more than once at the load.
+    /// Whether the L1 named the table at `off` more than once at the load
+    /// (and its cluster was not freed since).
     pub(crate) fn is_shared(&self, off: u64) -> bool {
-        self.shared_index(off).is_some()
+        self.shared_index(off)
+            .and_then(|k| self.shared.get(k))
+            .is_some_and(|&(_, v)| v != FORGOTTEN)
     }
 
-    /// A name of the shared table at `off` now names a copy of it.
+    /// The cluster at `off` was freed: if it held a shared table, that
+    /// table is gone. (A name given a copy of it, `DeltaMd::ensure_l2`,
+    /// leaves the table itself as it was: its count stays good for the
+    /// names left.)
     pub(crate) fn forget_shared(&mut self, off: u64) {
         if let Some(e) = self.shared_index(off).and_then(|k| self.shared.get_mut(k)) {
             e.1 = FORGOTTEN;
@@ -135,11 +141,11 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
             return Err(EIO);
         };
         let mut n = 0u64;
-        // A table wholly past the file's end reads as zeroes (nothing to
-        // count): not a look at each of its entries, which for an L1 that
+        // A table wholly past the file's end or in a hole of it reads as
+        // zeroes (nothing to count): not a look at each of its entries, which for an L1 that
         // names a million such tables (a ~10 MiB damaged or hostile image)
         // were 2^33 with 64 KiB clusters, a status call waiting for them.
-        let l1e = md.l1_entry_in_file(file, hdr, vbase)?;
+        let l1e = md.l1_entry_in_file(file, hdr, vbase, Holes::Trust)?;
         if let Some(l1e) = l1e {
             // A shared table already walked counts what it did (the last
             // table, which the disk's end may cut short, is walked itself).

@@ -134,6 +134,20 @@ fn mark_table_page(dirty: &mut KVec<usize>, pi: usize) -> Result {
     Ok(())
 }
 
+/// How [`DeltaMd::l1_entry_in_file`] takes a file system's word that a
+/// table lies in a hole: images QEMU writes never have one there, and a
+/// wrong word (a file system's bug, a FUSE server's answer) must not lose
+/// data.
+#[derive(Clone, Copy)]
+pub(crate) enum Holes {
+    /// As said: for the count, where a wrong word misstates a number.
+    Trust,
+    /// Confirmed by reading the table (zeroes only): for merges and
+    /// discard, which would leave data behind. One read of a cluster per
+    /// such table, not a look at each of its entries.
+    Confirm,
+}
+
 /// Metadata of one delta.
 pub(crate) struct DeltaMd {
     img: usize,
@@ -217,7 +231,10 @@ impl DeltaMd {
             KVVec::new()
         };
         let writable_rt = !rt.is_empty();
-        let count = AllocCount::new(&shared_tables(&l1)?)?;
+        // Entries past the disk's end name nothing a walk reads.
+        let named = usize::try_from(hdr.min_l1_entries())
+            .map_or(&l1[..], |n| l1.get(..n).unwrap_or(&l1[..]));
+        let count = AllocCount::new(&shared_tables(named)?)?;
         let mut md = Self {
             img,
             l1,
@@ -567,12 +584,14 @@ impl DeltaMd {
     /// as zeroes, as QEMU reads it). For walks over whole tables (the count,
     /// merges, discard), which a damaged L1 naming millions of such tables
     /// would otherwise send through every entry (a sparse file's apparent
-    /// size bounds nothing).
+    /// size bounds nothing). `holes` says how far the file system's word
+    /// for a hole is taken.
     pub(crate) fn l1_entry_in_file(
         &mut self,
         file: &File,
         hdr: &Header,
         vaddr: u64,
+        holes: Holes,
     ) -> Result<Option<fmt::L1Entry>> {
         let Some(e) = self.l1_entry(hdr, vaddr)? else {
             return Ok(None);
@@ -581,8 +600,22 @@ impl DeltaMd {
         let cs = hdr.cluster_size();
         // The cache first (a tree lookup; a table being walked is there),
         // then the file (a seek for tables inside it).
-        let zeroes = !self.cache.holds_any(off, off.saturating_add(cs))
-            && (off >= file.size() || !file.holds_data(off, cs));
+        if self.cache.holds_any(off, off.saturating_add(cs)) {
+            return Ok(Some(e));
+        }
+        let zeroes = off >= file.size()
+            || (!file.holds_data(off, cs)
+                && match holes {
+                    Holes::Trust => true,
+                    Holes::Confirm => {
+                        let mut buf = IoBuf::new(cs as usize)?;
+                        file.read_full(&mut buf, off)?;
+                        // A word at a time (a cluster is whole words).
+                        buf.chunks_exact(8).all(|c| {
+                            <[u8; 8]>::try_from(c).is_ok_and(|w| u64::from_ne_bytes(w) == 0)
+                        })
+                    }
+                });
         Ok((!zeroes).then_some(e))
     }
 
@@ -731,8 +764,6 @@ impl DeltaMd {
                     self.leak_on_error(freed);
                     return Err(err);
                 }
-                // The count may no longer take the old table's for this name.
-                self.count.forget_shared(e.l2_offset);
                 // Dropped once the new L1 entry is durable.
                 let queued = self.defer_free(e.l2_offset, cs);
                 self.leak_on_error(queued);

@@ -79,14 +79,21 @@ impl File {
         // SAFETY: We hold the reference `fget` returned, in process context
         // (`fget` itself reads the current task's file table).
         let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
+        Ok(Self::from_ptr(ptr, u64::try_from(limit).unwrap_or(0), None))
+    }
+
+    /// Opens the private file [`File::holds_data`] seeks on (the same path,
+    /// read-only), if the file is a regular one and its file system lets
+    /// it; without it every range may hold data. For files already found
+    /// fit to be images: the open runs what any open of the file runs (a
+    /// lease break, fsnotify, a FUSE or NFS open). Process context.
+    pub(crate) fn open_probe(&mut self) {
+        if self.probe.is_some() {
+            return;
+        }
         // SAFETY: The file is valid (our reference); the shim returns a new
         // file of its own (one reference, ours) or null.
-        let probe = NonNull::new(unsafe { bindings::dmq_file_reopen(ptr.as_ptr()) });
-        Ok(Self::from_ptr(
-            ptr,
-            u64::try_from(limit).unwrap_or(0),
-            probe,
-        ))
+        self.probe = NonNull::new(unsafe { bindings::dmq_file_reopen(self.as_raw()) });
     }
 
     fn from_ptr(
@@ -243,9 +250,11 @@ impl File {
             return true;
         };
         // SAFETY: The probe file is valid while we hold its reference. The
-        // seek moves only its own `f_pos`, which nothing reads (concurrent
-        // seeks may race on that value, as lseek on a shared file may; the
-        // answer is the return value).
+        // seek moves only its own `f_pos`, which nothing reads: two seeks at
+        // once (callers hold the target's state mutex, but a reloaded table
+        // shares the probe with the old one for a while) may leave either
+        // position there, a plain store each; the answer is the return
+        // value.
         let next = unsafe { bindings::dmq_file_seek_data(p.as_ptr(), at) };
         match u64::try_from(next) {
             Ok(d) => d < end,

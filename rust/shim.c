@@ -579,8 +579,12 @@ int dmq_file_truncate(struct file *file, loff_t len)
 
 struct file *dmq_file_reopen(struct file *file)
 {
-	struct file *f = dentry_open(&file->f_path, O_RDONLY | O_LARGEFILE, file->f_cred);
+	struct file *f;
 
+	/* Nothing but regular files: no FIFO that waits, no device open. */
+	if (!S_ISREG(file_inode(file)->i_mode))
+		return NULL;
+	f = dentry_open(&file->f_path, O_RDONLY | O_LARGEFILE, file->f_cred);
 	return IS_ERR(f) ? NULL : f;
 }
 

@@ -156,8 +156,8 @@ int dmq_file_install_fd(struct file *file);
 int dmq_file_truncate(struct file *file, loff_t len);
 /*
  * A private read-only open of @file's path (its own f_pos, for SEEK_DATA
- * without moving the position of the file the user handed us); NULL if the
- * file system refuses.
+ * without moving the position of the file the user handed us); NULL unless
+ * @file is a regular file, or if the file system refuses.
  */
 struct file *dmq_file_reopen(struct file *file);
 /* vfs_llseek(@file, @pos, SEEK_DATA): the next data at or after @pos, or -errno. */

@@ -870,10 +870,11 @@ case_dirty_bit() {
 
 # The top of a 512 TiB chain whose L1 names a million L2 tables past the end
 # of its file (read as zeroes), all "in use" by refcount table entries that
-# name one cluster of 0xff bytes, the file then grown sparsely to 128 GiB
-# (the tables inside it, in a hole: an apparent size bounds nothing): the
-# merge walker skips each such table's range whole (it went through their
-# 2^33 clusters one by one), reaches ready, and the base then holds the
+# name one cluster of 0xff bytes, the file then grown sparsely to 6 GiB
+# (64 Ki of the tables inside it, in a hole: an apparent size bounds
+# nothing; each is read once to confirm it holds zeroes): the merge walker
+# skips each such table's range whole (it went through their 2^33 clusters
+# one by one), reaches ready, and the base then holds the
 # top's data (the first 2 MiB of the device read the same before and after;
 # the base checks clean). Then a top whose L1 names its one table 1 Mi
 # times: the merge fails with EUCLEAN at once (a dmesg line says why).
@@ -897,8 +898,8 @@ f.write(b"".join(struct.pack(">Q", 1 << 63 | (32768 + i) << 16) for i in range(1
 rt = struct.unpack(">Q", open(sys.argv[1], "rb").read(56)[48:56])[0]
 f.seek(rt + 8); f.write(struct.pack(">Q", ff) * 8191)' top.qcow2 "$l1" "$n" "$ff" ||
 		dmq_fail "python"
-	truncate -s 128G top.qcow2 || dmq_fail "truncate"
-	echo "top.qcow2: L1 entries 1..$((n - 1)) name tables in a hole of the file (grown to 128 GiB)"
+	truncate -s 6G top.qcow2 || dmq_fail "truncate"
+	echo "top.qcow2: L1 entries 1..$((n - 1)) name tables past the end of the file, the first 64 Ki of them inside it, in a hole (grown to 6 GiB)"
 	CHAIN=(base.qcow2 top.qcow2)
 	trap on_exit EXIT
 	chain_specs 0

@@ -55,13 +55,13 @@ impl Inner {
     /// there to free: unallocated in the top (or a zero cluster without a
     /// host cluster) and zeroes in every delta below. 0 if the cluster of
     /// `vaddr` does not. Where a delta has no L2 table (or one past the end
-    /// of its file), its whole range counts at once.
+    /// of its file or in a hole of it), its whole range counts at once.
     fn zero_already(&self, st: &mut WorkerState, d: usize, vaddr: u64, end: u64) -> Result<u64> {
         let delta = st.delta(d)?;
         let cs = delta.hdr.cluster_size();
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let mut span = if md
-            .l1_entry_in_file(&delta.file, &delta.hdr, vaddr)?
+            .l1_entry_in_file(&delta.file, &delta.hdr, vaddr, Holes::Confirm)?
             .is_none()
         {
             l2_range_left(&delta.hdr, vaddr)?.min(end - vaddr)
@@ -80,7 +80,10 @@ impl Inner {
                 break;
             }
             let md = st.md.get_mut(i).ok_or(EIO)?;
-            if md.l1_entry_in_file(&below.file, hdr, vaddr)?.is_some() {
+            if md
+                .l1_entry_in_file(&below.file, hdr, vaddr, Holes::Confirm)?
+                .is_some()
+            {
                 // This delta and the ones below it, one cluster.
                 let (_, kind, len) = self.resolve(st, i, vaddr, cs)?;
                 span = if kind == RunKind::Zero && len >= cs {

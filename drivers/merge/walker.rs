@@ -151,11 +151,11 @@ impl Inner {
         let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
         m.cursor = v - v % cs + cs;
         // Where the merged delta has no L2 table (or one past the end of
-        // its file, which reads as zeroes) it provides nothing: the walk
-        // skips the table's whole range.
+        // its file or in a hole of it, which reads as zeroes) it provides
+        // nothing: the walk skips the table's whole range.
         let src = st.deltas.get(m.src).ok_or(EIO)?;
         let md = st.md.get_mut(m.src).ok_or(EIO)?;
-        let Some(l1e) = md.l1_entry_in_file(&src.file, &src.hdr, v)? else {
+        let Some(l1e) = md.l1_entry_in_file(&src.file, &src.hdr, v, Holes::Confirm)? else {
             let left = crate::io::l2_range_left(&src.hdr, v)?;
             let next = v.saturating_add(left);
             let m = st.merge.as_mut().ok_or(EINVAL)?;

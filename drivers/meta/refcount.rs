@@ -449,6 +449,8 @@ impl DeltaMd {
                 // Free now: no longer metadata if it was (an L2 table a
                 // snapshot shared, a cluster allocated for one in vain).
                 self.meta.remove(c);
+                // What the count kept of a shared table there is gone with it.
+                self.count.forget_shared(c * cs);
                 self.cache.invalidate(c * cs, c * cs + cs);
                 self.hint = self.hint.min(c.max(1));
                 if let Some(h) = holes.as_deref_mut() {

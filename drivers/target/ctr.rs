@@ -30,7 +30,8 @@ impl Delta {
             .and_then(|s| s.parse::<u32>().ok())
             .ok_or_else(|| ctr_err(EINVAL, c_str!("Wrong fd")))?;
         // As the C target: a number that is no open descriptor is ENOENT.
-        let file = File::fget(fd).map_err(|_| ctr_err(ENOENT, c_str!("Error attaching file")))?;
+        let mut file =
+            File::fget(fd).map_err(|_| ctr_err(ENOENT, c_str!("Error attaching file")))?;
         if !file.is_regular() {
             return Err(ctr_err(EINVAL, c_str!("Not a regular file")));
         }
@@ -55,6 +56,8 @@ impl Delta {
                 c_str!("Top image is not opened for writing"),
             ));
         }
+        // Where the tables' walks ask about holes (SEEK_DATA).
+        file.open_probe();
 
         let hdr = Self::read_header(&file, is_top && writable)?;
         Ok(Self { file, hdr })
