@@ -21,10 +21,9 @@
 
 use crate::kernel_abstractions::file::File;
 use crate::kernel_abstractions::gfp_kv;
-use crate::meta::{DeltaMd, Holes};
+use crate::meta::{DeltaMd, HoleWord};
 use crate::qcow2_format::{self as fmt, Cluster, Header};
 use kernel::error::code::EIO;
-use kernel::error::Result;
 use kernel::prelude::*;
 
 /// L2 entries the walk looks at per batch (with the state locked), in
@@ -142,10 +141,11 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
         };
         let mut n = 0u64;
         // A table wholly past the file's end or in a hole of it reads as
-        // zeroes (nothing to count): not a look at each of its entries, which for an L1 that
-        // names a million such tables (a ~10 MiB damaged or hostile image)
-        // were 2^33 with 64 KiB clusters, a status call waiting for them.
-        let l1e = md.l1_entry_in_file(file, hdr, vbase, Holes::Trust)?;
+        // zeroes (nothing to count): not a look at each of its entries,
+        // which for an L1 that names a million such tables (a ~10 MiB
+        // damaged or hostile image) were 2^33 with 64 KiB clusters, a
+        // status call waiting for them.
+        let l1e = md.l1_entry_in_file(file, hdr, vbase, HoleWord::Trust)?;
         if let Some(l1e) = l1e {
             // A shared table already walked counts what it did (the last
             // table, which the disk's end may cut short, is walked itself).

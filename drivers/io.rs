@@ -19,7 +19,7 @@ use crate::hot::Fast;
 use crate::kernel_abstractions::bio::{Bio, Op};
 use crate::kernel_abstractions::direct_io::{BioPart, IoCounter};
 use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
-use crate::meta::{corrupt, DeltaMd, Holes};
+use crate::meta::{corrupt, DeltaMd, HoleWord};
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
 use crate::target::{Inner, WorkerState, SECTOR};
 use kernel::error::code::*;

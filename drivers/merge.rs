@@ -30,7 +30,7 @@ use crate::kernel_abstractions::eventfd::EventFd;
 use crate::kernel_abstractions::file::IoBuf;
 use crate::kernel_abstractions::param;
 use crate::kernel_abstractions::task::{self, code::ebadslt};
-use crate::meta::{corrupt, Holes};
+use crate::meta::{corrupt, HoleWord};
 use crate::qcow2_format::{self as fmt, Cluster};
 use crate::target::{Delta, Inner, WorkerState};
 use core::fmt::Write;

@@ -139,7 +139,7 @@ fn mark_table_page(dirty: &mut KVec<usize>, pi: usize) -> Result {
 /// wrong word (a file system's bug, a FUSE server's answer) must not lose
 /// data.
 #[derive(Clone, Copy)]
-pub(crate) enum Holes {
+pub(crate) enum HoleWord {
     /// As said: for the count, where a wrong word misstates a number.
     Trust,
     /// Confirmed by reading the table (zeroes only): for merges and
@@ -591,7 +591,7 @@ impl DeltaMd {
         file: &File,
         hdr: &Header,
         vaddr: u64,
-        holes: Holes,
+        holes: HoleWord,
     ) -> Result<Option<fmt::L1Entry>> {
         let Some(e) = self.l1_entry(hdr, vaddr)? else {
             return Ok(None);
@@ -606,8 +606,8 @@ impl DeltaMd {
         let zeroes = off >= file.size()
             || (!file.holds_data(off, cs)
                 && match holes {
-                    Holes::Trust => true,
-                    Holes::Confirm => {
+                    HoleWord::Trust => true,
+                    HoleWord::Confirm => {
                         let mut buf = IoBuf::new(cs as usize)?;
                         file.read_full(&mut buf, off)?;
                         // A word at a time (a cluster is whole words).

@@ -84,9 +84,10 @@ impl File {
 
     /// Opens the private file [`File::holds_data`] seeks on (the same path,
     /// read-only), if the file is a regular one and its file system lets
-    /// it; without it every range may hold data. For files already found
-    /// fit to be images: the open runs what any open of the file runs (a
-    /// lease break, fsnotify, a FUSE or NFS open). Process context.
+    /// it; without it every range may hold data. The open runs what any
+    /// open of the file runs (a lease break, fsnotify, a FUSE or NFS open):
+    /// callers open it for files already found to be images. Process
+    /// context.
     pub(crate) fn open_probe(&mut self) {
         if self.probe.is_some() {
             return;
@@ -249,12 +250,9 @@ impl File {
         else {
             return true;
         };
-        // SAFETY: The probe file is valid while we hold its reference. The
-        // seek moves only its own `f_pos`, which nothing reads: two seeks at
-        // once (callers hold the target's state mutex, but a reloaded table
-        // shares the probe with the old one for a while) may leave either
-        // position there, a plain store each; the answer is the return
-        // value.
+        // SAFETY: The probe file is valid while we hold its reference; the
+        // shim seeks under its `f_pos_lock` (callers in any number of
+        // threads: a reloaded table shares the probe with the old one).
         let next = unsafe { bindings::dmq_file_seek_data(p.as_ptr(), at) };
         match u64::try_from(next) {
             Ok(d) => d < end,

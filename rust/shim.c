@@ -590,7 +590,13 @@ struct file *dmq_file_reopen(struct file *file)
 
 loff_t dmq_file_seek_data(struct file *file, loff_t pos)
 {
-	return vfs_llseek(file, pos, SEEK_DATA);
+	loff_t ret;
+
+	/* As lseek(2) on a shared file: one position store at a time. */
+	mutex_lock(&file->f_pos_lock);
+	ret = vfs_llseek(file, pos, SEEK_DATA);
+	mutex_unlock(&file->f_pos_lock);
+	return ret;
 }
 
 void dmq_eventfd_signal(struct eventfd_ctx *ctx)

@@ -160,7 +160,10 @@ int dmq_file_truncate(struct file *file, loff_t len);
  * @file is a regular file, or if the file system refuses.
  */
 struct file *dmq_file_reopen(struct file *file);
-/* vfs_llseek(@file, @pos, SEEK_DATA): the next data at or after @pos, or -errno. */
+/*
+ * vfs_llseek(@file, @pos, SEEK_DATA) under f_pos_lock: the next data at or
+ * after @pos, or -errno.
+ */
 loff_t dmq_file_seek_data(struct file *file, loff_t pos);
 
 /* eventfd_signal() is a static inline. */

@@ -941,7 +941,7 @@ f.seek(l1 + 8); f.write(struct.pack(">Q", e) * (n - 1))' t2.qcow2 "$l1" "$n" "${
 	msg_ok v merge_backward start -1 0
 	wait_stage v merge_backward failed
 	[ "$MERR" = 117 ] || dmq_fail "failed with errno $MERR, not EUCLEAN (117)"
-	expect_kmsg_merge "its L1 table names an L2 table more than once: merge stopped"
+	expect_kmsg_merge "its L1 table named an L2 table more than once when loaded: merge stopped"
 	msg_ok v merge_backward cancel
 	expect_idle v merge_backward
 	expect_chain v b2.qcow2 t2.qcow2

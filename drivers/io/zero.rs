@@ -61,7 +61,7 @@ impl Inner {
         let cs = delta.hdr.cluster_size();
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let mut span = if md
-            .l1_entry_in_file(&delta.file, &delta.hdr, vaddr, Holes::Confirm)?
+            .l1_entry_in_file(&delta.file, &delta.hdr, vaddr, HoleWord::Confirm)?
             .is_none()
         {
             l2_range_left(&delta.hdr, vaddr)?.min(end - vaddr)
@@ -81,7 +81,7 @@ impl Inner {
             }
             let md = st.md.get_mut(i).ok_or(EIO)?;
             if md
-                .l1_entry_in_file(&below.file, hdr, vaddr, Holes::Confirm)?
+                .l1_entry_in_file(&below.file, hdr, vaddr, HoleWord::Confirm)?
                 .is_some()
             {
                 // This delta and the ones below it, one cluster.

@@ -150,12 +150,29 @@ impl Inner {
         let m = st.merge.as_mut().ok_or(EINVAL)?;
         let cs = st.deltas.get(m.dst).ok_or(EIO)?.hdr.cluster_size();
         m.cursor = v - v % cs + cs;
+        let src = st.deltas.get(m.src).ok_or(EIO)?;
+        let md = st.md.get_mut(m.src).ok_or(EIO)?;
+        // A table the L1 named more than once when loaded (QEMU never
+        // writes one) would be walked once per name: an L1 naming one table
+        // 4 Mi times is 2^35 clusters to look at (or, the table in a hole,
+        // 4 Mi reads of it) for a file of a few clusters. The merge fails
+        // instead (`qemu-img commit` merges such an image offline).
+        if let Some(e) = md.l1_entry(&src.hdr, v)? {
+            if md.count.is_shared(e.l2_offset) {
+                pr_warn!(
+                    "dm-qcow2: image {}: its L1 table named an L2 table more than once when loaded: merge stopped\n",
+                    m.src
+                );
+                return Err(crate::kernel_abstractions::task::code::euclean());
+            }
+        }
         // Where the merged delta has no L2 table (or one past the end of
         // its file or in a hole of it, which reads as zeroes) it provides
         // nothing: the walk skips the table's whole range.
-        let src = st.deltas.get(m.src).ok_or(EIO)?;
-        let md = st.md.get_mut(m.src).ok_or(EIO)?;
-        let Some(l1e) = md.l1_entry_in_file(&src.file, &src.hdr, v, Holes::Confirm)? else {
+        if md
+            .l1_entry_in_file(&src.file, &src.hdr, v, HoleWord::Confirm)?
+            .is_none()
+        {
             let left = crate::io::l2_range_left(&src.hdr, v)?;
             let next = v.saturating_add(left);
             let m = st.merge.as_mut().ok_or(EINVAL)?;
@@ -163,17 +180,6 @@ impl Inner {
             // smaller, never the table's range unaligned to them).
             m.cursor = m.cursor.max(next - next % cs).min(m.end);
             return Ok(());
-        };
-        // A table the L1 names more than once (QEMU never writes one) would
-        // be walked once per name: an L1 naming one table 4 Mi times is
-        // 2^35 clusters to look at for a file of a few clusters. The merge
-        // fails instead (`qemu-img commit` merges such an image offline).
-        if md.count.is_shared(l1e.l2_offset) {
-            pr_warn!(
-                "dm-qcow2: image {}: its L1 table names an L2 table more than once: merge stopped\n",
-                m.src
-            );
-            return Err(crate::kernel_abstractions::task::code::euclean());
         }
         let n = self.copy_run(st, v, budget.saturating_add(1))?;
         if n > 1 {

@@ -56,10 +56,9 @@ impl Delta {
                 c_str!("Top image is not opened for writing"),
             ));
         }
+        let hdr = Self::read_header(&file, is_top && writable)?;
         // Where the tables' walks ask about holes (SEEK_DATA).
         file.open_probe();
-
-        let hdr = Self::read_header(&file, is_top && writable)?;
         Ok(Self { file, hdr })
     }
 
