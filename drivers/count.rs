@@ -80,17 +80,18 @@ impl AllocCount {
         })
     }
 
-    /// Index in `shared` of the table at `off`.
-    fn shared_index(&self, off: u64) -> Option<usize> {
-        self.shared.binary_search_by_key(&off, |&(o, _)| o).ok()
+    /// Where in `shared` the table at `off` is kept: the L1 named it more
+    /// than once at the load, and its cluster was not freed since.
+    fn shared_slot(&mut self, off: u64) -> Option<&mut u64> {
+        let k = self.shared.binary_search_by_key(&off, |&(o, _)| o).ok()?;
+        let (_, v) = self.shared.get_mut(k)?;
+        (*v != FORGOTTEN).then_some(v)
     }
 
     /// Whether the L1 named the table at `off` more than once at the load
     /// (and its cluster was not freed since).
-    pub(crate) fn is_shared(&self, off: u64) -> bool {
-        self.shared_index(off)
-            .and_then(|k| self.shared.get(k))
-            .is_some_and(|&(_, v)| v != FORGOTTEN)
+    pub(crate) fn is_shared(&mut self, off: u64) -> bool {
+        self.shared_slot(off).is_some()
     }
 
     /// The cluster at `off` was freed: if it held a shared table, that
@@ -98,8 +99,8 @@ impl AllocCount {
     /// leaves the table itself as it was: its count stays good for the
     /// names left.)
     pub(crate) fn forget_shared(&mut self, off: u64) {
-        if let Some(e) = self.shared_index(off).and_then(|k| self.shared.get_mut(k)) {
-            e.1 = FORGOTTEN;
+        if let Some(v) = self.shared_slot(off) {
+            *v = FORGOTTEN;
         }
     }
 
@@ -150,14 +151,12 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
             // A shared table already walked counts what it did (the last
             // table, which the disk's end may cut short, is walked itself).
             let whole = vbase.checked_add(span).is_some_and(|e| e <= hdr.size);
-            let memo = md
-                .count
-                .shared_index(l1e.l2_offset)
-                .filter(|_| whole)
-                .and_then(|k| Some((k, md.count.shared.get(k)?.1)))
-                .filter(|&(_, v)| v != FORGOTTEN);
-            match memo {
-                Some((_, v)) if v != NOT_WALKED => n = v,
+            let kept = match md.count.shared_slot(l1e.l2_offset) {
+                Some(v) if whole => Some(*v),
+                _ => None,
+            };
+            match kept {
+                Some(v) if v != NOT_WALKED => n = v,
                 _ => {
                     for j in 0..per_l2 {
                         let Some(vaddr) = j.checked_mul(cs).and_then(|o| o.checked_add(vbase))
@@ -170,8 +169,10 @@ pub(crate) fn step(md: &mut DeltaMd, file: &File, hdr: &Header, entries: u64) ->
                         let (raw, bitmap) = md.l2_entry(file, hdr, l1e.l2_offset, vaddr)?;
                         n += u64::from(maps_data(hdr, raw, bitmap));
                     }
-                    if let Some(e) = memo.and_then(|(k, _)| md.count.shared.get_mut(k)) {
-                        e.1 = n;
+                    if kept.is_some() {
+                        if let Some(v) = md.count.shared_slot(l1e.l2_offset) {
+                            *v = n;
+                        }
                     }
                 }
             }

@@ -874,9 +874,9 @@ case_dirty_bit() {
 # (64 Ki of the tables inside it, in a hole: an apparent size bounds
 # nothing; each is read once to confirm it holds zeroes): the merge walker
 # skips each such table's range whole (it went through their 2^33 clusters
-# one by one), reaches ready, and the base then holds the
-# top's data (the first 2 MiB of the device read the same before and after;
-# the base checks clean). Then a top whose L1 names its one table 1 Mi
+# one by one), reaches ready, and the base then holds the top's data (the
+# first 2 MiB of the device read the same before and after; the base checks
+# clean). Then a top whose L1 names its one table 1 Mi
 # times: the merge fails with EUCLEAN at once (a dmesg line says why).
 case_tables_past_end() {
 	local l1 n ff t

@@ -706,8 +706,9 @@ f.write(b"\0\1" * 5000)' a.qcow2 "$rb" "$eof" || dmq_fail "python"
 # that points at its own table fails with EIO and leaves the table as it
 # was; the tables past the end read as zeroes. The same image grown to
 # 128 GiB sparsely (its tables now inside the file, in a hole: an apparent
-# size bounds nothing): skipped all the same, clusters=2. Then a sound image
-# whose L1 names its one table 1 Mi times: the count walks the table once
+# size bounds nothing): skipped all the same, clusters=2. Then an image
+# whose L1 names its one table 1 Mi times (damaged: a 16-bit refcount cannot
+# count the names; read-only here): the count walks the table once
 # and counts it for every name (clusters=1 Mi) instead of looking at 2^33
 # entries; reads show the table's data at every 512 MiB, as QEMU's would.
 case_many_l2_tables() {
@@ -752,7 +753,7 @@ f.write(b"".join(struct.pack(">Q", 1 << 63 | (32768 + n - i) << 16) for i in ran
 	[[ "$st" == *" clusters=2 "* ]] || dmq_fail "clusters= is not 2"
 	dmq_remove s || dmq_fail "dmsetup remove failed"
 
-	# every L1 entry names the one table of a sound image (inside the file)
+	# every L1 entry names the one table of an image (inside the file)
 	dmq_img_create a.qcow2 $((512 << 40)) cluster_size=64k
 	dmq_write a.qcow2 P0x6b:64k:64k
 	l2=$(entry_val a.qcow2 l1 0) || dmq_fail "L1 entry 0"
