@@ -1,25 +1,35 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Lookups for the allocated-cluster path: where the top delta maps a
-//! cluster to a plain data cluster of its own, a bio inside that cluster
-//! (or over a run of such clusters, one after the other in the file)
-//! needs no metadata work. The fast path (`target::fast`: the
+//! Lookups for the allocated-cluster path: where the chain maps a cluster
+//! to a plain data cluster of one delta (the top's own, or a lower delta's
+//! where every delta above it has nothing for the cluster), a bio inside
+//! that cluster (or over a run of such clusters, one after the other in the
+//! same file) needs no metadata work. The fast path (`target::fast`: the
 //! submitting CPU's lane, or the worker before it locks the state) serves such
 //! bios from this table without the table's state mutex, so they never
 //! wait behind allocation, copy-on-write, a merge batch or a status walk.
+//! Reads of a base through a thin top (a guest booting from a template
+//! image) thus go the way reads of the top's own clusters go.
 //!
 //! The table is direct-mapped by virtual cluster index; a slot holds the
-//! host cluster, a tag for the rest of the index and whether the top owns
-//! the cluster outright (COPIED: writes may go in place). Entries are put
-//! and removed with the state mutex held, by code that has just read or
-//! is about to change the L2 entry (or, `Inner::warm`, has just read
-//! another entry of the same metadata page); lookups run concurrently with that
+//! host cluster, which delta's file it is in (how far below the top), a
+//! tag for the rest of the index and whether the top owns the cluster
+//! outright (COPIED: writes may go in place; never so below the top).
+//! Entries are put and removed with the state mutex held, by code that has
+//! just read or is about to change an L2 entry (or, `Inner::warm`, has just
+//! read another entry of the same metadata page of the top); lookups run
+//! concurrently with that
 //! (one atomic word per slot: a lookup sees an entry whole or not at all).
+//! An entry is removed before its cluster's L2 entry changes in the delta
+//! it points into or in any above it (`Inner::hot_forget`, called for every
+//! change of an L2 entry), so one pointing below the top goes before the
+//! top (or a delta between) maps the cluster, and before a merge changes
+//! the delta it points into.
 //! Why a lookup racing a change is harmless, and how a freed cluster is
 //! kept from lane I/O until it is reused, is in `target::fast`. Everything
-//! else that changes the top's mappings wholesale (a merge's end, resume)
+//! else that changes the chain's mappings wholesale (a merge's end, resume)
 //! replaces the table (see `Inner::fast_on`): the old one is retired, the
-//! new one is empty, for the top of then. While a merge runs the table
+//! new one is empty, for the chain of then. While a merge runs the table
 //! serves reads only (`Fast::stop_writes`).
 //!
 //! A slot may come from a cached L2 page not committed yet (see `meta`).
@@ -38,8 +48,15 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 const VALID: u64 = 1 << 63;
 /// The top owns the cluster (COPIED): writes may go in place.
 const OWNED: u64 = 1 << 62;
-const HOST_BITS: u32 = 44;
+/// Host cluster index (with 512-byte clusters, files up to 512 TiB; a
+/// cluster beyond is not put).
+const HOST_BITS: u32 = 40;
+/// How far below the top the cluster's delta is (0: the top).
+const BELOW_BITS: u32 = 4;
+const TAG_SHIFT: u32 = HOST_BITS + BELOW_BITS;
 const TAG_BITS: u32 = 18;
+/// Deltas below the top an entry may point into at most.
+pub(crate) const MAX_BELOW: usize = (1 << BELOW_BITS) - 1;
 /// Table size bounds, in slots (8 bytes each). At most 2 MiB: one slot per
 /// cluster of a 16 GiB image of 64 KiB clusters; beyond, clusters share
 /// slots, and a working set larger than the table evicts itself. With 64 Ki
@@ -52,6 +69,11 @@ const MAX_SLOTS: u64 = 1 << 18;
 /// The fast path while it is on: the top and what is known of it.
 pub(crate) struct Fast {
     pub(crate) top: Arc<Delta>,
+    /// The deltas under the top entries may point into, nearest first, up
+    /// to `MAX_BELOW`. One slot is one cluster of each: the constructor
+    /// and a reload refuse a chain of mixed cluster sizes, and `new` stops
+    /// at one all the same.
+    below: KVec<Arc<Delta>>,
     pub(crate) map: HotMap,
     /// Tells this table from every other one (never 0): marks the metadata
     /// pages whose entries went into it (`Inner::warm`).
@@ -66,12 +88,23 @@ pub(crate) struct Fast {
 }
 
 impl Fast {
-    /// An empty table for `top`; for reads only unless `writes`.
-    pub(crate) fn new(top: Arc<Delta>, writes: bool) -> Result<Arc<Self>> {
-        let map = HotMap::new(top.hdr.size >> top.hdr.cluster_bits)?;
+    /// An empty table for `chain` (base first); for reads only unless
+    /// `writes`.
+    pub(crate) fn new(chain: &[Arc<Delta>], writes: bool) -> Result<Arc<Self>> {
+        let top = chain.last().ok_or(EINVAL)?.clone();
+        let cb = top.hdr.cluster_bits;
+        let mut below = KVec::new();
+        for d in chain.iter().rev().skip(1).take(MAX_BELOW) {
+            if d.hdr.cluster_bits != cb {
+                break;
+            }
+            below.push(d.clone(), GFP_KERNEL)?;
+        }
+        let map = HotMap::new(top.hdr.size >> cb)?;
         Ok(Arc::new(
             Self {
                 top,
+                below,
                 map,
                 id: NEXT_ID.fetch_add(1, Relaxed),
                 dead: AtomicBool::new(false),
@@ -79,6 +112,15 @@ impl Fast {
             },
             GFP_KERNEL,
         )?)
+    }
+
+    /// The delta `n` below the top (0: the top), if entries may point into
+    /// it.
+    pub(crate) fn delta(&self, n: usize) -> Option<&Arc<Delta>> {
+        match n.checked_sub(1) {
+            None => Some(&self.top),
+            Some(i) => self.below.get(i),
+        }
     }
 
     /// Retires the table (state mutex held). Like an entry's removal, this
@@ -134,14 +176,30 @@ impl HotMap {
     /// Remembers that the top maps cluster `vci` to the host cluster at
     /// `host` (`owned`: COPIED). State mutex held.
     pub(crate) fn put(&self, cb: u32, vci: u64, host: u64, owned: bool) {
+        self.put_at(cb, vci, 0, host, owned);
+    }
+
+    /// Remembers that the chain shows cluster `vci` from the host cluster at
+    /// `host` of the delta `below` deltas under the top (0: the top;
+    /// `owned`: the top's, COPIED). State mutex held.
+    pub(crate) fn put_at(&self, cb: u32, vci: u64, below: usize, host: u64, owned: bool) {
         let (tag, hci) = (vci >> self.bits, host >> cb);
-        if tag >> TAG_BITS != 0 || hci >> HOST_BITS != 0 {
+        if tag >> TAG_BITS != 0 || hci >> HOST_BITS != 0 || below > MAX_BELOW {
             return;
         }
-        let v = VALID | if owned { OWNED } else { 0 } | tag << HOST_BITS | hci;
-        if let Some(s) = self.slot(vci) {
-            s.store(v, Relaxed);
+        let owned = if owned && below == 0 { OWNED } else { 0 };
+        let v = VALID | owned | tag << TAG_SHIFT | (below as u64) << HOST_BITS | hci;
+        let Some(s) = self.slot(vci) else {
+            return;
+        };
+        // An entry of a lower delta does not evict one of the top (another
+        // cluster's: the top has nothing for this one), which may serve
+        // writes in place.
+        let cur = s.load(Relaxed);
+        if below > 0 && cur & VALID != 0 && (cur >> HOST_BITS) & ((1 << BELOW_BITS) - 1) == 0 {
+            return;
         }
+        s.store(v, Relaxed);
     }
 
     /// `put`, but only into a slot that holds nothing: for entries nobody
@@ -154,22 +212,42 @@ impl HotMap {
         }
     }
 
-    /// Forgets cluster `vci` (its mapping is about to change). State mutex
-    /// held.
-    pub(crate) fn del(&self, vci: u64) {
-        if let Some(s) = self.slot(vci) {
-            s.store(0, Relaxed);
+    /// Forgets cluster `vci` if its entry points into a delta `above` or
+    /// more deltas below the top (0: the top): the L2 entry of it in the
+    /// delta `above` below the top is about to change, which changes what
+    /// the chain shows from there up only. State mutex held (as every
+    /// change of a slot is, so the check and the store cannot race another
+    /// change).
+    pub(crate) fn del(&self, vci: u64, above: usize) {
+        let Some(s) = self.slot(vci) else {
+            return;
+        };
+        if let Some((below, _)) = self.decode(s.load(Relaxed), vci) {
+            if below >= above {
+                s.store(0, Relaxed);
+            }
         }
     }
 
-    /// Host offset of the cluster `vci` if the fast path may serve it (a
-    /// write needs a cluster the top owns).
-    pub(crate) fn lookup(&self, cb: u32, vci: u64, write: bool) -> Option<u64> {
+    /// Which delta (how far below the top) holds the cluster `vci` and the
+    /// host offset of it there, if the fast path may serve it (a write
+    /// needs a cluster the top owns).
+    pub(crate) fn lookup(&self, cb: u32, vci: u64, write: bool) -> Option<(usize, u64)> {
         let v = self.slot(vci)?.load(Relaxed);
-        let tag = (v >> HOST_BITS) & ((1 << TAG_BITS) - 1);
-        if v & VALID == 0 || tag != vci >> self.bits || (write && v & OWNED == 0) {
+        if write && v & OWNED == 0 {
             return None;
         }
-        Some((v & ((1 << HOST_BITS) - 1)) << cb)
+        self.decode(v, vci).map(|(below, hci)| (below, hci << cb))
+    }
+
+    /// The delta (how far below the top) and host cluster index of slot
+    /// value `v`, if it is an entry for cluster `vci`.
+    fn decode(&self, v: u64, vci: u64) -> Option<(usize, u64)> {
+        let tag = (v >> TAG_SHIFT) & ((1 << TAG_BITS) - 1);
+        if v & VALID == 0 || tag != vci >> self.bits {
+            return None;
+        }
+        let below = ((v >> HOST_BITS) & ((1 << BELOW_BITS) - 1)) as usize;
+        Some((below, v & ((1 << HOST_BITS) - 1)))
     }
 }

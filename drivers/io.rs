@@ -21,7 +21,7 @@ use crate::kernel_abstractions::direct_io::{BioPart, IoCounter};
 use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
 use crate::meta::{corrupt, DeltaMd, HoleWord};
 use crate::qcow2_format::{self as fmt, Cluster, Header, RunKind};
-use crate::target::{Inner, WorkerState, SECTOR};
+use crate::target::{Delta, Inner, WorkerState, SECTOR};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::sync::Arc;

@@ -39,6 +39,10 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
                     go on into later passes): reads of clusters not
                     copied up yet come from the base, between the
                     copy-on-write writes
+  4k-randread-base  4k random reads (iodepth 32) through an empty top over
+                    a fully written base (a guest booting from a template
+                    image), against the written raw file; -2jobs with
+                    numjobs 2, -qd1 at iodepth 1 (with latency)
   sparse-randread   4k random reads over a DMQ_BENCH_SPARSE_GB (64) GiB
                     image with DMQ_BENCH_SPARSE_TOUCH_MB (2048) MiB of
                     clusters written at random (the raw file: the same
@@ -150,6 +154,9 @@ JOBS = [
     Job("64k-first-write", "fio", "randwrite", "64k", allocated=False),
     Job("4k-cow-write", "fio", "randwrite", allocated=False, backing=True),
     Job("4k-cow-randrw", "fio", "randrw", allocated=False, backing=True),
+    Job("4k-randread-base", "fio", allocated=False, backing=True),
+    Job("4k-randread-base-2jobs", "fio", allocated=False, backing=True, numjobs=2),
+    Job("4k-randread-base-qd1", "fio", allocated=False, backing=True, iodepth=1),
     Job("sparse-randread", "sparse"),
     Job("discard", "discard"),
     Job("merge-depth0", "merge", depth=0),
@@ -270,8 +277,9 @@ def fio_cmd(dev, job, size):
     # b.postrun.txt in its directory (the last job's, with numjobs 2).
     # A copy-on-write job writes each cluster once, at its start, in random
     # order (fio's random map), so that its writes are first writes until
-    # every cluster had one.
-    spread = f"--blockalign={CLUSTER}" if job.backing else "--norandommap"
+    # every cluster had one. Reads through a top read anywhere.
+    cow = job.backing and job.rw != "randread"
+    spread = f"--blockalign={CLUSTER}" if cow else "--norandommap"
     # At QD1 also the latency in all: a target may do the I/O's work in the
     # submitting system call (fio's slat), which clat alone leaves out.
     if job.iodepth == 1:

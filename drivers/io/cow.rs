@@ -19,11 +19,11 @@
 //! cache, and the commit that writes the entry out fsyncs the file first.
 //! Nothing else sees a gang's clusters before its entries are set: no entry
 //! points at them, the fast path's table has none of them (it may still
-//! map the guest cluster to the old, shared host cluster, for reads, until
-//! the entry changes), and the gang is flushed before any bio that could
-//! read or write what it changes and before the batch ends, so neither
-//! messages, suspend nor the merge walker (all of which take the state)
-//! ever find it non-empty.
+//! map the guest cluster to the old, shared host cluster, or to a lower
+//! delta's, for reads, until the entry changes), and the gang is flushed
+//! before any bio that could read or write what it changes and before the
+//! batch ends, so neither messages, suspend nor the merge walker (all of
+//! which take the state) ever find it non-empty.
 //!
 //! Two kinds of bio leave a gang be: a plain write inside one cluster the
 //! gang does not hold (it joins), and a read of clusters it does not hold.
@@ -434,8 +434,7 @@ impl Inner {
     fn gang_point(&self, st: &mut WorkerState, f: &Fill) -> Result {
         let delta = st.delta(f.d)?;
         let hdr = &delta.hdr;
-        let fast = st.fast_for(f.d);
-        Self::hot_forget(fast.as_deref(), hdr, f.vaddr);
+        Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(f.d), f.vaddr);
         let raw = fmt::encode_l2_normal(f.host, true);
         let md = st.md.get_mut(f.d).ok_or(EIO)?;
         md.set_l2_entry(&delta.file, hdr, f.l2_off, f.vaddr, raw, 0)

@@ -114,11 +114,42 @@ impl Inner {
         });
     }
 
-    /// Forgets the fast path's lookup for the cluster of `vaddr` before its
-    /// mapping changes (`fast`: the fast path, if on and `vaddr` is in the top).
-    pub(crate) fn hot_forget(fast: Option<&Fast>, hdr: &Header, vaddr: u64) {
+    /// Puts the fast path's entry for the cluster of `vaddr`, which the
+    /// chain shows from `delta` below the top (every delta above it has
+    /// nothing for the whole cluster): a plain data cluster wholly inside
+    /// `delta`, if the table reaches that far down (see `Fast::delta`).
+    /// Reads of a base through a thin top then take the fast path too.
+    fn hot_below(st: &WorkerState, delta: &Arc<Delta>, vaddr: u64, c: &Cluster) {
+        let (Some(f), Cluster::Normal { host, .. }) = (&st.fast, c) else {
+            return;
+        };
+        let Some(below) = st.deltas.iter().rev().position(|d| Arc::ptr_eq(d, delta)) else {
+            return;
+        };
+        // The table's chain is this one (it is replaced whenever the chain
+        // changes); checked rather than assumed, as it costs nothing.
+        if !f.delta(below).is_some_and(|d| Arc::ptr_eq(d, delta)) {
+            return;
+        }
+        let hdr = &delta.hdr;
+        let start = vaddr - hdr.offset_in_cluster(vaddr);
+        if start
+            .checked_add(hdr.cluster_size())
+            .is_some_and(|end| end <= hdr.size)
+        {
+            let cb = hdr.cluster_bits;
+            f.map.put_at(cb, vaddr >> cb, below, *host, false);
+        }
+    }
+
+    /// Forgets the fast path's lookup for the cluster of `vaddr` before an
+    /// L2 entry of it changes in the delta `above` deltas below the top (0:
+    /// the top) (`fast`: the fast path, if on): an entry may point below
+    /// the top, where a change of the top or of a delta between makes it
+    /// wrong; one pointing above the changed delta stays right.
+    pub(crate) fn hot_forget(fast: Option<&Fast>, above: usize, vaddr: u64) {
         if let Some(f) = fast {
-            f.map.del(vaddr >> hdr.cluster_bits);
+            f.map.del(vaddr >> f.top.hdr.cluster_bits, above);
         }
     }
 
@@ -132,6 +163,9 @@ impl Inner {
         vaddr: u64,
         mut len: u64,
     ) -> Result<(usize, RunKind, u64)> {
+        // Every delta passed had nothing for the whole cluster (the fast
+        // path may learn where the chain shows it from).
+        let mut clear_above = d == st.top();
         let mut d = Some(d);
         while let Some(i) = d {
             let delta = st.delta(i)?;
@@ -147,8 +181,12 @@ impl Inner {
                 return Err(EIO);
             }
             if kind != RunKind::Unallocated {
+                if clear_above && i != st.top() {
+                    Self::hot_below(st, &delta, vaddr, &c);
+                }
                 return Ok((i, kind, rl));
             }
+            clear_above &= matches!(c, Cluster::Unallocated);
             len = rl;
             d = i.checked_sub(1);
         }

@@ -253,6 +253,7 @@ impl Inner {
             delta.file.write_full(buf, host)
         });
         st.cow = Some(cow);
+        let above = st.top().saturating_sub(d);
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
@@ -261,7 +262,7 @@ impl Inner {
             } else {
                 (fmt::encode_l2_normal(host, true), 0)
             };
-            Self::hot_forget(fast.as_deref(), hdr, vaddr);
+            Self::hot_forget(st.fast.as_deref(), above, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -351,7 +352,7 @@ impl Inner {
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
-        Self::hot_forget(fast.as_deref(), hdr, vaddr);
+        Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(d), vaddr);
         delta.file.submit_bio_io(
             bio.split_ref(),
             boff,
@@ -407,7 +408,6 @@ impl Inner {
     ) -> Result<bool> {
         let (host, alloc, zero) = cur;
         let delta = st.delta(d)?;
-        let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let scs = hdr.subcluster_size();
         let off = hdr.offset_in_cluster(vaddr);
@@ -448,11 +448,12 @@ impl Inner {
             )
         })();
         st.cow = Some(cow);
+        let above = st.top().saturating_sub(d);
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
             let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
-            Self::hot_forget(fast.as_deref(), hdr, vaddr);
+            Self::hot_forget(st.fast.as_deref(), above, vaddr);
             md.set_l2_entry(
                 &delta.file,
                 hdr,

@@ -127,7 +127,6 @@ impl Inner {
         unmap: bool,
     ) -> Result {
         let delta = st.delta(d)?;
-        let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let l2_off = self.l2_for_write(md, &delta.file, hdr, vaddr)?;
@@ -154,8 +153,9 @@ impl Inner {
         } else {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };
+        let above = st.top().saturating_sub(d);
         let md = st.md.get_mut(d).ok_or(EIO)?;
-        Self::hot_forget(fast.as_deref(), hdr, vaddr);
+        Self::hot_forget(st.fast.as_deref(), above, vaddr);
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;
         // The entry no longer points there: now the space may go. (An

@@ -3,7 +3,7 @@
 //! The fast path for allocated clusters (see `hot`) and its lanes.
 //!
 //! `map` sends a read whose clusters the fast path's table knows, one
-//! after the other in the top's file, or such a write without PREFLUSH/FUA
+//! after the other in one delta's file, or such a write without PREFLUSH/FUA
 //! into clusters the top owns, to the lane of the CPU it runs on: a work
 //! item that starts the bios' direct I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
@@ -63,6 +63,17 @@
 //!   entry of the top's metadata cache whenever the state mutex is free
 //!   (each is set under it only at such a point), which is why
 //!   `Inner::warm` may put a whole cached page's entries at once.
+//! - An entry pointing below the top (the chain shows the cluster from a
+//!   lower delta: `Inner::hot_below`) is put only when every delta above
+//!   had nothing for the whole cluster, and removed before the cluster's
+//!   L2 entry changes in that delta or any above it (`hot_forget` in every
+//!   change of an L2 entry: a first write, zeroes or discard giving the
+//!   top the cluster, a merge's copy or drop). A lane read racing the
+//!   top's first write of the cluster reads what the chain showed before,
+//!   as a read racing a write may; once the write's entry is set (before
+//!   the write completes) the entry is gone.
+//!   Lower deltas' clusters are freed only by merges, after the same
+//!   removal and the same wait for the in-flight counter.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
@@ -76,10 +87,11 @@
 //! - While a merge runs the table serves reads only (`Fast::stop_writes`
 //!   at its start, before the in-flight switch that waits for bios mapped
 //!   before): the merge must see every guest write (its redo set). Guest
-//!   reads keep their speed. The merge changes the top's mappings only where the
-//!   locked path does (`hot_forget` before the change): dropping clusters
-//!   it moved out of the top (a backward merge at depth 0), and writing
-//!   into the top where it had nothing (forward), which no entry covers.
+//!   reads keep their speed. The merge changes mappings the way the locked
+//!   path does (`hot_forget` before the change): dropping clusters it
+//!   moved out of the delta merged (the top at depth 0), and copying into
+//!   the receiving delta where it had nothing (the top, forward), where an
+//!   entry may point at the delta the copy comes from.
 //!
 //! `map` itself does not start file I/O: it runs in the submitter's
 //! `submit_bio` with `current->bio_list` active, where a host file
@@ -373,13 +385,13 @@ impl Inner {
         slow
     }
 
-    /// Where in the top's file the fast path would do `bio`'s I/O: every
-    /// cluster of the top it covers is one `fp` knows, each right after the
-    /// one before in the file, so that one I/O serves it (a 1 MiB read or
-    /// write of an image written in order: one I/O, not 16 through the
-    /// worker); a write only into clusters the top owns, without PREFLUSH
-    /// or FUA.
-    fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<u64> {
+    /// Where the fast path would do `bio`'s I/O: which delta's file (how far
+    /// below the top) and where in it. Every cluster it covers is one `fp`
+    /// knows, all in the same delta, each right after the one before in the
+    /// file, so that one I/O serves it (a 1 MiB read or write of an image
+    /// written in order: one I/O, not 16 through the worker); a write only
+    /// into clusters the top owns, without PREFLUSH or FUA.
+    fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<(usize, u64)> {
         let write = match bio.op() {
             Op::Read => false,
             Op::Write
@@ -404,15 +416,15 @@ impl Inner {
         if last - first >= MAX_CLUSTERS {
             return None;
         }
-        let host = fp.map.lookup(cb, first, write)?;
+        let (below, host) = fp.map.lookup(cb, first, write)?;
         let mut next = host;
         for vci in first + 1..=last {
             next = next.checked_add(hdr.cluster_size())?;
-            if fp.map.lookup(cb, vci, write)? != next {
+            if fp.map.lookup(cb, vci, write)? != (below, next) {
                 return None;
             }
         }
-        host.checked_add(hdr.offset_in_cluster(vaddr))
+        Some((below, host.checked_add(hdr.offset_in_cluster(vaddr))?))
     }
 
     /// Starts the I/O of `bio` if the fast path serves it (see
@@ -428,10 +440,13 @@ impl Inner {
         if fp.is_dead() {
             return Err(bio);
         }
-        match self.fast_target(fp, &bio) {
-            Some(pos) => {
+        match self
+            .fast_target(fp, &bio)
+            .and_then(|(below, pos)| Some((fp.delta(below)?, pos)))
+        {
+            Some((delta, pos)) => {
                 let len = bio.size();
-                fp.top.file.submit_bio_io(
+                delta.file.submit_bio_io(
                     bio,
                     0,
                     len,
@@ -461,10 +476,7 @@ impl Inner {
     /// table (for reads only while a merge runs); it stays off if that
     /// cannot be allocated.
     pub(crate) fn fast_on(&self, st: &mut WorkerState) {
-        let new = st
-            .deltas
-            .last()
-            .and_then(|top| Fast::new(top.clone(), st.merge.is_none()).ok());
+        let new = Fast::new(&st.deltas, st.merge.is_none()).ok();
         st.fast = new.clone();
         let old = core::mem::replace(&mut *self.fast.lock(), new);
         if let Some(f) = old {
