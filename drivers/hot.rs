@@ -207,8 +207,13 @@ impl HotMap {
     /// State mutex held (as every change of a slot is, so the check and the
     /// store cannot race another change).
     pub(crate) fn warm(&self, cb: u32, vci: u64, host: u64, owned: bool) {
+        self.warm_at(cb, vci, 0, host, owned);
+    }
+
+    /// `put_at`, but only into a slot that holds nothing (see `warm`).
+    pub(crate) fn warm_at(&self, cb: u32, vci: u64, below: usize, host: u64, owned: bool) {
         if self.slot(vci).is_some_and(|s| s.load(Relaxed) & VALID == 0) {
-            self.put(cb, vci, host, owned);
+            self.put_at(cb, vci, below, host, owned);
         }
     }
 

@@ -619,6 +619,14 @@ impl DeltaMd {
         Ok((!zeroes).then_some(e))
     }
 
+    /// The raw L2 entry for `vaddr` in the table at `l2_off` if its page is
+    /// cached (no I/O; plain entries, not extended L2).
+    pub(crate) fn cached_l2_entry(&self, hdr: &Header, l2_off: u64, vaddr: u64) -> Option<u64> {
+        let pos = Self::l2_pos(hdr, l2_off, vaddr).ok()?;
+        let page = self.cache_page(pos & !(MD_PAGE - 1))?;
+        fmt::table_entry(page, (pos & (MD_PAGE - 1)) / 8)
+    }
+
     /// The raw L2 entry (and extended-L2 bitmap, else 0) for `vaddr`.
     pub(crate) fn l2_entry(
         &mut self,

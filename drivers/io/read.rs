@@ -119,8 +119,14 @@ impl Inner {
     /// nothing for the whole cluster): a plain data cluster wholly inside
     /// `delta`, if the table reaches that far down (see `Fast::delta`).
     /// Reads of a base through a thin top then take the fast path too.
-    fn hot_below(st: &WorkerState, delta: &Arc<Delta>, vaddr: u64, c: &Cluster) {
-        let (Some(f), Cluster::Normal { host, .. }) = (&st.fast, c) else {
+    ///
+    /// The other plain data clusters of `delta`'s cached L2 page for which
+    /// every delta above has nothing (no L2 table, or a cached page of it
+    /// with a zero entry: under a fresh top, all of them) go in too, into
+    /// empty slots, once per table and page, as `warm` does for the top's:
+    /// the first read of each of them need not come through the worker.
+    fn hot_below(st: &mut WorkerState, delta: &Arc<Delta>, vaddr: u64, c: &Cluster) {
+        let (Some(f), Cluster::Normal { host, .. }) = (st.fast.clone(), c) else {
             return;
         };
         let Some(below) = st.deltas.iter().rev().position(|d| Arc::ptr_eq(d, delta)) else {
@@ -132,14 +138,39 @@ impl Inner {
             return;
         }
         let hdr = &delta.hdr;
-        let start = vaddr - hdr.offset_in_cluster(vaddr);
-        if start
-            .checked_add(hdr.cluster_size())
-            .is_some_and(|end| end <= hdr.size)
-        {
-            let cb = hdr.cluster_bits;
+        let (cb, cs) = (hdr.cluster_bits, hdr.cluster_size());
+        let whole = |v: u64| v.checked_add(cs).is_some_and(|end| end <= hdr.size);
+        if whole(vaddr - hdr.offset_in_cluster(vaddr)) {
             f.map.put_at(cb, vaddr >> cb, below, *host, false);
         }
+        // Every delta of a chain has the same cluster size and entry size
+        // (the constructor's check), so the entries of one page of each
+        // cover the same clusters.
+        let at = st.top().saturating_sub(below).saturating_add(1);
+        let n = st.md.len();
+        let (lower, upper) = st.md.split_at_mut(at.min(n));
+        let (Some(md), Some(up)) = (lower.last_mut(), st.deltas.get(at..)) else {
+            return;
+        };
+        let clear = |v: u64| {
+            up.iter()
+                .zip(upper.iter())
+                .all(|(du, mu)| match mu.l1_entry(&du.hdr, v) {
+                    Ok(None) => true,
+                    Ok(Some(e)) => mu.cached_l2_entry(&du.hdr, e.l2_offset, v) == Some(0),
+                    Err(_) => false,
+                })
+        };
+        let Ok(Some(l1e)) = md.l1_entry(hdr, vaddr) else {
+            return;
+        };
+        let _ = md.warm_l2_page(hdr, l1e.l2_offset, vaddr, f.id, |_, v, raw| {
+            if let Ok(Cluster::Normal { host, .. }) = fmt::decode_l2(hdr, raw, 0) {
+                if whole(v) && clear(v) {
+                    f.map.warm_at(cb, v >> cb, below, host, false);
+                }
+            }
+        });
     }
 
     /// Forgets the fast path's lookup for the cluster of `vaddr` before an
