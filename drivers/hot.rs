@@ -16,9 +16,10 @@
 //! tag for the rest of the index and whether the top owns the cluster
 //! outright (COPIED: writes may go in place; never so below the top).
 //! Entries are put and removed with the state mutex held, by code that has
-//! just read or is about to change an L2 entry (or, `Inner::warm`, has just
-//! read another entry of the same metadata page of the top); lookups run
-//! concurrently with that
+//! just read or is about to change an L2 entry (or, `Inner::warm` and
+//! `Inner::hot_below`, has just read another entry of the same metadata
+//! page of the top, or of a lower delta where every delta above has
+//! nothing for the cluster); lookups run concurrently with that
 //! (one atomic word per slot: a lookup sees an entry whole or not at all).
 //! An entry is removed before its cluster's L2 entry changes in the delta
 //! it points into or in any above it (`Inner::hot_forget`, called for every

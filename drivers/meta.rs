@@ -622,6 +622,10 @@ impl DeltaMd {
     /// The raw L2 entry for `vaddr` in the table at `l2_off` if its page is
     /// cached (no I/O; plain entries, not extended L2).
     pub(crate) fn cached_l2_entry(&self, hdr: &Header, l2_off: u64, vaddr: u64) -> Option<u64> {
+        // An extended entry's first word alone does not say what it shows.
+        if hdr.extended_l2() {
+            return None;
+        }
         let pos = Self::l2_pos(hdr, l2_off, vaddr).ok()?;
         let page = self.cache_page(pos & !(MD_PAGE - 1))?;
         fmt::table_entry(page, (pos & (MD_PAGE - 1)) / 8)

@@ -148,6 +148,10 @@ impl Inner {
         // cover the same clusters.
         let at = st.top().saturating_sub(below).saturating_add(1);
         let n = st.md.len();
+        // One metadata set per delta (always so; `zip` below relies on it).
+        if n != st.deltas.len() {
+            return;
+        }
         let (lower, upper) = st.md.split_at_mut(at.min(n));
         let (Some(md), Some(up)) = (lower.last_mut(), st.deltas.get(at..)) else {
             return;

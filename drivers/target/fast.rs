@@ -64,8 +64,11 @@
 //!   (each is set under it only at such a point), which is why
 //!   `Inner::warm` may put a whole cached page's entries at once.
 //! - An entry pointing below the top (the chain shows the cluster from a
-//!   lower delta: `Inner::hot_below`) is put only when every delta above
-//!   had nothing for the whole cluster, and removed before the cluster's
+//!   lower delta: `Inner::hot_below`, which also warms the rest of that
+//!   delta's cached L2 page) is put only when every delta above has
+//!   nothing for the whole cluster (no L2 table, or a zero entry in the
+//!   current cached page of it: exactly `Unallocated`, plain entries
+//!   only), and removed before the cluster's
 //!   L2 entry changes in that delta or any above it (`hot_forget` in every
 //!   change of an L2 entry: a first write, zeroes or discard giving the
 //!   top the cluster, a merge's copy or drop). A lane read racing the
