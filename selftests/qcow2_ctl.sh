@@ -531,8 +531,8 @@ case_fast_during_merge() {
 }
 
 # Reads of clusters only a lower delta maps take the fast path too (its
-# table learns which delta shows them, a whole L2 page of them where the
-# top has no table there); a first write into such a cluster,
+# table learns which delta shows them, a whole L2 page of them where no
+# delta above maps any); a first write into such a cluster,
 # a write-zeroes and a discard of one, a backward merge of the delta they
 # come from (copying into the base's holes, dropping what it moved) and a
 # forward merge into the top each change an L2 entry of the cluster, and
@@ -554,7 +554,8 @@ case_fast_below() {
 	# a cluster only the base shows, one the middle delta shows
 	fast_reads v $((1 * MIB)) up
 	fast_reads v $((4 * MIB + 4096)) up
-	# the top has no L2 table: a lookup put the other clusters of the
+	# nothing above maps them (the top has no L2 table, the middle delta's
+	# has zero entries there): a lookup put the other clusters of the
 	# delta's L2 page in too, so a first read of one takes the fast path
 	fast_count v up "a first read at 3.5M" dmq_run dd if="$DEV" of=/dev/null \
 		bs=4k count=1 skip=$((3 * 256 + 128 + 1)) iflag=direct status=none
