@@ -22,10 +22,10 @@
 //! nothing for the cluster); lookups run concurrently with that
 //! (one atomic word per slot: a lookup sees an entry whole or not at all).
 //! An entry is removed before its cluster's L2 entry changes in the delta
-//! it points into or in any above it (`Inner::hot_forget`, called for every
-//! change of an L2 entry), so one pointing below the top goes before the
-//! top (or a delta between) maps the cluster, and before a merge changes
-//! the delta it points into.
+//! it points into or in any above it (`WorkerState::hot_forget`, called
+//! for every change of an L2 entry), so one pointing below the top goes
+//! before the top (or a delta between) maps the cluster, and before a
+//! merge changes the delta it points into.
 //! Why a lookup racing a change is harmless, and how a freed cluster is
 //! kept from lane I/O until it is reused, is in `target::fast`. Everything
 //! else that changes the chain's mappings wholesale (a merge's end, resume)

@@ -112,6 +112,18 @@ impl WorkerState {
         self.fast.clone().filter(|_| d == self.top())
     }
 
+    /// Forgets the fast path's lookup for the cluster of `vaddr` (if on)
+    /// before an L2 entry of it changes in delta `d`: an entry may point
+    /// below the top, where a change of the top or of a delta between makes
+    /// it wrong; one pointing above `d` stays right. Every change of an L2
+    /// entry, of any delta, calls this first.
+    pub(crate) fn hot_forget(&self, d: usize, vaddr: u64) {
+        if let Some(f) = &self.fast {
+            let above = self.top().saturating_sub(d);
+            f.map.del(vaddr >> f.top.hdr.cluster_bits, above);
+        }
+    }
+
     /// Removes delta `d` from the chain; the ones above it move down one id.
     pub(crate) fn unlink(&mut self, d: usize) -> Result<Arc<Delta>> {
         let n = self.deltas.len();

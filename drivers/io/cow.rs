@@ -434,7 +434,7 @@ impl Inner {
     fn gang_point(&self, st: &mut WorkerState, f: &Fill) -> Result {
         let delta = st.delta(f.d)?;
         let hdr = &delta.hdr;
-        Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(f.d), f.vaddr);
+        st.hot_forget(f.d, f.vaddr);
         let raw = fmt::encode_l2_normal(f.host, true);
         let md = st.md.get_mut(f.d).ok_or(EIO)?;
         md.set_l2_entry(&delta.file, hdr, f.l2_off, f.vaddr, raw, 0)

@@ -177,17 +177,6 @@ impl Inner {
         });
     }
 
-    /// Forgets the fast path's lookup for the cluster of `vaddr` before an
-    /// L2 entry of it changes in the delta `above` deltas below the top (0:
-    /// the top) (`fast`: the fast path, if on): an entry may point below
-    /// the top, where a change of the top or of a delta between makes it
-    /// wrong; one pointing above the changed delta stays right.
-    pub(crate) fn hot_forget(fast: Option<&Fast>, above: usize, vaddr: u64) {
-        if let Some(f) = fast {
-            f.map.del(vaddr >> f.top.hdr.cluster_bits, above);
-        }
-    }
-
     /// Resolves the first run of `[vaddr, vaddr + len)` (inside one cluster)
     /// from delta `d` down: returns the delta that holds it, what it is and
     /// its length. Unallocated everywhere, or past a delta's end, is zero.

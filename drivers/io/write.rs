@@ -253,7 +253,9 @@ impl Inner {
             delta.file.write_full(buf, host)
         });
         st.cow = Some(cow);
-        let above = st.top().saturating_sub(d);
+        if res.is_ok() {
+            st.hot_forget(d, vaddr);
+        }
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
@@ -262,7 +264,6 @@ impl Inner {
             } else {
                 (fmt::encode_l2_normal(host, true), 0)
             };
-            Self::hot_forget(st.fast.as_deref(), above, vaddr);
             md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
                 .map_err(|e| self.md_error(e))
         });
@@ -352,7 +353,7 @@ impl Inner {
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
-        Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(d), vaddr);
+        st.hot_forget(d, vaddr);
         delta.file.submit_bio_io(
             bio.split_ref(),
             boff,
@@ -448,12 +449,13 @@ impl Inner {
             )
         })();
         st.cow = Some(cow);
-        let above = st.top().saturating_sub(d);
+        if res.is_ok() {
+            st.hot_forget(d, vaddr);
+        }
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = res.and_then(|()| {
             // Data is on disk: now make it reachable.
             let bitmap = (u64::from(zero & !mask) << 32) | u64::from(alloc | mask);
-            Self::hot_forget(st.fast.as_deref(), above, vaddr);
             md.set_l2_entry(
                 &delta.file,
                 hdr,

@@ -153,9 +153,8 @@ impl Inner {
         } else {
             (fmt::encode_l2_zero(keep, keep.is_some()), 0)
         };
-        let above = st.top().saturating_sub(d);
+        st.hot_forget(d, vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
-        Self::hot_forget(st.fast.as_deref(), above, vaddr);
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, nraw, nbitmap)
             .map_err(|e| self.md_error(e))?;
         // The entry no longer points there: now the space may go. (An

@@ -315,7 +315,7 @@ impl Inner {
             let raw = fmt::encode_l2_normal(hosts.get(set).copied().ok_or(EIO)?, true);
             // An entry of the fast path pointing into `dst` (or below) is
             // forgotten before `dst`'s entry changes (see `hot`).
-            Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(dst), v);
+            st.hot_forget(dst, v);
             res = st
                 .md
                 .get_mut(dst)
@@ -405,7 +405,7 @@ impl Inner {
             return Ok(());
         }
         // The fast path's reads of the cluster stop here (see `target::fast`).
-        Self::hot_forget(st.fast.as_deref(), st.top().saturating_sub(d), vaddr);
+        st.hot_forget(d, vaddr);
         let md = st.md.get_mut(d).ok_or(EIO)?;
         md.set_l2_entry(&delta.file, hdr, l2_off, vaddr, 0, 0)?;
         self.free_entry(st, d, &c);
