@@ -57,7 +57,7 @@ const BELOW_BITS: u32 = 4;
 const TAG_SHIFT: u32 = HOST_BITS + BELOW_BITS;
 const TAG_BITS: u32 = 18;
 /// Deltas below the top an entry may point into at most.
-pub(crate) const MAX_BELOW: usize = (1 << BELOW_BITS) - 1;
+const MAX_BELOW: usize = (1 << BELOW_BITS) - 1;
 /// Table size bounds, in slots (8 bytes each). At most 2 MiB: one slot per
 /// cluster of a 16 GiB image of 64 KiB clusters; beyond, clusters share
 /// slots, and a working set larger than the table evicts itself. With 64 Ki
