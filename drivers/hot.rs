@@ -33,6 +33,9 @@
 //! new one is empty, for the chain of then. While a merge runs the table
 //! serves reads only (`Fast::stop_writes`).
 //!
+//! Beside the table, a bitmap (`ZeroMap`) says which clusters the chain
+//! shows as zeroes; reads of those only are answered in `map` itself.
+//!
 //! A slot may come from a cached L2 page not committed yet (see `meta`).
 //! The fast path never serves a FUA or flush bio (those take the locked
 //! path): a flush commits the mapping (or fails) before it completes.
@@ -66,6 +69,10 @@ const MAX_BELOW: usize = (1 << BELOW_BITS) - 1;
 /// with 256 Ki, 91% to 100%.
 const MIN_SLOTS: u64 = 64;
 const MAX_SLOTS: u64 = 1 << 18;
+/// Clusters the zero map covers at most (2 MiB of bits: 1 TiB of 64 KiB
+/// clusters, 64 GiB of 4 KiB ones); reads of clusters beyond go through
+/// the worker as before.
+const ZERO_MAX_CLUSTERS: u64 = 1 << 24;
 
 /// The fast path while it is on: the top and what is known of it.
 pub(crate) struct Fast {
@@ -76,6 +83,8 @@ pub(crate) struct Fast {
     /// at one all the same.
     below: KVec<Arc<Delta>>,
     pub(crate) map: HotMap,
+    /// The clusters the chain shows as zeroes.
+    pub(crate) zero: ZeroMap,
     /// Tells this table from every other one (never 0): marks the metadata
     /// pages whose entries went into it (`Inner::warm`).
     pub(crate) id: u64,
@@ -102,11 +111,13 @@ impl Fast {
             below.push(d.clone(), GFP_KERNEL)?;
         }
         let map = HotMap::new(top.hdr.size >> cb)?;
+        let zero = ZeroMap::new(top.hdr.size.div_ceil(top.hdr.cluster_size()))?;
         Ok(Arc::new(
             Self {
                 top,
                 below,
                 map,
+                zero,
                 id: NEXT_ID.fetch_add(1, Relaxed),
                 dead: AtomicBool::new(false),
                 writes: AtomicBool::new(writes),
@@ -255,5 +266,82 @@ impl HotMap {
         }
         let below = ((v >> HOST_BITS) & ((1 << BELOW_BITS) - 1)) as usize;
         Some((below, v & ((1 << HOST_BITS) - 1)))
+    }
+}
+
+/// One bit per cluster: set, the chain shows the whole cluster as zeroes
+/// (every delta has nothing for it, or the first that has something has
+/// a zero cluster, or it lies past the end of the first delta without
+/// it). A read of such clusters only is answered in `map` with zeroes: no
+/// lane, no worker, no I/O (`Inner::fast_zero`); reads of a thin image's
+/// holes (a fresh image, a sparse one read at random) then cost what a
+/// read of dm-zero does. A bit is set and cleared with the state mutex
+/// held as the table's entries are (`Inner::resolve`, `Inner::warm`,
+/// and `WorkerState::hot_forget` before every change of an L2 entry of any
+/// delta for the cluster: a guest write, write-zeroes, discard, a merge's
+/// copy or drop). Dense, unlike the table: 64 GiB of 64 KiB clusters take
+/// 128 KiB, and no cluster evicts another.
+pub(crate) struct ZeroMap {
+    words: KVVec<AtomicU64>,
+}
+
+impl ZeroMap {
+    /// A map for an image of `clusters` clusters (the first
+    /// `ZERO_MAX_CLUSTERS` of them).
+    fn new(clusters: u64) -> Result<Self> {
+        let n = clusters.min(ZERO_MAX_CLUSTERS).div_ceil(64) as usize;
+        let mut words = KVVec::with_capacity(n, gfp_kv())?;
+        for _ in 0..n {
+            words.push(AtomicU64::new(0), GFP_KERNEL)?;
+        }
+        Ok(Self { words })
+    }
+
+    fn bit(&self, vci: u64) -> Option<(&AtomicU64, u64)> {
+        let w = self.words.get(usize::try_from(vci / 64).ok()?)?;
+        Some((w, 1 << (vci % 64)))
+    }
+
+    /// Remembers that the chain shows cluster `vci` as zeroes. State mutex
+    /// held.
+    pub(crate) fn set(&self, vci: u64) {
+        if let Some((w, m)) = self.bit(vci) {
+            // A load first: a stream of reads of known zeroes must not pull
+            // the line from the CPUs reading it.
+            if w.load(Relaxed) & m == 0 {
+                w.fetch_or(m, Relaxed);
+            }
+        }
+    }
+
+    /// `set` for the clusters `first..end` (those the map covers).
+    pub(crate) fn set_range(&self, first: u64, end: u64) {
+        let end = end.min((self.words.len() as u64).saturating_mul(64));
+        let mut v = first;
+        while v < end {
+            let n = (64 - v % 64).min(end - v);
+            let m = (u64::MAX >> (64 - n)) << (v % 64);
+            if let Some(w) = usize::try_from(v / 64).ok().and_then(|i| self.words.get(i)) {
+                if w.load(Relaxed) & m != m {
+                    w.fetch_or(m, Relaxed);
+                }
+            }
+            v += n;
+        }
+    }
+
+    /// Forgets that cluster `vci` is zeroes (an L2 entry of it is about to
+    /// change). State mutex held.
+    pub(crate) fn clear(&self, vci: u64) {
+        if let Some((w, m)) = self.bit(vci) {
+            if w.load(Relaxed) & m != 0 {
+                w.fetch_and(!m, Relaxed);
+            }
+        }
+    }
+
+    /// Whether the chain shows cluster `vci` as zeroes.
+    pub(crate) fn is_zero(&self, vci: u64) -> bool {
+        self.bit(vci).is_some_and(|(w, m)| w.load(Relaxed) & m != 0)
     }
 }

@@ -39,7 +39,7 @@ use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use fast::Lanes;
+use fast::{FastRoute, Lanes};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -120,7 +120,10 @@ impl WorkerState {
     pub(crate) fn hot_forget(&self, d: usize, vaddr: u64) {
         if let Some(f) = &self.fast {
             let above = self.top().saturating_sub(d);
-            f.map.del(vaddr >> f.top.hdr.cluster_bits, above);
+            let vci = vaddr >> f.top.hdr.cluster_bits;
+            f.map.del(vci, above);
+            // Whichever delta changes, the cluster may stop being zeroes.
+            f.zero.clear(vci);
         }
     }
 
@@ -386,12 +389,21 @@ impl dm::Target for Qcow2 {
 
     fn map(&self, bio: Bio) {
         self.inner.note_guest_io();
-        match bio.op() {
-            Op::Read | Op::Write if bio.size() > 0 && self.inner.fast_candidate(&bio) => {
+        let route = match bio.op() {
+            Op::Read | Op::Write if bio.size() > 0 => self.inner.fast_route(&bio),
+            _ => None,
+        };
+        match route {
+            Some(FastRoute::Zeroes) => return self.inner.end_zeroes(bio),
+            Some(FastRoute::Lane) => {
                 if let Err(bio) = self.lanes.queue(bio) {
                     self.inner.queue(bio)
                 }
+                return;
             }
+            None => {}
+        }
+        match bio.op() {
             Op::Read if bio.size() > 0 => self.inner.queue(bio),
             Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => {
                 self.inner.queue(bio)

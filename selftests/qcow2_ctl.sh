@@ -631,6 +631,115 @@ case_fast_below() {
 	same dev.raw before.raw "the device is not what it was before the merges"
 }
 
+# Reads of clusters the chain shows as zeroes (a hole in every delta, a
+# zero cluster of the top over data of the base, one of the base, its
+# preallocated zero clusters, past the end of a smaller base) are answered
+# in `map` with zeroes (fast_bios counts them; one lookup makes the rest
+# of its metadata page known); a write, write-zeroes or discard of such a
+# cluster shows at once, with fio reading the same range beside; a forward
+# merge leaves the device as it was; a fresh image's first read makes its
+# whole L2 range known. The device is what QEMU reads of the chain
+# throughout.
+case_fast_zero() {
+	local k off
+	need "$FIO"
+	dmq_img_create base.qcow2 8M cluster_size=64k
+	dmq_write base.qcow2 r:0:2M z:2M:1M r:3M:1M z:3M:512k
+	dmq_img_create top.qcow2 16M cluster_size=64k base.qcow2
+	dmq_write top.qcow2 z:1M:512k r:12M:1M
+	trap on_exit EXIT
+	map_rw rw:base.qcow2 top.qcow2
+	convert top.qcow2 want.raw
+	for off in $((6 * MIB)) $((1 * MIB + 4096)) $((2 * MIB + 8192)) $((3 * MIB)) \
+		$((10 * MIB + 4096)); do
+		fast_reads v "$off" up
+	done
+	# first reads of other holes: in the base's page (7M) and past its end
+	# (14M, from the top's page)
+	fast_count v up "a first read at 7M" dmq_run dd if="$DEV" of=/dev/null \
+		bs=4k count=1 skip=$((7 * 256 + 3)) iflag=direct status=none
+	fast_count v up "a first read at 14M" dmq_run dd if="$DEV" of=/dev/null \
+		bs=4k count=1 skip=$((14 * 256 + 5)) iflag=direct status=none
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device differs from the chain"
+	"$FIO" --output=fio-bg.log --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randread --bs=4k --iodepth=8 --size=16M \
+		--time_based --runtime=600 --name=r &
+	BG_PIDS+=($!)
+	random w.bin 4k
+	: >zero.bin
+	truncate -s 64k zero.bin
+	for k in $(seq 0 7); do
+		# a hole everywhere, a zero cluster of the top over base data, one
+		# of the base, one past the base's end: read (known zeroes), then
+		# written
+		for off in $(((6 * 16 + k) * 65536)) $(((16 + k) * 65536)) \
+			$(((32 + k) * 65536)) $(((160 + k) * 65536)); do
+			read_twice "$off"
+			put w.bin "$DEV" $((off + 8192))
+			expect_at "$DEV" $((off + 8192)) w.bin
+			dmq_run dd if=w.bin of=want.raw bs=4k seek=$(((off + 8192) / 4096)) \
+				conv=notrunc status=none
+		done
+		# write-zeroes of a data cluster of the top, a discard of one of
+		# the base: zeroes at once, and known as such
+		off=$(((192 + k) * 65536))
+		read_twice "$off"
+		dmq_run blkdiscard -z -o "$off" -l 65536 "$DEV"
+		expect_at "$DEV" "$off" zero.bin
+		read_twice "$off"
+		dmq_run dd if=zero.bin of=want.raw bs=64k seek=$((192 + k)) conv=notrunc status=none
+		off=$(((8 + k) * 65536))
+		read_twice "$off"
+		dmq_run blkdiscard -o "$off" -l 65536 "$DEV"
+		expect_at "$DEV" "$off" zero.bin
+		read_twice "$off"
+		dmq_run dd if=zero.bin of=want.raw bs=64k seek=$((8 + k)) conv=notrunc status=none
+		# and a zeroed cluster written again
+		put w.bin "$DEV" "$off"
+		expect_at "$DEV" "$off" w.bin
+		dmq_run dd if=w.bin of=want.raw bs=4k seek=$((off / 4096)) conv=notrunc status=none
+	done
+	kill "${BG_PIDS[0]}" 2>/dev/null
+	wait "${BG_PIDS[0]}" 2>/dev/null
+	BG_PIDS=()
+	grep -qEi 'err= *[1-9]' fio-bg.log && { cat fio-bg.log; dmq_fail "fio's reads failed"; }
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device differs from what was written"
+	# the base merged forward into the top; reads of holes keep their path
+	fast_reads v $((5 * MIB)) up
+	msg_ok v merge_forward start -1 1
+	dmq_wait_ready v merge_forward
+	fast_reads v $((5 * MIB)) up
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device changed with the forward merge"
+	msg_ok v merge_forward complete
+	[ "$(chain_len v)" = 1 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	fast_reads v $((5 * MIB)) up
+	dump "$DEV" dev.raw
+	same dev.raw want.raw "the device changed with the forward merge's completion"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2 top.qcow2
+	convert top.qcow2 top.raw
+	same top.raw want.raw "qemu-img convert of top.qcow2 differs from the device"
+	# a fresh image (no L2 table): one read makes every cluster known
+	dmq_img_create fresh.qcow2 64M cluster_size=64k
+	map_rw rw:fresh.qcow2
+	dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 iflag=direct status=none
+	fast_count v up "a first read at 40M" dmq_run dd if="$DEV" of=/dev/null \
+		bs=4k count=1 skip=$((40 * 256 + 7)) iflag=direct status=none
+	put w.bin "$DEV" $((40 * MIB + 4096))
+	expect_at "$DEV" $((40 * MIB + 4096)) w.bin
+	fast_reads v $((40 * MIB + 65536)) up
+	dump "$DEV" dev.raw
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images fresh.qcow2
+	convert fresh.qcow2 want.raw
+	same dev.raw want.raw "qemu-img convert of fresh.qcow2 differs from the device"
+	cmp -s -n 4096 -i $((40 * MIB + 4096)):0 dev.raw w.bin ||
+		dmq_fail "the write at 40M+4k is not in fresh.qcow2"
+}
+
 # The first lookup in one of the top's L2 pages puts the page's other data
 # clusters into the fast path's table: a first read of another cluster of
 # the page, and a first write in place into one, take the fast path; a 4k
@@ -1346,6 +1455,7 @@ DMQ_CASES=(
 	status_info
 	fast_during_merge
 	fast_below
+	fast_zero
 	fast_warm
 	reads_during_merge
 	status_counts

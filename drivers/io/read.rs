@@ -79,7 +79,11 @@ impl Inner {
         let (raw, bitmap) = md.l2_entry(&delta.file, &delta.hdr, l2_off, vaddr)?;
         let c = fmt::decode_l2(&delta.hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         if let (Some(f), true) = (&st.fast, is_top) {
-            Self::warm(f, md, &delta.hdr, l2_off, vaddr);
+            let (lower, md) = st.md.split_at_mut(d);
+            let (Some(md), Some(below)) = (md.first_mut(), st.deltas.get(..d)) else {
+                return Ok(c);
+            };
+            Self::warm(f, md, &delta.hdr, l2_off, vaddr, (below, lower));
             if let Cluster::Normal { host, copied } = c {
                 let writable = Self::hot_writable(md, &delta.hdr, host, copied);
                 let cb = delta.hdr.cluster_bits;
@@ -104,29 +108,122 @@ impl Inner {
     /// any time under the state mutex); entries that do not decode are
     /// left to the lookup that meets them. At most `MD_PAGE / 8` entries.
     /// Best effort: what it cannot do is left to those lookups.
-    pub(super) fn warm(f: &Fast, md: &mut DeltaMd, hdr: &Header, l2_off: u64, vaddr: u64) {
+    ///
+    /// The page's clusters that the chain shows as zeroes go into the zero
+    /// map: zero clusters, and unallocated ones for which every delta
+    /// `lower` (base first, with its metadata) has nothing or zeroes too,
+    /// as far as its metadata cache knows without I/O (`chain_zero`).
+    pub(super) fn warm(
+        f: &Fast,
+        md: &mut DeltaMd,
+        hdr: &Header,
+        l2_off: u64,
+        vaddr: u64,
+        lower: (&[Arc<Delta>], &[DeltaMd]),
+    ) {
         let cb = hdr.cluster_bits;
-        let _ = md.warm_l2_page(hdr, l2_off, vaddr, f.id, |md, v, raw| {
-            if let Ok(Cluster::Normal { host, copied }) = fmt::decode_l2(hdr, raw, 0) {
-                f.map
-                    .warm(cb, v >> cb, host, Self::hot_writable(md, hdr, host, copied));
+        let _ = md.warm_l2_page(hdr, l2_off, vaddr, f.id, |md, v, raw| match fmt::decode_l2(
+            hdr, raw, 0,
+        ) {
+            Ok(Cluster::Normal { host, copied }) => {
+                let owned = Self::hot_writable(md, hdr, host, copied);
+                f.map.warm(cb, v >> cb, host, owned);
             }
+            Ok(Cluster::Zero | Cluster::ZeroPrealloc { .. }) => f.zero.set(v >> cb),
+            Ok(Cluster::Unallocated) if Self::chain_zero(cb, v, lower) => f.zero.set(v >> cb),
+            _ => {}
         });
     }
 
-    /// Puts the fast path's entry for the cluster of `vaddr`, which the
-    /// chain shows from `delta` below the top (every delta above it has
-    /// nothing for the whole cluster): a plain data cluster wholly inside
-    /// `delta`, if the table reaches that far down (see `Fast::delta`).
-    /// Reads of a base through a thin top then take the fast path too.
+    /// Whether the deltas `chain` (base first, with their metadata) show
+    /// the whole cluster at `v` as zeroes, as far as their cached metadata
+    /// says (no I/O: a page not cached is a no): no L2 table or an
+    /// unallocated entry all the way down, or a zero cluster, or the end of
+    /// a delta, under unallocated entries only.
+    fn chain_zero(cb: u32, v: u64, chain: (&[Arc<Delta>], &[DeltaMd])) -> bool {
+        let (deltas, mds) = chain;
+        if deltas.len() != mds.len() {
+            return false;
+        }
+        for (d, md) in deltas.iter().zip(mds).rev() {
+            let hdr = &d.hdr;
+            if hdr.cluster_bits != cb || hdr.extended_l2() {
+                return false;
+            }
+            // Lower deltas are never larger: past this one's end, zeroes.
+            if v >= hdr.size {
+                return true;
+            }
+            let e = match md.l1_entry(hdr, v) {
+                Ok(None) => continue,
+                Ok(Some(e)) => e,
+                Err(_) => return false,
+            };
+            match md
+                .cached_l2_entry(hdr, e.l2_offset, v)
+                .map(|raw| fmt::decode_l2(hdr, raw, 0))
+            {
+                Some(Ok(Cluster::Unallocated)) => continue,
+                Some(Ok(Cluster::Zero | Cluster::ZeroPrealloc { .. })) => return true,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Notes in the fast path's zero map that the chain shows the whole
+    /// cluster of `vaddr` as zeroes (`resolve` found it so from the top
+    /// down). Where no delta has an L2 table for it either (a fresh image,
+    /// or a thin top over a base with none there), every cluster such a
+    /// table would map is zeroes too, and the whole range goes in at once:
+    /// the first read of a fresh image's 512 MiB (64 KiB clusters) makes
+    /// the rest of them known.
+    fn hot_zero(st: &WorkerState, vaddr: u64) {
+        let Some(f) = &st.fast else {
+            return;
+        };
+        // The table's chain is this one (it is replaced whenever the chain
+        // changes); checked rather than assumed, as it costs nothing.
+        if !st.deltas.last().is_some_and(|t| Arc::ptr_eq(t, &f.top)) {
+            return;
+        }
+        let hdr = &f.top.hdr;
+        let (cb, span) = (hdr.cluster_bits, hdr.l1_coverage());
+        let start = vaddr & !(span - 1);
+        let no_tables = st.md.len() == st.deltas.len()
+            && st.deltas.iter().zip(st.md.iter()).all(|(d, md)| {
+                d.hdr.cluster_bits == cb
+                    && !d.hdr.extended_l2()
+                    && (start >= d.hdr.size || matches!(md.l1_entry(&d.hdr, start), Ok(None)))
+            });
+        if no_tables && !hdr.extended_l2() {
+            let end = start.saturating_add(span).min(hdr.size);
+            f.zero
+                .set_range(start >> cb, end.div_ceil(hdr.cluster_size()));
+        } else {
+            f.zero.set(vaddr >> cb);
+        }
+    }
+
+    /// The chain shows the cluster of `vaddr` from `delta`, below the top
+    /// (every delta above it has nothing for the whole cluster), and `c` is
+    /// its entry there. Puts the fast path's entry for it if it is a plain
+    /// data cluster wholly inside `delta` and the table reaches that far
+    /// down (see `Fast::delta`): reads of a base through a thin top then
+    /// take the fast path too.
     ///
-    /// The other plain data clusters of `delta`'s cached L2 page for which
-    /// every delta above has nothing (no L2 table, or a cached page of it
-    /// with a zero entry: under a fresh top, all of them) go in too, into
-    /// empty slots, once per table and page, as `warm` does for the top's:
-    /// the first read of each of them need not come through the worker.
+    /// The other entries of `delta`'s cached L2 page for which every delta
+    /// above has nothing (no L2 table, or a cached page of it with a zero
+    /// entry: under a fresh top, all of them) go in too, once per table and
+    /// page, as `warm` does for the top's: plain data clusters into empty
+    /// slots, and those the chain shows as zeroes from there down (a zero
+    /// cluster, or an unallocated one over deltas with nothing either, see
+    /// `chain_zero`) into the zero map. The first read of each of them need
+    /// not come through the worker. `resolve` calls this for the base with
+    /// `Unallocated` when no delta had the cluster: the base's page then
+    /// tells where the chain has holes.
     fn hot_below(st: &mut WorkerState, delta: &Arc<Delta>, vaddr: u64, c: &Cluster) {
-        let (Some(f), Cluster::Normal { host, .. }) = (st.fast.clone(), c) else {
+        let Some(f) = st.fast.clone() else {
             return;
         };
         let Some(below) = st.deltas.iter().rev().position(|d| Arc::ptr_eq(d, delta)) else {
@@ -134,26 +231,35 @@ impl Inner {
         };
         // The table's chain is this one (it is replaced whenever the chain
         // changes); checked rather than assumed, as it costs nothing.
-        if !f.delta(below).is_some_and(|d| Arc::ptr_eq(d, delta)) {
+        if below == 0 || !st.deltas.last().is_some_and(|t| Arc::ptr_eq(t, &f.top)) {
             return;
         }
+        // Entries of the table may point into `delta`.
+        let reach = f.delta(below).is_some_and(|d| Arc::ptr_eq(d, delta));
         let hdr = &delta.hdr;
         let (cb, cs) = (hdr.cluster_bits, hdr.cluster_size());
         let whole = |v: u64| v.checked_add(cs).is_some_and(|end| end <= hdr.size);
-        if whole(vaddr - hdr.offset_in_cluster(vaddr)) {
-            f.map.put_at(cb, vaddr >> cb, below, *host, false);
+        if let Cluster::Normal { host, .. } = c {
+            if reach && whole(vaddr - hdr.offset_in_cluster(vaddr)) {
+                f.map.put_at(cb, vaddr >> cb, below, *host, false);
+            }
         }
         // Every delta of a chain has the same cluster size and entry size
         // (the constructor's check), so the entries of one page of each
         // cover the same clusters.
-        let at = st.top().saturating_sub(below).saturating_add(1);
+        let i = st.top() - below;
         let n = st.md.len();
         // One metadata set per delta (always so; `zip` below relies on it).
         if n != st.deltas.len() {
             return;
         }
-        let (lower, upper) = st.md.split_at_mut(at.min(n));
-        let (Some(md), Some(up)) = (lower.last_mut(), st.deltas.get(at..)) else {
+        let (lower, upper) = st.md.split_at_mut(i.saturating_add(1).min(n));
+        let (deeper, md) = lower.split_at_mut(i.min(lower.len()));
+        let (Some(md), Some(up), Some(down)) = (
+            md.first_mut(),
+            st.deltas.get(i.saturating_add(1)..),
+            st.deltas.get(..i),
+        ) else {
             return;
         };
         let clear = |v: u64| {
@@ -169,10 +275,18 @@ impl Inner {
             return;
         };
         let _ = md.warm_l2_page(hdr, l1e.l2_offset, vaddr, f.id, |_, v, raw| {
-            if let Ok(Cluster::Normal { host, .. }) = fmt::decode_l2(hdr, raw, 0) {
-                if whole(v) && clear(v) {
+            if !clear(v) {
+                return;
+            }
+            match fmt::decode_l2(hdr, raw, 0) {
+                Ok(Cluster::Normal { host, .. }) if reach && whole(v) => {
                     f.map.warm_at(cb, v >> cb, below, host, false);
                 }
+                Ok(Cluster::Zero | Cluster::ZeroPrealloc { .. }) => f.zero.set(v >> cb),
+                Ok(Cluster::Unallocated) if Self::chain_zero(cb, v, (down, &*deeper)) => {
+                    f.zero.set(v >> cb);
+                }
+                _ => {}
             }
         });
     }
@@ -189,13 +303,16 @@ impl Inner {
     ) -> Result<(usize, RunKind, u64)> {
         // Every delta passed had nothing for the whole cluster (the fast
         // path may learn where the chain shows it from).
-        let mut clear_above = d == st.top();
+        let mut clear_above = d == st.top() && st.fast.is_some();
         let mut d = Some(d);
         while let Some(i) = d {
             let delta = st.delta(i)?;
             let hdr = &delta.hdr;
             // Lower deltas are never larger than the ones above them.
             if vaddr >= hdr.size {
+                if clear_above && vaddr - hdr.offset_in_cluster(vaddr) >= hdr.size {
+                    Self::hot_zero(st, vaddr);
+                }
                 return Ok((i, RunKind::Zero, len));
             }
             len = len.min(hdr.size - vaddr);
@@ -205,14 +322,24 @@ impl Inner {
                 return Err(EIO);
             }
             if kind != RunKind::Unallocated {
-                if clear_above && i != st.top() {
-                    Self::hot_below(st, &delta, vaddr, &c);
+                if clear_above {
+                    if matches!(c, Cluster::Zero | Cluster::ZeroPrealloc { .. }) {
+                        Self::hot_zero(st, vaddr);
+                    }
+                    if i != st.top() {
+                        Self::hot_below(st, &delta, vaddr, &c);
+                    }
                 }
                 return Ok((i, kind, rl));
             }
             clear_above &= matches!(c, Cluster::Unallocated);
             len = rl;
             d = i.checked_sub(1);
+        }
+        if clear_above {
+            Self::hot_zero(st, vaddr);
+            let base = st.delta(0)?;
+            Self::hot_below(st, &base, vaddr, &Cluster::Unallocated);
         }
         Ok((0, RunKind::Zero, len))
     }

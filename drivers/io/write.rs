@@ -99,11 +99,12 @@ impl Inner {
         let fast = st.fast_for(d);
         let hdr = &delta.hdr;
         let off = hdr.offset_in_cluster(vaddr);
-        let md = st.md.get_mut(d).ok_or(EIO)?;
+        let (lower, md) = st.md.split_at_mut(d);
+        let md = md.first_mut().ok_or(EIO)?;
         let l2_off = self.l2_for_write(md, &delta.file, hdr, vaddr)?;
         let (raw, bitmap) = md.l2_entry(&delta.file, hdr, l2_off, vaddr)?;
-        if let Some(f) = &fast {
-            Self::warm(f, md, hdr, l2_off, vaddr);
+        if let (Some(f), Some(below)) = (&fast, st.deltas.get(..d)) {
+            Self::warm(f, md, hdr, l2_off, vaddr, (below, lower));
         }
         let c = fmt::decode_l2(hdr, raw, bitmap).map_err(|e| corrupt(d, e))?;
         // A running merge must see this change of `d`.

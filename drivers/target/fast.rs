@@ -77,6 +77,20 @@
 //!   the write completes) the entry is gone.
 //!   Lower deltas' clusters are freed only by merges, after the same
 //!   removal and the same wait for the in-flight counter.
+//! - A read of clusters the zero map says the chain shows as zeroes is
+//!   answered in `map` (`Inner::end_zeroes`): no file I/O, so no hold. A
+//!   bit is set only from what the state showed under the mutex (a lookup
+//!   that found the cluster zeroes all the way down, or a page's other
+//!   entries read the same way from cached pages), and cleared by the same
+//!   `hot_forget` before any L2 entry of the cluster changes, in any delta.
+//!   `map` looks only at the current table (one retired was replaced under
+//!   the same spinlock first); between a merge's unlink of a delta and the
+//!   table's replacement the old bits still hold, as a merge changes what
+//!   no cluster shows (nor does its cancel). A read racing
+//!   a write of the cluster may see zeroes, as through the worker; one
+//!   submitted after the write completed cannot (the bit went before the
+//!   write's entry changed, hence before it completed). The table's own
+//!   lookup goes first: a bio it knows takes a lane.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
@@ -120,6 +134,14 @@ const STREAM_IDLE: u32 = 64;
 /// Clusters one bio of the fast path may cover at most (bounds the lookups
 /// per bio; larger bios take the worker).
 const MAX_CLUSTERS: u64 = 256;
+
+/// Where `map` sends a bio the fast path knows (`Inner::fast_route`).
+pub(crate) enum FastRoute {
+    /// A lane starts its I/O.
+    Lane,
+    /// A read of zeroes: ended in `map` (`Inner::end_zeroes`).
+    Zeroes,
+}
 
 /// One CPU's lane: bios the fast path may serve, started by `work`.
 #[pin_data]
@@ -348,12 +370,52 @@ impl Inner {
         }
     }
 
-    /// Whether `bio` is worth a lane: the fast path is on and its table
-    /// knows the cluster (a hint; the lane looks again).
-    pub(crate) fn fast_candidate(&self, bio: &Bio) -> bool {
+    /// Where `map` sends `bio` (a read or write of some bytes) if the fast
+    /// path is on and knows its clusters: a lane if the table has them (a
+    /// hint; the lane looks again), `Zeroes` if it is a read of clusters
+    /// the chain shows as zeroes only (`hot::ZeroMap`); `None` otherwise
+    /// (the worker).
+    pub(crate) fn fast_route(&self, bio: &Bio) -> Option<FastRoute> {
         let fp = self.fast.lock();
-        fp.as_ref()
-            .is_some_and(|f| self.fast_target(f, bio).is_some())
+        let f = fp.as_ref()?;
+        if self.fast_target(f, bio).is_some() {
+            Some(FastRoute::Lane)
+        } else if Self::reads_zeroes(f, bio) {
+            Some(FastRoute::Zeroes)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `bio` is a read of clusters the zero map of `fp` knows
+    /// (every one, at most `MAX_CLUSTERS`).
+    fn reads_zeroes(fp: &Fast, bio: &Bio) -> bool {
+        let hdr = &fp.top.hdr;
+        let cb = hdr.cluster_bits;
+        let len = u64::from(bio.size());
+        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
+            return false;
+        };
+        let end = vaddr.saturating_add(len);
+        if bio.op() != Op::Read || len == 0 || hdr.extended_l2() || end > hdr.size {
+            return false;
+        }
+        let (first, last) = (vaddr >> cb, (end - 1) >> cb);
+        last - first < MAX_CLUSTERS && (first..=last).all(|v| fp.zero.is_zero(v))
+    }
+
+    /// Ends a read `fast_route` found to be of zeroes only: fills it with
+    /// zeroes, in the submitter's context (as dm-zero does), with no I/O.
+    /// Such a read racing a write of the same clusters may see zeroes, as
+    /// one taking the worker may (before the write's L2 entry changes, its
+    /// `hot_forget` clears the bits); one submitted after a write completed
+    /// finds the bits cleared.
+    pub(crate) fn end_zeroes(&self, bio: Bio) {
+        let res = bio.zero(0, bio.size());
+        if res.is_ok() {
+            self.fast_bios.fetch_add(1, Ordering::Relaxed);
+        }
+        bio.end(res);
     }
 
     /// Starts the I/O of the bios the fast path serves; the others go to
