@@ -94,6 +94,12 @@ impl AllocCount {
         self.shared_slot(off).is_some()
     }
 
+    /// Whether the L1 named any table more than once at the load (one not
+    /// freed since).
+    pub(crate) fn any_shared(&self) -> bool {
+        self.shared.iter().any(|&(_, v)| v != FORGOTTEN)
+    }
+
     /// The cluster at `off` was freed: if it held a shared table, that
     /// table is gone. (A name given a copy of it, `DeltaMd::ensure_l2`,
     /// leaves the table itself as it was: its count stays good for the

@@ -570,6 +570,15 @@ impl DeltaMd {
         fmt::decode_l1(hdr, raw).map_err(|e| corrupt(self.img, e))
     }
 
+    /// `l1_entry`, but an entry that does not decode is `None` and not
+    /// logged: for the fast path's look at a page's neighbours (`Inner::warm`),
+    /// which would log a bad entry once per cluster it covers. The lookup
+    /// of the cluster itself reports it.
+    pub(crate) fn l1_entry_quiet(&self, hdr: &Header, vaddr: u64) -> Option<Option<fmt::L1Entry>> {
+        let i = usize::try_from(hdr.l1_index(vaddr)).ok()?;
+        fmt::decode_l1(hdr, *self.l1.get(i)?).ok()
+    }
+
     /// File offset of the L2 entry for `vaddr` in the table at `l2_off`.
     fn l2_pos(hdr: &Header, l2_off: u64, vaddr: u64) -> Result<u64> {
         hdr.l2_index(vaddr)

@@ -154,10 +154,10 @@ impl Inner {
             if v >= hdr.size {
                 return true;
             }
-            let e = match md.l1_entry(hdr, v) {
-                Ok(None) => continue,
-                Ok(Some(e)) => e,
-                Err(_) => return false,
+            let e = match md.l1_entry_quiet(hdr, v) {
+                Some(None) => continue,
+                Some(Some(e)) => e,
+                None => return false,
             };
             match md
                 .cached_l2_entry(hdr, e.l2_offset, v)
@@ -194,7 +194,8 @@ impl Inner {
             && st.deltas.iter().zip(st.md.iter()).all(|(d, md)| {
                 d.hdr.cluster_bits == cb
                     && !d.hdr.extended_l2()
-                    && (start >= d.hdr.size || matches!(md.l1_entry(&d.hdr, start), Ok(None)))
+                    && (start >= d.hdr.size
+                        || matches!(md.l1_entry_quiet(&d.hdr, start), Some(None)))
             });
         if no_tables && !hdr.extended_l2() {
             let end = start.saturating_add(span).min(hdr.size);
@@ -265,10 +266,10 @@ impl Inner {
         let clear = |v: u64| {
             up.iter()
                 .zip(upper.iter())
-                .all(|(du, mu)| match mu.l1_entry(&du.hdr, v) {
-                    Ok(None) => true,
-                    Ok(Some(e)) => mu.cached_l2_entry(&du.hdr, e.l2_offset, v) == Some(0),
-                    Err(_) => false,
+                .all(|(du, mu)| match mu.l1_entry_quiet(&du.hdr, v) {
+                    Some(None) => true,
+                    Some(Some(e)) => mu.cached_l2_entry(&du.hdr, e.l2_offset, v) == Some(0),
+                    None => false,
                 })
         };
         let Ok(Some(l1e)) = md.l1_entry(hdr, vaddr) else {

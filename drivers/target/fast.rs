@@ -411,11 +411,17 @@ impl Inner {
     /// `hot_forget` clears the bits); one submitted after a write completed
     /// finds the bits cleared.
     pub(crate) fn end_zeroes(&self, bio: Bio) {
-        let res = bio.zero(0, bio.size());
-        if res.is_ok() {
+        if Self::fill_zeroes(bio) {
             self.fast_bios.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Zero-fills and ends `bio`; whether the fill worked.
+    fn fill_zeroes(bio: Bio) -> bool {
+        let res = bio.zero(0, bio.size());
+        let ok = res.is_ok();
         bio.end(res);
+        ok
     }
 
     /// Starts the I/O of the bios the fast path serves; the others go to
@@ -522,6 +528,13 @@ impl Inner {
                 );
                 Ok(())
             }
+            // Queued before the lookup that made its clusters known (the
+            // first read of a page, and the bios that came while it was
+            // resolved).
+            None if Self::reads_zeroes(fp, &bio) => {
+                Self::fill_zeroes(bio);
+                Ok(())
+            }
             None => Err(bio),
         }
     }
@@ -539,9 +552,17 @@ impl Inner {
 
     /// Turns the fast path on for the chain in `st` with a new, empty
     /// table (for reads only while a merge runs); it stays off if that
-    /// cannot be allocated.
+    /// cannot be allocated, or if a delta's L1 named one L2 table more
+    /// than once when loaded (a damaged image: QEMU never writes one).
+    /// There a change of one entry changes a cluster under each name, and
+    /// `hot_forget` forgets one: another's lookup or zero bit would stay.
     pub(crate) fn fast_on(&self, st: &mut WorkerState) {
-        let new = Fast::new(&st.deltas, st.merge.is_none()).ok();
+        let aliased = st.md.iter().any(|m| m.count.any_shared());
+        let new = if aliased {
+            None
+        } else {
+            Fast::new(&st.deltas, st.merge.is_none()).ok()
+        };
         st.fast = new.clone();
         let old = core::mem::replace(&mut *self.fast.lock(), new);
         if let Some(f) = old {
