@@ -538,8 +538,7 @@ case_fast_during_merge() {
 	fast_write v w.bin $((8 * MIB + 8192)) same
 	expect_at "$DEV" $((8 * MIB + 8192)) w.bin
 	dump "$DEV" before.raw
-	msg_ok v merge_backward complete
-	[ "$(chain_len v)" = 2 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	merge_done v merge_backward 2
 	fast_reads v $((8 * MIB + 4096)) up
 	dump "$DEV" dev.raw
 	same dev.raw before.raw "the device changed with the merge's completion"
@@ -558,6 +557,35 @@ case_fast_during_merge() {
 # the entry is forgotten before they do: every read right after shows the
 # new data, with fio reading the same clusters beside, and the device
 # shows what QEMU reads of the chain.
+# merge_done NAME KIND N: `KIND complete` for NAME; its chain then has N
+# images
+merge_done() {
+	msg_ok "$1" "$2" complete
+	[ "$(chain_len "$1")" = "$3" ] || dmq_fail "the chain has $(chain_len "$1") images after the merge"
+}
+
+# bg_reads_start SIZE: fio's 4k random reads of the device's first SIZE in
+# the background (until bg_reads_stop); w.bin (4k of random data) and
+# zero.bin (64k of zeroes) for the writes beside them
+bg_reads_start() {
+	"$FIO" --output=fio-bg.log --filename="$DEV" --direct=1 \
+		--ioengine=libaio --rw=randread --bs=4k --iodepth=8 --size="$1" \
+		--time_based --runtime=600 --name=r &
+	BG_PIDS+=($!)
+	random w.bin 4k
+	: >zero.bin
+	truncate -s 64k zero.bin
+}
+
+# bg_reads_stop: the reads of bg_reads_start end; none may have failed
+bg_reads_stop() {
+	kill "${BG_PIDS[0]}" 2>/dev/null
+	wait "${BG_PIDS[0]}" 2>/dev/null
+	BG_PIDS=()
+	grep -qEi 'err= *[1-9]' fio-bg.log && { cat fio-bg.log; dmq_fail "fio's reads failed"; }
+	return 0
+}
+
 case_fast_below() {
 	local k off
 	need "$FIO"
@@ -581,13 +609,7 @@ case_fast_below() {
 	fast_count v up "a first read at 4.5M" dmq_run dd if="$DEV" of=/dev/null \
 		bs=4k count=1 skip=$((4 * 256 + 128 + 1)) iflag=direct status=none
 	# readers of the first 8M (what the writes below change) all along
-	"$FIO" --output=fio-bg.log --filename="$DEV" --direct=1 \
-		--ioengine=libaio --rw=randread --bs=4k --iodepth=8 --size=8M \
-		--time_based --runtime=600 --name=r &
-	BG_PIDS+=($!)
-	random w.bin 4k
-	: >zero.bin
-	truncate -s 64k zero.bin
+	bg_reads_start 8M
 	for k in $(seq 0 23); do
 		# a cluster of the base (16-31: 1M-2M) or of the middle delta
 		# (64-71: 4M-4.5M), read (its entry put) then written
@@ -608,10 +630,7 @@ case_fast_below() {
 		dmq_run blkdiscard -o "$off" -l 65536 "$DEV"
 		expect_at "$DEV" "$off" zero.bin
 	done
-	kill "${BG_PIDS[0]}" 2>/dev/null
-	wait "${BG_PIDS[0]}" 2>/dev/null
-	BG_PIDS=()
-	grep -qEi 'err= *[1-9]' fio-bg.log && { cat fio-bg.log; dmq_fail "fio's reads failed"; }
+	bg_reads_stop
 	# the middle delta merged back into the base: its clusters are copied
 	# into the base's holes and dropped from it; reads of them (4.625M,
 	# not written above) and of the base's own (2M) keep the fast path
@@ -624,8 +643,7 @@ case_fast_below() {
 	fast_reads v $((2 * MIB + 4096)) up
 	dump "$DEV" ready.raw
 	same ready.raw before.raw "the device changed with the backward merge"
-	msg_ok v merge_backward complete
-	[ "$(chain_len v)" = 2 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	merge_done v merge_backward 2
 	fast_reads v $((4 * MIB + 655360)) up
 	dump "$DEV" dev.raw
 	same dev.raw before.raw "the device changed with the backward merge's completion"
@@ -637,8 +655,7 @@ case_fast_below() {
 	fast_reads v $((3 * MIB + 4096)) up
 	dump "$DEV" ready.raw
 	same ready.raw before.raw "the device changed with the forward merge"
-	msg_ok v merge_forward complete
-	[ "$(chain_len v)" = 1 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	merge_done v merge_forward 1
 	put w.bin "$DEV" $((3 * MIB + 8192))
 	expect_at "$DEV" $((3 * MIB + 8192)) w.bin
 	dump "$DEV" dev.raw
@@ -683,13 +700,7 @@ case_fast_zero() {
 		bs=4k count=1 skip=$((14 * 256 + 5)) iflag=direct status=none
 	dump4k "$DEV" dev.raw
 	same dev.raw want.raw "the device differs from the chain"
-	"$FIO" --output=fio-bg.log --filename="$DEV" --direct=1 \
-		--ioengine=libaio --rw=randread --bs=4k --iodepth=8 --size=16M \
-		--time_based --runtime=600 --name=r &
-	BG_PIDS+=($!)
-	random w.bin 4k
-	: >zero.bin
-	truncate -s 64k zero.bin
+	bg_reads_start 16M
 	for k in $(seq 0 7); do
 		# a hole everywhere, a zero cluster of the top over base data, one
 		# of the base, one past the base's end: read (known zeroes), then
@@ -721,10 +732,7 @@ case_fast_zero() {
 		expect_at "$DEV" "$off" w.bin
 		dmq_run dd if=w.bin of=want.raw bs=4k seek=$((off / 4096)) conv=notrunc status=none
 	done
-	kill "${BG_PIDS[0]}" 2>/dev/null
-	wait "${BG_PIDS[0]}" 2>/dev/null
-	BG_PIDS=()
-	grep -qEi 'err= *[1-9]' fio-bg.log && { cat fio-bg.log; dmq_fail "fio's reads failed"; }
+	bg_reads_stop
 	dump4k "$DEV" dev.raw
 	same dev.raw want.raw "the device differs from what was written"
 	# the base merged forward into the top; reads of holes keep their path
@@ -734,8 +742,7 @@ case_fast_zero() {
 	fast_reads v $((5 * MIB)) up
 	dump4k "$DEV" dev.raw
 	same dev.raw want.raw "the device changed with the forward merge"
-	msg_ok v merge_forward complete
-	[ "$(chain_len v)" = 1 ] || dmq_fail "the chain has $(chain_len v) images after the merge"
+	merge_done v merge_forward 1
 	fast_reads v $((5 * MIB)) up
 	dump4k "$DEV" dev.raw
 	same dev.raw want.raw "the device changed with the forward merge's completion"
