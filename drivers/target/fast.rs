@@ -390,18 +390,25 @@ impl Inner {
     /// Whether `bio` is a read of clusters the zero map of `fp` knows
     /// (every one, at most `MAX_CLUSTERS`).
     fn reads_zeroes(fp: &Fast, bio: &Bio) -> bool {
+        bio.op() == Op::Read
+            && Self::fast_span(fp, bio)
+                .is_some_and(|(_, first, last)| (first..=last).all(|v| fp.zero.is_zero(v)))
+    }
+
+    /// The guest address of `bio` and the first and last cluster it covers,
+    /// if the fast path may look at it: some bytes inside the image, plain
+    /// L2 entries, at most `MAX_CLUSTERS` clusters.
+    fn fast_span(fp: &Fast, bio: &Bio) -> Option<(u64, u64, u64)> {
         let hdr = &fp.top.hdr;
         let cb = hdr.cluster_bits;
-        let len = u64::from(bio.size());
-        let Some(vaddr) = bio.sector().checked_mul(SECTOR) else {
-            return false;
-        };
-        let end = vaddr.saturating_add(len);
-        if bio.op() != Op::Read || len == 0 || hdr.extended_l2() || end > hdr.size {
-            return false;
+        let len = bio.size();
+        let vaddr = bio.sector().checked_mul(SECTOR)?;
+        let end = vaddr.saturating_add(u64::from(len));
+        if len == 0 || hdr.extended_l2() || end > hdr.size {
+            return None;
         }
         let (first, last) = (vaddr >> cb, (end - 1) >> cb);
-        last - first < MAX_CLUSTERS && (first..=last).all(|v| fp.zero.is_zero(v))
+        (last - first < MAX_CLUSTERS).then_some((vaddr, first, last))
     }
 
     /// Ends a read `fast_route` found to be of zeroes only: fills it with
@@ -473,20 +480,11 @@ impl Inner {
             _ => return None,
         };
         let hdr = &fp.top.hdr;
-        let len = bio.size();
         let cb = hdr.cluster_bits;
-        let vaddr = bio.sector().checked_mul(SECTOR)?;
-        let end = vaddr.saturating_add(u64::from(len));
-        if len == 0 || hdr.extended_l2() || end > hdr.size {
-            return None;
-        }
-        let (first, last) = (vaddr >> cb, (end - 1) >> cb);
         // A write over several clusters, too: one that ends short on a full
         // host file system (into the holes of a sparse image file) ends
         // with ENOSPC and is parked and written again whole.
-        if last - first >= MAX_CLUSTERS {
-            return None;
-        }
+        let (vaddr, first, last) = Self::fast_span(fp, bio)?;
         let (below, host) = fp.map.lookup(cb, first, write)?;
         let mut next = host;
         for vci in first + 1..=last {
