@@ -39,7 +39,7 @@ use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use fast::{FastRoute, Lanes};
+use fast::Lanes;
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -393,15 +393,11 @@ impl dm::Target for Qcow2 {
             Op::Read | Op::Write if bio.size() > 0 => self.inner.fast_route(&bio),
             _ => None,
         };
-        match route {
-            Some(FastRoute::Zeroes) => return self.inner.end_zeroes(bio),
-            Some(FastRoute::Lane) => {
-                if let Err(bio) = self.lanes.queue(bio) {
-                    self.inner.queue(bio)
-                }
-                return;
+        if let Some(route) = route {
+            if let Err(bio) = self.lanes.queue(bio, route) {
+                self.inner.queue(bio)
             }
-            None => {}
+            return;
         }
         match bio.op() {
             Op::Read if bio.size() > 0 => self.inner.queue(bio),

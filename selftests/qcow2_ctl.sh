@@ -442,6 +442,17 @@ read_twice() {
 	dmq_run dd if="$DEV" of=/dev/null bs=4k count=1 skip="$1" iflag=direct,skip_bytes status=none
 }
 
+# fio reading the device at random, 4k at queue depth 32 in two jobs, and
+# checking every block is zeroes (zero_stream, bg_zero_start)
+ZERO_READS=(--direct=1 --ioengine=libaio --rw=randwrite --verify_only=1 --verify=pattern
+	--verify_pattern=0 --bs=4k --iodepth=32 --numjobs=2 --name=z)
+
+# zero_stream OFFSET SIZE: SIZE bytes at OFFSET read (ZERO_READS) once
+zero_stream() {
+	"$FIO" --output=fio-z.log --filename="$DEV" --offset="$1" --size="$2" "${ZERO_READS[@]}" ||
+		{ cat fio-z.log; dmq_fail "a read of a hole is not zeroes"; }
+}
+
 # dump4k DEV FILE: DEV into FILE, 4k direct reads (one cluster each)
 dump4k() {
 	dmq_run dd if="$1" of="$2" bs=4k iflag=direct status=none
@@ -577,7 +588,16 @@ bg_reads_start() {
 	truncate -s 64k zero.bin
 }
 
-# bg_reads_stop: the reads of bg_reads_start end; none may have failed
+# bg_zero_start OFFSET SIZE: as zero_stream, over and over in the background
+# until bg_reads_stop
+bg_zero_start() {
+	"$FIO" --output=fio-bg.log --filename="$DEV" --offset="$1" --size="$2" \
+		"${ZERO_READS[@]}" --loops=1000000 &
+	BG_PIDS+=($!)
+}
+
+# bg_reads_stop: the reads of bg_reads_start or bg_zero_start end; none may
+# have failed
 bg_reads_stop() {
 	kill "${BG_PIDS[0]}" 2>/dev/null
 	wait "${BG_PIDS[0]}" 2>/dev/null
@@ -759,6 +779,20 @@ case_fast_zero() {
 	put w.bin "$DEV" $((40 * MIB + 4096))
 	expect_at "$DEV" $((40 * MIB + 4096)) w.bin
 	fast_reads v $((40 * MIB + 65536)) up
+	# a stream of reads of holes (two submitters at queue depth 32: lanes
+	# zero-fill them) shows zeroes, and the write above stays seen
+	fast_count v up "a stream of reads of holes" zero_stream $((41 * MIB)) $((16 * MIB))
+	# and while such a stream runs, holes read (known zeroes), written and
+	# read again show what was written
+	bg_zero_start $((41 * MIB)) $((16 * MIB))
+	for k in $(seq 0 7); do
+		off=$((58 * MIB + k * 65536 + 4096))
+		read_twice "$off"
+		put w.bin "$DEV" "$off"
+		expect_at "$DEV" "$off" w.bin
+	done
+	bg_reads_stop
+	expect_at "$DEV" $((40 * MIB + 4096)) w.bin
 	dump4k "$DEV" dev.raw
 	dmq_remove v || dmq_fail "dmsetup remove failed"
 	dmq_check_images fresh.qcow2
