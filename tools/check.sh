@@ -328,6 +328,8 @@ count_log() {
 		echo "$t: no output (VM rc=$rc)"; fail=$((fail + 1)); return
 	fi
 	cat "$log"
+	# a pass that ran into its timeout: what it waited on (guest-tests.sh)
+	[ -f "$out/$base.hang.log" ] && cat "$out/$base.hang.log"
 	local tot
 	tot=$(grep -E '^# Totals: pass:[0-9]+ fail:[0-9]+' "$log" | tail -1)
 	if [ -z "$tot" ]; then

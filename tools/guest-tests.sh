@@ -28,6 +28,25 @@ if ! grep -qw '^dm_qcow2' /proc/modules; then
 fi
 cd "$root/selftests" || exit 1
 
+# hang_report: what a stuck run waits on (the kernel log with the blocked
+# tasks, every task's state and wait channel, the kernel stacks of the
+# blocked ones and of dmsetup, udev and dd, the device-mapper devices and
+# udev cookies, whether udevd answers)
+hang_report() {
+	local p
+	dmesg
+	ps -eo pid,ppid,stat,wchan:32,etime,args
+	for p in $(ps -eo pid=,stat= | awk '$2 ~ /D/ {print $1}') \
+		$(pgrep -f 'dmsetup|udev|^dd |blkid|fio'); do
+		echo "== $p $(tr '\0' ' ' <"/proc/$p/cmdline")"
+		cat "/proc/$p/stack"
+	done
+	dmsetup ls
+	dmsetup status
+	dmsetup udevcookies
+	timeout 10 udevadm control --ping && echo "udevd answers"
+}
+
 # run_one LOG CMD...: CMD with a deadline; on expiry dump the blocked tasks
 # and the log, then TERM, then KILL.
 run_one() {
@@ -38,6 +57,9 @@ run_one() {
 		if [ "$t" -ge "$limit" ]; then
 			echo "# TIMEOUT after ${limit}s: sysrq-w (blocked tasks) follows in the kernel log" >>"$log"
 			echo w >/proc/sysrq-trigger 2>/dev/null
+			# now, not at the run's end: a hang can stop every later test
+			sleep 2
+			hang_report >"${log%.log}.hang.log" 2>&1
 			pkill -TERM -P "$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null
 			sleep 30
 			pkill -KILL -P "$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null
