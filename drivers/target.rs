@@ -39,7 +39,7 @@ use crate::meta::DeltaMd;
 use crate::qcow2_format::{self as fmt, FormatError, Header};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use fast::Lanes;
+use fast::{FastRoute, Lanes};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::str::CStr;
@@ -393,11 +393,15 @@ impl dm::Target for Qcow2 {
             Op::Read | Op::Write if bio.size() > 0 => self.inner.fast_route(&bio),
             _ => None,
         };
-        if let Some(route) = route {
-            if let Err(bio) = self.lanes.queue(bio, route) {
-                self.inner.queue(bio)
+        match route {
+            Some(FastRoute::Zeroes) => return self.inner.end_zeroes(bio),
+            Some(FastRoute::Lane) => {
+                if let Err(bio) = self.lanes.queue(bio) {
+                    self.inner.queue(bio)
+                }
+                return;
             }
-            return;
+            None => {}
         }
         match bio.op() {
             Op::Read if bio.size() > 0 => self.inner.queue(bio),

@@ -772,8 +772,8 @@ case_fast_zero() {
 	put w.bin "$DEV" $((40 * MIB + 4096))
 	expect_at "$DEV" $((40 * MIB + 4096)) w.bin
 	fast_reads v $((40 * MIB + 65536)) up
-	# a stream of reads of holes (two submitters at queue depth 32: lanes
-	# zero-fill them) shows zeroes, and the write above stays seen
+	# a stream of reads of holes (two submitters at queue depth 32) shows
+	# zeroes, and the write above stays seen
 	fast_count v up "a stream of reads of holes" zero_stream $((41 * MIB)) $((16 * MIB))
 	# and while such a stream runs, holes read (known zeroes), written and
 	# read again show what was written

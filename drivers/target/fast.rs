@@ -78,9 +78,7 @@
 //!   Lower deltas' clusters are freed only by merges, after the same
 //!   removal and the same wait for the in-flight counter.
 //! - A read of clusters the zero map says the chain shows as zeroes is
-//!   answered with no file I/O, so with no hold: in `map` for an idle
-//!   table (`Inner::end_zeroes`), by a lane for a stream (`try_fast`, which
-//!   looks at the bits again, of the table it took). A
+//!   answered in `map` (`Inner::end_zeroes`): no file I/O, so no hold. A
 //!   bit is set only from what the state showed under the mutex (a lookup
 //!   that found the cluster zeroes all the way down, or a page's other
 //!   entries read the same way from cached pages), and cleared by the same
@@ -141,8 +139,7 @@ const MAX_CLUSTERS: u64 = 256;
 pub(crate) enum FastRoute {
     /// A lane starts its I/O.
     Lane,
-    /// A read of zeroes: zero-filled, in `map` or by a lane (see
-    /// `Lanes::queue`).
+    /// A read of zeroes: ended in `map` (`Inner::end_zeroes`).
     Zeroes,
 }
 
@@ -260,28 +257,16 @@ impl Lanes {
     /// lane runs at once on this CPU, with no wake-up of another) and
     /// `Inner::express_fits` does not see a stream, else the unbound one (a
     /// stream of bios: the lane runs beside the submitter, on another CPU).
-    ///
-    /// A read of zeroes (`FastRoute::Zeroes`) that would take the express
-    /// lane is answered here instead, in the submitter's context (the
-    /// express lane runs on this CPU anyway); a stream's go to the unbound
-    /// lanes, whose passes zero-fill them on another CPU while the
-    /// submitter goes on (see `Inner::end_zeroes`).
-    pub(crate) fn queue(&self, bio: Bio, route: FastRoute) -> Result<(), Bio> {
+    pub(crate) fn queue(&self, bio: Bio) -> Result<(), Bio> {
         let inner = &self.inner;
         let busy = inner
             .inflight
             .count()
             .saturating_add(inner.lane_queued.load(Ordering::Relaxed));
-        let (lanes, wq) = match (inner.express_fits(busy, bio.op() == Op::Write), route) {
-            (true, FastRoute::Zeroes) => {
-                inner.end_zeroes(bio);
-                // Done inline, as an express pass on tmpfs: counted for
-                // the probe that tells a stream from queue depth 1.
-                inner.note_express_pass();
-                return Ok(());
-            }
-            (true, FastRoute::Lane) => (&self.express, &self.express_wq),
-            (false, _) => (&self.lanes, &self.wq),
+        let (lanes, wq) = if inner.express_fits(busy, bio.op() == Op::Write) {
+            (&self.express, &self.express_wq)
+        } else {
+            (&self.lanes, &self.wq)
         };
         let n = lanes.len();
         let Some(lane) = lanes.get(wq::this_cpu() as usize % n.max(1)) else {
@@ -428,10 +413,10 @@ impl Inner {
 
     /// Ends a read `fast_route` found to be of zeroes only: fills it with
     /// zeroes, in the submitter's context (as dm-zero does), with no I/O.
-    /// For an idle table only (`Lanes::queue`): the submitter of a stream
-    /// of them, on 2 vCPUs at queue depth 32, served fewer when it did
-    /// every fill itself than when the single worker did them on the other
-    /// CPU (31st stop: 33.5k against 38.7k IOPS, medians of three).
+    /// Also for a stream: sending a stream's reads of zeroes to the
+    /// unbound lanes instead (the table busy) cost more than it saved
+    /// (thirty-second stop, ext4, 2 vCPUs, QD32: 8.6k IOPS, 141 us of CPU
+    /// per I/O, against 12.6k and 83 us in the same sitting).
     /// Such a read racing a write of the same clusters may see zeroes, as
     /// one taking the worker may (before the write's L2 entry changes, its
     /// `hot_forget` clears the bits); one submitted after a write completed
