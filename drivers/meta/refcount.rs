@@ -90,8 +90,19 @@ impl DeltaMd {
         else {
             return Ok(None);
         };
-        let per_page = (MD_PAGE * 8) >> hdr.refcount_order;
-        Ok(Some((blk + bi / per_page * MD_PAGE, bi % per_page)))
+        // Refcounts per page (the parser keeps the order at most 6): a
+        // non-zero divisor, so no panic path for the compiler to keep.
+        let per_page = (MD_PAGE * 8)
+            .checked_shr(hdr.refcount_order)
+            .and_then(core::num::NonZeroU64::new)
+            .ok_or(EIO)?;
+        // Checked here, not by the alignment the parser enforces: a
+        // refcount table entry may name offsets up to 2^64 - 512.
+        let poff = (bi / per_page)
+            .checked_mul(MD_PAGE)
+            .and_then(|o| blk.checked_add(o))
+            .ok_or(EIO)?;
+        Ok(Some((poff, bi % per_page)))
     }
 
     pub(super) fn refcount(&mut self, file: &File, hdr: &Header, c: u64) -> Result<u64> {
@@ -325,7 +336,8 @@ impl DeltaMd {
             return Err(ENOSPC);
         }
         let blk_off = start.checked_mul(cs).ok_or(ENOSPC)?;
-        let tbl_off = blk_off + cs;
+        let tbl_off = blk_off.checked_add(cs).ok_or(ENOSPC)?;
+        let tbl_end = tbl_off.checked_add(tbl_bytes).ok_or(ENOSPC)?;
 
         let mut blk = IoBuf::new(cs as usize)?;
         for i in 0..=tbl_clusters {
@@ -337,8 +349,8 @@ impl DeltaMd {
         }
         fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
         self.note_meta(blk_off, MetaKind::RefcountBlock)?;
-        self.reserve(file, tbl_off + tbl_bytes);
-        self.untouched_from = self.untouched_from.max(tbl_off.saturating_add(tbl_bytes));
+        self.reserve(file, tbl_end);
+        self.untouched_from = self.untouched_from.max(tbl_end);
         file.write_full(&blk, blk_off)?;
         file.write_full(&tbl, tbl_off)?;
         file.fsync()?;
@@ -368,7 +380,7 @@ impl DeltaMd {
         self.rt_clusters = tbl_clusters;
         // The new table was written whole.
         self.rt_dirty = KVec::new();
-        self.cache.invalidate(blk_off, tbl_off + tbl_bytes);
+        self.cache.invalidate(blk_off, tbl_end);
         pr_info!(
             "dm-qcow2: image {}: refcount table moved to {:#x}, {} clusters\n",
             self.img,

@@ -235,17 +235,7 @@ impl DeltaMd {
                 let cs = hdr.cluster_size();
                 let mut table = IoBuf::new(cs as usize)?;
                 file.read_full(&mut table, e.l2_offset)?;
-                let off = self.alloc_cluster(file, hdr)?;
-                let res = self
-                    .note_meta(off, MetaKind::L2Table)
-                    .and_then(|()| file.write_full(&table, off))
-                    .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
-                if let Err(err) = res {
-                    // Nothing points at it.
-                    let freed = self.free_range(file, hdr, off, cs);
-                    self.leak_on_error(freed);
-                    return Err(err);
-                }
+                let off = self.new_l2_table(file, hdr, vaddr, &table)?;
                 // Dropped once the new L1 entry is durable.
                 let queued = self.defer_free(e.l2_offset, cs);
                 self.leak_on_error(queued);
@@ -254,19 +244,32 @@ impl DeltaMd {
             None => {
                 // The buffer first: nothing to free if there is no memory.
                 let zero = IoBuf::new(hdr.cluster_size() as usize)?;
-                let off = self.alloc_cluster(file, hdr)?;
-                let res = self
-                    .note_meta(off, MetaKind::L2Table)
-                    .and_then(|()| file.write_full(&zero, off))
-                    .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
-                if let Err(e) = res {
-                    // Nothing points at it.
-                    let freed = self.free_range(file, hdr, off, hdr.cluster_size());
-                    self.leak_on_error(freed);
-                    return Err(e);
-                }
-                Ok(off)
+                self.new_l2_table(file, hdr, vaddr, &zero)
             }
         }
+    }
+
+    /// Writes `contents` to a new cluster and points the L1 entry for
+    /// `vaddr` at it (in memory, see `set_l1_entry`); its offset. The
+    /// cluster is freed again if that fails.
+    fn new_l2_table(
+        &mut self,
+        file: &File,
+        hdr: &Header,
+        vaddr: u64,
+        contents: &IoBuf,
+    ) -> Result<u64> {
+        let off = self.alloc_cluster(file, hdr)?;
+        let res = self
+            .note_meta(off, MetaKind::L2Table)
+            .and_then(|()| file.write_full(contents, off))
+            .and_then(|()| self.set_l1_entry(hdr, vaddr, fmt::encode_l1(off, true)));
+        if let Err(e) = res {
+            // Nothing points at it.
+            let freed = self.free_range(file, hdr, off, hdr.cluster_size());
+            self.leak_on_error(freed);
+            return Err(e);
+        }
+        Ok(off)
     }
 }
