@@ -354,6 +354,8 @@ _dmq_cleanup() {
 	local rc=$?
 	trap - EXIT INT TERM HUP
 	dmq_remove_all
+	# what a script left outside the scratch space, if it says
+	declare -F dmq_script_cleanup >/dev/null && dmq_script_cleanup
 	_dmq_pysrv_stop
 	if [ "$DMQ_MOUNTED" = 1 ]; then
 		if [ "${DMQ_KEEP:-0}" = 1 ] && [ "${DMQ_FAILED:-0}" = 1 ]; then

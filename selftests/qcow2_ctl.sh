@@ -23,6 +23,7 @@ DEV=				# the mapped device (map_rw)
 MSG_OUT=			# output of the last msg_ok
 BG_PIDS=()			# background jobs stopped when the case ends
 UDEV_QUIET=			# fast_count's udev rule is in place
+UDEV_RULE=/run/udev/rules.d/59-dmq-selftest-nowatch-$$.rules # udev_quiet's
 
 # ------------------------------------------------------------ messages
 
@@ -399,10 +400,19 @@ print(len(c))' 65536
 # pings, no worker, the cookies never completed).
 udev_quiet() {
 	[ -n "$UDEV_QUIET" ] && return 0
-	mkdir -p /run/udev/rules.d &&
+	mkdir -p "${UDEV_RULE%/*}" &&
 		echo "SUBSYSTEM==\"block\", ENV{DM_NAME}==\"$DMQ_PREFIX*\", OPTIONS:=\"nowatch\"" \
-			>/run/udev/rules.d/59-dmq-selftest-nowatch.rules &&
+			>"$UDEV_RULE" &&
 		udevadm control --reload 2>/dev/null && UDEV_QUIET=1
+}
+
+# dmq_script_cleanup (run by lib.sh when the script ends): the rule goes
+# (cases run in subshells: it outlives the case that wrote it)
+dmq_script_cleanup() {
+	[ -f "$UDEV_RULE" ] || return 0
+	rm -f "$UDEV_RULE"
+	udevadm control --reload 2>/dev/null
+	return 0
 }
 
 # fast_count NAME up|same WHAT CMD...: runs CMD; the target's fast_bios must
