@@ -82,6 +82,12 @@ images on ext4 over a loop device (a sparse file on a tmpfs) instead of
 the tmpfs itself: there direct I/O is asynchronous and fsync reaches a
 block device, so the cost of the target's ordered metadata commit shows.
 DMQ_BENCH_MODULE loads another dm-qcow2.ko (an A/B of two builds).
+DMQ_BENCH_PERF=1 profiles every fio run: `perf record -a -e cpu-clock`
+(both vCPUs, every task) around it, and a flat report by task and symbol
+saved as perf-JOB-PEER-N.txt (make bench copies them to bench-perf/).
+Its own cost is in that run's rates and CPU: for a profile, not a table.
+DMQ_BENCH_PERF=g also records call chains and adds the callers of the
+symbols above 2% of the samples to each report.
 
 DMQ_BENCH_ROUNDS (1) runs the fio, sparse and discard jobs that many times
 on each peer, the peers taking turns (raw, dm-qcow2, raw, dm-qcow2, ...)
@@ -126,6 +132,8 @@ SPARSE_TOUCH_MB = int(os.environ.get("DMQ_BENCH_SPARSE_TOUCH_MB", "2048"))
 STATUS_ROUNDS = int(os.environ.get("DMQ_BENCH_STATUS_ROUNDS", "3"))
 STATUS_RATE = int(os.environ.get("DMQ_BENCH_STATUS_RATE", "1000"))
 ROUNDS = max(1, int(os.environ.get("DMQ_BENCH_ROUNDS", "1")))
+PERF = os.environ.get("DMQ_BENCH_PERF", "0")
+PERF = PERF if PERF in ("1", "g") else None
 MERGE_TIMEOUT = 1800  # seconds to stage=ready
 
 
@@ -175,6 +183,7 @@ class Result:
     secs: float = None       # timed jobs: wall time
     cpu_s: float = None      # guest CPU time (not idle) while it ran
     ios: int = None          # fio jobs: I/Os completed
+    ctxt: int = None         # fio jobs: the guest's context switches in its I/O phase
     p50_us: float = None     # QD1: completion latency (fio's clat)
     p99_us: float = None
     lat50_us: float = None   # QD1: latency in all, submission included (fio's lat)
@@ -190,6 +199,11 @@ class Result:
         if self.cpu_s is None or not self.ios:
             return None
         return self.cpu_s * 1e6 / self.ios
+
+    def ctxt_per_io(self):
+        if self.ctxt is None or not self.ios:
+            return None
+        return self.ctxt / self.ios
 
 
 class BenchError(Exception):
@@ -289,20 +303,34 @@ def fio_cmd(dev, job, size):
             f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
             f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
             f"--randrepeat=0 {spread} --group_reporting --output-format=json "
-            f"'--exec_prerun=head -1 /proc/stat' '--exec_postrun=head -1 /proc/stat'")
+            f"'--exec_prerun={STAT_LINES}' '--exec_postrun={STAT_LINES}'")
 
 
-def io_phase_cpu(d):
-    """The guest's CPU seconds between fio's prerun and postrun snapshots
-    in directory D (its I/O, without its start and exit), or None."""
+# The /proc/stat lines fio's exec_prerun and exec_postrun save: CPU time
+# (all CPUs) and context switches.
+STAT_LINES = 'grep -E "^(cpu|ctxt) " /proc/stat'
+
+
+def io_phase_stat(d):
+    """The guest's CPU seconds and context switches between fio's prerun
+    and postrun snapshots in directory D (its I/O, without its start and
+    exit); each None if not there."""
+    def lines(path):
+        with open(path) as f:
+            return {ln.split()[0]: ln for ln in f if ln.strip()}
     try:
-        with open(f"{d}/b.prerun.txt") as a, open(f"{d}/b.postrun.txt") as b:
-            pre, post = a.readline(), b.readline()
-        if pre.startswith("cpu ") and post.startswith("cpu "):
-            return busy_of(post) - busy_of(pre)
-    except (OSError, ValueError):
+        pre, post = lines(f"{d}/b.prerun.txt"), lines(f"{d}/b.postrun.txt")
+    except OSError:
+        return None, None
+    cpu = ctxt = None
+    try:
+        if "cpu" in pre and "cpu" in post:
+            cpu = busy_of(post["cpu"]) - busy_of(pre["cpu"])
+        if "ctxt" in pre and "ctxt" in post:
+            ctxt = int(post["ctxt"].split()[1]) - int(pre["ctxt"].split()[1])
+    except (IndexError, ValueError):
         pass
-    return None
+    return cpu, ctxt
 
 
 def fast_bios(dev):
@@ -315,26 +343,89 @@ def fast_bios(dev):
     return int(m.group(1)) if m else None
 
 
+def peer_of(dev):
+    """Which peer serves DEV (for the names of profiles)."""
+    for prefix, name in (("/dev/mapper/", "dm-qcow2"), ("/dev/loop", "loop"),
+                         ("/dev/nbd", "qemu-nbd"), ("/dev/ublk", "rublk")):
+        if dev.startswith(prefix):
+            return name
+    return "raw"
+
+
+def perf_report(data, job, dev):
+    """Saves a flat profile of perf record's DATA in OUT as
+    perf-JOB-PEER-N.txt: a summary (samples by kind of task, and those in
+    the code of the dm_qcow2 module), then by symbol over all tasks, then
+    by task and symbol. Returns the summary."""
+    n = 1
+    while os.path.exists(f"{OUT}/perf-{job.name}-{peer_of(dev)}-{n}.txt"):
+        n += 1
+    out = f"{OUT}/perf-{job.name}-{peer_of(dev)}-{n}.txt"
+
+    def rows(sort):
+        r = sh(f"perf report -i {data} --stdio --no-children -q -g none --sort {sort} "
+               "--percent-limit 0", check=False)
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[0].endswith("%"):
+                try:
+                    yield float(f[0][:-1]), f[1:]
+                except ValueError:
+                    pass
+    # Tasks by kind: a kworker's name changes with what it runs.
+    kinds = {}
+    for pct, f in rows("comm"):
+        comm = " ".join(f)
+        kind = ("idle" if comm.startswith("swapper") else
+                re.sub(r"[/:].*", "", comm) if comm.startswith(("kworker", "ksoftirqd"))
+                else comm)
+        kinds[kind] = kinds.get(kind, 0) + pct
+    with open("/proc/kallsyms") as k:
+        module = {ln.split()[2] for ln in k if ln.rstrip().endswith("[dm_qcow2]")}
+    own = sum(pct for pct, f in rows("sym") if f[-1] in module)
+    top = sorted(kinds.items(), key=lambda kv: -kv[1])[:5]
+    summary = (", ".join(f"{k} {v:.0f}%" for k, v in top) +
+               f"; dm_qcow2's code {own:.1f}%")
+    with open(out, "w") as f:
+        f.write(f"# {job.name} on {peer_of(dev)}: cpu-clock samples of both vCPUs by task: "
+                f"{summary}\n")
+    sh(f"perf report -i {data} --stdio --no-children -g none --sort dso,sym --percent-limit 0.3 "
+       f">> {out} 2>&1", check=False)
+    sh(f"perf report -i {data} --stdio --no-children --sort comm,dso,sym "
+       f"--percent-limit 0.3 -g none >> {out} 2>&1", check=False)
+    if PERF == "g":
+        sh(f"perf report -i {data} --stdio --no-children --sort sym --percent-limit 2 "
+           f"-g caller,0.5,callee --max-stack 24 >> {out} 2>&1", check=False)
+    return summary
+
+
 def fio(dev, job, size):
     """fio on DEV as JOB says, SIZE (fio's syntax) of it: a Result."""
     d = tempfile.mkdtemp(prefix="dmq-fio.")
     f0 = fast_bios(dev)
+    cmd = fio_cmd(dev, job, size)
+    if PERF:
+        g = "-g " if PERF == "g" else ""
+        cmd = f"perf record -q -N -B -a {g}-e cpu-clock -F 999 -o {d}/perf.data -- {cmd}"
     try:
-        r, _, cpu = timed(lambda: sh(fio_cmd(dev, job, size), check=False, cwd=d))
-        cpu = io_phase_cpu(d) or cpu
+        r, _, cpu = timed(lambda: sh(cmd, check=False, cwd=d))
+        phase_cpu, ctxt = io_phase_stat(d)
+        cpu = phase_cpu or cpu
+        profile = perf_report(f"{d}/perf.data", job, dev) if PERF else None
     finally:
         shutil.rmtree(d, ignore_errors=True)
     f1 = fast_bios(dev)
     if r.returncode != 0:
         raise BenchError(f"fio exited {r.returncode}: {r.stdout[-300:]}")
-    j = json.loads(r.stdout[r.stdout.index("{"):])
+    # raw_decode: perf record may print after fio's JSON.
+    j = json.JSONDecoder().raw_decode(r.stdout[r.stdout.index("{"):])[0]
     # A mixed job's rate is its reads' and writes' together.
     sides = [j["jobs"][0][rw] for rw in ("read", "write")
              if rw in job.rw or job.rw.endswith("rw")]
     side = sides[0]
     res = Result(iops=sum(x["iops"] for x in sides),
                  mbps=sum(x["bw_bytes"] for x in sides) / 1e6,
-                 cpu_s=cpu, ios=sum(x["total_ios"] for x in sides))
+                 cpu_s=cpu, ios=sum(x["total_ios"] for x in sides), ctxt=ctxt)
     if job.iodepth == 1:
         res.p50_us, res.p99_us = p50_p99_us(side["clat_ns"])
         res.lat50_us, res.lat99_us = p50_p99_us(side["lat_ns"])
@@ -342,6 +433,8 @@ def fio(dev, job, size):
         # Bios the fast path served (lanes, zeroes answered in map) per fio
         # I/O: 1.00 is all of them (a larger I/O may be more than one bio).
         res.note = f"fast_bios/IOs {(f1 - f0) / res.ios:.2f}"
+    if profile:
+        res.note = "; ".join(x for x in (res.note, f"perf: {profile}") if x)
     return res
 
 
@@ -505,6 +598,8 @@ def result_line(job_name, peer, r):
         parts.append(f"CPU {r.cpu_us_per_io():.1f} us/IO")
     elif r.cpu_s is not None:
         parts.append(f"CPU {r.cpu_s:.2f} s")
+    if r.ctxt_per_io() is not None:
+        parts.append(f"{r.ctxt_per_io():.2f} cs/IO")
     if r.note:
         parts.append(r.note)
     return f"{job_name:20} {peer:11} " + ", ".join(parts)
@@ -1003,7 +1098,7 @@ def num(v, fmt):
 
 DETAIL_HDR = (f"{'job':20} {'column':11} {'IOPS':>9} {'MB/s':>8} {'time s':>7} "
               f"{'p50 us':>7} {'p99 us':>7} {'lat p50':>7} {'lat p99':>7} "
-              f"{'CPU us/IO':>9} {'CPU s':>6} {'dm/this':>8}")
+              f"{'CPU us/IO':>9} {'CPU s':>6} {'cs/IO':>6} {'dm/this':>8}")
 
 
 def detail_row(job_name, col, r, dm):
@@ -1013,6 +1108,7 @@ def detail_row(job_name, col, r, dm):
            f"{num(r.secs, '.2f'):>7} {num(r.p50_us, '.0f'):>7} {num(r.p99_us, '.0f'):>7} "
            f"{num(r.lat50_us, '.0f'):>7} {num(r.lat99_us, '.0f'):>7} "
            f"{num(r.cpu_us_per_io(), '.1f'):>9} {num(r.cpu_s, '.2f'):>6} "
+           f"{num(r.ctxt_per_io(), '.2f'):>6} "
            f"{ratio(dm, r) if col != 'dm-qcow2' else '':>8}")
     return row + (f"  {r.note}" if r.note else "")
 
@@ -1076,6 +1172,8 @@ LEGEND = [
     "  target's workers, qemu-nbd/rublk) between fio's exec_prerun and exec_postrun",
     "  snapshots (its I/O phase), per I/O; for the timed jobs (discard, merge-*) while",
     "  they ran (time s; MB/s = image size / time).",
+    "cs/IO: the guest's context switches (/proc/stat ctxt, both vCPUs) in the same",
+    "  phase, per I/O: the hand-offs between tasks (fio, workers, servers) an I/O costs.",
     "loop: losetup --direct-io=on over the same raw file (the kernel's own block",
     "  device on a file; the raw file is fio on the file, no block layer at all).",
     "raw: a written file for the jobs on an allocated image, a sparse one for first",

@@ -12,7 +12,7 @@ env=
 for v in DMQ_BENCH_FS DMQ_BENCH_JOBS DMQ_BENCH_PEERS DMQ_BENCH_MODULE DMQ_BENCH_SIZE_MB \
 	DMQ_BENCH_RUNTIME DMQ_BENCH_CLUSTER DMQ_BENCH_STATUS_ROUNDS DMQ_BENCH_STATUS_RATE \
 	DMQ_BENCH_DISCARD_MB DMQ_BENCH_MERGE_MB DMQ_BENCH_SPARSE_GB DMQ_BENCH_SPARSE_TOUCH_MB \
-	DMQ_BENCH_ROUNDS; do
+	DMQ_BENCH_ROUNDS DMQ_BENCH_PERF; do
 	[ -n "${!v:-}" ] && env+="$v=${!v} "
 done
 # sparse-randread keeps 2 GiB in the tmpfs: more memory than the tests' 4G.
@@ -22,6 +22,13 @@ cat "$out/log"
 [ -s "$out/bench.txt" ] || die "benchmark produced no table"
 cp "$out/bench.txt" "$DMQ_ROOT/bench-last.txt"
 echo "(table saved in bench-last.txt)"
+# DMQ_BENCH_PERF=1: the profiles of the fio runs.
+if compgen -G "$out/perf-*.txt" >/dev/null; then
+	rm -rf "$DMQ_ROOT/bench-perf"
+	mkdir -p "$DMQ_ROOT/bench-perf"
+	cp "$out"/perf-*.txt "$DMQ_ROOT/bench-perf/"
+	echo "(profiles saved in bench-perf/)"
+fi
 [ -s "$out/bench.json" ] || exit 0
 cp "$out/bench.json" "$DMQ_ROOT/bench-last.json"
 
