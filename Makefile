@@ -150,12 +150,13 @@ demo: module
 bench: module
 	tools/bench.sh
 
-# The rublk peer for make bench (a userspace ublk qcow2 server from crates.io)
-# and matplotlib for its chart (bench-last.svg).
+# The rublk peer for make bench (a userspace ublk qcow2 server from crates.io),
+# matplotlib for its chart (bench-last.svg) and perf for DMQ_BENCH_PERF.
 bench-deps:
 	command -v rublk >/dev/null || [ -x $$HOME/.cargo/bin/rublk ] || cargo install --locked rublk
 	dpkg-query -W -f='$${Status}' python3-matplotlib 2>/dev/null | grep -q 'ok installed' || \
 		apt-get install -y -qq --no-install-recommends python3-matplotlib
+	command -v perf >/dev/null || apt-get install -y -qq --no-install-recommends linux-perf
 
 clean:
 	-$(MAKE) -C $(KDIR) M=$(CURDIR) $(DMQ_LLVM) clean

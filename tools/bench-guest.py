@@ -1202,9 +1202,13 @@ def write_outputs(peers, results, extra):
 
 
 def main():
+    global PERF
     mount_work()
     peers = pick_peers()
     jobs = pick_jobs()
+    if PERF and not shutil.which("perf"):
+        log("DMQ_BENCH_PERF: no perf (make bench-deps installs linux-perf): no profiles")
+        PERF = None
     results, extra = run_jobs(jobs, peers)
     write_outputs(peers, results, extra)
 
