@@ -411,7 +411,13 @@ def fio(dev, job, size):
         r, _, cpu = timed(lambda: sh(cmd, check=False, cwd=d))
         phase_cpu, ctxt = io_phase_stat(d)
         cpu = phase_cpu or cpu
-        profile = perf_report(f"{d}/perf.data", job, dev) if PERF else None
+        profile = None
+        if PERF:
+            # A profile that fails leaves the run's figures standing.
+            try:
+                profile = perf_report(f"{d}/perf.data", job, dev)
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                profile = f"no profile ({describe(e)})"
     finally:
         shutil.rmtree(d, ignore_errors=True)
     f1 = fast_bios(dev)
