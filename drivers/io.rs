@@ -16,7 +16,7 @@ mod write;
 mod zero;
 
 use crate::hot::Fast;
-use crate::kernel_abstractions::bio::{Bio, Op};
+use crate::kernel_abstractions::bio::{Bio, BioPiece, Op};
 use crate::kernel_abstractions::direct_io::{BioPart, IoCounter};
 use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
 use crate::meta::{corrupt, DeltaMd, HoleWord};

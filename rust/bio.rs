@@ -11,9 +11,16 @@
 //! is dropped, with an I/O error (a forgotten bio must never hang its
 //! submitter). [`Bio::split_ref`] makes another reference so that several
 //! pieces can complete independently; the bio completes when the last ends.
+//!
+//! The lists ([`BioList`], [`BioStack`]) link bios through their one
+//! `bi_next`, so only a `Bio` goes in them. A further reference is a
+//! [`BioPiece`], which cannot: two references of one bio in two lists
+//! would share that link, and one list's push would reach into the other
+//! (a bio ended twice, one never).
 
 use super::bindings;
 use core::mem::ManuallyDrop;
+use core::ops::Deref;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::error::{
@@ -145,12 +152,13 @@ impl Bio {
         })
     }
 
-    /// Makes another completion reference of the same bio.
-    pub(crate) fn split_ref(&self) -> Bio {
+    /// Makes another completion reference of the same bio: a piece, which
+    /// ends like a `Bio` but goes in no list (see the module docs).
+    pub(crate) fn split_ref(&self) -> BioPiece {
         // SAFETY: The bio is valid and we hold a reference, so it cannot complete
         // while the count is raised.
         unsafe { bindings::dmq_bio_inc_remaining(self.as_raw()) };
-        Bio(self.0)
+        BioPiece(Bio(self.0))
     }
 
     /// Ends this reference. An error is recorded in the bio; success leaves an
@@ -198,6 +206,32 @@ impl Drop for Bio {
         self.set_error(kernel::error::code::EIO);
         // SAFETY: We own this completion reference and give it up here, once.
         unsafe { bindings::bio_endio(self.as_raw()) };
+    }
+}
+
+/// A further completion reference of a bio ([`Bio::split_ref`]): everything
+/// a `Bio` does through `&Bio`, and [`BioPiece::end`], but it cannot become
+/// a `Bio` outside this crate's abstractions, so it never goes in a list.
+pub(crate) struct BioPiece(Bio);
+
+impl BioPiece {
+    /// Ends this reference, as [`Bio::end`] does.
+    pub(crate) fn end(self, res: Result) {
+        self.0.end(res)
+    }
+
+    /// The reference as a `Bio`, for abstractions that end it without
+    /// linking it anywhere (`File::submit_bio_io`).
+    pub(super) fn into_bio(self) -> Bio {
+        self.0
+    }
+}
+
+impl Deref for BioPiece {
+    type Target = Bio;
+
+    fn deref(&self) -> &Bio {
+        &self.0
     }
 }
 

@@ -8,7 +8,7 @@
 //! C header: [`include/linux/fs.h`](srctree/include/linux/fs.h)
 
 use super::bindings;
-use super::bio::{Bio, Op};
+use super::bio::{Bio, BioPiece, Op};
 use super::dm;
 use super::file::File;
 use core::mem::{ManuallyDrop, MaybeUninit};
@@ -129,26 +129,28 @@ impl Drop for IoHold<'_> {
 }
 
 impl File {
-    /// Starts direct I/O between bytes `[off, off + len)` of `bio` and the
-    /// file at `pos`, in the bio's direction, ending `bio` (one reference)
-    /// with the result. Reads that hit the end of the file complete with
+    /// Starts direct I/O between bytes `[off, off + len)` of the bio `part`
+    /// holds and the file at `pos`, in the bio's direction, ending that
+    /// reference with the result. Reads that hit the end of the file complete with
     /// zeroes, as for a hole; short writes fail with ENOSPC (the file
     /// system ran out of space or quota part way), or EFBIG if they go past
     /// the file's size limit; other short reads with EIO. With
     /// `dsync` a write is durable when it completes. The I/O is counted in
-    /// `inflight` until it completes; `part` says what of the bio it is
-    /// (see [`BioPart`]).
-    #[allow(clippy::too_many_arguments)]
+    /// `inflight` until it completes; `part` also says what of the bio it
+    /// is (see [`BioPart`]).
     pub(crate) fn submit_bio_io(
         &self,
-        bio: Bio,
+        part: BioPart<'_>,
         off: u32,
         len: u32,
         pos: u64,
         dsync: bool,
         inflight: &Arc<IoCounter>,
-        part: BioPart<'_>,
     ) {
+        let (bio, hold) = match part {
+            BioPart::Piece(p) => (p.into_bio(), None),
+            BioPart::Whole(b, h) => (b, Some(h)),
+        };
         // Every early return below ends `bio` itself: until it is moved into
         // the `BioIo` (which cannot fail any more), `bio` is an owned `Bio`,
         // and a `Bio` that is dropped instead of ended still ends (EIO).
@@ -189,15 +191,15 @@ impl File {
             len,
             started: false,
             boxed: matches!(home, Home::Boxed(_)),
-            whole: matches!(part, BioPart::Whole(_)),
+            whole: hold.is_some(),
             res: 0,
             inflight: ManuallyDrop::new(inflight.clone()),
         };
         // From here the bio is ended by the last `BioIo::put`, exactly once:
         // after the file system's completion if the I/O queued, else after
         // ours below. The count it drops is the hold's or a new one.
-        match part {
-            BioPart::Whole(h) if core::ptr::eq(h.0, &**inflight) => core::mem::forget(h),
+        match hold {
+            Some(h) if core::ptr::eq(h.0, &**inflight) => core::mem::forget(h),
             other => {
                 inflight.inc();
                 drop(other);
@@ -242,11 +244,12 @@ impl File {
     }
 }
 
-/// What of its bio a direct I/O is, for `File::submit_bio_io`.
+/// The bio reference a direct I/O ends, and what of its bio the I/O is,
+/// for `File::submit_bio_io`.
 pub(crate) enum BioPart<'a> {
     /// A piece, one of possibly several (the worker's): counted anew, and a
     /// write ends its bio before it is uncounted (its end may park the bio).
-    Piece,
+    Piece(BioPiece),
     /// All of the bio (the fast path), counted by the hold since the lookup.
     /// A hold of the I/O's own counter becomes its count (no second
     /// increment, and none left over when the host completes the I/O inside
@@ -254,7 +257,7 @@ pub(crate) enum BioPart<'a> {
     /// a read's bio ends); a hold of another counter is let go once the I/O
     /// is counted. A write that succeeds, of a bio no other I/O recorded an
     /// error in, is uncounted before it ends, as a read is (`BioIo::put`).
-    Whole(IoHold<'a>),
+    Whole(Bio, IoHold<'a>),
 }
 
 /// Where a `BioIo` lives.
@@ -286,6 +289,8 @@ pub(crate) struct BioIo {
     pos: u64,
     off: u32,
     len: u32,
+    /// The shim took the write's freeze protection (`kiocb_start_write`):
+    /// the completion ends it.
     started: bool,
     /// Whether the I/O is in a `KBox` (else in the bio's room).
     boxed: bool,
@@ -376,7 +381,8 @@ unsafe extern "C" fn bio_io_done(iocb: *mut bindings::kiocb, ret: kernel::ffi::c
     // last reference).
     let (bio, write) = unsafe {
         let write = op_is_write((*io).bio.op());
-        if write && (*io).started {
+        // Set by the shim exactly when it took the write's freeze protection.
+        if (*io).started {
             bindings::dmq_kiocb_end_write(iocb);
         }
         (&*(*io).bio, write)

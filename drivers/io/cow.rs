@@ -82,7 +82,7 @@ struct ChainRead {
 /// One write's fill: its new cluster, what to read into it, the entry to set.
 struct Fill {
     /// The write's own completion reference (see the module doc).
-    bio: Bio,
+    bio: BioPiece,
     boff: u32,
     d: usize,
     l2_off: u64,

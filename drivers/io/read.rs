@@ -52,13 +52,12 @@ impl Inner {
         if let Some(r) = run {
             let f = &st.deltas.get(r.delta).ok_or(EIO)?.file;
             f.submit_bio_io(
-                bio.split_ref(),
+                BioPart::Piece(bio.split_ref()),
                 r.off,
                 r.len,
                 r.host,
                 false,
                 &self.inflight,
-                BioPart::Piece,
             );
         }
         Ok(())

@@ -356,13 +356,12 @@ impl Inner {
         let pos = host.checked_add(hdr.offset_in_cluster(vaddr)).ok_or(EIO)?;
         st.hot_forget(d, vaddr);
         delta.file.submit_bio_io(
-            bio.split_ref(),
+            BioPart::Piece(bio.split_ref()),
             boff,
             len as u32,
             pos,
             fua,
             &self.inflight,
-            BioPart::Piece,
         );
         let md = st.md.get_mut(d).ok_or(EIO)?;
         let res = md
@@ -616,13 +615,12 @@ impl InPlaceRun {
     fn start(self, file: &File, bio: &Bio, dsync: bool, inflight: &Arc<IoCounter>) {
         let Self { pos, boff, len } = self;
         file.submit_bio_io(
-            bio.split_ref(),
+            BioPart::Piece(bio.split_ref()),
             boff,
             len,
             pos,
             dsync,
             inflight,
-            BioPart::Piece,
         );
     }
 }

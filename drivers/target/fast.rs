@@ -520,13 +520,12 @@ impl Inner {
             Some((delta, pos)) => {
                 let len = bio.size();
                 delta.file.submit_bio_io(
-                    bio,
+                    BioPart::Whole(bio, hold),
                     0,
                     len,
                     pos,
                     false,
                     &self.inflight,
-                    BioPart::Whole(hold),
                 );
                 Ok(())
             }
