@@ -279,19 +279,17 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 	iocb->ki_pos = pos;
 	/*
 	 * Not the file's own flags: no IOCB_APPEND or DSYNC surprises. A write
-	 * carries IOCB_WRITE, as aio and io_uring set it: stacking file systems
-	 * copy our flags to the kiocb they send down (overlayfs'
-	 * backing_file_write_iter) and end that kiocb's freeze protection of
-	 * the real file system (taken by vfs_iocb_iter_write) only if it is
-	 * set; without it every queued write leaked an sb_writers reference
-	 * there and fsfreeze hung.
+	 * carries IOCB_WRITE, as aio and io_uring set it for any write_iter.
+	 * On 6.12.117 overlayfs' backing_file_write_iter ended the real file
+	 * system's freeze protection only for a kiocb with it (without it,
+	 * fsfreeze hung: kselftest overlayfs_freeze); 6.12.118's backing-file
+	 * tracks that itself (aio->is_write).
 	 */
 	iocb->ki_flags = IOCB_DIRECT |
 			 (write ? IOCB_WRITE : 0) |
 			 (write && dsync ? IOCB_DSYNC : 0);
 	iocb->ki_ioprio = get_current_ioprio();
 	iocb->ki_complete = done;
-	*started = true;
 	if (write) {
 		/*
 		 * Freeze protection of the file's own file system for the whole
@@ -299,6 +297,7 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 		 * (dmq_kiocb_end_write()), also when the write did not queue.
 		 */
 		kiocb_start_write(iocb);
+		*started = true;
 		return file->f_op->write_iter(iocb, &iter);
 	}
 	return file->f_op->read_iter(iocb, &iter);

@@ -62,8 +62,9 @@ ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
  * Direct I/O between [off, off + len) of @bio and @file at @pos, in the bio's
  * direction. Returns -EIOCBQUEUED when @done will be called (possibly before
  * this returns, from interrupt context), otherwise the result (bytes or a
- * negative errno) and @done is not called. *@started tells whether the I/O
- * was started (a started write must be ended with dmq_kiocb_end_write()).
+ * negative errno) and @done is not called. *@started tells whether a write
+ * took the file system's freeze protection (kiocb_start_write()): then its
+ * completion must end it with dmq_kiocb_end_write().
  * @dsync makes a write durable before it completes (REQ_FUA).
  */
 ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
@@ -150,7 +151,7 @@ void dmq_inflight_switch_wait(struct dmq_inflight *in);
 
 /* get_file(): a new reference to @file. */
 struct file *dmq_get_file(struct file *file);
-/* A new fd for @file in the current task (O_CLOEXEC); the fd or -errno. */
+/* A new fd for @file in the current task (not close-on-exec); the fd or -errno. */
 int dmq_file_install_fd(struct file *file);
 /* Truncates (or sparsely extends) @file to @len bytes. */
 int dmq_file_truncate(struct file *file, loff_t len);

@@ -215,8 +215,10 @@ impl<T: Target> Vtable<T> {
         };
         // The arguments live inside the result buffer (dm-ioctl splits the
         // message in place there), so output goes to a buffer of its own and
-        // is copied over once the arguments are no longer used.
-        let Ok(mut own) = KVec::from_elem(0u8, maxlen as usize, GFP_KERNEL) else {
+        // is copied over once the arguments are no longer used. As large as
+        // the caller's (dm-ioctl takes up to 1 GiB from userspace, and
+        // kvmallocs it): a kmalloc that size would warn past 4 MiB.
+        let Ok(mut own) = KVVec::from_elem(0u8, maxlen as usize, super::super::gfp_kv()) else {
             return ENOMEM.to_errno();
         };
         let mut out = Emit {
