@@ -372,11 +372,14 @@ def perf_report(data, job, dev):
                     yield float(f[0][:-1]), f[1:]
                 except ValueError:
                     pass
-    # Tasks by kind: a kworker's name changes with what it runs.
+    # Tasks by kind: a kworker's name changes with what it runs, and one
+    # created during the run keeps kthreadd's name in perf's view (its
+    # samples are a worker's: the loop device's __memcpy, say).
     kinds = {}
     for pct, f in rows("comm"):
         comm = " ".join(f)
         kind = ("idle" if comm.startswith("swapper") else
+                "kworker" if comm == "kthreadd" else
                 re.sub(r"[/:].*", "", comm) if comm.startswith(("kworker", "ksoftirqd"))
                 else comm)
         kinds[kind] = kinds.get(kind, 0) + pct
