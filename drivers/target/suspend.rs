@@ -221,10 +221,14 @@ impl Qcow2 {
     pub(super) fn suspend_end(&self) {
         let inner = &self.inner;
         // The retry and the commit timer may queue I/O work: they go first.
-        // (The walker saw the merge cancelled by presuspend and stops.)
+        // (The walker saw the merge cancelled by presuspend and stops.) The
+        // count's walk reads through the metadata cache, which may commit
+        // dirty pages: it ends before the settle, and one started later
+        // (a status line) stops at once, the state being stale.
         inner.commit_wq.flush();
         inner.retry_wq.flush();
         inner.merge_wq.flush();
+        inner.count_wq.flush();
         inner.wq.flush();
         let mut st = inner.lock_state();
         // Everything the cache holds goes to the images before they are
@@ -269,6 +273,10 @@ impl Qcow2 {
         let top = st.delta(st.top())?;
         inner.update_header(&top, dirty).inspect_err(|e| {
             pr_err!("dm-qcow2: cannot update the image header: {:?}\n", e);
+            // The device stays suspended, and the images may change before
+            // the next resume (a `qemu-img check -r`): that one reads them
+            // again. Nothing was written since they were settled.
+            st.stale = true;
         })
     }
 

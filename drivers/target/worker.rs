@@ -458,6 +458,12 @@ impl Inner {
             md.count.failed = false;
         }
         loop {
+            // Suspended (the images settled, maybe in other hands now): the
+            // walk's cache reads may commit dirty pages a failed settle left.
+            // The resume's reload counts again.
+            if st.stale {
+                return;
+            }
             // Deltas may change while unlocked (a merge completes): look again.
             let next = (0..st.deltas.len()).find(|&i| {
                 let (Some(d), Some(md)) = (st.deltas.get(i), st.md.get(i)) else {
