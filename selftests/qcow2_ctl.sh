@@ -269,10 +269,10 @@ SIZE = HDR + (8 << 20)
 TARGET_MSG = (3 << 30) | (HDR << 16) | (0xfd << 8) | 14
 DATA_OUT = 1 << 16
 buf = bytearray(SIZE)
-# version 4.0.0, data_size, data_start; name at 48; then struct dm_target_msg
+# version 4.0.0, data_size, data_start; name at 48; then struct
+# dm_target_msg: sector 0 (the zeroed buffer's), the message
 struct.pack_into("=3III", buf, 0, 4, 0, 0, SIZE, HDR)
 buf[48:48 + len(sys.argv[1])] = sys.argv[1].encode()
-struct.pack_into("=Q", buf, HDR, 0)
 msg = b"get_img_id 0\0"
 buf[HDR + 8:HDR + 8 + len(msg)] = msg
 fd = os.open("/dev/mapper/control", os.O_RDWR)

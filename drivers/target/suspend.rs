@@ -222,13 +222,12 @@ impl Qcow2 {
         let inner = &self.inner;
         // The retry and the commit timer may queue I/O work: they go first.
         // (The walker saw the merge cancelled by presuspend and stops.) The
-        // count's walk reads through the metadata cache, which may commit
-        // dirty pages: it ends before the settle, and one started later
-        // (a status line) stops at once, the state being stale.
+        // count's walk is not waited for: it works in batches under the
+        // state mutex, and the first batch after the settle below sees the
+        // state stale and stops (`count_all`).
         inner.commit_wq.flush();
         inner.retry_wq.flush();
         inner.merge_wq.flush();
-        inner.count_wq.flush();
         inner.wq.flush();
         let mut st = inner.lock_state();
         // Everything the cache holds goes to the images before they are
