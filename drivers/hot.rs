@@ -158,12 +158,47 @@ impl Fast {
     pub(crate) fn takes_writes(&self) -> bool {
         self.writes.load(Relaxed)
     }
+
+    /// The top's host bytes `[off, off + len)` are about to hold metadata
+    /// (a new L2 table, refcount block or refcount table; state mutex
+    /// held, before anything is written there). Forgets every entry naming
+    /// those clusters; true if a lane may still be writing one of them:
+    /// the caller then waits for the in-flight counter to go idle before
+    /// the metadata is written.
+    ///
+    /// Only a damaged image gets here with such an entry: a cluster the
+    /// allocator hands out has refcount 0, and an entry the top owns
+    /// (COPIED) names a cluster with refcount 0 only where the refcounts
+    /// are wrong (two COPIED entries for one cluster, one of them
+    /// discarded; or a count too low from the start). The locked path
+    /// refuses a data write over metadata (`DeltaMd::overlap`), and a new
+    /// entry for it goes in for reads only (`Inner::hot_writable`); this
+    /// keeps lanes from doing what the locked path refuses. Clusters past
+    /// every one an owned entry ever named (the file's growth: nearly
+    /// every allocation) cost nothing here; others one pass over the
+    /// table (at most 2 MiB).
+    pub(crate) fn forget_for_metadata(&self, off: u64, len: u64) -> bool {
+        let cb = self.top.hdr.cluster_bits;
+        let first = off >> cb;
+        let last = off.saturating_add(len.max(1) - 1) >> cb;
+        if first >= self.map.owned_end.load(Relaxed) {
+            return false;
+        }
+        self.map.forget_hosts(first, last);
+        // Retired or read-only: no lane write was started since the
+        // switch that made it so (see `retire`, `stop_writes`).
+        self.takes_writes() && !self.is_dead()
+    }
 }
 
 pub(crate) struct HotMap {
     slots: KVVec<AtomicU64>,
     /// log2 of the number of slots.
     bits: u32,
+    /// One past the highest host cluster an entry the top owns was ever
+    /// put for (0: none): lanes have never written at or past it (see
+    /// `Fast::forget_for_metadata`). Changed under the state mutex only.
+    owned_end: AtomicU64,
 }
 
 impl HotMap {
@@ -178,6 +213,7 @@ impl HotMap {
         Ok(Self {
             slots,
             bits: n.trailing_zeros(),
+            owned_end: AtomicU64::new(0),
         })
     }
 
@@ -199,7 +235,12 @@ impl HotMap {
         if tag >> TAG_BITS != 0 || hci >> HOST_BITS != 0 || below > MAX_BELOW {
             return;
         }
-        let owned = if owned && below == 0 { OWNED } else { 0 };
+        let owned = if owned && below == 0 {
+            self.owned_end.fetch_max(hci + 1, Relaxed);
+            OWNED
+        } else {
+            0
+        };
         let v = VALID | owned | tag << TAG_SHIFT | (below as u64) << HOST_BITS | hci;
         let Some(s) = self.slot(vci) else {
             return;
@@ -242,6 +283,22 @@ impl HotMap {
         if let Some((below, _)) = self.decode(s.load(Relaxed), vci) {
             if below >= above {
                 s.store(0, Relaxed);
+            }
+        }
+    }
+
+    /// Forgets every entry of the top that names a host cluster in
+    /// `first..=last` (see `Fast::forget_for_metadata`). State mutex held.
+    fn forget_hosts(&self, first: u64, last: u64) {
+        for (i, s) in self.slots.iter().enumerate() {
+            let v = s.load(Relaxed);
+            let below = (v >> HOST_BITS) & ((1 << BELOW_BITS) - 1);
+            let hci = v & ((1 << HOST_BITS) - 1);
+            if v & VALID != 0 && below == 0 && (first..=last).contains(&hci) {
+                s.store(0, Relaxed);
+            }
+            if i % 65536 == 65535 {
+                crate::kernel_abstractions::task::cond_resched();
             }
         }
     }

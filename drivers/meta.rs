@@ -44,6 +44,7 @@ mod refcount;
 mod tables;
 
 use crate::count::AllocCount;
+use crate::hot::Fast;
 use crate::kernel_abstractions::direct_io::IoCounter;
 use crate::kernel_abstractions::file::{File, IoBuf, DIO_ALIGN};
 use crate::kernel_abstractions::task::code::{eopnotsupp, euclean};
@@ -199,6 +200,10 @@ pub(crate) struct DeltaMd {
     leak_skip_noted: bool,
     /// "freeing a free cluster" lines so far (see `FREE_FREE_LOG_MAX`).
     free_free_logged: u32,
+    /// The fast path's table while it is on and this delta is the top
+    /// (`Inner::fast_on`): a cluster that becomes metadata is forgotten
+    /// there first (`DeltaMd::fence_lanes`).
+    fast: Option<Arc<Fast>>,
 }
 
 impl DeltaMd {
@@ -253,11 +258,18 @@ impl DeltaMd {
             leaked: false,
             leak_skip_noted: false,
             free_free_logged: 0,
+            fast: None,
         };
         if writable_rt {
             md.note_metadata(file, hdr, true)?;
         }
         Ok(md)
+    }
+
+    /// The fast path's table lanes write this delta through, if any (see
+    /// `fast`).
+    pub(crate) fn set_fast(&mut self, fast: Option<Arc<Fast>>) {
+        self.fast = fast;
     }
 
     /// The delta's img_id changed (a merge unlinked one below it).

@@ -542,7 +542,7 @@ case_refcount64_4k() {
 # entry ("truncate failed"); leaked_refcounts: a damaged image whose
 # refcount table cannot grow (a write fails); many_l2_tables: a write
 # would overwrite an L2 table
-DMQ_FAULT_CASES="corrupt_writes overlap_writes leaked_refcounts many_l2_tables"
+DMQ_FAULT_CASES="corrupt_writes overlap_writes lane_meta_reuse leaked_refcounts many_l2_tables"
 
 # bytes LEN at OFF of IMG, as a sha256
 range_sum() {
@@ -604,6 +604,39 @@ sys.exit(0 if json.loads(sys.argv[1])["format-specific"]["data"].get("corrupt") 
 		dmq_fail "the refcount block changed: its reference was dropped"
 	dmq_expect_ctr_error w "Image is marked corrupt" -EOPNOTSUPP --rw second.qcow2
 	echo "second.qcow2: the refcount block kept its reference"
+}
+
+# A damaged image's data cluster reused as metadata while the fast path
+# knows it: the top's L2 entry at 64k points (COPIED) at a cluster whose
+# refcount was set to 0. A read at 64k puts the entry in the fast path's
+# table, writable; the first write at 512M needs a new L2 table, which the
+# allocator puts in that "free" cluster. A write at 64k then fails with
+# EIO, as the locked path's overlap check says (the table's entry went when
+# the cluster became metadata); on a module without that, a lane wrote it
+# in place, over the new L2 table, and the data at 512M was lost. The new
+# table still maps 512M: QEMU reads the write there.
+case_lane_meta_reuse() {
+	local dev host l1
+	dmq_needs_kernel "the fast path's metadata fence"
+	dmq_img_create a.qcow2 1G cluster_size=64k,refcount_bits=64
+	dmq_write a.qcow2 P0x11:0:64k P0x22:64k:64k
+	host=$(entry_val a.qcow2 l2 64k) || dmq_fail "L2 entry at 64k"
+	host=$((host & ((1 << 56) - 512)))
+	set_entry a.qcow2 refb $((host >> 16)) = 0
+	dmq_create w --rw a.qcow2 || dmq_fail "writable table refused"
+	dev=$(dmq_dev w) || dmq_fail "no device node"
+	dmq_run dd if="$dev" of=/dev/null bs=4k skip=16 count=1 iflag=direct status=none
+	dmq_run dd if="$dev" of=/dev/null bs=4k skip=16 count=1 iflag=direct status=none
+	write_4k "$dev" 131072 ok
+	l1=$(entry_val a.qcow2 l1 1) || dmq_fail "L1 entry 1"
+	[ $((l1 & ((1 << 56) - 512))) = "$host" ] ||
+		dmq_fail "the new L2 table is not in the cluster at $(printf '%#x' "$host")"
+	echo "the L2 table for 512M went into $(printf '%#x' "$host")"
+	write_4k "$dev" 16 eio
+	expect_kmsg "would overwrite its L2 table"
+	dmq_remove w || dmq_fail "dmsetup remove failed"
+	dmq_run "$QEMU_IO" -r -f qcow2 -c "read -P 0x6b 512M 4k" -c "read -P 0x11 0 64k" a.qcow2 ||
+		dmq_fail "qemu-io does not read the write at 512M"
 }
 
 # set_reft IMG FIRST VALUE: refcount table entries FIRST.. of IMG = VALUE
@@ -832,6 +865,7 @@ DMQ_CASES=(
 	corrupt_compressed
 	corrupt_writes
 	overlap_writes
+	lane_meta_reuse
 	leaked_refcounts
 	many_l2_tables
 	refcount_page_cycle

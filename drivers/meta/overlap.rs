@@ -133,10 +133,29 @@ impl DeltaMd {
         euclean()
     }
 
-    /// Records that the cluster at `off` holds metadata (`kind`).
+    /// Records that the cluster at `off` holds metadata (`kind`), before
+    /// anything is written there.
     pub(super) fn note_meta(&mut self, off: u64, kind: MetaKind) -> Result {
         let c = self.cluster_of(off);
-        self.meta.insert(c, kind)
+        self.meta.insert(c, kind)?;
+        self.fence_lanes(off, self.cluster_size);
+        Ok(())
+    }
+
+    /// Host bytes `[off, off + len)` are about to hold metadata: no lane
+    /// may write them from then on (only a damaged image's entries can name
+    /// them, see `Fast::forget_for_metadata`). Called after they are in
+    /// the set `overlap` looks at, so no entry put later owns them.
+    pub(super) fn fence_lanes(&self, off: u64, len: u64) {
+        if self
+            .fast
+            .as_ref()
+            .is_some_and(|f| f.forget_for_metadata(off, len))
+        {
+            // Lane writes looked up before the entries went are waited
+            // for; holds taken meanwhile fail (see `IoCounter::hold`).
+            self.io.wait_idle();
+        }
     }
 
     /// The cluster index of host offset `off`.

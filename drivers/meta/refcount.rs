@@ -349,6 +349,8 @@ impl DeltaMd {
         }
         fmt::set_table_entry(&mut tbl, old_n, blk_off).ok_or(EIO)?;
         self.note_meta(blk_off, MetaKind::RefcountBlock)?;
+        // The table's clusters join the overlap set with the header change.
+        self.fence_lanes(tbl_off, tbl_bytes);
         self.reserve(file, tbl_end);
         self.untouched_from = self.untouched_from.max(tbl_end);
         file.write_full(&blk, blk_off)?;

@@ -91,6 +91,13 @@
 //!   submitted after the write completed cannot (the bit went before the
 //!   write's entry changed, hence before it completed). The table's own
 //!   lookup goes first: a bio it knows takes a lane.
+//! - A cluster of the top that becomes metadata (a new L2 table or
+//!   refcount block, the refcount table's growth) is forgotten first and,
+//!   where a lane may be writing it, the counter is waited for before the
+//!   metadata is written (`DeltaMd::fence_lanes`). Only a damaged image's
+//!   owned entries name a cluster the allocator hands out (its refcount
+//!   was 0); the locked path refuses such a write (the overlap check), and
+//!   lanes then cannot do it either.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
 //!   or flush bio never takes a lane: durability stays with the worker's
 //!   commit, which covers every write completed before the flush arrived.
@@ -540,11 +547,24 @@ impl Inner {
         }
     }
 
+    /// Gives the top's metadata the table lanes write it through, the
+    /// others none (see `DeltaMd::fence_lanes`). A table replaced here had
+    /// no lane write in flight: a resume's had none since the suspend, a
+    /// merge's none since its start (`Fast::stop_writes` and the switch
+    /// after it), and one turned off takes none after the caller's switch.
+    fn fence_top(st: &mut WorkerState) {
+        let top = st.top();
+        for (i, m) in st.md.iter_mut().enumerate() {
+            m.set_fast(if i == top { st.fast.clone() } else { None });
+        }
+    }
+
     /// Turns the fast path off: every bio goes through the locked path.
     /// Bios the worker or a lane already took may still use it: callers that need
     /// them gone wait for the bios mapped before (`refs.switch_wait`).
     pub(crate) fn fast_off(&self, st: &mut WorkerState) {
         st.fast = None;
+        Self::fence_top(st);
         let old = self.fast.lock().take();
         if let Some(f) = old {
             f.retire();
@@ -565,6 +585,7 @@ impl Inner {
             Fast::new(&st.deltas, st.merge.is_none()).ok()
         };
         st.fast = new.clone();
+        Self::fence_top(st);
         let old = core::mem::replace(&mut *self.fast.lock(), new);
         if let Some(f) = old {
             f.retire();
