@@ -162,9 +162,12 @@ impl Fast {
     /// The top's host bytes `[off, off + len)` are about to hold metadata
     /// (a new L2 table, refcount block or refcount table; state mutex
     /// held, before anything is written there). Forgets every entry naming
-    /// those clusters; true if a lane may still be writing one of them:
-    /// the caller then waits for the in-flight counter to go idle before
-    /// the metadata is written.
+    /// those clusters; true if a lane may ever have written one of them
+    /// through this table: the caller then waits for the in-flight counter
+    /// to go idle before the metadata is written (a write looked up before
+    /// may still be in flight, also through an entry since evicted by
+    /// another cluster's, or, at a merge's start, one that checked
+    /// `takes_writes` before `stop_writes`).
     ///
     /// Only a damaged image gets here with such an entry: a cluster the
     /// allocator hands out has refcount 0, and an entry the top owns
@@ -175,8 +178,8 @@ impl Fast {
     /// entry for it goes in for reads only (`Inner::hot_writable`); this
     /// keeps lanes from doing what the locked path refuses. Clusters past
     /// every one an owned entry ever named (the file's growth: nearly
-    /// every allocation) cost nothing here; others one pass over the
-    /// table (at most 2 MiB).
+    /// every allocation) cost nothing here; others (reused after a
+    /// discard) one pass over the table (at most 2 MiB) and the wait.
     pub(crate) fn forget_for_metadata(&self, off: u64, len: u64) -> bool {
         let cb = self.top.hdr.cluster_bits;
         let first = off >> cb;
@@ -185,9 +188,7 @@ impl Fast {
             return false;
         }
         self.map.forget_hosts(first, last);
-        // Retired or read-only: no lane write was started since the
-        // switch that made it so (see `retire`, `stop_writes`).
-        self.takes_writes() && !self.is_dead()
+        true
     }
 }
 

@@ -204,6 +204,9 @@ pub(crate) struct DeltaMd {
     /// (`Inner::fast_on`): a cluster that becomes metadata is forgotten
     /// there first (`DeltaMd::fence_lanes`).
     fast: Option<Arc<Fast>>,
+    /// One past the highest cluster the worker started an asynchronous
+    /// write in place into (see `fence_lanes`).
+    in_place_end: u64,
 }
 
 impl DeltaMd {
@@ -259,6 +262,7 @@ impl DeltaMd {
             leak_skip_noted: false,
             free_free_logged: 0,
             fast: None,
+            in_place_end: 0,
         };
         if writable_rt {
             md.note_metadata(file, hdr, true)?;

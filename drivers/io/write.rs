@@ -132,6 +132,9 @@ impl Inner {
             }
             match src {
                 Src::Bio(bio, boff) => {
+                    if let Some(m) = st.md.get_mut(d) {
+                        m.note_in_place(h);
+                    }
                     let piece = InPlaceRun {
                         pos,
                         boff,

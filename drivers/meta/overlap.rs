@@ -142,20 +142,29 @@ impl DeltaMd {
         Ok(())
     }
 
-    /// Host bytes `[off, off + len)` are about to hold metadata: no lane
-    /// may write them from then on (only a damaged image's entries can name
-    /// them, see `Fast::forget_for_metadata`). Called after they are in
-    /// the set `overlap` looks at, so no entry put later owns them.
+    /// Host bytes `[off, off + len)` are about to hold metadata: no data
+    /// write may land there from then on (only a damaged image's entries
+    /// can name them, see `Fast::forget_for_metadata`). Called after they
+    /// are in the set `overlap` looks at, so no entry put later owns them
+    /// and the locked path refuses writes there.
     pub(super) fn fence_lanes(&self, off: u64, len: u64) {
-        if self
+        let lanes = self
             .fast
             .as_ref()
-            .is_some_and(|f| f.forget_for_metadata(off, len))
-        {
-            // Lane writes looked up before the entries went are waited
-            // for; holds taken meanwhile fail (see `IoCounter::hold`).
+            .is_some_and(|f| f.forget_for_metadata(off, len));
+        if lanes || self.cluster_of(off) < self.in_place_end {
+            // Writes in place started before (by lanes, or by the worker:
+            // `note_in_place`) are waited for; lane holds taken meanwhile
+            // fail (see `IoCounter::hold`), and the worker is the caller.
             self.io.wait_idle();
         }
+    }
+
+    /// The worker starts an asynchronous write in place into the cluster
+    /// at `host` (see `fence_lanes`).
+    pub(crate) fn note_in_place(&mut self, host: u64) {
+        let end = self.cluster_of(host).saturating_add(1);
+        self.in_place_end = self.in_place_end.max(end);
     }
 
     /// The cluster index of host offset `off`.
