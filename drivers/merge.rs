@@ -526,9 +526,19 @@ impl Inner {
             self.fast_on(&mut st);
             removed
         };
-        // Nothing mapped before the unlink may still use the old delta.
+        // Nothing mapped before the unlink may still use the old delta
+        // (`switch_wait`). No I/O the worker started was in flight at the
+        // unlink either: the wait for the counter above ran with the state
+        // mutex held through it (that covers a bio parked on ENOSPC while
+        // an earlier piece's I/O was in flight, which `switch_wait` does
+        // not wait for), and each I/O holds its own reference to the file.
+        // Nothing started since reaches the removed delta: the worker's
+        // chain no longer has it, the new table has no entry into it, and
+        // the retired one served writes last before the merge's start.
+        // No second wait for the counter here: without the mutex it lasts
+        // as long as the worker keeps I/O going, which a busy guest's writes
+        // do (they all take the worker while a caller waits there).
         self.refs.switch_wait();
-        self.inflight.wait_idle();
         drop(removed);
         Ok(())
     }

@@ -97,8 +97,8 @@ impl IoCounter {
     /// Sleeps until no I/O counted here is in flight. New holds fail
     /// meanwhile, so that lanes cannot keep the count above zero; I/O the
     /// worker starts takes no hold, so a caller that waits without the
-    /// state mutex (merge completion, after the unlink) waits as long as
-    /// the worker keeps I/O going. Woken by the completion that brings the
+    /// state mutex waits as long as the worker keeps I/O going (callers
+    /// hold it, or are the worker). Woken by the completion that brings the
     /// count to zero, not by a poll: `msleep(1)` sleeps two ticks, 8 ms at
     /// the HZ=250 of distribution kernels, and commits after allocations,
     /// merge batches and the application of frees wait here.

@@ -439,6 +439,47 @@ case_backward_big_fio() {
 	backward_case 0 fio
 }
 
+# `complete` while the guest reads at queue depth 16 with no rate limit
+# (reads: writes at that rate keep the merge from ever being ready): the
+# message returns while the reads go on (nothing after the unlink waits
+# for the in-flight counter to be idle, which a steady load need not let
+# it be), and the device reads the same before and after, and what
+# qemu-img convert of the base reads.
+case_backward_complete_busy() {
+	local pid
+	dmq_needs_kernel "a merge that completes under a guest's I/O"
+	need "$FIO"
+	mk_chain 2 cluster_size=64k
+	trap on_exit EXIT
+	chain_specs 0
+	map_rw "${SPECS[@]}"
+	dump_before "${CHAIN[-1]}"
+	echo "+ $FIO (4k random reads, QD16, until killed) &"
+	"$FIO" --output=busy.log --filename="$DEV" --direct=1 --ioengine=libaio \
+		--rw=randread --bs=4k --iodepth=16 --time_based --runtime=300 --name=busy &
+	pid=$!
+	BG_PIDS+=("$pid")
+	sleep 2
+	kill -0 "$pid" 2>/dev/null || { cat busy.log; dmq_fail "fio did not start"; }
+	msg_ok v merge_backward start -1 0
+	wait_stage v merge_backward ready
+	msg_ok v merge_backward complete
+	kill -0 "$pid" 2>/dev/null || dmq_fail "complete returned only after the reads stopped"
+	echo "complete returned while the guest kept reading"
+	kill "$pid"
+	wait "$pid" 2>/dev/null
+	expect_idle v merge_backward
+	expect_chain v base.qcow2
+	dump "$DEV" after.raw
+	same before.raw after.raw "the device changed across the merge"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	dmq_check_images base.qcow2
+	convert base.qcow2 base.raw
+	same before.raw base.raw "qemu-img convert of base.qcow2 differs from the device"
+	echo "qemu-img convert of base.qcow2 equals the device"
+	rm -f ./*.raw
+}
+
 # 64k clusters with 2k subclusters: partial-subcluster data in every delta
 case_backward_extl2() {
 	mk_chain 4 cluster_size=64k,extended_l2=on
@@ -964,6 +1005,7 @@ DMQ_CASES=(
 	backward_d1_fio
 	backward_d2_fio
 	backward_big_fio
+	backward_complete_busy
 	backward_extl2
 	backward_extl2_fio
 	md16_backward_d0_fio
