@@ -331,6 +331,12 @@ impl DeltaMd {
     /// docs give; `force`: fsync even if nothing is dirty. Returns whether
     /// it fsynced. On error the pages not known durable stay dirty.
     pub(crate) fn commit(&mut self, file: &File, force: bool) -> Result<bool> {
+        // After a failed fsync nothing written before it is known durable:
+        // no entry may become durable over it (see `File::fsync`). The
+        // image keeps what the last good commit made durable.
+        if file.sync_failed() {
+            return Err(EIO);
+        }
         let mut synced = false;
         // Data written to clusters allocated since the last commit lands
         // before the fsync below covers it (it may have been submitted

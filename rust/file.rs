@@ -8,9 +8,10 @@
 
 use super::bindings;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::error::{code::*, to_result, Error, Result};
 use kernel::prelude::*;
+use kernel::sync::Arc;
 
 /// A reference to a `struct file` (dropped with `fput`).
 ///
@@ -25,6 +26,9 @@ pub(crate) struct File {
     /// `f_pos`, which `SEEK_DATA` moves); one reference, or none where the
     /// file system refused the open.
     probe: Option<NonNull<bindings::file>>,
+    /// An fsync of the file failed, or a write through (`dsync`) did;
+    /// shared by every `File` of the same open (see [`File::fsync`]).
+    sync_failed: Arc<AtomicBool>,
 }
 
 /// Denominator of fault injection ratios.
@@ -73,13 +77,20 @@ impl core::ops::DerefMut for IoBuf {
 impl File {
     /// Takes a reference to the file behind `fd` of the current task.
     pub(crate) fn fget(fd: u32) -> Result<Self> {
+        // First: nothing to give back if there is no memory.
+        let sync_failed = Arc::new(AtomicBool::new(false), GFP_KERNEL)?;
         // SAFETY: `fget` accepts any number and returns a new reference or null.
         let p = unsafe { bindings::fget(fd) };
         let ptr = NonNull::new(p).ok_or(EBADF)?;
         // SAFETY: We hold the reference `fget` returned, in process context
         // (`fget` itself reads the current task's file table).
         let limit = unsafe { bindings::dmq_file_write_limit(ptr.as_ptr()) };
-        Ok(Self::from_ptr(ptr, u64::try_from(limit).unwrap_or(0), None))
+        Ok(Self::from_ptr(
+            ptr,
+            u64::try_from(limit).unwrap_or(0),
+            None,
+            sync_failed,
+        ))
     }
 
     /// Opens the private file [`File::holds_data`] seeks on (the same path,
@@ -101,16 +112,19 @@ impl File {
         ptr: NonNull<bindings::file>,
         write_limit: u64,
         probe: Option<NonNull<bindings::file>>,
+        sync_failed: Arc<AtomicBool>,
     ) -> Self {
         Self {
             ptr,
             fault: AtomicU32::new(0),
             write_limit,
             probe,
+            sync_failed,
         }
     }
 
-    /// Another reference to the same file (fault injection off).
+    /// Another reference to the same file (fault injection off; a failed
+    /// fsync stays failed, see [`File::fsync`]).
     pub(crate) fn try_clone(&self) -> Self {
         // SAFETY: The file is valid; `get_file` takes a new reference, owned by
         // the returned value and dropped with it.
@@ -119,7 +133,12 @@ impl File {
             // SAFETY: As above, for the probe file (valid while we hold ours).
             unsafe { bindings::dmq_get_file(p.as_ptr()) };
         }
-        Self::from_ptr(self.ptr, self.write_limit, self.probe)
+        Self::from_ptr(
+            self.ptr,
+            self.write_limit,
+            self.probe,
+            self.sync_failed.clone(),
+        )
     }
 
     pub(super) fn as_raw(&self) -> *mut bindings::file {
@@ -367,10 +386,44 @@ impl File {
     }
 
     /// Flushes the file's data and metadata to stable storage.
+    ///
+    /// Once an fsync failed (or a write through, see
+    /// [`File::note_sync_error`]), every later one fails with EIO: what was
+    /// written before the failure may be lost (a disk that dropped its
+    /// cache, a host file system that dropped the pages) without any later
+    /// fsync saying so, and nothing may be made durable on top of it as if
+    /// it were there (a mapping over data that is not). Out of memory is
+    /// not such a failure: nothing was flushed, or dropped.
     pub(crate) fn fsync(&self) -> Result {
-        self.inject()?;
-        // SAFETY: The file is valid while we hold a reference.
-        to_result(unsafe { bindings::vfs_fsync(self.as_raw(), 0) })
+        if self.sync_failed() {
+            return Err(EIO);
+        }
+        let res = self.inject().and_then(|()| {
+            // SAFETY: The file is valid while we hold a reference.
+            to_result(unsafe { bindings::vfs_fsync(self.as_raw(), 0) })
+        });
+        if let Err(e) = res {
+            self.note_sync_error(e);
+        }
+        res
+    }
+
+    /// Whether an fsync of the file failed (see [`File::fsync`]).
+    pub(crate) fn sync_failed(&self) -> bool {
+        self.sync_failed.load(Ordering::Acquire)
+    }
+
+    /// Records that flushing the file failed with `e` (see [`File::fsync`]).
+    pub(super) fn note_sync_error(&self, e: Error) {
+        if e != ENOMEM {
+            self.sync_failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// The flag [`File::note_sync_error`] sets, for a write through that
+    /// completes after its submitter may be gone.
+    pub(super) fn sync_flag(&self) -> Arc<AtomicBool> {
+        self.sync_failed.clone()
     }
 
     /// Writes `path` of the file into `buf` and returns it (`d_path`).

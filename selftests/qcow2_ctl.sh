@@ -1086,8 +1086,10 @@ case_fault_injection() {
 	cmp -n "$MIB" dev.raw before.raw || dmq_fail "data at 0..1M changed"
 	cmp -i $((2 * MIB + 65536)) -n $((6 * MIB - 65536)) dev.raw before.raw ||
 		dmq_fail "data at 2M+64k..8M changed"
+	# no fsync: after a failed one every flush fails (fsync_error_sticks)
 	random c.bin 64k
-	put c.bin "$DEV" $((15 * MIB))
+	dmq_run dd if=c.bin of="$DEV" bs=4k seek=$((15 * MIB / 4096)) oflag=direct \
+		conv=notrunc status=none
 	expect_at "$DEV" $((15 * MIB)) c.bin
 	dump "$DEV" dev.raw
 	if [ "$wants" = 1 ]; then
@@ -1105,8 +1107,65 @@ case_fault_injection() {
 	sha256sum -c --quiet base.sha256 || dmq_fail "base.qcow2 changed"
 	dmq_check_images base.qcow2
 	convert top.qcow2 top.raw
-	same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
-	echo "qemu-img convert of top.qcow2 equals the device"
+	if [ "$wants" = 1 ]; then
+		# an fsync may have failed: then nothing became durable after it,
+		# and the image holds what the flushes before it made durable
+		cmp -n "$MIB" top.raw before.raw || dmq_fail "top.qcow2: data at 0..1M changed"
+		cmp -i "$MIB:0" -n "$MIB" top.raw a.bin || dmq_fail "top.qcow2: a.bin (flushed) is not at 1M"
+		echo "qemu-img convert of top.qcow2: what was flushed before the faults is there"
+	else
+		same dev.raw top.raw "qemu-img convert of top.qcow2 differs from the device"
+		echo "qemu-img convert of top.qcow2 equals the device"
+	fi
+}
+
+# A failed fsync stays failed: what was written before it may be lost
+# without a later fsync saying so (a disk that dropped its cache), so no
+# mapping may become durable over it. A flush fails while every I/O of the
+# top fails (set_fault_injection); with the faults off a write into a new
+# cluster works and reads back, but its flush fails too (the old module's
+# worked, and made the mapping durable). get_errors says
+# md_writeback_error=1, a resume is refused, and the image holds what the
+# last good flush made durable: the cluster flushed before, not the one
+# written after the failure.
+case_fsync_error_sticks() {
+	dmq_needs_kernel "the target's fault injection"
+	dmq_img_create top.qcow2 16M cluster_size=64k
+	dmq_write top.qcow2 P0x11:0:64k
+	trap on_exit EXIT
+	map_rw top.qcow2
+	random a.bin 64k
+	random b.bin 64k
+	put a.bin "$DEV" "$MIB"
+	msg_ok v set_fault_injection 0 100000
+	flush_dev "$DEV" && dmq_fail "a flush worked with every I/O of the top failing"
+	msg_ok v set_fault_injection 0 0
+	echo "a flush failed with every I/O of the top failing"
+	dmq_run dd if=b.bin of="$DEV" bs=64k seek=32 count=1 oflag=direct conv=notrunc status=none
+	expect_at "$DEV" $((2 * MIB)) b.bin
+	flush_dev "$DEV" && dmq_fail "a flush worked after a failed one"
+	echo "faults off: a write works, its flush fails"
+	msg_ok v get_errors
+	[[ $MSG_OUT == *md_writeback_error=1* ]] || dmq_fail "get_errors: $MSG_OUT"
+	dmq_run "$DMSETUP" suspend "$(dmq_full_name v)"
+	"$DMSETUP" resume "$(dmq_full_name v)" 2>/dev/null && dmq_fail "resume worked after a failed fsync"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_rc top.qcow2 0 3
+	dmq_run "$QEMU_IO" -r -f qcow2 -c "read -P 0x11 0 64k" -c "read -P 0 2M 64k" top.qcow2
+	convert top.qcow2 top.raw
+	cmp -i "$MIB:0" -n 65536 top.raw a.bin || dmq_fail "a.bin (flushed before) is not at 1M"
+	echo "the image holds what was flushed before the failure, nothing after"
+}
+
+# flush_dev DEV: fsync of the block device (a flush bio); its status
+flush_dev() {
+	"$PYTHON" -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+try:
+    os.fsync(fd)
+except OSError as e:
+    print("fsync: %s" % e.strerror)
+    sys.exit(1)' "$1"
 }
 
 # ------------------------------------------------------------------ ENOSPC
@@ -1570,7 +1629,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection fsync_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1588,6 +1647,7 @@ DMQ_CASES=(
 	status_counts
 	status_under_fio
 	fault_injection
+	fsync_error_sticks
 	enospc
 	enospc_inplace
 	enospc_fast
