@@ -188,6 +188,10 @@ impl Qcow2 {
             if let Some(delta) = st.deltas.get(d) {
                 if let Err(e) = delta.file.fsync() {
                     pr_err!("dm-qcow2: fsync of image {} failed: {:?}\n", d, e);
+                    // What was written may not be durable (see `File::fsync`).
+                    if e != ENOMEM {
+                        self.inner.latch_wants_check();
+                    }
                 }
             }
         }
