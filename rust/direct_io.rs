@@ -13,7 +13,7 @@ use super::dm;
 use super::file::File;
 use core::mem::{ManuallyDrop, MaybeUninit};
 use core::ptr::NonNull;
-use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 use kernel::error::{code::*, Error, Result};
 use kernel::prelude::*;
 use kernel::sync::Arc;
@@ -194,7 +194,6 @@ impl File {
             whole: hold.is_some(),
             res: 0,
             inflight: ManuallyDrop::new(inflight.clone()),
-            sync_failed: ManuallyDrop::new(dsync.then(|| self.sync_flag())),
         };
         // From here the bio is ended by the last `BioIo::put`, exactly once:
         // after the file system's completion if the I/O queued, else after
@@ -301,9 +300,6 @@ pub(crate) struct BioIo {
     res: i32,
     /// Taken by the last reference.
     inflight: ManuallyDrop<Arc<IoCounter>>,
-    /// A write through's file's flag (`File::note_sync_error`): its failure
-    /// may be its flush's. Taken by the last reference.
-    sync_failed: ManuallyDrop<Option<Arc<AtomicBool>>>,
 }
 
 impl BioIo {
@@ -324,11 +320,10 @@ impl BioIo {
         // reference's release, so the completion's writes come before these
         // reads). The bio and the counter are taken exactly once, here;
         // the other fields have no drop glue.
-        let (bio, inflight, sync_failed, res, boxed, whole, file) = unsafe {
+        let (bio, inflight, res, boxed, whole, file) = unsafe {
             (
                 ManuallyDrop::take(&mut (*io).bio),
                 ManuallyDrop::take(&mut (*io).inflight),
-                ManuallyDrop::take(&mut (*io).sync_failed),
                 (*io).res,
                 (*io).boxed,
                 (*io).whole,
@@ -346,15 +341,6 @@ impl BioIo {
         } else {
             Ok(())
         };
-        // A write through failed: as a failed fsync (`File::fsync`), unless
-        // it never got to be written (no space, no memory, past the limit).
-        // Before the bio ends: a flush the guest sends after it fails too.
-        if let (Some(flag), Err(e)) = (&sync_failed, result) {
-            if e != ENOSPC && e != ENOMEM && e != EFBIG {
-                flag.store(true, Ordering::Release);
-            }
-        }
-        drop(sync_failed);
         // Ending a write may park it (ENOSPC, `dm::Target::park_nospc`,
         // also when another I/O of the bio failed so and this one ends it): a
         // worker that waited for the counter during an ENOSPC episode must

@@ -26,8 +26,8 @@ pub(crate) struct File {
     /// `f_pos`, which `SEEK_DATA` moves); one reference, or none where the
     /// file system refused the open.
     probe: Option<NonNull<bindings::file>>,
-    /// An fsync of the file failed, or a write through (`dsync`) did;
-    /// shared by every `File` of the same open (see [`File::fsync`]).
+    /// An fsync of the file failed; shared by every `File` of the same
+    /// open (see [`File::fsync`]).
     sync_failed: Arc<AtomicBool>,
 }
 
@@ -387,8 +387,7 @@ impl File {
 
     /// Flushes the file's data and metadata to stable storage.
     ///
-    /// Once an fsync failed (or a write through, see
-    /// [`File::note_sync_error`]), every later one fails with EIO: what was
+    /// Once an fsync failed, every later one fails with EIO: what was
     /// written before the failure may be lost (a disk that dropped its
     /// cache, a host file system that dropped the pages) without any later
     /// fsync saying so, and nothing may be made durable on top of it as if
@@ -414,16 +413,10 @@ impl File {
     }
 
     /// Records that flushing the file failed with `e` (see [`File::fsync`]).
-    pub(super) fn note_sync_error(&self, e: Error) {
+    fn note_sync_error(&self, e: Error) {
         if e != ENOMEM {
             self.sync_failed.store(true, Ordering::Release);
         }
-    }
-
-    /// The flag [`File::note_sync_error`] sets, for a write through that
-    /// completes after its submitter may be gone.
-    pub(super) fn sync_flag(&self) -> Arc<AtomicBool> {
-        self.sync_failed.clone()
     }
 
     /// Writes `path` of the file into `buf` and returns it (`d_path`).

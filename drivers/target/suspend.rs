@@ -246,9 +246,17 @@ impl Qcow2 {
             inner.trim(&mut st, top);
         }
         self.sync(&st);
+        // An fsync failed since the load (a merge's, say, which latches
+        // nothing itself): the images need a check (see `File::fsync`), and
+        // the top keeps its dirty bit, which tells QEMU to repair the
+        // refcounts.
+        let sync_failed = st.deltas.iter().any(|d| d.file.sync_failed());
+        if sync_failed {
+            inner.latch_wants_check();
+        }
         st.stale = true;
         st.gang.release_spare();
-        if inner.writable && param::kernel_sets_dirty_bit() && settled.is_ok() {
+        if inner.writable && param::kernel_sets_dirty_bit() && settled.is_ok() && !sync_failed {
             if let Ok(top) = st.delta(st.top()) {
                 if let Err(e) = inner.set_dirty(&top, false) {
                     pr_err!("dm-qcow2: cannot clear the dirty bit: {:?}\n", e);

@@ -311,7 +311,14 @@ impl Inner {
     /// Starts the periodic commit's timer if the cache holds anything not
     /// written out yet (and the timer is not running).
     fn arm_commit(self: &Arc<Self>, st: &WorkerState) {
-        if st.stale || st.no_timer || !st.md.iter().any(|m| m.is_dirty() || m.has_frees()) {
+        // Not for an image whose fsync failed: no commit of it can succeed
+        // (see `File::fsync`); flushes still try, and fail.
+        let pending = st
+            .md
+            .iter()
+            .zip(st.deltas.iter())
+            .any(|(m, d)| (m.is_dirty() || m.has_frees()) && !d.file.sync_failed());
+        if st.stale || st.no_timer || !pending {
             return;
         }
         if self.commit_armed.swap(true, Ordering::AcqRel) {
