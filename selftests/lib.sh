@@ -667,6 +667,20 @@ convert() {
 	dmq_run "$QEMU_IMG" convert -f qcow2 -O raw "$1" "$2"
 }
 
+# reads_then_removed NAME DEV WANT IMG: DEV (table NAME) reads WANT; then
+# NAME is removed, IMG passes qemu-img check, and qemu-img convert of IMG
+# reads WANT too
+reads_then_removed() {
+	dump "$2" dev.raw
+	same dev.raw "$3" "the device does not read like $3"
+	dmq_remove "$1" || dmq_fail "dmsetup remove failed"
+	dmq_check_images "$4"
+	convert "$4" img.raw
+	same img.raw "$3" "qemu-img convert of $4 differs from $3"
+	echo "the device and qemu-img convert of $4 read like $3"
+	rm -f dev.raw img.raw
+}
+
 # put FILE DEV OFFSET: FILE written to DEV at OFFSET (O_DIRECT, fsync)
 put() {
 	dmq_run dd if="$1" of="$2" bs=4k seek=$(($3 / 4096)) oflag=direct \
