@@ -237,7 +237,10 @@ impl HotMap {
             return;
         }
         let owned = if owned && below == 0 {
-            self.owned_end.fetch_max(hci + 1, Relaxed);
+            // State mutex held: no other store races this one.
+            if self.owned_end.load(Relaxed) <= hci {
+                self.owned_end.store(hci + 1, Relaxed);
+            }
             OWNED
         } else {
             0

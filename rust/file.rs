@@ -401,8 +401,8 @@ impl File {
             // SAFETY: The file is valid while we hold a reference.
             to_result(unsafe { bindings::vfs_fsync(self.as_raw(), 0) })
         });
-        if let Err(e) = res {
-            self.note_sync_error(e);
+        if res.is_err_and(|e| e != ENOMEM) {
+            self.sync_failed.store(true, Ordering::Release);
         }
         res
     }
@@ -410,13 +410,6 @@ impl File {
     /// Whether an fsync of the file failed (see [`File::fsync`]).
     pub(crate) fn sync_failed(&self) -> bool {
         self.sync_failed.load(Ordering::Acquire)
-    }
-
-    /// Records that flushing the file failed with `e` (see [`File::fsync`]).
-    fn note_sync_error(&self, e: Error) {
-        if e != ENOMEM {
-            self.sync_failed.store(true, Ordering::Release);
-        }
     }
 
     /// Writes `path` of the file into `buf` and returns it (`d_path`).

@@ -188,10 +188,6 @@ impl Qcow2 {
             if let Some(delta) = st.deltas.get(d) {
                 if let Err(e) = delta.file.fsync() {
                     pr_err!("dm-qcow2: fsync of image {} failed: {:?}\n", d, e);
-                    // What was written may not be durable (see `File::fsync`).
-                    if e != ENOMEM {
-                        self.inner.latch_wants_check();
-                    }
                 }
             }
         }
@@ -246,8 +242,9 @@ impl Qcow2 {
             inner.trim(&mut st, top);
         }
         self.sync(&st);
-        // An fsync failed since the load (a merge's, say, which latches
-        // nothing itself): the images need a check (see `File::fsync`), and
+        // An fsync failed since the load (the one above, or a merge's, which
+        // latches nothing itself): the images need a check (see
+        // `File::fsync`), and
         // the top keeps its dirty bit, which tells QEMU to repair the
         // refcounts.
         let sync_failed = st.deltas.iter().any(|d| d.file.sync_failed());
