@@ -89,6 +89,9 @@ pub(crate) struct WorkerState {
     /// A flush was asked for in this batch: its commit fsyncs the top even
     /// if no metadata changed.
     pub(crate) flush: bool,
+    /// A FUA bio waits for the batch's commit: it waits for the data I/O
+    /// in flight, then fsyncs the top (`Inner::sync_batch`).
+    fua: bool,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
     /// The fast path's table while it is on (`Inner::fast_on`).

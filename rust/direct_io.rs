@@ -134,8 +134,9 @@ impl File {
     /// reference with the result. Reads that hit the end of the file complete with
     /// zeroes, as for a hole; short writes fail with ENOSPC (the file
     /// system ran out of space or quota part way), or EFBIG if they go past
-    /// the file's size limit; other short reads with EIO. With
-    /// `dsync` a write is durable when it completes. The I/O is counted in
+    /// the file's size limit; other short reads with EIO. A write is
+    /// durable only after an fsync that follows its completion (see
+    /// `File::fsync`: one that fails is final). The I/O is counted in
     /// `inflight` until it completes; `part` also says what of the bio it
     /// is (see [`BioPart`]).
     pub(crate) fn submit_bio_io(
@@ -144,7 +145,6 @@ impl File {
         off: u32,
         len: u32,
         pos: u64,
-        dsync: bool,
         inflight: &Arc<IoCounter>,
     ) {
         let (bio, hold) = match part {
@@ -228,7 +228,6 @@ impl File {
                 off,
                 len,
                 ipos,
-                dsync,
                 &raw mut (*io).started,
                 Some(bio_io_done),
             )

@@ -250,7 +250,7 @@ bool dmq_table_writable(struct dm_target *ti)
 }
 
 ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
-			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
+			u32 off, u32 len, loff_t pos, bool *started,
 			void (*done)(struct kiocb *iocb, long ret))
 {
 	bool write = op_is_write(bio_op(bio));
@@ -278,16 +278,16 @@ ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
 	iocb->ki_filp = file;
 	iocb->ki_pos = pos;
 	/*
-	 * Not the file's own flags: no IOCB_APPEND or DSYNC surprises. A write
+	 * Not the file's own flags: no IOCB_APPEND or DSYNC surprises (a FUA
+	 * bio's durability comes from the target's fsync, whose failure it can
+	 * tell from a failed write: never IOCB_DSYNC). A write
 	 * carries IOCB_WRITE, as aio and io_uring set it for any write_iter.
 	 * On 6.12.117 overlayfs' backing_file_write_iter ended the real file
 	 * system's freeze protection only for a kiocb with it (without it,
 	 * fsfreeze hung: kselftest overlayfs_freeze); 6.12.118's backing-file
 	 * tracks that itself (aio->is_write).
 	 */
-	iocb->ki_flags = IOCB_DIRECT |
-			 (write ? IOCB_WRITE : 0) |
-			 (write && dsync ? IOCB_DSYNC : 0);
+	iocb->ki_flags = IOCB_DIRECT | (write ? IOCB_WRITE : 0);
 	iocb->ki_ioprio = get_current_ioprio();
 	iocb->ki_complete = done;
 	if (write) {

@@ -65,10 +65,9 @@ ssize_t dmq_file_rw_sync(struct file *file, void *buf, size_t len, loff_t pos,
  * negative errno) and @done is not called. *@started tells whether a write
  * took the file system's freeze protection (kiocb_start_write()): then its
  * completion must end it with dmq_kiocb_end_write().
- * @dsync makes a write durable before it completes (REQ_FUA).
  */
 ssize_t dmq_file_rw_bio(struct kiocb *iocb, struct file *file, struct bio *bio,
-			u32 off, u32 len, loff_t pos, bool dsync, bool *started,
+			u32 off, u32 len, loff_t pos, bool *started,
 			void (*done)(struct kiocb *iocb, long ret));
 
 /* cond_resched() (a macro). */

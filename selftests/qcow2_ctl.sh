@@ -1152,6 +1152,36 @@ case_fsync_error_sticks() {
 	echo "the image holds what was flushed before the failure, nothing after"
 }
 
+# A FUA write is made durable by the target's own fsync after it lands, not
+# written through (IOCB_DSYNC): a write-through that fails cannot say
+# whether a sector or the cache flush failed, and after a failed flush none
+# may pass (fsync_error_sticks). With every I/O of the top failing, a FUA
+# write in place fails and so does its fsync; with the faults off a flush
+# fails too (the old module wrote FUA through and never fsynced: its flush
+# worked), get_errors says md_writeback_error=1, and the image keeps what it
+# held before.
+case_fua_error_sticks() {
+	dmq_needs_kernel "the target's fault injection"
+	dmq_img_create top.qcow2 16M cluster_size=64k
+	dmq_write top.qcow2 P0x11:0:64k
+	trap on_exit EXIT
+	map_rw top.qcow2
+	random a.bin 4k
+	msg_ok v set_fault_injection 0 100000
+	dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc \
+		status=none 2>/dev/null && dmq_fail "a FUA write worked with every I/O of the top failing"
+	msg_ok v set_fault_injection 0 0
+	echo "a FUA write in place failed with every I/O of the top failing"
+	flush_dev "$DEV" && dmq_fail "a flush worked after a FUA write's fsync failed"
+	echo "faults off: a flush fails"
+	msg_ok v get_errors
+	[[ $MSG_OUT == *md_writeback_error=1* ]] || dmq_fail "get_errors: $MSG_OUT"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_rc top.qcow2 0 3
+	dmq_run "$QEMU_IO" -r -f qcow2 -c "read -P 0x11 0 64k" top.qcow2
+	echo "the image holds what it did before"
+}
+
 # flush_dev DEV: fsync of the block device (a flush bio); its status
 flush_dev() {
 	"$PYTHON" -c 'import os, sys
@@ -1624,7 +1654,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection fsync_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection fsync_error_sticks fua_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1643,6 +1673,7 @@ DMQ_CASES=(
 	status_under_fio
 	fault_injection
 	fsync_error_sticks
+	fua_error_sticks
 	enospc
 	enospc_inplace
 	enospc_fast

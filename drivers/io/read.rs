@@ -56,7 +56,6 @@ impl Inner {
                 r.off,
                 r.len,
                 r.host,
-                false,
                 &self.inflight,
             );
         }

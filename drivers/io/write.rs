@@ -9,7 +9,8 @@ use super::*;
 impl Inner {
     /// Writes `bio` into the top delta. Returns whether the bio must wait
     /// for the batch's commit before it completes: a flush, or a FUA write
-    /// whose mapping is not durable yet. Other writes complete once their
+    /// (its data is durable only after an fsync that follows it, see
+    /// `Inner::sync_batch`). Other writes complete once their
     /// data is written, like on a disk with a volatile write cache: what
     /// they changed in the metadata is committed by the next flush (or the
     /// periodic commit, see `Inner::sync_batch`).
@@ -32,41 +33,28 @@ impl Inner {
         let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
         let cs = top.hdr.cluster_size();
         let mut done = 0u64;
-        let mut md_changed = false;
         // In-place pieces that follow one another in the file go as one
-        // direct I/O (one FUA write, not one per cluster). If a later piece
+        // direct I/O (not one per cluster). If a later piece
         // fails, the run is not started: the bio fails (or is parked and
         // written again whole) anyway.
         let mut run = None;
         while done < size {
             let len = (cs - vaddr % cs).min(size - done);
             let src = Src::Bio(bio, done as u32);
-            md_changed |= self.write_piece(st, d, src, vaddr, len, fua, Some(&mut run))?;
+            self.write_piece(st, d, src, vaddr, len, fua, Some(&mut run))?;
             vaddr += len;
             done += len;
         }
         if let Some(r) = run {
-            self.start_run(st, d, bio, r, fua)?;
+            self.start_run(st, d, bio, r)?;
         }
-        // In-place pieces of a FUA write are written through (dsync); if the
-        // mapping they went to is not durable yet (this bio or an earlier one
-        // changed metadata not committed yet), the bio also waits for the
-        // commit.
-        let md_dirty = fua && st.md.get(d).is_some_and(|m| m.is_dirty());
-        Ok(flush || (fua && (md_changed || md_dirty)))
+        Ok(flush || fua)
     }
 
     /// Starts `run` of `bio` in delta `d`, unless metadata allocated since
     /// its pieces were checked (pieces after them in the bio) now overlaps
     /// it: only with damaged refcounts, see `overlap_error`.
-    fn start_run(
-        &self,
-        st: &mut WorkerState,
-        d: usize,
-        bio: &Bio,
-        run: InPlaceRun,
-        fua: bool,
-    ) -> Result {
+    fn start_run(&self, st: &mut WorkerState, d: usize, bio: &Bio, run: InPlaceRun) -> Result {
         if let Some(what) = st
             .md
             .get(d)
@@ -74,7 +62,7 @@ impl Inner {
         {
             return Err(self.overlap_error(st, d, what, run.pos));
         }
-        run.start(&st.delta(d)?.file, bio, fua, &self.inflight);
+        run.start(&st.delta(d)?.file, bio, &self.inflight);
         Ok(())
     }
 
@@ -141,12 +129,12 @@ impl Inner {
                         len: len as u32,
                     };
                     let Some(run) = run else {
-                        piece.start(&delta.file, bio, fua, &self.inflight);
+                        piece.start(&delta.file, bio, &self.inflight);
                         return Ok(false);
                     };
                     if !run.as_mut().is_some_and(|r| r.extend(&piece)) {
                         if let Some(prev) = run.replace(piece) {
-                            self.start_run(st, d, bio, prev, fua)?;
+                            self.start_run(st, d, bio, prev)?;
                         }
                     }
                     return Ok(false);
@@ -221,7 +209,6 @@ impl Inner {
                         (l2_off, host),
                         vaddr,
                         len,
-                        fua,
                         shared,
                     );
                 }
@@ -350,7 +337,6 @@ impl Inner {
         (l2_off, host): (u64, u64),
         vaddr: u64,
         len: u64,
-        fua: bool,
         shared: Option<u64>,
     ) -> Result<bool> {
         let delta = st.delta(d)?;
@@ -363,7 +349,6 @@ impl Inner {
             boff,
             len as u32,
             pos,
-            fua,
             &self.inflight,
         );
         let md = st.md.get_mut(d).ok_or(EIO)?;
@@ -614,16 +599,9 @@ impl InPlaceRun {
     }
 
     /// Starts the run's direct I/O into `file` (one completion reference of
-    /// `bio` of its own); `dsync` for a FUA write.
-    fn start(self, file: &File, bio: &Bio, dsync: bool, inflight: &Arc<IoCounter>) {
+    /// `bio` of its own).
+    fn start(self, file: &File, bio: &Bio, inflight: &Arc<IoCounter>) {
         let Self { pos, boff, len } = self;
-        file.submit_bio_io(
-            BioPart::Piece(bio.split_ref()),
-            boff,
-            len,
-            pos,
-            dsync,
-            inflight,
-        );
+        file.submit_bio_io(BioPart::Piece(bio.split_ref()), boff, len, pos, inflight);
     }
 }

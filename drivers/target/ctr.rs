@@ -205,6 +205,7 @@ impl Qcow2 {
             merge: None,
             parked: BioList::new(),
             unsynced: BioList::new(),
+            fua: false,
             flush: false,
             // A reloaded table is built while the old one still writes the
             // same files: read them again when it is resumed.

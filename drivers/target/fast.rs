@@ -526,14 +526,9 @@ impl Inner {
         {
             Some((delta, pos)) => {
                 let len = bio.size();
-                delta.file.submit_bio_io(
-                    BioPart::Whole(bio, hold),
-                    0,
-                    len,
-                    pos,
-                    false,
-                    &self.inflight,
-                );
+                delta
+                    .file
+                    .submit_bio_io(BioPart::Whole(bio, hold), 0, len, pos, &self.inflight);
                 Ok(())
             }
             // Queued before the lookup that made its clusters known (the

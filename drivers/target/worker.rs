@@ -206,6 +206,7 @@ impl Inner {
             // A flush, or a FUA write whose mapping must be durable before it
             // completes: one commit at the end of the batch covers them all.
             Ok(true) => {
+                st.fua |= bio.is_fua();
                 st.unsynced.push(bio);
                 false
             }
@@ -295,9 +296,17 @@ impl Inner {
             return false;
         }
         let flush = core::mem::replace(&mut st.flush, false);
+        // A FUA bio's data went as plain direct writes (not IOCB_DSYNC, whose
+        // failure cannot tell a bad sector from a failed cache flush, and
+        // after a failed flush no later one may pass: `File::fsync`). The
+        // fsync that makes it durable comes after it landed.
+        let fua = core::mem::replace(&mut st.fua, false);
+        if fua {
+            self.inflight.wait_idle();
+        }
         // The bios changed the top only; a merge's receiving delta failing
         // its commit fails the merge instead.
-        let (res, _) = self.commit_all(st, flush);
+        let (res, _) = self.commit_all(st, flush || fua);
         let mut list = st.unsynced.take();
         let mut parked = false;
         while let Some(bio) = list.pop() {
