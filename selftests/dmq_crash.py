@@ -8,11 +8,15 @@ usage:
 
 `workload` maps the chain base<-mid<-top (C) and the internal-snapshot
 image grow.qcow2 (G) that the shell put on the file system under test,
-runs epochs of concurrent O_DIRECT writes, write-zeroes (BLKZEROOUT) and
-discards (BLKDISCARD) on both devices, ends each epoch with an fsync of the
-devices and a dm-log-writes mark, merges mid into base (merge_backward at
+runs epochs of concurrent O_DIRECT writes (some of them FUA: Linux AIO
+with RWF_DSYNC, which sends REQ_FUA and no flush, each followed by a
+dm-log-writes mark of its own once it completed),
+write-zeroes (BLKZEROOUT) and discards (BLKDISCARD) on both devices, ends
+each epoch with an fsync of the devices and a dm-log-writes mark, merges mid into base (merge_backward at
 depth 1) while writing, takes a snapshot by reload (a new overlay over.qcow2)
-and writes on. Every operation that completed is recorded in STATE (JSON:
+and writes on. A third table (F, fs.qcow2) holds an ext4 (default mkfs) on
+which each epoch writes a file and fsyncs it: its journal commits are
+REQ_PREFLUSH|REQ_FUA writes. Every operation that completed is recorded in STATE (JSON:
 offset, length, kind, the seed of its data, its sha256) with the number of
 operations acknowledged and fsync'ed at each mark. At the end the live
 devices must read exactly the model.
@@ -24,12 +28,15 @@ since the last FLUSH/FUA. Each state is a copy of the data device; on it:
 mount (replays the journal), umount, fsck -fn must be clean; mounted
 read-only, `qemu-img check` of every image must find no corruption (leaks
 are allowed), fresh read-only tables over the chain must read, per 512-byte
-sector, the data of the operations fsync'ed before the last mark, or the
-data of one of the operations issued before the next mark (a write not yet
-flushed may or may not be there), or what was there before; the images
+sector, the data of the operations fsync'ed before the last mark and of the
+FUA writes whose own mark the state includes, or the data of one of the
+operations issued before the next mark (a write not yet flushed may or may
+not be there), or what was there before; the images
 below the top must be unchanged (byte for byte, or, for the two deltas of
 the merge, through the base<-mid view: mid's clusters move into base), and the internal snapshot of
-grow.qcow2 must hold its data.
+grow.qcow2 must hold its data. Through fresh tables (not with --reader qemu)
+the ext4 in fs.qcow2 must mount (its journal replayed into an overlay),
+hold every file fsync'ed before the last mark, and fsck clean.
 """
 
 import argparse
@@ -58,12 +65,15 @@ MIB = 1 << 20
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 BLKZEROOUT = 0x127f  # _IO(0x12, 127)
 MARK_PREFIX = "dmq-"
+FUA_MARK = MARK_PREFIX + "fua-"  # + the FUA write's number
+FUA_SHARE = 0.15  # of the writes
 
 C_SIZE = 32 * MIB       # virtual size of base, mid, top, over
 C_CLUSTER = 64 * 1024
 G_REGION = 16 * MIB     # the part of grow.qcow2 the workload writes
 G_CLUSTER = 4096
 SNAP_DATA = 4 * MIB     # grow.qcow2's snapshot s1: 0x11 over 0..4M
+F_FILE_MAX = 256 * 1024  # the largest file written into F's ext4
 
 
 class Fail(Exception):
@@ -142,6 +152,49 @@ def libc():
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
                             use_errno=True)
     return _libc
+
+
+# Linux AIO system calls (io_setup, io_destroy, io_getevents, io_submit)
+AIO_NR = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+IOCB_CMD_PWRITE = 1
+
+
+def fua_write(fd, buf, length, off):
+    """Writes length bytes of the mmap buf at off with REQ_FUA and no
+    flush: an asynchronous (Linux AIO) O_DIRECT write with RWF_DSYNC, for
+    which block/fops.c sets REQ_FUA and nothing more (a synchronous one
+    gets an fsync of the device after it, generic_write_sync: a flush
+    that would make any write durable). Returns the bytes written."""
+    import ctypes
+    lc = libc()
+    setup, destroy, getevents, submit = AIO_NR[os.uname().machine]
+    ctx = ctypes.c_ulong(0)
+    if lc.syscall(setup, 1, ctypes.byref(ctx)) != 0:
+        raise OSError(ctypes.get_errno(), "io_setup")
+    data = ctypes.c_char.from_buffer(buf)
+    try:
+        # struct iocb (little endian): data, key, rw_flags, opcode,
+        # reqprio, fildes, buf, nbytes, offset, reserved2, flags, resfd
+        cb = ctypes.create_string_buffer(struct.pack(
+            "<QIiHhIQQqQII", 0, 0, os.RWF_DSYNC, IOCB_CMD_PWRITE, 0, fd,
+            ctypes.addressof(data), length, off, 0, 0, 0), 64)
+        cbs = (ctypes.c_void_p * 1)(ctypes.addressof(cb))
+        if lc.syscall(submit, ctx, 1, cbs) != 1:
+            raise OSError(ctypes.get_errno(), "io_submit")
+        ev = ctypes.create_string_buffer(32)
+        while True:
+            n = lc.syscall(getevents, ctx, 1, 1, ev, None)
+            if n == 1:
+                break
+            if n < 0 and ctypes.get_errno() != errno.EINTR:
+                raise OSError(ctypes.get_errno(), "io_getevents")
+        res = struct.unpack("<QQqq", ev.raw)[2]
+        if res < 0:
+            raise OSError(-res, os.strerror(-res))
+        return res
+    finally:
+        del data
+        lc.syscall(destroy, ctx)
 
 
 class Loop:
@@ -280,10 +333,14 @@ class Workload:
         self.mnt = args.mnt
         self.cname = args.prefix + "c"
         self.gname = args.prefix + "g"
+        self.fname = args.prefix + "f"
+        self.fmnt = os.path.join(args.workdir, "fmnt")
+        self.files = []
         self.fds = {}
         self.phase = "pre"
         self.model = {}
         self.info = {}
+        self.nfua = 0
 
     def img(self, name):
         return os.path.join(self.mnt, name)
@@ -292,7 +349,33 @@ class Workload:
         full = MARK_PREFIX + name
         run([DMSETUP, "message", self.a.lw, "0", "mark", full])
         self.marks.append({"name": full, "nops": len(self.ops),
+                           "nfiles": len(self.files),
                            "phase": self.phase, "time": time.time()})
+
+    def write_file(self, f, errors):
+        """The new file f in F's ext4, fsync'ed (a journal commit: a
+        REQ_PREFLUSH|REQ_FUA record after the blocks it commits)."""
+        try:
+            data = random.Random(f["seed"]).randbytes(f["len"])
+            fd = os.open(os.path.join(self.fmnt, f["name"]),
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # the directory entry too
+            d = os.open(self.fmnt, os.O_RDONLY)
+            try:
+                os.fsync(d)
+            finally:
+                os.close(d)
+        except OSError as e:
+            errors.append("file %s: %s" % (f["name"], e))
+            return
+        f["sha256"] = sha(data)
+        with self.lock:
+            self.files.append(f)
 
     def open_devs(self):
         for d, name in (("c", self.cname), ("g", self.gname)):
@@ -334,8 +417,26 @@ class Workload:
                 off = r.randrange(0, (size - ln) // SECTOR + 1) * SECTOR
             if all(off + ln <= b or b + bl <= off for b, bl in busy):
                 busy.append((off, ln))
-                return {"dev": dev, "kind": kind, "off": off, "len": ln,
-                        "seed": r.getrandbits(48)}
+                op = {"dev": dev, "kind": kind, "off": off, "len": ln,
+                      "seed": r.getrandbits(48)}
+                if kind == "w" and r.random() < FUA_SHARE:
+                    op["fua"] = True
+                return op
+        return None
+
+    def pick_fua(self, dev, busy):
+        """A FUA write over the range of an earlier write on dev, not
+        overlapping busy: mostly in place (clusters the top owns), where
+        the write's data is all the FUA bio has to make durable."""
+        r = self.rng
+        done = [op for op in self.ops if op["dev"] == dev and op["kind"] == "w"]
+        for _ in range(20 if done else 0):
+            old = r.choice(done)
+            off, ln = old["off"], old["len"]
+            if all(off + ln <= b or b + bl <= off for b, bl in busy):
+                busy.append((off, ln))
+                return {"dev": dev, "kind": "w", "off": off, "len": ln,
+                        "seed": r.getrandbits(48), "fua": True}
         return None
 
     def do_op(self, op, errors):
@@ -345,10 +446,20 @@ class Workload:
                 data = op_data(op)
                 buf = mmap.mmap(-1, (len(data) + 4095) & ~4095)
                 buf[:len(data)] = data
-                n = os.pwritev(fd, [memoryview(buf)[:len(data)]], op["off"])
+                if op.get("fua"):
+                    n = fua_write(fd, buf, len(data), op["off"])
+                else:
+                    n = os.pwritev(fd, [memoryview(buf)[:len(data)]], op["off"])
                 buf.close()
                 if n != len(data):
                     raise OSError("short write %d of %d" % (n, len(data)))
+                if op.get("fua"):
+                    # durable now: whatever the log holds after this mark
+                    # must show it
+                    with self.lock:
+                        self.nfua += 1
+                        op["fua_mark"] = FUA_MARK + str(self.nfua)
+                    run([DMSETUP, "message", self.a.lw, "0", "mark", op["fua_mark"]])
             else:
                 req = BLKZEROOUT if op["kind"] == "z" else BLKDISCARD
                 fcntl.ioctl(fd, req, struct.pack("QQ", op["off"], op["len"]))
@@ -370,12 +481,18 @@ class Workload:
         batch = []
         for _ in range(nops):
             dev = "c" if self.rng.random() < 0.65 else "g"
-            op = self.pick(dev, busy[dev])
+            if self.rng.random() < FUA_SHARE:
+                op = self.pick_fua(dev, busy[dev])
+            else:
+                op = self.pick(dev, busy[dev])
             if op:
                 batch.append(op)
         errors = []
         threads = [threading.Thread(target=self.do_op, args=(op, errors))
                    for op in batch]
+        f = {"name": "f%d" % len(self.files), "seed": self.rng.getrandbits(48),
+             "len": self.rng.randrange(1, F_FILE_MAX + 1)}
+        threads.append(threading.Thread(target=self.write_file, args=(f, errors)))
         for t in threads:
             t.start()
         for t in threads:
@@ -411,6 +528,14 @@ class Workload:
         dm_map(self.cname, ["rw:" + self.img("base.qcow2"),
                             "rw:" + self.img("mid.qcow2"), self.img("top.qcow2")], rw=True)
         dm_map(self.gname, [self.img("grow.qcow2")], rw=True)
+        # F: ext4 as a user makes it (mkfs discards the device first)
+        fdev = dm_map(self.fname, [self.img("fs.qcow2")], rw=True)
+        run(["mkfs.ext4", "-q", "-F", fdev])
+        os.makedirs(self.fmnt, exist_ok=True)
+        err = mount(fdev, self.fmnt, "ext4")
+        if err:
+            raise Fail(err)
+        os.sync()
         self.open_devs()
         if read_direct(dev_node(self.cname), C_SIZE) != c0:
             raise Fail("the chain does not read like qemu-img convert before any write")
@@ -482,23 +607,33 @@ class Workload:
         epochs(a.epochs // 2)
         self.fsync()
         self.mark("done")
-        log("workload: %d operations in %d epochs, %.1f s" %
-            (len(self.ops), e, time.time() - t0))
+        log("workload: %d operations (%d FUA writes) in %d epochs, %.1f s" %
+            (len(self.ops), self.nfua, e, time.time() - t0))
         for d, name, ln in (("c", self.cname, C_SIZE), ("g", self.gname, G_REGION)):
             got = read_direct(dev_node(name), ln)
             if got != self.model[d]:
                 bad = first_diff(got, self.model[d])
                 raise Fail("live device %s differs from the model at %#x" % (d, bad))
         log("live devices read exactly the model")
+        for f in self.files:
+            with open(os.path.join(self.fmnt, f["name"]), "rb") as fh:
+                if sha(fh.read()) != f["sha256"]:
+                    raise Fail("F: file %s differs" % f["name"])
+        err = umount(self.fmnt)
+        if err:
+            raise Fail(err)
+        log("F: %d files read back, ext4 unmounted" % len(self.files))
         if "grow_epoch" not in self.info:
             raise Fail("the refcount table of grow.qcow2 did not move")
         self.close_devs()
         dm_remove(self.cname)
         dm_remove(self.gname)
+        dm_remove(self.fname)
 
     def save(self, path):
         with open(path, "w") as f:
             json.dump({"ops": self.ops, "marks": self.marks, "info": self.info,
+                       "files": self.files,
                        "seed": self.a.seed}, f)
 
 
@@ -625,6 +760,7 @@ class Checker:
         st = json.load(open(args.state))
         self.ops = st["ops"]
         self.marks = st["marks"]
+        self.files = st.get("files", [])
         self.info = st["info"]
         self.log = dmq_replay.Log(args.log)
         self.work = args.work
@@ -651,6 +787,16 @@ class Checker:
         if len(self.mark_at) != len(self.marks):
             raise Fail("the log has %d of the workload's %d marks" %
                        (len(self.mark_at), len(self.marks)))
+        self.names = names
+        # where each FUA write's own mark is in the log
+        self.fua_at = {}
+        fua = {op["fua_mark"] for op in self.ops if "fua_mark" in op}
+        for e in self.log.entries:
+            if e.is_mark and e.mark in fua:
+                self.fua_at[e.mark] = e.index
+        if len(self.fua_at) != len(fua):
+            raise Fail("the log has %d of the workload's %d FUA marks" %
+                       (len(self.fua_at), len(fua)))
         # relative to the state file (the workload's working directory)
         sdir = os.path.dirname(os.path.abspath(args.state))
         self.c0 = open(os.path.join(sdir, self.info["c_initial"]), "rb").read()
@@ -675,9 +821,11 @@ class Checker:
         budget = a.states
         nprefix = len(prefix)
         if nprefix > budget // 2:
-            # keep every workload mark, sample the barriers evenly
-            marks = [i for i in prefix if ents[i].is_mark]
-            rest = [i for i in prefix if not ents[i].is_mark]
+            # keep every epoch's mark, sample the barriers (and the FUA
+            # writes' marks) evenly
+            marks = [i for i in prefix if ents[i].is_mark and ents[i].mark in self.names]
+            kept = set(marks)
+            rest = [i for i in prefix if i not in kept]
             want = max(0, budget // 2 - len(marks))
             step = len(rest) / want if want else 0
             rest = [rest[int(k * step)] for k in range(want)] if want else []
@@ -690,6 +838,22 @@ class Checker:
             b = self.log.last_barrier(i)
             kept = [e.index for e in ents[b + 1:i + 1] if e.changes_data]
             s = State(i, b, kept, "prefix")
+            if s.key not in seen:
+                seen.add(s.key)
+                states.append(s)
+        # FUA states: after the mark of a FUA write (some of them, evenly),
+        # at the last entry before the next FLUSH/FUA, with half the writes
+        # since the last one: the FUA write must show whatever the disk
+        # cache kept (it is durable once it completed)
+        fua = sorted(self.fua_at.values())
+        nfua = min(len(fua), max(1, budget // 6))
+        for k in range(nfua):
+            i = fua[len(fua) * k // nfua]
+            while i < last and not ents[i + 1].is_barrier:
+                i += 1
+            sd = rng.getrandbits(32)
+            b, kept = dmq_replay.crash_subset(self.log, i, sd, 0.5)
+            s = State(i, b, kept, "fua", sd)
             if s.key not in seen:
                 seen.add(s.key)
                 states.append(s)
@@ -711,10 +875,11 @@ class Checker:
             states.append(s)
         states.sort(key=lambda s: (s.barrier, s.at, s.kind))
         log("log: %d entries (%d FLUSH/FUA, %d marks); crash states from "
-            "entry %d: %d prefix, %d subset (seed %d)" %
+            "entry %d: %d prefix, %d after FUA writes, %d subset (seed %d)" %
             (len(ents), sum(1 for e in ents if e.is_barrier),
              sum(1 for e in ents if e.is_mark), start,
              sum(1 for s in states if s.kind == "prefix"),
+             sum(1 for s in states if s.kind == "fua"),
              sum(1 for s in states if s.kind == "subset"), a.seed))
         return states
 
@@ -744,10 +909,16 @@ class Checker:
             self.durable[op["dev"]][op["off"]:op["off"] + op["len"]] = self.data(op)
         self.ndurable = n
 
-    def compare(self, dev, got, maybe):
-        """Sectors of got that are neither durable data nor one of the
-        maybe operations' data; returns a list of problem ranges."""
+    def compare(self, dev, got, maybe, fua=()):
+        """Sectors of got that are neither durable data (with the data of
+        the FUA writes fua over it) nor one of the maybe operations' data;
+        returns a list of problem ranges."""
         exp = self.durable[dev]
+        acked = [op for op in fua if op["dev"] == dev]
+        if acked:
+            exp = bytearray(exp)
+            for op in acked:
+                exp[op["off"]:op["off"] + op["len"]] = self.data(op)
         init = self.c0 if dev == "c" else self.snap0
         bad = []
         chunk = 64 * 1024
@@ -771,6 +942,9 @@ class Checker:
                             "other data")
                     want = ("the initial data (never written)"
                             if exp[s:s + SECTOR] == init[s:s + SECTOR]
+                            else "a completed FUA write's data"
+                            if any(op["off"] <= s < op["off"] + op["len"]
+                                   for op in acked)
                             else "written data")
                     if bad and bad[-1][0] + bad[-1][1] == s and \
                             bad[-1][2] == what and bad[-1][3] == want:
@@ -824,6 +998,54 @@ class Checker:
         if err:
             errs.append(err)
         return h
+
+    def check_fs(self, path, durable, errs):
+        """F's ext4 in the crash state: mounted from an overlay (the
+        journal replays into it), it holds the durable files, and fsck is
+        clean."""
+        ov = os.path.join(self.work, "fs-over.qcow2")
+        fmnt = os.path.join(self.work, "fmnt")
+        os.makedirs(fmnt, exist_ok=True)
+        if os.path.exists(ov):
+            os.unlink(ov)
+        res = self.sh([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", path,
+                       "-F", "qcow2", ov])
+        if res.returncode != 0:
+            errs.append("qemu-img create over fs.qcow2: %s" % res.stdout.strip())
+            return
+        name = self.a.prefix + "crf"
+        try:
+            node = dm_map(name, [path, ov], rw=True)
+        except (Fail, OSError) as e:
+            errs.append("fs.qcow2: %s\n%s" % (e, dmesg_tail(6)))
+            return
+        self.maps.append(name)
+        err = mount(node, fmnt, "ext4")
+        if err:
+            errs.append("F: ext4 %s (journal replay)\n%s" % (err, dmesg_tail(6)))
+        else:
+            bad = []
+            for f in durable:
+                try:
+                    with open(os.path.join(fmnt, f["name"]), "rb") as fh:
+                        if sha(fh.read()) != f["sha256"]:
+                            bad.append("%s differs" % f["name"])
+                except OSError as e:
+                    bad.append("%s: %s" % (f["name"], e.strerror))
+            err = umount(fmnt)
+            if err:
+                errs.append(err)
+            if bad:
+                errs.append("F: %d of the %d files fsync'ed before the last "
+                            "mark are wrong: %s" % (len(bad), len(durable),
+                                                    ", ".join(bad[:6])))
+            res = self.sh(["fsck.ext4", "-fn", node])
+            if res.returncode != 0:
+                errs.append("F: fsck after the journal replay: rc=%d\n      %s" % (
+                    res.returncode, "\n      ".join(res.stdout.splitlines()[-12:])))
+        run([DMSETUP, "remove", "--retry", name], check=False)
+        self.maps.remove(name)
+        os.unlink(ov)
 
     def read_chain(self, tag, specs, length, errs):
         if self.a.reader == "qemu":
@@ -917,6 +1139,9 @@ class Checker:
             # metadata is damaged: still look at the data, it tells more
             notes.append("(image checks failed; data compared anyway)")
         maybe = self.ops[prev["nops"]:(nxt or prev)["nops"] if nxt else len(self.ops)]
+        # FUA writes of the epoch that completed before the state's entry
+        fua = [op for op in maybe
+               if self.fua_at.get(op.get("fua_mark"), s.at + 1) <= s.at]
         self.advance_model(prev["nops"])
         if phase == "reloaded":
             chain = ["base.qcow2", "top.qcow2", "over.qcow2"]
@@ -926,7 +1151,7 @@ class Checker:
             chain = ["base.qcow2", "mid.qcow2", "top.qcow2"]
         got = self.read_chain("c", [img(n) for n in chain], C_SIZE, errs)
         if got is not None:
-            bad = self.compare("c", got, maybe)
+            bad = self.compare("c", got, maybe, fua)
             if bad:
                 n = sum(b[1] for b in bad) // SECTOR
                 errs.append("chain %s: %d sectors (512 B) read wrong in %d "
@@ -947,13 +1172,16 @@ class Checker:
                                 else "data"))
         got = self.read_chain("g", [img("grow.qcow2")], G_REGION, errs)
         if got is not None:
-            bad = self.compare("g", got, maybe)
+            bad = self.compare("g", got, maybe, fua)
             if bad:
                 n = sum(b[1] for b in bad) // SECTOR
                 errs.append("grow.qcow2: %d sectors read wrong in %d ranges:"
                             "\n      %s" % (n, len(bad), "\n      ".join(
                                 "%#x+%#x: %s instead of %s" % tuple(b)
                                 for b in bad[:10])))
+        self.qcheck(img("fs.qcow2"), errs)
+        if self.a.reader == "dm":
+            self.check_fs(img("fs.qcow2"), self.files[:prev["nfiles"]], errs)
         try:
             snap = snapshot_region(img("grow.qcow2"), "s1", G_REGION)
             if snap != self.snap0:
@@ -1018,10 +1246,12 @@ class Checker:
                 log("... %d/%d states, %d failed, %.0f s" %
                     (k + 1, len(states), nfail, time.time() - t0))
         rep.close()
-        log("crash states: %d checked (%d prefix, %d subset), %d failed, "
-            "%.0f s" % (len(states), sum(1 for s in states if s.kind == "prefix"),
-                        sum(1 for s in states if s.kind == "subset"), nfail,
-                        time.time() - t0))
+        log("crash states: %d checked (%d prefix, %d after FUA writes, %d "
+            "subset), %d failed, %.0f s" % (
+                len(states), sum(1 for s in states if s.kind == "prefix"),
+                sum(1 for s in states if s.kind == "fua"),
+                sum(1 for s in states if s.kind == "subset"), nfail,
+                time.time() - t0))
         return 1 if nfail else 0
 
 

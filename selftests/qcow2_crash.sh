@@ -11,9 +11,12 @@
 # refcounts, metadata preallocated to just under what one refcount-table
 # cluster covers, 4M of data, internal snapshot s1). dmq_crash.py maps both
 # writable and runs epochs of concurrent O_DIRECT writes (copy-on-write from
-# the backing files and from the snapshot, allocating, overwriting),
-# write-zeroes and discards, each epoch ended by an fsync of the devices
-# and a log mark; it merges mid into base (merge_backward at depth 1; mid
+# the backing files and from the snapshot, allocating, overwriting; some
+# FUA, through Linux AIO (REQ_FUA and no flush), each with a log mark once
+# it completed: durable from there),
+# write-zeroes and discards, and a file added to an ext4 (default mkfs) on
+# fs.qcow2 and fsync'ed (journal commits: REQ_PREFLUSH|REQ_FUA writes),
+# each epoch ended by an fsync of the devices and a log mark; it merges mid into base (merge_backward at depth 1; mid
 # opened read-write, so its clusters move) while writing, grows grow.qcow2's refcount table, takes a snapshot by reload
 # (new overlay over.qcow2) and writes on. Every completed operation is
 # recorded with its data's seed and sha256.
@@ -25,11 +28,14 @@
 # In each state: mount (journal replay), umount, fsck -fn clean; mounted
 # read-only, `qemu-img check` of every image without corruption (leaks
 # allowed: rc 3); fresh read-only tables read, per 512-byte sector, what
-# was fsync'ed before the last mark, or the data of an operation issued
+# was fsync'ed before the last mark (and the FUA writes marked before the
+# state), or the data of an operation issued
 # before the next mark, or what was there before; mid.qcow2 and base.qcow2
 # unchanged until the merge started and base<-mid reading as before the
 # merge from then on (every byte in one of the two); top.qcow2 unchanged after the reload; the internal
-# snapshot s1 intact.
+# snapshot s1 intact; the ext4 of fs.qcow2, through fresh tables over an
+# overlay, mounts (journal replay), holds every file fsync'ed before the
+# last mark, and fscks clean.
 #
 # usage: qcow2_crash.sh [-l] [CASE...]
 # DMQ_CRASH_STATES=N  crash states per file system, read through the target
@@ -84,7 +90,7 @@ crash_cleanup() {
 # crash_case FS: the whole test on file system FS (ext4|xfs)
 crash_case() {
 	local fs=$1 data logdev m i rc t
-	need losetup mount umount
+	need losetup mount umount mkfs.ext4 fsck.ext4
 	case $fs in
 	ext4) need mkfs.ext4 fsck.ext4 ;;
 	xfs) need mkfs.xfs xfs_repair ;;
@@ -147,6 +153,7 @@ crash_case() {
 			grow.qcow2 1018M
 		dmq_write grow.qcow2 P0x11:0:4M
 		dmq_run "$QEMU_IMG" snapshot -c s1 grow.qcow2
+		dmq_img_create fs.qcow2 64M cluster_size=64k
 		dmq_check_images base.qcow2 mid.qcow2 top.qcow2 grow.qcow2
 		dmq_run "$QEMU_IMG" convert -f qcow2 -O raw top.qcow2 ../c0.raw
 		dmq_run "$QEMU_IMG" convert -f qcow2 -O raw mid.qcow2 ../mid0.raw
@@ -154,7 +161,7 @@ crash_case() {
 	echo "$(date +%T) images made"
 	m=$MNT
 	dmq_run cp --sparse=always src/base.qcow2 src/mid.qcow2 src/top.qcow2 \
-		src/grow.qcow2 "$m/"
+		src/grow.qcow2 src/fs.qcow2 "$m/"
 	dmq_run sync -f "$m"
 	rm -rf src
 	echo "$(date +%T) images copied onto $fs"

@@ -1152,6 +1152,59 @@ case_fsync_error_sticks() {
 	echo "the image holds what was flushed before the failure, nothing after"
 }
 
+# After a failed fsync the metadata cache keeps serving reads. The pages
+# dirtied since can never be written out: they stay at most half the cache,
+# and a first write that needs one more fails with EIO. With
+# md_cache_pages=16 and an image with 32 L2 tables in use (64k clusters:
+# 32M each): a flush fails; first writes into each table: the first ones
+# work, later ones fail; then every table's data reads back, and so do the
+# writes that worked (the old module failed every lookup of an uncached
+# page once 8 pages were dirty, reads included).
+case_fsync_error_reads() {
+	dmq_with_md_cache 16 fsync_error_reads
+}
+
+fsync_error_reads() {
+	local k p specs=() reads=() ok=() failed=0
+	dmq_needs_kernel "the target's fault injection"
+	for k in $(seq 0 31); do
+		specs+=("P$(printf 0x%x $((0x40 + k))):$((k * 32))M:64k")
+		reads+=(-c "read -P $((0x40 + k)) $((k * 32))M 64k")
+	done
+	dmq_img_create top.qcow2 1G cluster_size=64k
+	dmq_write top.qcow2 "${specs[@]}"
+	trap on_exit EXIT
+	map_rw top.qcow2
+	msg_ok v set_fault_injection 0 100000
+	flush_dev "$DEV" && dmq_fail "a flush worked with every I/O of the top failing"
+	msg_ok v set_fault_injection 0 0
+	random w.bin 4k
+	for k in $(seq 0 31); do
+		if dd if=w.bin of="$DEV" bs=4k seek=$(((k * 32 * MIB + 131072) / 4096)) count=1 \
+			oflag=direct conv=notrunc status=none 2>/dev/null; then
+			ok+=("$k")
+		else
+			failed=$((failed + 1))
+		fi
+	done
+	echo "first writes after a failed flush: ${#ok[@]} worked, $failed failed"
+	[ "${#ok[@]}" -gt 0 ] || dmq_fail "no first write worked"
+	[ "$failed" -gt 0 ] || dmq_fail "every first write worked: the dirty pages are not bounded"
+	for k in $(seq 0 31); do
+		p=$(printf '\\%03o' $((0x40 + k)))
+		head -c 65536 /dev/zero | tr '\0' "$p" >p.bin
+		expect_at "$DEV" $((k * 32 * MIB)) p.bin
+	done
+	for k in "${ok[@]}"; do
+		expect_at "$DEV" $((k * 32 * MIB + 131072)) w.bin
+	done
+	echo "every table's data reads back, and the writes that worked"
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_rc top.qcow2 0 3
+	dmq_run "$QEMU_IO" -r -f qcow2 "${reads[@]}" top.qcow2
+	echo "the image holds its data"
+}
+
 # A FUA write is made durable by the target's own fsync after it lands, not
 # written through (IOCB_DSYNC): a write-through that fails cannot say
 # whether a sector or the cache flush failed, and after a failed flush none
@@ -1654,7 +1707,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection fsync_error_sticks fua_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection fsync_error_sticks fsync_error_reads fua_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1673,6 +1726,7 @@ DMQ_CASES=(
 	status_under_fio
 	fault_injection
 	fsync_error_sticks
+	fsync_error_reads
 	fua_error_sticks
 	enospc
 	enospc_inplace

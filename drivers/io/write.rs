@@ -8,30 +8,36 @@ use super::*;
 /// Write path.
 impl Inner {
     /// Writes `bio` into the top delta. Returns whether the bio must wait
-    /// for the batch's commit before it completes: a flush, or a FUA write
-    /// (its data is durable only after an fsync that follows it, see
-    /// `Inner::sync_batch`). Other writes complete once their
+    /// for the batch's commit before it completes: an empty flush, or a
+    /// FUA write (its data is durable only after an fsync that follows it,
+    /// see `Inner::sync_batch`); a flush with data commits before its data
+    /// goes. Other writes complete once their
     /// data is written, like on a disk with a volatile write cache: what
     /// they changed in the metadata is committed by the next flush (or the
     /// periodic commit, see `Inner::sync_batch`).
     pub(crate) fn write_bio(&self, st: &mut WorkerState, bio: &Bio) -> Result<bool> {
         let d = st.top();
-        let top = st.delta(d)?;
         let flush = bio.is_preflush() || bio.op() == Op::Flush;
-        if flush {
+        let size = u64::from(bio.size());
+        if flush && size == 0 {
             // Everything acknowledged so far is in the file (data written
             // before it completed) or in the metadata cache: the batch's
             // commit writes the cache out in order and ends with an fsync
             // that makes it all durable; the bio completes after it.
             st.flush = true;
+            return Ok(true);
         }
-        let size = u64::from(bio.size());
-        if size == 0 {
-            return Ok(flush);
+        if flush {
+            // A flush with data (a journal's commit record): what completed
+            // before it must be durable before its data may land, or a
+            // crash could keep the record without the blocks it commits.
+            // So the commit comes first, here; the data goes after it.
+            let (res, _) = self.commit_all(st, true);
+            res?;
         }
         let fua = bio.is_fua();
         let mut vaddr = bio.sector().checked_mul(SECTOR).ok_or(EIO)?;
-        let cs = top.hdr.cluster_size();
+        let cs = st.delta(d)?.hdr.cluster_size();
         let mut done = 0u64;
         // In-place pieces that follow one another in the file go as one
         // direct I/O (not one per cluster). If a later piece
@@ -48,7 +54,7 @@ impl Inner {
         if let Some(r) = run {
             self.start_run(st, d, bio, r)?;
         }
-        Ok(flush || fua)
+        Ok(fua)
     }
 
     /// Starts `run` of `bio` in delta `d`, unless metadata allocated since

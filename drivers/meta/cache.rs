@@ -149,7 +149,10 @@ impl DeltaMd {
     pub(super) fn page(&mut self, file: &File, off: u64) -> Result<&mut IoBuf> {
         if self.cache.pages.get(&off).is_none() {
             let max = param::md_cache_pages();
-            if self.cache.dirty() >= max / 2 {
+            // After a failed fsync no commit can succeed (`File::fsync`): the
+            // dirty pages stay, at most half the cache (`page_dirty`), and
+            // the clean half keeps serving lookups (reads go on working).
+            if self.cache.dirty() >= max / 2 && !file.sync_failed() {
                 self.commit(file, false)?;
             }
             while self.cache.count >= max {
@@ -199,7 +202,17 @@ impl DeltaMd {
     }
 
     /// The cached page at `off`, marked dirty (of `kind`) for the next commit.
+    /// After a failed fsync a page that is not dirty yet is refused (EIO)
+    /// once half the cache is dirty: those pages can never be written out.
     pub(super) fn page_dirty(&mut self, file: &File, off: u64, kind: Kind) -> Result<&mut IoBuf> {
+        let clean = self
+            .cache
+            .pages
+            .get(&off)
+            .map_or(true, |p| p.dirty.is_none());
+        if clean && file.sync_failed() && self.cache.dirty() >= param::md_cache_pages() / 2 {
+            return Err(EIO);
+        }
         self.page(file, off)?;
         let cache = &mut self.cache;
         let p = cache.pages.get_mut(&off).ok_or(EIO)?;
