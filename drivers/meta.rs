@@ -55,6 +55,7 @@ use clusters::{MetaBuilder, MetaClusters, MetaKind};
 use kernel::error::code::*;
 use kernel::prelude::*;
 use kernel::sync::Arc;
+pub(crate) use refcount::crash_size_limit;
 pub(crate) use tables::HoleWord;
 
 /// Size of a cached metadata page (and of every metadata write).

@@ -76,6 +76,34 @@ case_valid_refcount_limit() {
 	mapped_ok ok $((16 * MIB))
 }
 
+# A crash while the refcount table moved leaves the file longer than the
+# table describes, by the new refcount block and table, rounded up to the
+# file's 128 MiB growth step: accepted (QEMU opens such a file too; the C
+# target refuses it), writable, and the suspend's trim cuts it back. A
+# longer file is refused (refcount_table_too_small).
+case_refcount_table_move_crash() {
+	local dev
+	mk_valid a.qcow2 cluster_size=4k
+	dmq_patch a.qcow2 refcount_table_clusters=1
+	convert a.qcow2 exp.raw
+	# 512 entries * 2048 clusters per refblock * 4 KiB = 4 GiB, + 100 MiB
+	dmq_run truncate -s 4196M a.qcow2
+	dmq_create ok a.qcow2 || dmq_fail "a file a table move left was refused"
+	mapped_ok ok $((16 * MIB))
+	dmq_create v --rw a.qcow2 >/dev/null || dmq_fail "writable table refused"
+	dev=$(dmq_dev v) || dmq_fail "no device node"
+	random w.bin 64k
+	dmq_run dd if=w.bin of="$dev" bs=64k seek=100 count=1 oflag=direct conv=notrunc,fsync status=none
+	dmq_run dd if=w.bin of=exp.raw bs=64k seek=100 count=1 conv=notrunc status=none
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	[ "$(stat -c %s a.qcow2)" -lt $((4096 * MIB)) ] ||
+		dmq_fail "the suspend did not trim the file: $(stat -c %s a.qcow2) bytes"
+	dmq_check_images a.qcow2
+	convert a.qcow2 got.raw
+	cmp exp.raw got.raw || dmq_fail "qemu-img convert differs from what was written"
+	echo "4 GiB + 100 MiB accepted, written, trimmed; QEMU reads the write"
+}
+
 # ------------------------------------------------------------- fd checks
 
 case_no_images() {
@@ -784,6 +812,7 @@ DMQ_CASES=(
 	cluster_512
 	cluster_2k
 	refcount_table_too_small
+	refcount_table_move_crash
 	start_not_zero
 	header_empty
 	header_truncated_v3

@@ -11,6 +11,25 @@ use super::*;
 /// the last used cluster on suspend.
 const GROW_STEP: u64 = 128 << 20;
 
+/// The longest file a crash can leave for an image whose header is `hdr`:
+/// what its refcount table describes, plus the refcount block and the
+/// twice larger table a move of the table writes past that before the
+/// header points at them (`grow_refcount_table`), rounded up to a growth
+/// step. A longer file is refused (EFBIG, as the C target refuses any
+/// file longer than its table describes, its own crash states included).
+pub(crate) fn crash_size_limit(hdr: &Header) -> u64 {
+    let cs = hdr.cluster_size();
+    let entries = u64::from(hdr.refcount_table_clusters).saturating_mul(cs / 8);
+    let table = entries
+        .saturating_mul(16)
+        .max(entries.saturating_add(1).saturating_mul(8));
+    let end = hdr
+        .max_file_size()
+        .saturating_add(cs)
+        .saturating_add(table.checked_next_multiple_of(cs).unwrap_or(u64::MAX));
+    end.checked_next_multiple_of(GROW_STEP).unwrap_or(u64::MAX)
+}
+
 /// Clusters in use in a row past the file's end after which a free-cluster
 /// search skips to the next refcount block not allocated yet (see
 /// `DeltaMd::skip_leaked`).
@@ -126,15 +145,27 @@ impl DeltaMd {
         Ok(())
     }
 
+    /// Bytes of the file the refcount table describes (the one in memory
+    /// is the durable one: a move is durable before it replaces it).
+    fn coverage(&self, hdr: &Header) -> u64 {
+        (self.rt.len() as u64)
+            .saturating_mul(fmt::refcount_block_entries(hdr))
+            .saturating_mul(self.cluster_size)
+    }
+
     /// Makes the file at least `end` bytes long, sparsely, a step at a
-    /// time. Best effort: a write past the end extends the file anyway.
-    fn reserve(&mut self, file: &File, end: u64) {
+    /// time, but not past `limit` unless `end` is: after a crash a file
+    /// longer than its refcount table describes is refused (beyond what a
+    /// table move leaves, see `crash_size_limit`). Best effort: a write
+    /// past the end extends the file anyway.
+    fn reserve(&mut self, file: &File, end: u64, limit: u64) {
         if end <= self.grown {
             return;
         }
-        let Some(new) = end.checked_next_multiple_of(GROW_STEP) else {
+        let Some(step) = end.checked_next_multiple_of(GROW_STEP) else {
             return;
         };
+        let new = step.min(limit.max(end));
         if file.truncate(new).is_ok() {
             self.grown = new;
         }
@@ -237,7 +268,7 @@ impl DeltaMd {
             };
             if raw == 0 {
                 self.note_meta(off, MetaKind::RefcountBlock)?;
-                self.reserve(file, end);
+                self.reserve(file, end, self.coverage(hdr));
                 self.cache.invalidate(off, end);
                 let mut blk = IoBuf::new(cs as usize)?;
                 fmt::refcount_set(&mut blk, bi, hdr.refcount_order, 1).ok_or(EIO)?;
@@ -254,7 +285,7 @@ impl DeltaMd {
                 continue;
             }
             if self.refcount(file, hdr, c)? == 0 {
-                self.reserve(file, end);
+                self.reserve(file, end, self.coverage(hdr));
                 self.set_refcount(file, hdr, c, 1)?;
                 self.cache.invalidate(off, end);
                 self.hint = c + 1;
@@ -351,7 +382,9 @@ impl DeltaMd {
         self.note_meta(blk_off, MetaKind::RefcountBlock)?;
         // The table's clusters join the overlap set with the header change.
         self.fence_lanes(tbl_off, tbl_bytes);
-        self.reserve(file, tbl_end);
+        // Past what the old table describes (the new one is not durable
+        // yet): within what `crash_size_limit` accepts.
+        self.reserve(file, tbl_end, tbl_end);
         self.untouched_from = self.untouched_from.max(tbl_end);
         file.write_full(&blk, blk_off)?;
         file.write_full(&tbl, tbl_off)?;
