@@ -32,6 +32,10 @@ impl Inner {
             // before it must be durable before its data may land, or a
             // crash could keep the record without the blocks it commits.
             // So the commit comes first, here; the data goes after it.
+            // (Device-mapper sends such a bio's flush on its own first, as
+            // an empty flush, and the data without REQ_PREFLUSH after it
+            // completed: `dm.c`'s `bio_is_flush_with_data`. This holds if
+            // that ever changes.)
             let (res, _) = self.commit_all(st, true);
             res?;
         }

@@ -202,16 +202,21 @@ impl DeltaMd {
     }
 
     /// The cached page at `off`, marked dirty (of `kind`) for the next commit.
-    /// After a failed fsync a page that is not dirty yet is refused (EIO)
-    /// once half the cache is dirty: those pages can never be written out.
+    /// A page not dirty yet, with half the cache dirty, commits first (as a
+    /// miss does in `page`): at most half the cache is ever dirty, so a
+    /// failed fsync leaves a clean half for lookups. After one such a page
+    /// is refused (EIO): no dirty page can be written out any more.
     pub(super) fn page_dirty(&mut self, file: &File, off: u64, kind: Kind) -> Result<&mut IoBuf> {
         let clean = self
             .cache
             .pages
             .get(&off)
             .map_or(true, |p| p.dirty.is_none());
-        if clean && file.sync_failed() && self.cache.dirty() >= param::md_cache_pages() / 2 {
-            return Err(EIO);
+        if clean && self.cache.dirty() >= param::md_cache_pages() / 2 {
+            if file.sync_failed() {
+                return Err(EIO);
+            }
+            self.commit(file, false)?;
         }
         self.page(file, off)?;
         let cache = &mut self.cache;

@@ -203,8 +203,9 @@ impl Inner {
         };
         st.gang.open = false;
         match res {
-            // A flush, or a FUA write whose mapping must be durable before it
-            // completes: one commit at the end of the batch covers them all.
+            // A flush, or a FUA write (its data and its mapping durable before
+            // it completes): one commit at the end of the batch covers them
+            // all.
             Ok(true) => {
                 st.fua |= bio.is_fua();
                 st.unsynced.push(bio);
