@@ -868,6 +868,12 @@ dmq_complete_under_io() {
 	return 0
 }
 
+# dmq_trims_on_suspend: a suspend truncates the top after its last used
+# cluster (not so for the host-side fake, which writes the files back)
+dmq_trims_on_suspend() {
+	return 0
+}
+
 # dmq_needs_kernel WHAT: the case needs the real target and kernel (WHAT:
 # what it uses that the host-side fake cannot model); there it is skipped
 dmq_needs_kernel() {

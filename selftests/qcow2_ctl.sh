@@ -1114,6 +1114,16 @@ case_fault_injection() {
 	fi
 }
 
+# fault_top_setup: top.qcow2 (16M, 64k clusters, 0x11 over its first
+# cluster) mapped writable as v ($DEV), for the target's fault injection
+fault_top_setup() {
+	dmq_needs_kernel "the target's fault injection"
+	dmq_img_create top.qcow2 16M cluster_size=64k
+	dmq_write top.qcow2 P0x11:0:64k
+	trap on_exit EXIT
+	map_rw top.qcow2
+}
+
 # A failed fsync stays failed: what was written before it may be lost
 # without a later fsync saying so (a disk that dropped its cache), so no
 # mapping may become durable over it. A flush fails while every I/O of the
@@ -1124,11 +1134,7 @@ case_fault_injection() {
 # last good flush made durable: the cluster flushed before, not the one
 # written after the failure.
 case_fsync_error_sticks() {
-	dmq_needs_kernel "the target's fault injection"
-	dmq_img_create top.qcow2 16M cluster_size=64k
-	dmq_write top.qcow2 P0x11:0:64k
-	trap on_exit EXIT
-	map_rw top.qcow2
+	fault_top_setup
 	random a.bin 64k
 	random b.bin 64k
 	put a.bin "$DEV" "$MIB"
@@ -1214,11 +1220,7 @@ fsync_error_reads() {
 # worked), get_errors says md_writeback_error=1, and the image keeps what it
 # held before.
 case_fua_error_sticks() {
-	dmq_needs_kernel "the target's fault injection"
-	dmq_img_create top.qcow2 16M cluster_size=64k
-	dmq_write top.qcow2 P0x11:0:64k
-	trap on_exit EXIT
-	map_rw top.qcow2
+	fault_top_setup
 	random a.bin 4k
 	msg_ok v set_fault_injection 0 100000
 	dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc \

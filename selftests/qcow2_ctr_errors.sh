@@ -96,8 +96,10 @@ case_refcount_table_move_crash() {
 	dmq_run dd if=w.bin of="$dev" bs=64k seek=100 count=1 oflag=direct conv=notrunc,fsync status=none
 	dmq_run dd if=w.bin of=exp.raw bs=64k seek=100 count=1 conv=notrunc status=none
 	dmq_remove v || dmq_fail "dmsetup remove failed"
-	[ "$(stat -c %s a.qcow2)" -lt $((4096 * MIB)) ] ||
-		dmq_fail "the suspend did not trim the file: $(stat -c %s a.qcow2) bytes"
+	if dmq_trims_on_suspend; then
+		[ "$(stat -c %s a.qcow2)" -lt $((4096 * MIB)) ] ||
+			dmq_fail "the suspend did not trim the file: $(stat -c %s a.qcow2) bytes"
+	fi
 	dmq_check_images a.qcow2
 	convert a.qcow2 got.raw
 	cmp exp.raw got.raw || dmq_fail "qemu-img convert differs from what was written"

@@ -125,7 +125,12 @@ def check_image(fd, index, ntop, writable):
     if cs < 4096:
         raise CtrError("Cluster size below PAGE_SIZE", "-EOPNOTSUPP")
     rbits = 1 << h.get("refcount_order", 4)
-    limit = h["refcount_table_clusters"] * cs // 8 * (cs * 8 // rbits) * cs
+    entries = h["refcount_table_clusters"] * cs // 8
+    limit = entries * (cs * 8 // rbits) * cs
+    # what a refcount-table move cut short by a crash leaves past that:
+    # the new block and table, rounded up to the 128 MiB growth step
+    table = -(-max(entries * 16, (entries + 1) * 8) // cs) * cs
+    limit = -(-(limit + cs + table) // (128 << 20)) * (128 << 20)
     if st.st_size > limit:
         raise CtrError("File larger than its refcount table describes", "-EFBIG")
     if (writable and index == ntop - 1 and inc & 1 and

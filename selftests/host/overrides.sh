@@ -20,6 +20,11 @@ dmq_complete_under_io() {
 	return 1
 }
 
+# the fake writes the device file back into the top: no trim
+dmq_trims_on_suspend() {
+	return 1
+}
+
 # cases that need the kernel (I/O errors from a device, EIO from the
 # target's metadata checks, module parameters) cannot run on the fake
 dmq_needs_kernel() {
