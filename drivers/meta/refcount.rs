@@ -20,14 +20,20 @@ const GROW_STEP: u64 = 128 << 20;
 pub(crate) fn crash_size_limit(hdr: &Header) -> u64 {
     let cs = hdr.cluster_size();
     let entries = u64::from(hdr.refcount_table_clusters).saturating_mul(cs / 8);
-    let table = entries
-        .saturating_mul(16)
-        .max(entries.saturating_add(1).saturating_mul(8));
     let end = hdr
         .max_file_size()
         .saturating_add(cs)
-        .saturating_add(table.checked_next_multiple_of(cs).unwrap_or(u64::MAX));
+        .saturating_add(moved_table_bytes(entries, cs).unwrap_or(u64::MAX));
     end.checked_next_multiple_of(GROW_STEP).unwrap_or(u64::MAX)
+}
+
+/// Bytes of the table a move of a refcount table of `entries` entries
+/// writes: twice as many entries (one more at least), whole clusters.
+fn moved_table_bytes(entries: u64, cs: u64) -> Option<u64> {
+    entries
+        .checked_mul(16)?
+        .max(entries.checked_add(1)?.checked_mul(8)?)
+        .checked_next_multiple_of(cs)
 }
 
 /// Clusters in use in a row past the file's end after which a free-cluster
@@ -353,11 +359,7 @@ impl DeltaMd {
         let per_block = fmt::refcount_block_entries(hdr);
         let old_n = self.rt.len() as u64;
         let start = old_n.checked_mul(per_block).ok_or(ENOSPC)?;
-        let tbl_bytes = old_n
-            .checked_mul(16)
-            .ok_or(ENOSPC)?
-            .max((old_n + 1) * 8)
-            .next_multiple_of(cs);
+        let tbl_bytes = moved_table_bytes(old_n, cs).ok_or(ENOSPC)?;
         let tbl_clusters = tbl_bytes / cs;
         if tbl_clusters + 1 > per_block || tbl_bytes > fmt::MAX_REFTABLE_BYTES {
             pr_err!(
