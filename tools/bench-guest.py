@@ -24,6 +24,11 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
   4k-randread-2jobs, -randwrite-2jobs the same with numjobs 2 (2 vCPUs)
   4k-randread-qd1, 4k-randwrite-qd1  iodepth 1, with p50/p99 latency
                                      (completion, and in all)
+  4k-randwrite-fua, -fua-qd1         4k random writes opened O_DSYNC
+                                     (fio --sync=dsync): through libaio
+                                     each is one REQ_FUA write, as a
+                                     journaling guest's log writes are;
+                                     at iodepth 32 and 1 (with latency)
   1M-read, 1M-write                  sequential, iodepth 32
   4k-first-write, 64k-first-write    on an empty image, against a sparse
                                      raw file (and a written one beside)
@@ -148,6 +153,7 @@ class Job:
     iodepth: int = 32
     numjobs: int = 1
     depth: int = 0           # merge: the merged delta (0 = top)
+    fua: bool = False        # fio jobs: O_DSYNC, so every write is REQ_FUA
 
 
 JOBS = [
@@ -157,6 +163,8 @@ JOBS = [
     Job("4k-randwrite-2jobs", "fio", "randwrite", numjobs=2),
     Job("4k-randread-qd1", "fio", iodepth=1),
     Job("4k-randwrite-qd1", "fio", "randwrite", iodepth=1),
+    Job("4k-randwrite-fua", "fio", "randwrite", fua=True),
+    Job("4k-randwrite-fua-qd1", "fio", "randwrite", iodepth=1, fua=True),
     Job("1M-read", "fio", "read", "1M"),
     Job("1M-write", "fio", "write", "1M"),
     Job("4k-first-write", "fio", "randwrite", allocated=False),
@@ -299,6 +307,10 @@ def fio_cmd(dev, job, size):
     # submitting system call (fio's slat), which clat alone leaves out.
     if job.iodepth == 1:
         spread += " --lat_percentiles=1"
+    # O_DSYNC with direct AIO: block/fops.c sends each write as REQ_FUA
+    # (no flush); a file gets the file system's O_DSYNC write.
+    if job.fua:
+        spread += " --sync=dsync"
     return (f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
             f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
             f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
