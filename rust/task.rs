@@ -7,28 +7,24 @@
 //! [`include/linux/capability.h`](srctree/include/linux/capability.h)
 
 use super::bindings;
-use core::marker::PhantomData;
 use core::mem::MaybeUninit;
 use kernel::error::Error;
 
-/// While alive, allocations of the current task do not recurse into I/O
-/// (`memalloc_noio_save`), as the I/O path of a block device requires.
-pub(crate) struct NoIo(u32, PhantomData<*mut ()>);
-
-impl NoIo {
-    /// Enters the scope.
-    pub(crate) fn enter() -> Self {
-        // SAFETY: Saves and sets a flag of the current task; `drop` restores it
-        // on the same task (the guard is not `Send`).
-        Self(unsafe { bindings::dmq_noio_save() }, PhantomData)
-    }
-}
-
-impl Drop for NoIo {
-    fn drop(&mut self) {
-        // SAFETY: Restores what `enter` saved, on the same task.
-        unsafe { bindings::dmq_noio_restore(self.0) };
-    }
+/// Runs `f` with allocations of the current task not recursing into I/O
+/// (`memalloc_noio_save`/`memalloc_noio_restore`), as the I/O path of a
+/// block device requires. A closure, not a guard: scopes nest by
+/// construction, so a restore always undoes the save it pairs with (guards
+/// dropped out of order, or one forgotten, could leave a kworker's later
+/// work items with the flag).
+pub(crate) fn no_io<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: Saves and sets a flag of the current task; any value is valid.
+    let saved = unsafe { bindings::dmq_noio_save() };
+    let r = f();
+    // SAFETY: Restores what the save above returned, on the same task (a
+    // task does not change across a call) and after every scope `f` opened
+    // was closed (they are closures too).
+    unsafe { bindings::dmq_noio_restore(saved) };
+    r
 }
 
 /// Runs `f` under a block plug of the current task (`blk_start_plug`): the

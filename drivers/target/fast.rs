@@ -181,8 +181,7 @@ impl WorkItem for Lane {
     type Pointer = Arc<Lane>;
 
     fn run(this: Arc<Lane>) {
-        let _noio = task::NoIo::enter();
-        loop {
+        task::no_io(|| loop {
             let (list, n) = {
                 let mut q = this.bios.lock();
                 // Seen empty under the lock: a bio queued from now on
@@ -202,7 +201,7 @@ impl WorkItem for Lane {
             }
             // Sustained load keeps the lane busy: let others run.
             task::cond_resched();
-        }
+        });
     }
 }
 

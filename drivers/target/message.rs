@@ -75,7 +75,11 @@ impl Qcow2 {
         // Messages (a merge's complete, cancel) commit, fsync and punch
         // holes with the state locked: no reclaim may write back to this
         // device meanwhile, as in the worker.
-        let _noio = task::NoIo::enter();
+        task::no_io(|| self.run_message(args, out))
+    }
+
+    /// `handle_message` past the capability check.
+    fn run_message(&self, args: &[&CStr], out: &mut Emit<'_>) -> Result {
         let inner = &self.inner;
         let cmd = args.first().ok_or(EINVAL)?.as_bytes();
         let suspended = || inner.link.suspended();
