@@ -312,12 +312,6 @@ impl DeltaMd {
             || !self.rt_dirty.is_empty()
     }
 
-    /// Whether the next commit waits for the data I/O in flight before its
-    /// first fsync (something was allocated since the last one).
-    pub(crate) fn waits_for_data(&self) -> bool {
-        self.barrier
-    }
-
     /// Whether refcount decrements are queued (applied after commits).
     pub(crate) fn has_frees(&self) -> bool {
         !self.frees.is_empty() || !self.frees_ready.is_empty()

@@ -84,14 +84,13 @@ pub(crate) struct WorkerState {
     pub(crate) merge: Option<Merge>,
     /// Writes that hit ENOSPC, retried later.
     parked: BioList,
-    /// Bios waiting for a commit before they complete (this batch's, or for
-    /// FUA writes still landing a later one's).
+    /// Bios waiting for the batch's commit before they complete.
     unsynced: BioList,
     /// A flush was asked for in this batch: its commit fsyncs the top even
     /// if no metadata changed.
     pub(crate) flush: bool,
-    /// A FUA bio waits in `unsynced`: its data must land before the fsync
-    /// that completes it (`Inner::sync_batch`).
+    /// A FUA bio waits for the batch's commit: it waits for the data I/O
+    /// in flight, then fsyncs the top (`Inner::sync_batch`).
     fua: bool,
     /// The images may have changed (we were suspended): re-read them on resume.
     stale: bool,
@@ -274,8 +273,7 @@ pub(crate) struct Inner {
     count_wq: OwnedQueue,
     /// The timer is queued or sleeping.
     commit_armed: AtomicBool,
-    /// The timer ran out, or FUA bios wait for a later batch's commit
-    /// (`Inner::fua_still_landing`): the worker's next pass commits.
+    /// The timer ran out: the worker commits what the cache holds.
     commit_due: AtomicBool,
     errors: Errors,
     /// An ENOSPC happened and `get_event` has not reported it yet.

@@ -161,16 +161,6 @@ impl Bio {
         BioPiece(Bio(self.0))
     }
 
-    /// Whether every other completion reference of the bio ([`Bio::split_ref`])
-    /// has ended: the I/O they stood for completed before this returned true,
-    /// and what the caller does next (an fsync) is ordered after that. Always
-    /// false for a piece while the bio's own reference lives.
-    pub(crate) fn pieces_ended(&self) -> bool {
-        // SAFETY: The bio is valid while we hold a completion reference (and
-        // cannot complete meanwhile); its count is only read, atomically.
-        unsafe { bindings::dmq_bio_only_ref(self.as_raw()) }
-    }
-
     /// Ends this reference. An error is recorded in the bio; success leaves an
     /// error recorded by another reference in place.
     pub(crate) fn end(self, res: Result) {

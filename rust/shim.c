@@ -68,18 +68,6 @@ void dmq_bio_inc_remaining(struct bio *bio)
 }
 
 /*
- * Whether the caller's completion reference is the bio's last: every other
- * one (dmq_bio_inc_remaining) was given up by bio_endio(). The count starts
- * at 1 (bio_init) and reaches 0 only with the caller's, which it holds.
- * Acquire: what the caller does after a true answer (an fsync) is ordered
- * after the completions of the I/O those references stood for.
- */
-bool dmq_bio_only_ref(struct bio *bio)
-{
-	return atomic_read_acquire(&bio->__bi_remaining) == 1;
-}
-
-/*
  * Make a bio whose completion ran (down to the target's end_io, which took
  * it back with DM_ENDIO_INCOMPLETE) completable again: no error, one
  * completion reference, not chained.

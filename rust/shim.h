@@ -33,7 +33,6 @@ unsigned int dmq_md_cache_pages(void);
 
 /* bio helpers: byte ranges are relative to the bio's current position. */
 void dmq_bio_inc_remaining(struct bio *bio);
-bool dmq_bio_only_ref(struct bio *bio);
 void dmq_bio_rearm(struct bio *bio);
 int dmq_bio_zero(struct bio *bio, u32 off, u32 len);
 int dmq_bio_copy_from(struct bio *bio, u32 off, const void *src, u32 len);

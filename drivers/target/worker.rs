@@ -46,13 +46,6 @@ impl WorkItem<0> for Inner {
                     // mutex, a commit's writes) sends what it holds first.
                     let mut st = match task::plugged(|| this.process_batch(list, &mut parked)) {
                         Some(st) => st,
-                        // All fast: FUA bios held back (or a periodic commit)
-                        // need not wait until the queue runs dry.
-                        None if this.commit_due.load(Ordering::Acquire) => {
-                            let mut st = this.lock_state();
-                            parked |= this.sync_batch(&mut st);
-                            st
-                        }
                         None => continue,
                     };
                     locked = true;
@@ -284,9 +277,7 @@ impl Inner {
 
     /// Ends the batch. If a bio waits for a commit (a flush, FUA), commits
     /// the metadata of every delta (so everything acknowledged so far is
-    /// durable, in order, see `meta`), completes those bios (FUA writes
-    /// still landing may wait for a later batch's commit, see
-    /// `fua_still_landing`), then applies
+    /// durable, in order, see `meta`), completes those bios, then applies
     /// the refcount decrements of removals the commit made durable. A failed
     /// commit fails the bios (or parks them on ENOSPC) and keeps the
     /// decrements queued. Otherwise commits only when the periodic commit is
@@ -305,66 +296,25 @@ impl Inner {
             return false;
         }
         let flush = core::mem::replace(&mut st.flush, false);
-        let waiting = self.fua_still_landing(st);
+        // A FUA bio's data went as plain direct writes (not IOCB_DSYNC, whose
+        // failure cannot tell a bad sector from a failed cache flush, and
+        // after a failed flush no later one may pass: `File::fsync`). The
+        // fsync that makes it durable comes after it landed.
+        let fua = core::mem::replace(&mut st.fua, false);
+        if fua {
+            self.inflight.wait_idle();
+        }
         // The bios changed the top only; a merge's receiving delta failing
         // its commit fails the merge instead.
+        let (res, _) = self.commit_all(st, flush || fua);
+        let mut list = st.unsynced.take();
         let mut parked = false;
-        if flush || !st.unsynced.is_empty() {
-            let (res, _) = self.commit_all(st, true);
-            let mut list = st.unsynced.take();
-            while let Some(bio) = list.pop() {
-                parked |= self.finish(st, bio, res);
-            }
+        while let Some(bio) = list.pop() {
+            parked |= self.finish(st, bio, res);
         }
-        // FUA bios still waiting: the worker's pass that finds its queue
-        // empty syncs them (as the periodic commit when due).
-        st.fua = !waiting.is_empty();
-        if st.fua {
-            self.commit_due.store(true, Ordering::Release);
-        }
-        st.unsynced = waiting;
         self.apply_frees(st);
         self.arm_commit(st);
         parked
-    }
-
-    /// Takes the FUA bios of `unsynced` whose data is still in flight, for a
-    /// later batch's fsync. A FUA bio's data went as plain direct writes
-    /// (not IOCB_DSYNC, whose failure cannot tell a bad sector from a failed
-    /// cache flush, and after a failed flush no later one may pass:
-    /// `File::fsync`); the fsync that makes it durable must start after the
-    /// data landed. With more bios queued, the worker's loop takes them and
-    /// syncs again (`commit_due`, set by `sync_batch`, makes the pass that
-    /// finds the queue empty sync; a bio queued after that check kicks a
-    /// new pass): those FUA bios wait for a later fsync, and this batch's
-    /// fsync covers only what landed, so the data of one batch is written
-    /// while the fsync of the one before runs (what the block layer's flush
-    /// sequence does for a disk without FUA). With nothing queued, or when
-    /// the top's commit waits for all data I/O anyway (something was
-    /// allocated), every FUA bio goes with this commit.
-    fn fua_still_landing(&self, st: &mut WorkerState) -> BioList {
-        let mut waiting = BioList::new();
-        if !core::mem::replace(&mut st.fua, false) {
-            return waiting;
-        }
-        // Something was allocated: the top's commit waits for all data I/O
-        // before its first fsync anyway (`DeltaMd::commit`).
-        if st.md.get(st.top()).is_some_and(|m| m.waits_for_data()) {
-            return waiting;
-        }
-        if self.pending.lock().is_empty() {
-            self.inflight.wait_idle();
-            return waiting;
-        }
-        let mut list = st.unsynced.take();
-        while let Some(bio) = list.pop() {
-            if bio.is_fua() && !bio.pieces_ended() {
-                waiting.push(bio);
-            } else {
-                st.unsynced.push(bio);
-            }
-        }
-        waiting
     }
 
     /// Starts the periodic commit's timer if the cache holds anything not
