@@ -24,11 +24,12 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
   4k-randread-2jobs, -randwrite-2jobs the same with numjobs 2 (2 vCPUs)
   4k-randread-qd1, 4k-randwrite-qd1  iodepth 1, with p50/p99 latency
                                      (completion, and in all)
-  4k-randwrite-fua, -fua-qd1         4k random writes opened O_DSYNC
-                                     (fio --sync=dsync): through libaio
+  4k-randwrite-fua, -fua-qd1,        4k random writes opened O_DSYNC
+  -fua-2jobs                         (fio --sync=dsync): through libaio
                                      each is one REQ_FUA write, as a
                                      journaling guest's log writes are;
-                                     at iodepth 32 and 1 (with latency)
+                                     at iodepth 32, 1 (with latency), and
+                                     32 with numjobs 2
   1M-read, 1M-write                  sequential, iodepth 32
   4k-first-write, 64k-first-write    on an empty image, against a sparse
                                      raw file (and a written one beside)
@@ -165,6 +166,7 @@ JOBS = [
     Job("4k-randwrite-qd1", "fio", "randwrite", iodepth=1),
     Job("4k-randwrite-fua", "fio", "randwrite", fua=True),
     Job("4k-randwrite-fua-qd1", "fio", "randwrite", iodepth=1, fua=True),
+    Job("4k-randwrite-fua-2jobs", "fio", "randwrite", numjobs=2, fua=True),
     Job("1M-read", "fio", "read", "1M"),
     Job("1M-write", "fio", "write", "1M"),
     Job("4k-first-write", "fio", "randwrite", allocated=False),
