@@ -30,6 +30,11 @@ The jobs (DMQ_BENCH_JOBS, comma-separated names, picks a subset):
                                      journaling guest's log writes are;
                                      at iodepth 32, 1 (with latency), and
                                      32 with numjobs 2
+  4k-randwrite-fsync-qd1             4k random writes at iodepth 1, each
+                                     followed by fdatasync (fio
+                                     --fdatasync=1): on the device an
+                                     empty flush, as a guest's fsync of
+                                     data already written sends
   1M-read, 1M-write                  sequential, iodepth 32
   4k-first-write, 64k-first-write    on an empty image, against a sparse
                                      raw file (and a written one beside)
@@ -155,6 +160,7 @@ class Job:
     numjobs: int = 1
     depth: int = 0           # merge: the merged delta (0 = top)
     fua: bool = False        # fio jobs: O_DSYNC, so every write is REQ_FUA
+    fsync: bool = False      # fio jobs: an fdatasync after every write
 
 
 JOBS = [
@@ -167,6 +173,7 @@ JOBS = [
     Job("4k-randwrite-fua", "fio", "randwrite", fua=True),
     Job("4k-randwrite-fua-qd1", "fio", "randwrite", iodepth=1, fua=True),
     Job("4k-randwrite-fua-2jobs", "fio", "randwrite", numjobs=2, fua=True),
+    Job("4k-randwrite-fsync-qd1", "fio", "randwrite", iodepth=1, fsync=True),
     Job("1M-read", "fio", "read", "1M"),
     Job("1M-write", "fio", "write", "1M"),
     Job("4k-first-write", "fio", "randwrite", allocated=False),
@@ -313,6 +320,10 @@ def fio_cmd(dev, job, size):
     # (no flush); a file gets the file system's O_DSYNC write.
     if job.fua:
         spread += " --sync=dsync"
+    # fdatasync(2) after each write: on the device an empty REQ_PREFLUSH
+    # bio (blkdev_fsync), on a file the file system's data sync.
+    if job.fsync:
+        spread += " --fdatasync=1"
     return (f"fio --name=b --filename={dev} --direct=1 --ioengine=libaio "
             f"--iodepth={job.iodepth} --numjobs={job.numjobs} --rw={job.rw} "
             f"--bs={job.bs} --runtime={RUNTIME} --time_based --size={size} "
@@ -569,7 +580,7 @@ class DmQcow2(Peer):
         return "/dev/mapper/bench"
 
     def down(self):
-        sh("dmsetup remove bench", check=False)
+        sh("dmsetup remove --retry bench", check=False)
         self.below = ()
 
 
@@ -856,7 +867,7 @@ def merge_on_dm_qcow2(depth, specs):
         left = sh("dmsetup table bench").stdout.split()[3]
     finally:
         dm_message("bench", "merge_backward cancel", check=False)
-        sh("dmsetup remove bench", check=False)
+        sh("dmsetup remove --retry bench", check=False)
     return timed_result(MERGE_MB, secs, cpu, f"{len(specs)} images, {left} after")
 
 
@@ -930,7 +941,7 @@ def merge_with_reads(specs):
             reader.wait()
         shutil.rmtree(d, ignore_errors=True)
         dm_message("bench", "merge_backward cancel", check=False)
-        sh("dmsetup remove bench", check=False)
+        sh("dmsetup remove --retry bench", check=False)
     return {"alone": Result(iops=reads_rate(a, b)),
             "dm-qcow2": Result(iops=reads_rate(b, c), secs=secs, cpu_s=cpu,
                                note=f"merge of {MERGE_MB} MiB under reads: {secs:.2f} s")}
@@ -992,7 +1003,7 @@ def status_rounds(job):
                 log(f"status-under-fio {what:26} " + (f"{iops:10.0f} IOPS" if iops else "failed") +
                     f", status calls {calls}")
     finally:
-        sh("dmsetup remove bench-zero", check=False)
+        sh("dmsetup remove --retry bench-zero", check=False)
         p.down()
     return runs
 

@@ -225,6 +225,10 @@ impl Qcow2 {
         // count's walk is not waited for: it works in batches under the
         // state mutex, and the first batch after the settle below sees the
         // state stale and stops (`count_all`).
+        // An express lane may still finish a batch of the worker's kind
+        // (`Inner::serve_here`) after its bios ended, and queue the commit
+        // timer, the walker or the worker: it goes first.
+        self.lanes.flush();
         inner.commit_wq.flush();
         inner.retry_wq.flush();
         inner.merge_wq.flush();
