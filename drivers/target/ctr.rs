@@ -255,7 +255,7 @@ impl Qcow2 {
                 event_round: AtomicU64::new(u64::MAX),
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
-                queued_bios: AtomicUsize::new(0),
+                lane_queued: AtomicUsize::new(0),
                 idle_streak: AtomicU32::new(0),
                 express_inline: AtomicU32::new(0),
                 guest_io: AtomicBool::new(false),
