@@ -9,7 +9,7 @@
 //! Documentation/admin-guide/device-mapper/dm-qcow2.rst.
 
 // pin_init! of the table state (many fields) needs more than the default.
-#![recursion_limit = "256"]
+#![recursion_limit = "512"]
 
 use kernel::prelude::*;
 

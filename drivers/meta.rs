@@ -3,11 +3,12 @@
 //! Per-delta metadata: the L1 table, a cache of metadata pages (L2 tables and
 //! refcount blocks), the refcount table, and cluster allocation.
 //!
-//! Only the worker (or a control path with the state locked) touches a
-//! delta's metadata. The cache is write-back: refcount changes and L1/L2
-//! entry changes only dirty memory (cached pages, the in-memory L1 and
-//! refcount tables), and [`DeltaMd::commit`] writes them out in an order
-//! fixed by fsync barriers, never by submission order alone:
+//! Only the worker (or an express lane doing its work, or a control path,
+//! with the state locked) touches a delta's metadata. The cache is
+//! write-back: refcount changes and L1/L2 entry changes only dirty memory
+//! (cached pages, the in-memory L1 and refcount tables), and
+//! [`DeltaMd::commit`] writes them out in an order fixed by fsync barriers,
+//! never by submission order alone:
 //!
 //! 1. if anything was allocated or pointed at host data since the last
 //!    commit (the barrier): wait for the table's data I/O in flight (new

@@ -65,7 +65,8 @@ pub(crate) struct Delta {
     pub(crate) hdr: Header,
 }
 
-/// State only the worker (and control paths, with it locked) touches.
+/// State only the worker (an express lane serving bios as it would, and
+/// control paths, with it locked) touches.
 pub(crate) struct WorkerState {
     /// Base first: index == img_id. Changed only by a merge's `complete`.
     pub(crate) deltas: KVec<Arc<Delta>>,
@@ -293,9 +294,12 @@ pub(crate) struct Inner {
     suspending: AtomicBool,
     /// Bios the fast path served (status INFO `fast_bios`).
     fast_bios: AtomicU64,
-    /// Bios queued on the fast path's lanes and not taken yet (see
-    /// `Lanes::queue`).
-    lane_queued: AtomicUsize,
+    /// Empty flushes an express lane committed itself (status INFO
+    /// `express_flushes`, see `Inner::serve_here`).
+    express_flushes: AtomicU64,
+    /// Bios queued on the fast path's lanes or for the worker and not taken
+    /// yet (see `Lanes::queue`).
+    queued_bios: AtomicUsize,
     /// Idle bios in a row since the last busy one (`Inner::express_fits`).
     idle_streak: AtomicU32,
     /// Express passes in a row whose I/O completed inline
@@ -381,6 +385,17 @@ pub(crate) struct Qcow2 {
     lanes: Lanes,
 }
 
+impl Qcow2 {
+    /// Sends `bio`, which the fast path does not serve, to the worker; an
+    /// empty flush to this CPU's express lane if the table is idle
+    /// (`Lanes::queue_flush`).
+    fn queue_slow(&self, bio: Bio) {
+        if let Err(bio) = self.lanes.queue_flush(bio) {
+            self.inner.queue(bio)
+        }
+    }
+}
+
 impl dm::Target for Qcow2 {
     const NAME: &'static CStr = c_str!("qcow2");
     const VERSION: [u32; 3] = [1, 1, 0];
@@ -409,7 +424,7 @@ impl dm::Target for Qcow2 {
         match bio.op() {
             Op::Read if bio.size() > 0 => self.inner.queue(bio),
             Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes if self.inner.writable => {
-                self.inner.queue(bio)
+                self.queue_slow(bio)
             }
             // Read-only table: an empty flush has nothing to make durable.
             _ if bio.size() == 0 => bio.end(Ok(())),

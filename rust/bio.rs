@@ -305,6 +305,8 @@ impl Drop for BioStack {
 pub(crate) struct BioList {
     head: Option<Bio>,
     tail: *mut bindings::bio,
+    /// How many bios the list holds.
+    len: usize,
 }
 
 // SAFETY: The list owns its bios, which are `Send`.
@@ -316,12 +318,18 @@ impl BioList {
         Self {
             head: None,
             tail: core::ptr::null_mut(),
+            len: 0,
         }
     }
 
     /// Whether the list is empty.
     pub(crate) fn is_empty(&self) -> bool {
         self.head.is_none()
+    }
+
+    /// How many bios the list holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     /// Appends `bio`.
@@ -338,6 +346,7 @@ impl BioList {
             unsafe { (*self.tail).bi_next = raw };
         }
         self.tail = raw;
+        self.len = self.len.saturating_add(1);
     }
 
     /// Removes the first bio.
@@ -354,6 +363,7 @@ impl BioList {
             // SAFETY: `next` is a bio of the list whose reference the list owns.
             self.head = Some(unsafe { Bio::from_raw(next) });
         }
+        self.len = self.len.saturating_sub(1);
         Some(head)
     }
 

@@ -12,7 +12,10 @@ runs epochs of concurrent O_DIRECT writes (some of them FUA: Linux AIO
 with RWF_DSYNC, which sends REQ_FUA and no flush, each followed by a
 dm-log-writes mark of its own once it completed),
 write-zeroes (BLKZEROOUT) and discards (BLKDISCARD) on both devices, ends
-each epoch with an fsync of the devices and a dm-log-writes mark, merges mid into base (merge_backward at
+each epoch with an fsync of the devices and a dm-log-writes mark (every
+sixth also with a sync run: operations at queue depth 1 each followed by
+fdatasync and a mark of its own; some of those empty flushes must have been
+committed by an express lane, status express_flushes), merges mid into base (merge_backward at
 depth 1) while writing, takes a snapshot by reload (a new overlay over.qcow2)
 and writes on. A third table (F, fs.qcow2) holds an ext4 (default mkfs) on
 which each epoch writes a file and fsyncs it: its journal commits are
@@ -67,6 +70,8 @@ BLKZEROOUT = 0x127f  # _IO(0x12, 127)
 MARK_PREFIX = "dmq-"
 FUA_MARK = MARK_PREFIX + "fua-"  # + the FUA write's number
 FUA_SHARE = 0.15  # of the writes
+SYNC_RUN = 40     # operations of a sync run (Workload.sync_run)
+SYNC_EVERY = 6    # epochs: a sync run after the 1st, the 7th, ...
 
 C_SIZE = 32 * MIB       # virtual size of base, mid, top, over
 C_CLUSTER = 64 * 1024
@@ -341,6 +346,7 @@ class Workload:
         self.model = {}
         self.info = {}
         self.nfua = 0
+        self.nsync = 0
 
     def img(self, name):
         return os.path.join(self.mnt, name)
@@ -453,16 +459,19 @@ class Workload:
                 buf.close()
                 if n != len(data):
                     raise OSError("short write %d of %d" % (n, len(data)))
-                if op.get("fua"):
-                    # durable now: whatever the log holds after this mark
-                    # must show it
-                    with self.lock:
-                        self.nfua += 1
-                        op["fua_mark"] = FUA_MARK + str(self.nfua)
-                    run([DMSETUP, "message", self.a.lw, "0", "mark", op["fua_mark"]])
             else:
                 req = BLKZEROOUT if op["kind"] == "z" else BLKDISCARD
                 fcntl.ioctl(fd, req, struct.pack("QQ", op["off"], op["len"]))
+            if op.get("sync"):
+                # a guest's fsync of what it wrote: an empty flush
+                os.fdatasync(fd)
+            if op.get("fua") or op.get("sync"):
+                # durable now: whatever the log holds after this mark
+                # must show it
+                with self.lock:
+                    self.nfua += 1
+                    op["fua_mark"] = FUA_MARK + str(self.nfua)
+                run([DMSETUP, "message", self.a.lw, "0", "mark", op["fua_mark"]])
         except Exception as e:  # noqa: BLE001 (a thread must report it)
             errors.append("%s: %s" % (op, e))
             return
@@ -501,6 +510,38 @@ class Workload:
             raise Fail("I/O failed during the workload:\n" + "\n".join(errors) +
                        "\n" + dmesg_tail())
         self.fsync()
+
+    def sync_run(self, dev):
+        """SYNC_RUN operations on dev at queue depth 1 (mostly writes over
+        earlier ones: clusters the top owns), each followed by fdatasync
+        and a mark of its own (durable from there), as a guest that syncs
+        every write. Each fdatasync is an empty flush that finds the table
+        idle: once STREAM_IDLE idle bios came in a row, the target's
+        express lane commits it itself (status express_flushes)."""
+        r = self.rng
+        for _ in range(SYNC_RUN):
+            busy = []
+            op = self.pick_fua(dev, busy) if r.random() < 0.8 else None
+            op = op or self.pick(dev, busy)
+            if not op:
+                continue
+            op.pop("fua", None)
+            op["sync"] = True
+            errors = []
+            self.do_op(op, errors)
+            if errors:
+                raise Fail("I/O failed in a sync run:\n" + "\n".join(errors) +
+                           "\n" + dmesg_tail())
+            self.nsync += 1
+
+    def express_flushes(self, names):
+        """The express_flushes of the tables names (their status)."""
+        n = 0
+        for name in names:
+            out = run([DMSETUP, "status", name]).stdout
+            kv = dict(w.split("=", 1) for w in out.split() if "=" in w)
+            n += int(kv.get("express_flushes", "0"))
+        return n
 
     def progress(self):
         out = dm_msg(self.cname, "merge_backward", "progress")
@@ -552,6 +593,8 @@ class Workload:
             for _ in range(n):
                 self.epoch(r.randrange(2, a.ops_per_epoch + 1))
                 e += 1
+                if e % SYNC_EVERY == 1:
+                    self.sync_run("c" if r.random() < 0.5 else "g")
                 self.mark("e%d" % e)
                 if a.verbose:
                     log("%s epoch %d: %d ops, phase %s" % (
@@ -586,6 +629,8 @@ class Workload:
         log("merge: complete after %d epochs" % e)
         epochs(a.epochs // 2)
         # snapshot by reload: suspend, new overlay over the top, reload
+        # (a new table of C: its counters start from 0)
+        express = self.express_flushes([self.cname])
         self.close_devs()
         run([DMSETUP, "suspend", self.cname])
         run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
@@ -607,8 +652,16 @@ class Workload:
         epochs(a.epochs // 2)
         self.fsync()
         self.mark("done")
-        log("workload: %d operations (%d FUA writes) in %d epochs, %.1f s" %
-            (len(self.ops), self.nfua, e, time.time() - t0))
+        express += self.express_flushes([self.cname, self.gname])
+        self.info["express_flushes"] = express
+        log("workload: %d operations (%d FUA writes, %d synced at queue "
+            "depth 1: %d empty flushes committed by an express lane) in %d "
+            "epochs, %.1f s" % (len(self.ops), self.nfua - self.nsync,
+                                self.nsync, express, e, time.time() - t0))
+        if express == 0:
+            # the crash states would not cover that commit
+            raise Fail("no empty flush of a sync run was committed by an "
+                       "express lane (status express_flushes)")
         for d, name, ln in (("c", self.cname, C_SIZE), ("g", self.gname, G_REGION)):
             got = read_direct(dev_node(name), ln)
             if got != self.model[d]:

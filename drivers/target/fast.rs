@@ -9,7 +9,9 @@
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
 //! cannot serve after all) goes through the single I/O worker and the
-//! state mutex as before.
+//! state mutex as before. An empty flush that finds the table idle goes to
+//! the express lane (below), which runs the worker's code for it under the
+//! state mutex itself (`Lanes::queue_flush`).
 //!
 //! Unbound, not per-CPU, for a stream of bios: the scheduler runs a lane
 //! where a CPU is free, so one submitter and its lane overlap on two CPUs.
@@ -99,13 +101,15 @@
 //!   was 0); the locked path refuses such a write (the overlap check), and
 //!   lanes then cannot do it either.
 //! - Writes in place go only to clusters the top owns (COPIED), and a FUA
-//!   or flush bio never takes a lane: durability stays with the worker's
-//!   commit, which covers every write completed before the flush arrived.
+//!   or flush bio never takes the fast path: durability stays with the
+//!   batch's commit (the worker's, or for an empty flush an express lane's
+//!   running the same code, `Inner::serve_here`), which covers every write
+//!   completed before the flush arrived.
 //! - Corruption turns the path off (`fast_off`), and a merge's end and a
 //!   resume replace its table (`fast_on`): the old one is retired, so the
 //!   worker stops keeping it up to date, and a lane still holding it
 //!   checks `Fast::is_dead` under its hold (ordered like an entry's
-//!   removal) and leaves the bio to the worker. Callers
+//!   removal) and leaves the bio to the locked path. Callers
 //!   that need the bios mapped before gone wait for them
 //!   (`refs.switch_wait`).
 //! - While a merge runs the table serves reads only (`Fast::stop_writes`
@@ -166,11 +170,13 @@ pub(crate) struct Lane {
 /// A lane's queue.
 struct LaneQueue {
     list: BioList,
-    /// How many bios `list` holds.
-    len: usize,
     /// A pass of the lane runs and takes the list again before it ends:
     /// a bio queued meanwhile needs no new pass (see `Lanes::queue`).
     active: bool,
+    /// The pass serves bios under the state mutex (an express lane, see
+    /// `Lane::serve`): a bio does not join the queue (it would wait for
+    /// that mutex, a commit, an fsync) but goes elsewhere.
+    locked: bool,
 }
 
 impl_has_work! {
@@ -182,7 +188,7 @@ impl WorkItem for Lane {
 
     fn run(this: Arc<Lane>) {
         task::no_io(|| loop {
-            let (list, n) = {
+            let list = {
                 let mut q = this.bios.lock();
                 // Seen empty under the lock: a bio queued from now on
                 // queues a new pass.
@@ -190,18 +196,59 @@ impl WorkItem for Lane {
                 if !q.active {
                     break;
                 }
-                (q.list.take(), core::mem::take(&mut q.len))
+                q.list.take()
             };
-            this.inner.lane_queued.fetch_sub(n, Ordering::Relaxed);
+            this.inner
+                .queued_bios
+                .fetch_sub(list.len(), Ordering::Relaxed);
             // One plug per batch: its bios reach the host's devices together
             // (not held across `cond_resched`, which does not flush it).
-            task::plugged(|| this.inner.serve(list));
-            if this.express {
+            let locked = task::plugged(|| this.serve(list));
+            // A pass that served bios under the state mutex ends with their
+            // commit's wait for the I/O in flight: it tells nothing of how the
+            // host completes direct I/O.
+            if this.express && !locked {
                 this.inner.note_express_pass();
             }
             // Sustained load keeps the lane busy: let others run.
             task::cond_resched();
         });
+    }
+}
+
+impl Lane {
+    /// Starts the I/O of the bios of `list` the fast path serves. The
+    /// others go to the worker but, on an express lane, empty flushes
+    /// (`Lanes::queue_flush`): those are served here as the worker would
+    /// (`Inner::serve_here`), with the queue `locked` meanwhile; returns
+    /// whether that happened.
+    fn serve(&self, list: BioList) -> bool {
+        let mut slow = self.inner.serve_fast(list);
+        if slow.is_empty() {
+            return false;
+        }
+        let mut here = BioList::new();
+        if self.express {
+            let mut rest = BioList::new();
+            while let Some(bio) = slow.pop() {
+                if bio.size() == 0 {
+                    here.push(bio);
+                } else {
+                    rest.push(bio);
+                }
+            }
+            slow = rest;
+        }
+        if !slow.is_empty() {
+            self.inner.queue_list(slow);
+        }
+        if here.is_empty() {
+            return false;
+        }
+        self.bios.lock().locked = true;
+        self.inner.serve_here(here);
+        self.bios.lock().locked = false;
+        true
     }
 }
 
@@ -242,8 +289,8 @@ impl Lanes {
                     bios <- new_spinlock!(
                         LaneQueue {
                             list: BioList::new(),
-                            len: 0,
                             active: false,
+                            locked: false,
                         },
                         "dm_qcow2::lane"
                     ),
@@ -258,18 +305,63 @@ impl Lanes {
     }
 
     /// Queues `bio` on the lane of the CPU we run on: the express one if no
-    /// I/O of the table is in flight and no bio waits in a lane (a bio
+    /// I/O of the table is in flight and no bio waits for a lane or the
+    /// worker (a bio
     /// submitted after the last one completed, as at queue depth 1: its
     /// lane runs at once on this CPU, with no wake-up of another) and
     /// `Inner::express_fits` does not see a stream, else the unbound one (a
-    /// stream of bios: the lane runs beside the submitter, on another CPU).
+    /// stream of bios: the lane runs beside the submitter, on another CPU;
+    /// also while the express lane serves bios under the state mutex).
     pub(crate) fn queue(&self, bio: Bio) -> Result<(), Bio> {
+        let bio = if self.idle_for(&bio) {
+            match self.push(bio, true) {
+                Ok(()) => return Ok(()),
+                // That lane serves bios under the state mutex.
+                Err(bio) => bio,
+            }
+        } else {
+            bio
+        };
+        self.push(bio, false)
+    }
+
+    /// Queues `bio`, an empty flush, on the express lane of the CPU we run
+    /// on if the table is idle (as `queue`): the lane commits under the
+    /// state mutex itself (`Inner::serve_here`, the worker's code), with no
+    /// wake-up of the worker on another CPU. Gives it back otherwise (the
+    /// worker's).
+    ///
+    /// Flushes only. 4k writes each followed by `fdatasync` at queue depth
+    /// 1 (ext4 over loop, 2-vCPU TCG VM, nine rounds in two sittings, in
+    /// turns with the worker's build) served 1006 IOPS at the median
+    /// against 840 through the worker, with ~2 context switches fewer per
+    /// I/O; but FUA writes served the same way (the data write and its wait
+    /// for the I/O on the express lane) served ~860 against 1166, with
+    /// twice the CPU per I/O.
+    pub(crate) fn queue_flush(&self, bio: Bio) -> Result<(), Bio> {
+        if bio.size() != 0 || !matches!(bio.op(), Op::Write | Op::Flush) || !self.idle_for(&bio) {
+            return Err(bio);
+        }
+        self.push(bio, true)
+    }
+
+    /// Whether `bio` finds the table idle: no I/O of it in flight, no bio
+    /// waiting for a lane or the worker, and no stream seen
+    /// (`Inner::express_fits`).
+    fn idle_for(&self, bio: &Bio) -> bool {
         let inner = &self.inner;
         let busy = inner
             .inflight
             .count()
-            .saturating_add(inner.lane_queued.load(Ordering::Relaxed));
-        let (lanes, wq) = if inner.express_fits(busy, bio.op() == Op::Write) {
+            .saturating_add(inner.queued_bios.load(Ordering::Relaxed));
+        inner.express_fits(busy, bio.op() == Op::Write)
+    }
+
+    /// Queues `bio` on this CPU's lane, the express one if `express`; gives
+    /// it back if that lane is `locked` or its queue shut down.
+    fn push(&self, bio: Bio, express: bool) -> Result<(), Bio> {
+        let inner = &self.inner;
+        let (lanes, wq) = if express {
             (&self.express, &self.express_wq)
         } else {
             (&self.lanes, &self.wq)
@@ -283,11 +375,13 @@ impl Lanes {
         }
         let idle = {
             let mut queued = lane.bios.lock();
+            if queued.locked {
+                return Err(bio);
+            }
             // Counted before the lane can take it (and uncount it).
-            inner.lane_queued.fetch_add(1, Ordering::Relaxed);
+            inner.queued_bios.fetch_add(1, Ordering::Relaxed);
             let idle = !queued.active && queued.list.is_empty();
             queued.list.push(bio);
-            queued.len += 1;
             idle
         };
         // A pass is queued only for a bio that finds the lane idle: one that
@@ -305,6 +399,14 @@ impl Lanes {
             let _ = wq.enqueue(lane.clone());
         }
         Ok(())
+    }
+
+    /// Waits for the lanes' passes queued so far (a suspend's end: an
+    /// express lane may still be finishing a batch of the worker's kind,
+    /// see `Inner::serve_here`, after its bios ended).
+    pub(crate) fn flush(&self) {
+        self.express_wq.flush();
+        self.wq.flush();
     }
 
     /// Drains and destroys the lanes' queues (before the worker's: lanes
@@ -439,15 +541,6 @@ impl Inner {
         let ok = res.is_ok();
         bio.end(res);
         ok
-    }
-
-    /// Starts the I/O of the bios the fast path serves; the others go to
-    /// the worker.
-    fn serve(self: &Arc<Self>, list: BioList) {
-        let slow = self.serve_fast(list);
-        if !slow.is_empty() {
-            self.queue_list(slow);
-        }
     }
 
     /// Starts the I/O of the bios of `list` the fast path serves; returns

@@ -62,8 +62,9 @@ impl Qcow2 {
         }
         write!(
             out,
-            " fast_bios={}",
-            inner.fast_bios.load(Ordering::Relaxed)
+            " fast_bios={} express_flushes={}",
+            inner.fast_bios.load(Ordering::Relaxed),
+            inner.express_flushes.load(Ordering::Relaxed)
         )
     }
 

@@ -220,11 +220,15 @@ impl Qcow2 {
     /// `postsuspend`: nothing runs any more; the images are settled, trimmed and synced.
     pub(super) fn suspend_end(&self) {
         let inner = &self.inner;
-        // The retry and the commit timer may queue I/O work: they go first.
-        // (The walker saw the merge cancelled by presuspend and stops.) The
-        // count's walk is not waited for: it works in batches under the
-        // state mutex, and the first batch after the settle below sees the
-        // state stale and stops (`count_all`).
+        // What may queue work goes before what it queues: an express lane
+        // may still finish a flush's batch (`Inner::serve_here`) after the
+        // bio ended and queue the commit timer, the walker or the worker;
+        // the retry and the timer queue the worker. (The walker saw the
+        // merge cancelled by presuspend and stops.) The count's walk is not
+        // waited for: it works in batches under the state mutex, and the
+        // first batch after the settle below sees the state stale and stops
+        // (`count_all`).
+        self.lanes.flush();
         inner.commit_wq.flush();
         inner.retry_wq.flush();
         inner.merge_wq.flush();

@@ -32,6 +32,7 @@ impl WorkItem<0> for Inner {
                         parked |= this.park_late(&mut st, late);
                     }
                     let list = this.pending.lock().take();
+                    this.queued_bios.fetch_sub(list.len(), Ordering::Relaxed);
                     if list.is_empty() {
                         if this.commit_due.load(Ordering::Acquire) {
                             locked = true;
@@ -152,17 +153,50 @@ impl Inner {
     /// state locked and the batch's commit. Returns the state, still locked,
     /// if it took it; `parked` notes a table event (see `note_enospc`).
     fn process_batch(self: &Arc<Self>, list: BioList, parked: &mut bool) -> Option<StateGuard<'_>> {
-        let mut slow = self.serve_fast(list);
+        let slow = self.serve_fast(list);
         if slow.is_empty() {
             return None;
         }
+        Some(self.process_locked(slow, parked))
+    }
+
+    /// Serves `slow` with the state locked, then the batch's commit (see
+    /// `sync_batch`); returns the state, still locked.
+    fn process_locked(self: &Arc<Self>, mut slow: BioList, parked: &mut bool) -> StateGuard<'_> {
         let mut st = self.lock_state();
         while let Some(bio) = slow.pop() {
             *parked |= self.process(&mut st, bio);
         }
         self.flush_cow_gang(&mut st);
         *parked |= self.sync_batch(&mut st);
-        Some(st)
+        st
+    }
+
+    /// Serves `slow` (empty flushes: `fast::Lanes::queue_flush`) in the
+    /// caller's context, an express lane's: what a pass of the worker does
+    /// for them, without waking it. The worker is kicked only to end an ENOSPC
+    /// episode or arm its retry, which its pass does.
+    pub(super) fn serve_here(self: &Arc<Self>, slow: BioList) {
+        self.express_flushes.fetch_add(
+            u64::try_from(slow.len()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let mut parked = false;
+        let mut st = self.process_locked(slow, &mut parked);
+        let redo = st
+            .merge
+            .as_mut()
+            .is_some_and(|m| core::mem::take(&mut m.redo_kick));
+        drop(st);
+        if redo {
+            self.kick_merge();
+        }
+        if parked {
+            self.link.table_event();
+        }
+        if self.enospc_episode.load(Ordering::Acquire) {
+            self.kick_worker();
+        }
     }
 
     /// Ends `bio` with its result, or parks it on ENOSPC (returns true if
@@ -266,7 +300,7 @@ impl Inner {
             if self.suspending.load(Ordering::Acquire) {
                 self.parked_count.fetch_sub(1, Ordering::AcqRel);
                 dm::retake_inflight(&bio);
-                self.pending.lock().push(bio);
+                self.push_pending(&mut self.pending.lock(), bio);
                 continue;
             }
             st.parked.push(bio);
@@ -414,7 +448,7 @@ impl Inner {
     }
 
     pub(super) fn queue(self: &Arc<Self>, bio: Bio) {
-        self.pending.lock().push(bio);
+        self.push_pending(&mut self.pending.lock(), bio);
         self.kick_worker();
     }
 
@@ -423,10 +457,18 @@ impl Inner {
         {
             let mut pending = self.pending.lock();
             while let Some(bio) = list.pop() {
-                pending.push(bio);
+                self.push_pending(&mut pending, bio);
             }
         }
         self.kick_worker();
+    }
+
+    /// Appends `bio` to `pending` (the worker's queue, locked), counted as
+    /// queued until the worker takes it: a bio that finds the worker with
+    /// bios to do does not find the table idle (`fast::Lanes::queue`).
+    fn push_pending(&self, pending: &mut BioList, bio: Bio) {
+        self.queued_bios.fetch_add(1, Ordering::Relaxed);
+        pending.push(bio);
     }
 
     fn kick_worker(self: &Arc<Self>) {
@@ -443,7 +485,7 @@ impl Inner {
             while let Some(bio) = parked.pop() {
                 // Back to work: under the mapping of now, seen by switches.
                 dm::retake_inflight(&bio);
-                pending.push(bio);
+                self.push_pending(&mut pending, bio);
                 n += 1;
             }
         }
