@@ -37,8 +37,10 @@
 //! shows as zeroes; reads of those only are answered in `map` itself.
 //!
 //! A slot may come from a cached L2 page not committed yet (see `meta`).
-//! The fast path never serves a FUA or flush bio (those take the locked
-//! path): a flush commits the mapping (or fails) before it completes.
+//! The fast path never serves a flush bio (those take the locked path): a
+//! flush commits the mapping (or fails) before it completes. It serves a
+//! FUA write only while the top's metadata is durable, the mapping with it
+//! (`target::fast`, `Inner::sync_fua`).
 
 use crate::kernel_abstractions::gfp_kv;
 use crate::target::Delta;

@@ -32,7 +32,7 @@ use crate::kernel_abstractions::task::{
     self,
     code::{ebadslt, eopnotsupp, euclean},
 };
-use crate::kernel_abstractions::wq::OwnedQueue;
+use crate::kernel_abstractions::wq::{self, OwnedQueue};
 use crate::kernel_abstractions::zlib::Inflater;
 use crate::merge::{self, Dir, Merge};
 use crate::meta::DeltaMd;
@@ -230,6 +230,11 @@ impl core::ops::DerefMut for StateGuard<'_> {
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
         self.inner.publish_status(&self.guard);
+        // Still under the mutex: see `Inner::md_durable`.
+        let st = &*self.guard;
+        let durable = st.md.get(st.top()).is_some_and(|md| !md.is_dirty())
+            && st.deltas.last().is_some_and(|d| !d.file.sync_failed());
+        self.inner.md_durable.store(durable, Ordering::Relaxed);
     }
 }
 
@@ -297,6 +302,16 @@ pub(crate) struct Inner {
     /// Empty flushes an express lane committed itself (status INFO
     /// `express_flushes`, see `Inner::serve_here`).
     express_flushes: AtomicU64,
+    /// FUA writes the fast path served (status INFO `fast_fua`, see
+    /// `Inner::fast_target`).
+    fast_fua: AtomicU64,
+    /// The top's metadata is durable (nothing dirty, no failed fsync) and
+    /// the state unlocked: every mapping the fast path's table holds is
+    /// durable, so a FUA write in place needs only its own data synced.
+    /// Cleared, then fenced, by every lock of the state before anything
+    /// changes (an entry put under the lock comes after the clear); set
+    /// by an unlock that finds the top clean (`StateGuard::drop`).
+    md_durable: AtomicBool,
     /// Bios queued on the fast path's lanes or for the worker and not taken
     /// yet (see `Lanes::queue`).
     queued_bios: AtomicUsize,
@@ -330,6 +345,11 @@ pub(crate) struct Inner {
     commit_work: Work<Inner, 3>,
     #[pin]
     count_work: Work<Inner, 4>,
+    /// FUA writes of the fast path whose data landed, waiting for the sync
+    /// that makes it durable (`Inner::sync_fua`); pushed in any context.
+    fua_landed: BioStack,
+    #[pin]
+    sync_work: Work<Inner, 5>,
 }
 
 impl_has_work! {
@@ -338,15 +358,19 @@ impl_has_work! {
     impl HasWork<Self, 2> for Inner { self.retry_work }
     impl HasWork<Self, 3> for Inner { self.commit_work }
     impl HasWork<Self, 4> for Inner { self.count_work }
+    impl HasWork<Self, 5> for Inner { self.sync_work }
 }
 
 impl Inner {
     /// Locks the state (the chain, the metadata, the merge).
     pub(crate) fn lock_state(&self) -> StateGuard<'_> {
-        StateGuard {
-            inner: self,
-            guard: self.state.lock(),
-        }
+        let guard = self.state.lock();
+        // Before any change under this lock: a lane that finds an entry put
+        // under it (its lookup, then an acquire fence) sees this clear or a
+        // later store (`Inner::fast_target`).
+        self.md_durable.store(false, Ordering::Relaxed);
+        core::sync::atomic::fence(Ordering::Release);
+        StateGuard { inner: self, guard }
     }
 
     /// Copies what the status lines show out of `st`. O(chain length), no
@@ -475,12 +499,28 @@ impl dm::Target for Qcow2 {
         self.inner.writable && !self.inner.suspending.load(Ordering::Acquire)
     }
 
+    fn sync_after(&self, bio: Bio) {
+        // Once pushed, a running pass may end the bio, and the table be
+        // destroyed, before the enqueue: the queues' shutdown (in `drop`)
+        // waits for this section. A completion in process context (a host
+        // file system's end-I/O work) is in none of its own.
+        wq::rcu_read(|| {
+            let inner = &self.inner;
+            inner.fua_landed.push(bio);
+            // Already queued: the pending pass takes the bio.
+            self.lanes.queue_sync(inner);
+        })
+    }
+
     fn park_nospc(&self, bio: Bio) {
-        let inner = &self.inner;
-        inner.parked_count.fetch_add(1, Ordering::AcqRel);
-        inner.late_nospc.push(bio);
-        // Already queued: the running or pending pass will see the bio.
-        let _ = inner.wq.enqueue::<_, 0>(inner.clone());
+        // As in `sync_after`: the worker may end the bio before the enqueue.
+        wq::rcu_read(|| {
+            let inner = &self.inner;
+            inner.parked_count.fetch_add(1, Ordering::AcqRel);
+            inner.late_nospc.push(bio);
+            // Already queued: the running or pending pass will see the bio.
+            let _ = inner.wq.enqueue::<_, 0>(inner.clone());
+        })
     }
 
     fn io_hints(&self, limits: &mut QueueLimits<'_>) {

@@ -31,7 +31,7 @@ use kernel::ffi::{c_char, c_int, c_uint};
 use kernel::prelude::*;
 use kernel::str::CStr;
 use kernel::sync::{Arc, Mutex};
-pub(crate) use per_bio::{release_inflight, retake_inflight, take_io_room};
+pub(crate) use per_bio::{release_inflight, retake_inflight, sync_after_end, take_io_room};
 
 /// Target feature flags (`DM_TARGET_*`).
 pub(crate) mod features {
@@ -314,6 +314,16 @@ pub(crate) trait Target: Sized + Send + Sync + 'static {
     /// once, without end. A target whose `wants_nospc` is always false may
     /// end it with any other error.
     fn park_nospc(&self, bio: Bio);
+
+    /// Takes back a bio marked with [`sync_after_end`] that ended without
+    /// error: it is re-armed (no error, one completion reference, its
+    /// in-flight reference kept, its I/O room free) and the target must end
+    /// it again, e.g. once what it wrote is durable. Ended again, it is not
+    /// taken back again unless marked anew. Called in any context,
+    /// interrupts included: must not sleep.
+    fn sync_after(&self, bio: Bio) {
+        bio.end(Ok(()))
+    }
 }
 
 /// Where a registered target type lives: a `static` of the module, so that

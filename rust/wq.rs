@@ -156,6 +156,16 @@ impl Drop for OwnedQueue {
     }
 }
 
+/// Runs `f`, which must not sleep, in an RCU read-side critical section:
+/// an [`OwnedQueue::shutdown`] that begins meanwhile (its grace period)
+/// waits for it. For a caller that hands work to a queue's item and then
+/// still uses what the queue's owner owns (the item may finish the work,
+/// and the owner be torn down, in between).
+pub(crate) fn rcu_read<T>(f: impl FnOnce() -> T) -> T {
+    let _rcu = RcuReadLock::new();
+    f()
+}
+
 /// An RCU read-side critical section, until dropped. Not `Send`: it ends
 /// on the CPU and task that began it.
 struct RcuReadLock(PhantomData<*mut ()>);

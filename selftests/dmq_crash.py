@@ -14,8 +14,9 @@ dm-log-writes mark of its own once it completed),
 write-zeroes (BLKZEROOUT) and discards (BLKDISCARD) on both devices, ends
 each epoch with an fsync of the devices and a dm-log-writes mark (every
 sixth also with a sync run: operations at queue depth 1 each followed by
-fdatasync and a mark of its own; some of those empty flushes must have been
-committed by an express lane, status express_flushes), merges mid into base (merge_backward at
+fdatasync, or FUA writes, each with a mark of its own; some of those empty
+flushes must have been committed by an express lane and some FUA writes
+served by the fast path, status express_flushes and fast_fua), merges mid into base (merge_backward at
 depth 1) while writing, takes a snapshot by reload (a new overlay over.qcow2)
 and writes on. A third table (F, fs.qcow2) holds an ext4 (default mkfs) on
 which each epoch writes a file and fsyncs it: its journal commits are
@@ -515,9 +516,13 @@ class Workload:
         """SYNC_RUN operations on dev at queue depth 1 (mostly writes over
         earlier ones: clusters the top owns), each followed by fdatasync
         and a mark of its own (durable from there), as a guest that syncs
-        every write. Each fdatasync is an empty flush that finds the table
-        idle: once STREAM_IDLE idle bios came in a row, the target's
-        express lane commits it itself (status express_flushes)."""
+        every write, or (half the writes) a FUA write and its mark. Each
+        fdatasync is an empty flush that finds the table idle: once
+        STREAM_IDLE idle bios came in a row, the target's express lane
+        commits it itself (status express_flushes). A FUA write in place
+        while the top's metadata is durable (after the last sync) takes the
+        fast path: an fsync of the image once its data landed (status
+        fast_fua)."""
         r = self.rng
         for _ in range(SYNC_RUN):
             busy = []
@@ -525,8 +530,11 @@ class Workload:
             op = op or self.pick(dev, busy)
             if not op:
                 continue
-            op.pop("fua", None)
-            op["sync"] = True
+            if op["kind"] == "w" and r.random() < 0.5:
+                op["fua"] = True
+            else:
+                op.pop("fua", None)
+                op["sync"] = True
             errors = []
             self.do_op(op, errors)
             if errors:
@@ -534,13 +542,15 @@ class Workload:
                            "\n" + dmesg_tail())
             self.nsync += 1
 
-    def express_flushes(self, names):
-        """The express_flushes of the tables names (their status)."""
-        n = 0
+    def counters(self, names):
+        """The status counters express_flushes and fast_fua of the tables
+        names, summed."""
+        n = {"express_flushes": 0, "fast_fua": 0}
         for name in names:
             out = run([DMSETUP, "status", name]).stdout
             kv = dict(w.split("=", 1) for w in out.split() if "=" in w)
-            n += int(kv.get("express_flushes", "0"))
+            for k in n:
+                n[k] += int(kv.get(k, "0"))
         return n
 
     def progress(self):
@@ -630,7 +640,7 @@ class Workload:
         epochs(a.epochs // 2)
         # snapshot by reload: suspend, new overlay over the top, reload
         # (a new table of C: its counters start from 0)
-        express = self.express_flushes([self.cname])
+        before = self.counters([self.cname])
         self.close_devs()
         run([DMSETUP, "suspend", self.cname])
         run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o",
@@ -652,16 +662,21 @@ class Workload:
         epochs(a.epochs // 2)
         self.fsync()
         self.mark("done")
-        express += self.express_flushes([self.cname, self.gname])
-        self.info["express_flushes"] = express
-        log("workload: %d operations (%d FUA writes, %d synced at queue "
-            "depth 1: %d empty flushes committed by an express lane) in %d "
-            "epochs, %.1f s" % (len(self.ops), self.nfua - self.nsync,
-                                self.nsync, express, e, time.time() - t0))
-        if express == 0:
-            # the crash states would not cover that commit
+        cnt = self.counters([self.cname, self.gname])
+        for k in cnt:
+            cnt[k] += before[k]
+        self.info["counters"] = cnt
+        log("workload: %d operations (%d FUA writes, %d in sync runs at "
+            "queue depth 1; %d empty flushes committed by an express lane, %d FUA "
+            "writes synced by the fast path) in %d epochs, %.1f s" % (
+                len(self.ops), self.nfua - self.nsync, self.nsync,
+                cnt["express_flushes"], cnt["fast_fua"], e, time.time() - t0))
+        # else the crash states would not cover those paths
+        if cnt["express_flushes"] == 0:
             raise Fail("no empty flush of a sync run was committed by an "
                        "express lane (status express_flushes)")
+        if cnt["fast_fua"] == 0:
+            raise Fail("no FUA write took the fast path (status fast_fua)")
         for d, name, ln in (("c", self.cname, C_SIZE), ("g", self.gname, G_REGION)):
             got = read_direct(dev_node(name), ln)
             if got != self.model[d]:

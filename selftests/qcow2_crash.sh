@@ -18,9 +18,10 @@
 # fs.qcow2 and fsync'ed (journal commits: REQ_PREFLUSH|REQ_FUA writes),
 # each epoch ended by an fsync of the devices and a log mark, every sixth
 # by a sync run (40 operations at queue depth 1, each followed by
-# fdatasync, an empty flush at an idle table, and a mark: the workload
-# fails unless some of those flushes were committed by an express lane,
-# status express_flushes); it merges mid into base (merge_backward at depth 1; mid
+# fdatasync, an empty flush at an idle table, or half the writes FUA, and
+# a mark: the workload fails unless some of those flushes were committed
+# by an express lane and some FUA writes took the fast path, status
+# express_flushes and fast_fua); it merges mid into base (merge_backward at depth 1; mid
 # opened read-write, so its clusters move) while writing, grows grow.qcow2's refcount table, takes a snapshot by reload
 # (new overlay over.qcow2) and writes on. Every completed operation is
 # recorded with its data's seed and sha256.

@@ -374,16 +374,17 @@ case_suspended_busy() {
 #   0 <len> qcow2 images=<n> wants_check=<0|1> md_writeback_error=<errno>
 #   truncate_error=<errno> enospc=<n> merge=<kind> stage=<stage>
 #   progress=<pct> clusters=<c0>,...,<cn-1> fast_bios=<n> express_flushes=<n>
+#   fast_fua=<n>
 # (also accepted: "depth=<d>" before stage= and "error=<errno>" after
 # progress=, the fields of "merge_* progress"); the fields in ST_IMAGES
 # ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS ST_FAST, STATUS_STD is the
-# line without "0 <len> qcow2 ", depth=, error=, fast_bios= and
-# express_flushes=
+# line without "0 <len> qcow2 ", depth=, error=, fast_bios=,
+# express_flushes= and fast_fua=
 status() {
 	local full re sectors c
 	full=$(dmq_full_name "$1")
 	STATUS=$("$DMSETUP" status "$full") || dmq_fail "dmsetup status $full"
-	re='^0 ([0-9]+) qcow2 images=([0-9]+) wants_check=([01]) md_writeback_error=(-?[0-9]+) truncate_error=(-?[0-9]+) enospc=([0-9]+) merge=(none|backward|forward) (depth=[0-9]+ )?stage=(none|copying|ready|failed) progress=([0-9]+)( error=[0-9]+)? clusters=([0-9]+(,[0-9]+)*) fast_bios=([0-9]+) express_flushes=([0-9]+)$'
+	re='^0 ([0-9]+) qcow2 images=([0-9]+) wants_check=([01]) md_writeback_error=(-?[0-9]+) truncate_error=(-?[0-9]+) enospc=([0-9]+) merge=(none|backward|forward) (depth=[0-9]+ )?stage=(none|copying|ready|failed) progress=([0-9]+)( error=[0-9]+)? clusters=([0-9]+(,[0-9]+)*) fast_bios=([0-9]+) express_flushes=([0-9]+) fast_fua=([0-9]+)$'
 	[[ $STATUS =~ $re ]] || dmq_fail "bad status line '$STATUS'"
 	sectors=${BASH_REMATCH[1]}
 	ST_IMAGES=${BASH_REMATCH[2]}

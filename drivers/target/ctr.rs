@@ -256,6 +256,8 @@ impl Qcow2 {
                 suspending: AtomicBool::new(false),
                 fast_bios: AtomicU64::new(0),
                 express_flushes: AtomicU64::new(0),
+                fast_fua: AtomicU64::new(0),
+                md_durable: AtomicBool::new(false),
                 queued_bios: AtomicUsize::new(0),
                 idle_streak: AtomicU32::new(0),
                 express_inline: AtomicU32::new(0),
@@ -269,6 +271,8 @@ impl Qcow2 {
                 retry_work <- new_work!("dm_qcow2::retry_work"),
                 commit_work <- new_work!("dm_qcow2::commit_work"),
                 count_work <- new_work!("dm_qcow2::count_work"),
+                fua_landed: BioStack::new(),
+                sync_work <- new_work!("dm_qcow2::sync_work"),
             }),
             GFP_KERNEL,
         )

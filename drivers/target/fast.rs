@@ -3,8 +3,9 @@
 //! The fast path for allocated clusters (see `hot`) and its lanes.
 //!
 //! `map` sends a read whose clusters the fast path's table knows, one
-//! after the other in one delta's file, or such a write without PREFLUSH/FUA
-//! into clusters the top owns, to the lane of the CPU it runs on: a work
+//! after the other in one delta's file, or such a write without PREFLUSH
+//! into clusters the top owns (FUA only while the top's metadata is
+//! durable), to the lane of the CPU it runs on: a work
 //! item that starts the bios' direct I/O, one per bio. Lanes are work items
 //! of one unbound queue, so bios submitted on N CPUs are started by up to
 //! N workers at once, while everything else (and every bio a lane finds it
@@ -100,11 +101,15 @@
 //!   owned entries name a cluster the allocator hands out (its refcount
 //!   was 0); the locked path refuses such a write (the overlap check), and
 //!   lanes then cannot do it either.
-//! - Writes in place go only to clusters the top owns (COPIED), and a FUA
-//!   or flush bio never takes the fast path: durability stays with the
-//!   batch's commit (the worker's, or for an empty flush an express lane's
-//!   running the same code, `Inner::serve_here`), which covers every write
-//!   completed before the flush arrived.
+//! - Writes in place go only to clusters the top owns (COPIED), and a flush
+//!   bio never takes the fast path: durability stays with the batch's
+//!   commit (the worker's, or for an empty flush an express lane's running
+//!   the same code, `Inner::serve_here`), which covers every write
+//!   completed before the flush arrived. A FUA write takes it only while
+//!   the top's metadata is durable (`Inner::md_durable`, read after the
+//!   lookups): then its mapping is, and the commit that follows its
+//!   landing (`Inner::sync_fua`, the top fsynced) makes its data durable
+//!   too before it completes.
 //! - Corruption turns the path off (`fast_off`), and a merge's end and a
 //!   resume replace its table (`fast_on`): the old one is retired, so the
 //!   worker stops keeping it up to date, and a lane still holding it
@@ -401,6 +406,15 @@ impl Lanes {
         Ok(())
     }
 
+    /// Queues the sync of the fast path's FUA writes whose data landed
+    /// (`Inner::sync_fua`) on this CPU's express queue: high priority, on
+    /// the CPU the write completed on, with no wake-up of another. Any
+    /// context.
+    pub(crate) fn queue_sync(&self, inner: &Arc<Inner>) {
+        // Already queued: that pass takes the bio.
+        let _ = self.express_wq.enqueue::<_, 5>(inner.clone());
+    }
+
     /// Waits for the lanes' passes queued so far (a suspend's end: an
     /// express lane may still be finishing a batch of the worker's kind,
     /// see `Inner::serve_here`, after its bios ended).
@@ -571,15 +585,20 @@ impl Inner {
     /// knows, all in the same delta, each right after the one before in the
     /// file, so that one I/O serves it (a 1 MiB read or write of an image
     /// written in order: one I/O, not 16 through the worker); a write only
-    /// into clusters the top owns, without PREFLUSH or FUA.
+    /// into clusters the top owns, without PREFLUSH, and with FUA only
+    /// while the top's metadata is durable (`Inner::md_durable`).
+    ///
+    /// A FUA write served so is a plain direct write whose bio comes back
+    /// when it ends without error (`dm::sync_after_end`) to be made durable
+    /// by an fsync of the top (`Inner::sync_fua`): its mapping is durable
+    /// already. Through the worker it waits for a pass of the worker, for
+    /// every I/O of the table in flight, and the commit's fsync. Not
+    /// `IOCB_DSYNC`: a failed write-through cannot say whether the write or
+    /// the sync failed, and only the latter is final (`File::fsync`).
     fn fast_target(&self, fp: &Fast, bio: &Bio) -> Option<(usize, u64)> {
         let write = match bio.op() {
             Op::Read => false,
-            Op::Write
-                if fp.takes_writes() && self.writable && !bio.is_preflush() && !bio.is_fua() =>
-            {
-                true
-            }
+            Op::Write if fp.takes_writes() && self.writable && !bio.is_preflush() => true,
             _ => return None,
         };
         let hdr = &fp.top.hdr;
@@ -593,6 +612,16 @@ impl Inner {
         for vci in first + 1..=last {
             next = next.checked_add(hdr.cluster_size())?;
             if fp.map.lookup(cb, vci, write)? != (below, next) {
+                return None;
+            }
+        }
+        if write && bio.is_fua() {
+            // After the lookups: an entry put under a lock of the state
+            // was put after that lock cleared `md_durable` (and fenced), so
+            // this sees the clear or a later store, set only once the top
+            // is clean again (every mapping durable).
+            core::sync::atomic::fence(Ordering::Acquire);
+            if !self.md_durable.load(Ordering::Relaxed) || fp.top.file.sync_failed() {
                 return None;
             }
         }
@@ -616,6 +645,17 @@ impl Inner {
             .fast_target(fp, &bio)
             .and_then(|(below, pos)| Some((fp.delta(below)?, pos)))
         {
+            Some((delta, pos)) if bio.is_fua() => {
+                self.fast_fua.fetch_add(1, Ordering::Relaxed);
+                // Its mapping is durable (`fast_target`): once the data
+                // landed, a sync makes the write durable (`Inner::sync_fua`).
+                dm::sync_after_end(&bio);
+                let len = bio.size();
+                delta
+                    .file
+                    .submit_bio_io(BioPart::Whole(bio, hold), 0, len, pos, &self.inflight);
+                Ok(())
+            }
             Some((delta, pos)) => {
                 let len = bio.size();
                 delta

@@ -62,9 +62,10 @@ impl Qcow2 {
         }
         write!(
             out,
-            " fast_bios={} express_flushes={}",
+            " fast_bios={} express_flushes={} fast_fua={}",
             inner.fast_bios.load(Ordering::Relaxed),
-            inner.express_flushes.load(Ordering::Relaxed)
+            inner.express_flushes.load(Ordering::Relaxed),
+            inner.fast_fua.load(Ordering::Relaxed)
         )
     }
 

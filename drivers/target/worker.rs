@@ -109,6 +109,16 @@ impl WorkItem<4> for Inner {
     }
 }
 
+/// The sync of the fast path's FUA writes whose data landed
+/// (`Inner::sync_fua`), on an express queue (`fast::Lanes::queue_sync`).
+impl WorkItem<5> for Inner {
+    type Pointer = Arc<Inner>;
+
+    fn run(this: Arc<Inner>) {
+        task::no_io(|| this.sync_fua());
+    }
+}
+
 /// The periodic commit: metadata changed by writes that did not wait for a
 /// commit (all but flushes and FUA) is written out within about
 /// `COMMIT_SLICES` tenths of a second (ext4's default commit interval; dm-thin
@@ -196,6 +206,36 @@ impl Inner {
         }
         if self.enospc_episode.load(Ordering::Acquire) {
             self.kick_worker();
+        }
+    }
+
+    /// Makes the FUA writes of the fast path whose data landed durable
+    /// (`fua_landed`, see `Inner::fast_target`): the commit a batch of the
+    /// worker ends with for its FUA writes (the top fsynced, and whatever
+    /// else is dirty committed first), then ends them with its result. Their
+    /// mappings were durable when they were served, and their data landed
+    /// before they came here, so unlike the worker's this does not wait for
+    /// the table's I/O in flight first (the commit still does if something
+    /// was allocated since the last one, and so do the frees it applies). A
+    /// failed fsync is final (`File::fsync`), as there. Each
+    /// holds its in-flight reference meanwhile: a merge's start waits for
+    /// them, so the top is the one they were written to.
+    pub(super) fn sync_fua(self: &Arc<Self>) {
+        let mut list = self.fua_landed.take();
+        if list.is_empty() {
+            return;
+        }
+        let res = {
+            let mut st = self.lock_state();
+            let (res, _) = self.commit_all(&mut st, true);
+            self.apply_frees(&mut st);
+            self.arm_commit(&st);
+            res
+        };
+        // An ENOSPC end parks the bio (`dm::Target::park_nospc`): written
+        // again by the worker, as a FUA write of its own.
+        while let Some(bio) = list.pop() {
+            bio.end(res);
         }
     }
 

@@ -143,6 +143,24 @@ impl<T: Target> Vtable<T> {
         let t = unsafe { Self::private(ti) };
         // SAFETY: device-mapper passes the status the bio ends with.
         let errno = unsafe { bindings::blk_status_to_errno(*error) };
+        // SAFETY: `bio` was passed to this target's `map`, which wrote the
+        // per-bio data; cleared at every end, so taken back at most once
+        // per mark.
+        let sync = unsafe { per_bio::take_sync_after(bio) };
+        if sync && errno == 0 {
+            // SAFETY: The bio's completion ran down to us and we keep it
+            // (DM_ENDIO_INCOMPLETE): nothing else uses it; re-armed, it is
+            // an owned completion reference again, still holding its
+            // in-flight reference. Its references all ended, so its I/O room
+            // holds nothing.
+            unsafe {
+                bindings::dmq_bio_rearm(bio);
+                per_bio::free_io_room(bio);
+            }
+            // SAFETY: As above.
+            t.sync_after(unsafe { Bio::from_raw(bio) });
+            return bindings::DM_ENDIO_INCOMPLETE as c_int;
+        }
         if errno == kernel::error::code::ENOSPC.to_errno() {
             // SAFETY: `bio` is valid; only its operation is read (the
             // `ManuallyDrop` never ends it).

@@ -34,6 +34,9 @@ struct PerBio {
     /// Whether a direct I/O of the bio has taken `io` ([`take_io_room`]).
     /// Cleared by `map` and when a parked bio is re-armed.
     io_taken: AtomicBool,
+    /// The target takes the bio back when it ends without error
+    /// ([`sync_after_end`]). Cleared by `map` and by that end.
+    sync_after: AtomicBool,
     io: MaybeUninit<BioIo>,
 }
 
@@ -94,7 +97,33 @@ pub(super) unsafe fn init_slot(bio: *mut bindings::bio, refs: Option<&InflightRe
             tag: AtomicU32::new(tag),
         });
         (&raw mut (*p).io_taken).write(AtomicBool::new(false));
+        (&raw mut (*p).sync_after).write(AtomicBool::new(false));
     }
+}
+
+/// Asks for `bio` back when it ends without error, before device-mapper
+/// completes it: its `end_io` then hands it to the target's
+/// `Target::sync_after`, once. For a write whose durability the target
+/// must still see to (a FUA write served as a plain write). Any context.
+pub(crate) fn sync_after_end(bio: &Bio) {
+    // SAFETY: Every `Bio` is a completion reference of a bio device-mapper
+    // passed to `map` of a target registered here (`Bio::from_raw`), which
+    // wrote the data; the reference keeps the bio from ending.
+    unsafe {
+        (*per_bio(bio.as_raw()))
+            .sync_after
+            .store(true, Ordering::Release)
+    };
+}
+
+/// Clears the bio's [`sync_after_end`] request; whether there was one.
+///
+/// # Safety
+///
+/// As for [`per_bio`]; `map` wrote the data.
+pub(super) unsafe fn take_sync_after(bio: *mut bindings::bio) -> bool {
+    // SAFETY: Per the contract the data is valid and initialised.
+    unsafe { (*per_bio(bio)).sync_after.swap(false, Ordering::AcqRel) }
 }
 
 /// Makes the I/O room of a bio whose completion ran down to its target's

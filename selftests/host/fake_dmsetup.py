@@ -602,7 +602,7 @@ def status(name, table):
         merge = describe(st["merge"])
     print(head + "images=%d wants_check=0 md_writeback_error=0 "
           "truncate_error=0 enospc=0 %s clusters=%s fast_bios=0 "
-          "express_flushes=0" % (
+          "express_flushes=0 fast_fua=0" % (
               len(st["images"]), merge,
               ",".join(str(count_clusters(i)) for i in st["images"])))
     return 0

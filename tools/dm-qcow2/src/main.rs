@@ -354,6 +354,7 @@ fn print_long(d: &Described) {
     println!("enospc:     {} writes waiting for space", g("enospc"));
     println!("fast path:  {} bios", g("fast_bios"));
     println!("flushes:    {} committed by an express lane", g("express_flushes"));
+    println!("FUA writes: {} synced by the fast path", g("fast_fua"));
 }
 
 /// Writes dm-qcow2.8 and dm-qcow2-VERB.8 (section 8: a command for root) into `dir`.
