@@ -377,7 +377,7 @@ case_suspended_busy() {
 #   fast_fua=<n>
 # (also accepted: "depth=<d>" before stage= and "error=<errno>" after
 # progress=, the fields of "merge_* progress"); the fields in ST_IMAGES
-# ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS ST_FAST, STATUS_STD is the
+# ST_ENOSPC ST_MERGE ST_STAGE ST_PCT ST_CLUSTERS ST_FAST ST_FUA, STATUS_STD is the
 # line without "0 <len> qcow2 ", depth=, error=, fast_bios=,
 # express_flushes= and fast_fua=
 status() {
@@ -394,6 +394,7 @@ status() {
 	ST_PCT=${BASH_REMATCH[10]}
 	ST_CLUSTERS=${BASH_REMATCH[12]}
 	ST_FAST=${BASH_REMATCH[14]}
+	ST_FUA=${BASH_REMATCH[16]}
 	STATUS_STD="images=$ST_IMAGES wants_check=${BASH_REMATCH[3]} md_writeback_error=${BASH_REMATCH[4]} truncate_error=${BASH_REMATCH[5]} enospc=$ST_ENOSPC merge=$ST_MERGE stage=$ST_STAGE progress=$ST_PCT clusters=$ST_CLUSTERS"
 	[ "$sectors" = $(($(blockdev --getsize64 "$DEV") / 512)) ] ||
 		dmq_fail "status length $sectors is not the device's"
@@ -1220,15 +1221,25 @@ fsync_error_reads() {
 # write in place fails and so does its fsync; with the faults off a flush
 # fails too (the old module wrote FUA through and never fsynced: its flush
 # worked), get_errors says md_writeback_error=1, and the image keeps what it
-# held before.
+# held before. The image has extended L2 entries, which the fast path does
+# not serve: the write takes the worker, whose batch commits (and fsyncs)
+# after a FUA write even when its data write failed. On the fast path (a
+# FUA write in place while the top's metadata is durable) a failed write
+# fails its bio only, before any fsync (fua_fast_write_error).
 case_fua_error_sticks() {
-	fault_top_setup
+	dmq_needs_kernel "the target's fault injection"
+	dmq_img_create top.qcow2 16M cluster_size=64k,extended_l2=on
+	dmq_write top.qcow2 P0x11:0:64k
+	trap on_exit EXIT
+	map_rw top.qcow2
 	random a.bin 4k
 	msg_ok v set_fault_injection 0 100000
 	dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc \
 		status=none 2>/dev/null && dmq_fail "a FUA write worked with every I/O of the top failing"
 	msg_ok v set_fault_injection 0 0
-	echo "a FUA write in place failed with every I/O of the top failing"
+	status v
+	[ "$ST_FUA" = 0 ] || dmq_fail "the FUA write took the fast path (fast_fua $ST_FUA)"
+	echo "a FUA write in place (through the worker) failed with every I/O of the top failing"
 	flush_dev "$DEV" && dmq_fail "a flush worked after a FUA write's fsync failed"
 	echo "faults off: a flush fails"
 	msg_ok v get_errors
@@ -1237,6 +1248,39 @@ case_fua_error_sticks() {
 	check_rc top.qcow2 0 3
 	dmq_run "$QEMU_IO" -r -f qcow2 -c "read -P 0x11 0 64k" top.qcow2
 	echo "the image holds what it did before"
+}
+
+# A FUA write in place, while the top's metadata is durable, takes the fast
+# path (status fast_fua): a plain write, then the commit's fsync once it
+# landed. With every I/O of the top failing the write fails and ends its
+# bio; no fsync ran, so nothing is final: with the faults off a flush
+# works, get_errors says nothing failed, the image holds what it held
+# before, and a FUA write in place works and reads back.
+case_fua_fast_write_error() {
+	local f0
+	fault_top_setup
+	random a.bin 4k
+	# the fast path's table learns cluster 0 from a read
+	dmq_run dd if="$DEV" of=/dev/null bs=64k count=1 iflag=direct status=none
+	status v
+	f0=$ST_FUA
+	msg_ok v set_fault_injection 0 100000
+	dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc \
+		status=none 2>/dev/null && dmq_fail "a FUA write worked with every I/O of the top failing"
+	msg_ok v set_fault_injection 0 0
+	status v
+	[ "$ST_FUA" -gt "$f0" ] || dmq_fail "the FUA write did not take the fast path (fast_fua $f0 -> $ST_FUA)"
+	echo "a FUA write in place failed on the fast path (fast_fua $f0 -> $ST_FUA)"
+	flush_dev "$DEV" || dmq_fail "a flush failed after a FUA write's data write failed"
+	msg_ok v get_errors
+	[[ $MSG_OUT == *md_writeback_error=0* ]] || dmq_fail "get_errors: $MSG_OUT"
+	echo "faults off: a flush works, no error recorded"
+	dmq_run dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc status=none
+	expect_at "$DEV" 0 a.bin
+	dmq_remove v || dmq_fail "dmsetup remove failed"
+	check_rc top.qcow2 0
+	dmq_run "$QEMU_IO" -r -f qcow2 -c "read -P 0x11 4k 60k" top.qcow2
+	echo "a FUA write in place works again; the image holds it and the rest"
 }
 
 # flush_dev DEV: fsync of the block device (a flush bio); its status
@@ -1711,7 +1755,7 @@ case_resume_cluster_size() {
 }
 
 # Cases whose injected faults make the target log I/O and refcount errors.
-DMQ_FAULT_CASES="fault_injection fsync_error_sticks fsync_error_reads fua_error_sticks enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
+DMQ_FAULT_CASES="fault_injection fsync_error_sticks fsync_error_reads fua_error_sticks fua_fast_write_error enospc enospc_inplace enospc_fast write_limit enospc_cow enospc_merge enospc_merge_inplace"
 
 DMQ_CASES=(
 	messages
@@ -1732,6 +1776,7 @@ DMQ_CASES=(
 	fsync_error_sticks
 	fsync_error_reads
 	fua_error_sticks
+	fua_fast_write_error
 	enospc
 	enospc_inplace
 	enospc_fast
