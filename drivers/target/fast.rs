@@ -342,7 +342,9 @@ impl Lanes {
     /// against 840 through the worker, with ~2 context switches fewer per
     /// I/O; but FUA writes served the same way (the data write and its wait
     /// for the I/O on the express lane) served ~860 against 1166, with
-    /// twice the CPU per I/O.
+    /// twice the CPU per I/O. (A FUA write in place whose mapping is
+    /// durable takes a lane instead, and its sync waits for nothing but
+    /// its own landing: `Inner::fast_target`, `Inner::sync_fua`.)
     pub(crate) fn queue_flush(&self, bio: Bio) -> Result<(), Bio> {
         if bio.size() != 0 || !matches!(bio.op(), Op::Write | Op::Flush) || !self.idle_for(&bio) {
             return Err(bio);
