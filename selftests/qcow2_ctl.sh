@@ -1117,11 +1117,12 @@ case_fault_injection() {
 	fi
 }
 
-# fault_top_setup: top.qcow2 (16M, 64k clusters, 0x11 over its first
-# cluster) mapped writable as v ($DEV), for the target's fault injection
+# fault_top_setup [OPTS]: top.qcow2 (16M, 64k clusters, more qemu-img
+# options OPTS, 0x11 over its first cluster) mapped writable as v ($DEV),
+# for the target's fault injection
 fault_top_setup() {
 	dmq_needs_kernel "the target's fault injection"
-	dmq_img_create top.qcow2 16M cluster_size=64k
+	dmq_img_create top.qcow2 16M "cluster_size=64k${1:+,$1}"
 	dmq_write top.qcow2 P0x11:0:64k
 	trap on_exit EXIT
 	map_rw top.qcow2
@@ -1227,11 +1228,7 @@ fsync_error_reads() {
 # FUA write in place while the top's metadata is durable) a failed write
 # fails its bio only, before any fsync (fua_fast_write_error).
 case_fua_error_sticks() {
-	dmq_needs_kernel "the target's fault injection"
-	dmq_img_create top.qcow2 16M cluster_size=64k,extended_l2=on
-	dmq_write top.qcow2 P0x11:0:64k
-	trap on_exit EXIT
-	map_rw top.qcow2
+	fault_top_setup extended_l2=on
 	random a.bin 4k
 	msg_ok v set_fault_injection 0 100000
 	dd if=a.bin of="$DEV" bs=4k count=1 oflag=direct,dsync conv=notrunc \
